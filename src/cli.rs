@@ -1,0 +1,126 @@
+//! Command line: one binary, four subcommands.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::Settings,
+    startup::{Application, Role},
+};
+
+/// seckill — flash-sale reservation service.
+///
+/// Configuration comes from SECKILL_* environment variables (see the README).
+#[derive(Debug, Parser)]
+#[command(name = "seckill", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Migrations, API, outbox relay, order worker and expiry sweeper in one process.
+    All,
+    /// The shoppers' and operators' HTTP API plus the outbox relay.
+    Serve,
+    /// The order persister (RabbitMQ → Postgres) plus the expiry sweeper.
+    Worker,
+    /// Create the database if missing, apply migrations, exit.
+    Migrate,
+}
+
+/// Runs the parsed command; the process exit code.
+pub fn run(cli: Cli) -> ExitCode {
+    let settings = match Settings::from_env() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("seckill: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let role = match cli.command {
+        Command::All => Some(Role::All),
+        Command::Serve => Some(Role::Serve),
+        Command::Worker => Some(Role::Worker),
+        Command::Migrate => None,
+    };
+    if role.is_some_and(|r| r.serves_http())
+        && let Err(e) = settings.secrets()
+    {
+        eprintln!("seckill: configuration error: {e}");
+        return ExitCode::from(2);
+    }
+    crate::telemetry::init(settings.log_pretty);
+    if settings.dev {
+        tracing::warn!(
+            "SECKILL_DEV=1: using fixed DEVELOPMENT secrets for any of SECKILL_JWT_SECRET, SECKILL_ADMIN_TOKEN, SECKILL_TOKEN_SECRET left unset — never run like this in production"
+        );
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("seckill: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(cancel_on_signal(shutdown.clone()));
+        match role {
+            None => crate::db::migrate(&settings.database_url).await,
+            Some(role) => {
+                let app = tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    app = Application::build(settings, role, shutdown.clone()) => app?,
+                };
+                tracing::info!(
+                    ?role,
+                    http_port = app.http_port(),
+                    admin_port = app.admin_port(),
+                    "seckill started"
+                );
+                app.run_until_stopped().await
+            }
+        }
+    });
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = ?e, "seckill failed");
+            eprintln!("seckill: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Cancels `token` on SIGTERM or ctrl-c.
+async fn cancel_on_signal(token: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    token.cancel();
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutdown signal received");
+    token.cancel();
+}

@@ -1,0 +1,544 @@
+//! Typed settings read once from the environment (DESIGN.md's configuration table).
+//!
+//! Every variable has the documented default; a bad value fails start-up with one line that
+//! names the variable. Secrets are wrapped in [`SecretString`] so they never reach a log.
+
+use std::{collections::HashMap, fmt, net::IpAddr, net::SocketAddr, str::FromStr, time::Duration};
+
+use secrecy::SecretString;
+
+/// Development secrets used only with `SECKILL_DEV=1` (and loudly logged as such).
+const DEV_JWT_SECRET: &str = "seckill-dev-jwt-secret-do-not-use-in-production";
+const DEV_ADMIN_TOKEN: &str = "seckill-dev-admin-token";
+const DEV_TOKEN_SECRET: &str = "seckill-dev-purchase-token-secret";
+
+/// Every variable this service reads. Any other `SECKILL_*` variable is rejected as a typo.
+const KNOWN: &[&str] = &[
+    "SECKILL_HTTP_ADDR",
+    "SECKILL_ADMIN_ADDR",
+    "SECKILL_REDIS_URL",
+    "SECKILL_REDIS_CLUSTER",
+    "SECKILL_REDIS_PREFIX",
+    "SECKILL_DATABASE_URL",
+    "SECKILL_AMQP_URL",
+    "SECKILL_AMQP_QUEUE",
+    "SECKILL_JWT_SECRET",
+    "SECKILL_ADMIN_TOKEN",
+    "SECKILL_TOKEN_SECRET",
+    "SECKILL_PAYMENT_TIMEOUT_SECS",
+    "SECKILL_PURCHASE_TOKEN_TTL_SECS",
+    "SECKILL_USER_RATE",
+    "SECKILL_PRODUCT_RATE",
+    "SECKILL_IP_RATE",
+    "SECKILL_TRUSTED_PROXIES",
+    "SECKILL_WORKER_BATCH_SIZE",
+    "SECKILL_WORKER_BATCH_WAIT_MS",
+    "SECKILL_SWEEP_INTERVAL_MS",
+    "SECKILL_LOG_FORMAT",
+    "SECKILL_DEV",
+];
+
+/// A configuration problem: which variable, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{var}: {message}")]
+pub struct ConfigError {
+    pub var: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(var: &str, message: impl Into<String>) -> Self {
+        Self {
+            var: var.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+/// `count` events per `period`, written `20000/1s` (units: ms, s, m, h).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: u32,
+    pub period: Duration,
+}
+
+impl Rate {
+    pub fn period_ms(&self) -> u64 {
+        u64::try_from(self.period.as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}ms", self.count, self.period.as_millis())
+    }
+}
+
+impl FromStr for Rate {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (count, period) = s
+            .split_once('/')
+            .ok_or_else(|| format!("expected COUNT/PERIOD like 20/1s, got {s:?}"))?;
+        let count: u32 = count
+            .trim()
+            .parse()
+            .map_err(|_| format!("count {count:?} is not a whole number"))?;
+        if count == 0 {
+            return Err("count must be at least 1".into());
+        }
+        let period = parse_duration(period.trim())?;
+        if period.is_zero() {
+            return Err("period must be longer than zero".into());
+        }
+        Ok(Rate { count, period })
+    }
+}
+
+/// Parses `250ms`, `1s`, `2m`, `1h` (a bare number means seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("period {s:?} must start with a whole number"))?;
+    let ms = match unit {
+        "ms" => Some(n),
+        "" | "s" => n.checked_mul(1_000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        other => return Err(format!("unknown unit {other:?} (use ms, s, m or h)")),
+    };
+    ms.map(Duration::from_millis)
+        .ok_or_else(|| format!("period {s:?} is too long"))
+}
+
+/// A trusted proxy: one address or a CIDR block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl IpNet {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match (self.addr, ip) {
+            (IpAddr::V4(_), IpAddr::V6(v6)) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            _ => ip,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl FromStr for IpNet {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IP address or CIDR block"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{s:?} has a bad prefix length"))?,
+        };
+        Ok(IpNet { addr, prefix })
+    }
+}
+
+/// Where Redis is and how keys are named.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// `redis://host:port` or `redis-cluster://host:port,host:port,...`.
+    pub url: String,
+    /// Cluster mode (from the URL scheme or `SECKILL_REDIS_CLUSTER=1`).
+    pub cluster: bool,
+    /// Every key starts with this (tests isolate by it).
+    pub prefix: String,
+}
+
+/// Secrets the HTTP API needs; present unless the variable was unset (checked per command).
+#[derive(Clone)]
+pub struct Secrets {
+    pub jwt_secret: SecretString,
+    pub admin_token: SecretString,
+    pub token_secret: SecretString,
+}
+
+/// The whole configuration of one process.
+#[derive(Clone)]
+pub struct Settings {
+    /// The shoppers' listener.
+    pub http_addr: SocketAddr,
+    /// The operators' listener (`/api/v1/admin/*`, `/metrics`).
+    pub admin_addr: SocketAddr,
+    pub redis: RedisSettings,
+    /// Postgres; the database is created if missing.
+    pub database_url: String,
+    pub amqp_url: String,
+    /// Orders queue; its dead-letter queue is `<queue>.dlq`.
+    pub amqp_queue: String,
+    /// `None` when unset (and not in development mode): `serve`/`all` refuse to start.
+    secrets: Result<Secrets, ConfigError>,
+    /// An unpaid order expires after this and its unit returns to stock.
+    pub payment_timeout: Duration,
+    /// How long a purchase token stays valid.
+    pub purchase_token_ttl: Duration,
+    /// Attempts one user may make on one product per window.
+    pub user_rate: Rate,
+    /// Admission gate per product (token bucket).
+    pub product_rate: Rate,
+    /// Per client IP, in process.
+    pub ip_rate: Rate,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Worker: most deliveries persisted in one transaction.
+    pub worker_batch_size: usize,
+    /// Worker: how long a batch waits to fill.
+    pub worker_batch_wait: Duration,
+    /// Expiry sweeper period.
+    pub sweep_interval: Duration,
+    /// Log format: JSON unless `pretty` (the default in development).
+    pub log_pretty: bool,
+    /// `SECKILL_DEV=1`: fixed development secrets.
+    pub dev: bool,
+}
+
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settings")
+            .field("http_addr", &self.http_addr)
+            .field("admin_addr", &self.admin_addr)
+            .field("redis", &self.redis)
+            .field("amqp_queue", &self.amqp_queue)
+            .field("dev", &self.dev)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Settings {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_vars(std::env::vars())
+    }
+
+    /// Reads the given variables (tests pass their own).
+    pub fn from_vars(
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let vars: HashMap<String, String> = vars.into_iter().collect();
+        let mut unknown: Vec<&String> = vars
+            .keys()
+            .filter(|k| k.starts_with("SECKILL_") && !KNOWN.contains(&k.as_str()))
+            .collect();
+        unknown.sort();
+        if let Some(var) = unknown.first() {
+            return Err(ConfigError::new(var, "unknown variable (typo?)"));
+        }
+        let env = Env(&vars);
+
+        let dev = env.flag("SECKILL_DEV")?;
+        let redis_url = env.string("SECKILL_REDIS_URL", "redis://127.0.0.1:6379");
+        if !(redis_url.starts_with("redis://") || redis_url.starts_with("redis-cluster://")) {
+            return Err(ConfigError::new(
+                "SECKILL_REDIS_URL",
+                "must start with redis:// or redis-cluster://",
+            ));
+        }
+        let cluster =
+            redis_url.starts_with("redis-cluster://") || env.flag("SECKILL_REDIS_CLUSTER")?;
+        let prefix = env.string("SECKILL_REDIS_PREFIX", "seckill");
+        if prefix.is_empty() || prefix.contains(['{', '}', ' ']) {
+            return Err(ConfigError::new(
+                "SECKILL_REDIS_PREFIX",
+                "must be non-empty, without braces or spaces",
+            ));
+        }
+        let database_url = env.string(
+            "SECKILL_DATABASE_URL",
+            "postgres://postgres@127.0.0.1:5432/seckill",
+        );
+        if !(database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")) {
+            return Err(ConfigError::new(
+                "SECKILL_DATABASE_URL",
+                "must be a postgres:// URL",
+            ));
+        }
+        let amqp_url = env.string("SECKILL_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f");
+        if !amqp_url.starts_with("amqp://") {
+            return Err(ConfigError::new(
+                "SECKILL_AMQP_URL",
+                "must be an amqp:// URL",
+            ));
+        }
+        let amqp_queue = env.string("SECKILL_AMQP_QUEUE", "seckill.orders");
+        if amqp_queue.is_empty() || amqp_queue.len() > 200 {
+            return Err(ConfigError::new(
+                "SECKILL_AMQP_QUEUE",
+                "must be 1 to 200 characters",
+            ));
+        }
+
+        let secrets = (|| {
+            Ok(Secrets {
+                jwt_secret: env.secret("SECKILL_JWT_SECRET", dev, DEV_JWT_SECRET)?,
+                admin_token: env.secret("SECKILL_ADMIN_TOKEN", dev, DEV_ADMIN_TOKEN)?,
+                token_secret: env.secret("SECKILL_TOKEN_SECRET", dev, DEV_TOKEN_SECRET)?,
+            })
+        })();
+
+        let trusted_proxies = match vars.get("SECKILL_TRUSTED_PROXIES") {
+            None => Vec::new(),
+            Some(list) => list
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| {
+                    s.parse()
+                        .map_err(|e| ConfigError::new("SECKILL_TRUSTED_PROXIES", e))
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        let log_pretty = match vars.get("SECKILL_LOG_FORMAT").map(String::as_str) {
+            None => dev,
+            Some("json") => false,
+            Some("pretty") => true,
+            Some(_) => {
+                return Err(ConfigError::new(
+                    "SECKILL_LOG_FORMAT",
+                    "must be json or pretty",
+                ));
+            }
+        };
+
+        Ok(Settings {
+            http_addr: env.parse("SECKILL_HTTP_ADDR", "127.0.0.1:8080")?,
+            admin_addr: env.parse("SECKILL_ADMIN_ADDR", "127.0.0.1:8081")?,
+            redis: RedisSettings {
+                url: redis_url,
+                cluster,
+                prefix,
+            },
+            database_url,
+            amqp_url,
+            amqp_queue,
+            secrets,
+            payment_timeout: Duration::from_secs(env.ranged(
+                "SECKILL_PAYMENT_TIMEOUT_SECS",
+                900,
+                1,
+                7 * 86_400,
+            )?),
+            purchase_token_ttl: Duration::from_secs(env.ranged(
+                "SECKILL_PURCHASE_TOKEN_TTL_SECS",
+                60,
+                1,
+                3_600,
+            )?),
+            user_rate: env.parse("SECKILL_USER_RATE", "1/1s")?,
+            product_rate: env.parse("SECKILL_PRODUCT_RATE", "20000/1s")?,
+            ip_rate: env.parse("SECKILL_IP_RATE", "50/1s")?,
+            trusted_proxies,
+            worker_batch_size: usize::try_from(env.ranged(
+                "SECKILL_WORKER_BATCH_SIZE",
+                200,
+                1,
+                5_000,
+            )?)
+            .unwrap_or(200),
+            worker_batch_wait: Duration::from_millis(env.ranged(
+                "SECKILL_WORKER_BATCH_WAIT_MS",
+                20,
+                0,
+                10_000,
+            )?),
+            sweep_interval: Duration::from_millis(env.ranged(
+                "SECKILL_SWEEP_INTERVAL_MS",
+                1_000,
+                10,
+                3_600_000,
+            )?),
+            log_pretty,
+            dev,
+        })
+    }
+
+    /// The secrets, or the error naming the first one missing.
+    pub fn secrets(&self) -> Result<&Secrets, ConfigError> {
+        self.secrets.as_ref().map_err(Clone::clone)
+    }
+
+    /// Replaces the secrets (tests and tools that mint their own).
+    pub fn with_secrets(mut self, secrets: Secrets) -> Self {
+        self.secrets = Ok(secrets);
+        self
+    }
+}
+
+struct Env<'a>(&'a HashMap<String, String>);
+
+impl Env<'_> {
+    fn string(&self, var: &str, default: &str) -> String {
+        self.0
+            .get(var)
+            .cloned()
+            .unwrap_or_else(|| default.to_owned())
+    }
+
+    fn parse<T: FromStr>(&self, var: &str, default: &str) -> Result<T, ConfigError>
+    where
+        T::Err: fmt::Display,
+    {
+        let raw = self.string(var, default);
+        raw.trim()
+            .parse()
+            .map_err(|e| ConfigError::new(var, format!("cannot parse {raw:?}: {e}")))
+    }
+
+    fn ranged(&self, var: &str, default: u64, min: u64, max: u64) -> Result<u64, ConfigError> {
+        let value: u64 = self.parse(var, &default.to_string())?;
+        if !(min..=max).contains(&value) {
+            return Err(ConfigError::new(
+                var,
+                format!("must be between {min} and {max}"),
+            ));
+        }
+        Ok(value)
+    }
+
+    fn flag(&self, var: &str) -> Result<bool, ConfigError> {
+        match self.0.get(var).map(|s| s.trim()) {
+            None | Some("") | Some("0") | Some("false") => Ok(false),
+            Some("1") | Some("true") => Ok(true),
+            Some(other) => Err(ConfigError::new(
+                var,
+                format!("must be 1 or 0, got {other:?}"),
+            )),
+        }
+    }
+
+    fn secret(&self, var: &str, dev: bool, dev_value: &str) -> Result<SecretString, ConfigError> {
+        match self.0.get(var) {
+            Some(v) if v.len() >= 16 => Ok(SecretString::from(v.clone())),
+            Some(_) => Err(ConfigError::new(var, "must be at least 16 characters")),
+            None if dev => Ok(SecretString::from(dev_value.to_owned())),
+            None => Err(ConfigError::new(
+                var,
+                "required (set it, or SECKILL_DEV=1 for development secrets)",
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_match_the_design_table() {
+        let s = Settings::from_vars(vars(&[("SECKILL_DEV", "1")])).unwrap();
+        assert_eq!(s.http_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.admin_addr.to_string(), "127.0.0.1:8081");
+        assert_eq!(s.redis.url, "redis://127.0.0.1:6379");
+        assert!(!s.redis.cluster);
+        assert_eq!(s.redis.prefix, "seckill");
+        assert_eq!(s.database_url, "postgres://postgres@127.0.0.1:5432/seckill");
+        assert_eq!(s.amqp_url, "amqp://guest:guest@127.0.0.1:5672/%2f");
+        assert_eq!(s.amqp_queue, "seckill.orders");
+        assert_eq!(s.payment_timeout, Duration::from_secs(900));
+        assert_eq!(s.user_rate, "1/1s".parse().unwrap());
+        assert_eq!(s.product_rate.count, 20_000);
+        assert_eq!(s.ip_rate.count, 50);
+        assert!(s.secrets().is_ok());
+    }
+
+    #[test]
+    fn a_missing_secret_names_the_variable() {
+        let s = Settings::from_vars(vars(&[])).unwrap();
+        let err = s.secrets().err().unwrap();
+        assert_eq!(err.var, "SECKILL_JWT_SECRET");
+    }
+
+    #[test]
+    fn bad_values_name_their_variable() {
+        for (var, value) in [
+            ("SECKILL_HTTP_ADDR", "nowhere"),
+            ("SECKILL_USER_RATE", "0/1s"),
+            ("SECKILL_PRODUCT_RATE", "10/1y"),
+            ("SECKILL_PAYMENT_TIMEOUT_SECS", "-5"),
+            ("SECKILL_REDIS_URL", "http://x"),
+            ("SECKILL_TRUSTED_PROXIES", "10.0.0.0/99"),
+            ("SECKILL_DEV", "yes"),
+            ("SECKILL_JWT_SECRE", "typo"),
+        ] {
+            let err = Settings::from_vars(vars(&[(var, value)])).err().unwrap();
+            assert_eq!(err.var, var, "{value}");
+        }
+    }
+
+    #[test]
+    fn cluster_mode_follows_the_scheme_or_the_flag() {
+        let s =
+            Settings::from_vars(vars(&[("SECKILL_REDIS_URL", "redis-cluster://a:1,b:2")])).unwrap();
+        assert!(s.redis.cluster);
+        let s = Settings::from_vars(vars(&[("SECKILL_REDIS_CLUSTER", "1")])).unwrap();
+        assert!(s.redis.cluster);
+    }
+
+    #[test]
+    fn rates_and_durations_parse() {
+        assert_eq!(
+            "50/250ms".parse::<Rate>().unwrap(),
+            Rate {
+                count: 50,
+                period: Duration::from_millis(250)
+            }
+        );
+        assert_eq!(
+            "3/2m".parse::<Rate>().unwrap().period,
+            Duration::from_secs(120)
+        );
+        assert!("x/1s".parse::<Rate>().is_err());
+        assert!("5/0s".parse::<Rate>().is_err());
+    }
+
+    #[test]
+    fn proxies_match_addresses_and_blocks() {
+        let net: IpNet = "10.1.0.0/16".parse().unwrap();
+        assert!(net.contains("10.1.200.3".parse().unwrap()));
+        assert!(!net.contains("10.2.0.1".parse().unwrap()));
+        let one: IpNet = "127.0.0.1".parse().unwrap();
+        assert!(one.contains("::ffff:127.0.0.1".parse().unwrap()));
+        assert!(!one.contains("127.0.0.2".parse().unwrap()));
+    }
+}

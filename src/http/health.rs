@@ -1,0 +1,63 @@
+//! `GET /healthz` (process up) and `GET /readyz` (Redis, RabbitMQ and Postgres reachable).
+
+use std::time::Duration;
+
+use actix_web::{HttpResponse, get, web};
+use serde_json::json;
+
+use crate::{http::problem::ApiError, startup::Deps};
+
+/// The process is up.
+#[utoipa::path(responses((status = 200, description = "Process is up")), tag = "service")]
+#[get("/healthz")]
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+/// Redis, RabbitMQ and Postgres are all reachable.
+#[utoipa::path(
+    responses(
+        (status = 200, description = "Every dependency answers"),
+        (status = 503, description = "A dependency is unreachable; `checks` names it", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+    ),
+    tag = "service"
+)]
+#[get("/readyz")]
+pub async fn readyz(deps: web::Data<Deps>) -> Result<HttpResponse, ApiError> {
+    let (redis, postgres) = tokio::join!(crate::redis::ping(&deps.redis), async {
+        tokio::time::timeout(Duration::from_secs(1), deps.db.ping())
+            .await
+            .map_err(|_| anyhow::anyhow!("timed out"))?
+            .map_err(anyhow::Error::from)
+    });
+    let rabbitmq = deps.broker.current().is_some();
+    let state = |ok: bool| if ok { "ok" } else { "unreachable" };
+    let checks = json!({
+        "redis": state(redis.is_ok()),
+        "rabbitmq": state(rabbitmq),
+        "postgres": state(postgres.is_ok()),
+    });
+    let failing: Vec<&str> = [
+        ("redis", redis.is_ok()),
+        ("rabbitmq", rabbitmq),
+        ("postgres", postgres.is_ok()),
+    ]
+    .into_iter()
+    .filter(|(_, ok)| !ok)
+    .map(|(name, _)| name)
+    .collect();
+    if failing.is_empty() {
+        Ok(HttpResponse::Ok().json(json!({"status": "ready", "checks": checks})))
+    } else {
+        if let Err(e) = &redis {
+            tracing::warn!(error = %e, "readiness: Redis");
+        }
+        if let Err(e) = &postgres {
+            tracing::warn!(error = %e, "readiness: Postgres");
+        }
+        Err(ApiError::NotReady {
+            failing: failing.join(", "),
+            checks,
+        })
+    }
+}

@@ -1,0 +1,13 @@
+//! seckill: a flash-sale reservation service.
+//!
+//! A Redis Lua script decides each purchase atomically; winners flow through an outbox stream
+//! to RabbitMQ and are persisted to Postgres by the worker. See `DESIGN.md` and the README.
+
+pub mod amqp;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod http;
+pub mod redis;
+pub mod startup;
+pub mod telemetry;

@@ -1,0 +1,138 @@
+//! The Redis connection (single node or cluster) with reconnects and command timeouts.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use fred::prelude::*;
+
+use crate::config::RedisSettings;
+
+/// Commands give up after this, so a dead Redis answers `503` instead of hanging a request.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Turns our URL forms into a fred config: `redis://h:p` or `redis-cluster://h:p,h:p,...`.
+pub fn fred_config(settings: &RedisSettings) -> anyhow::Result<Config> {
+    let url = settings.url.as_str();
+    if let Some(rest) = url.strip_prefix("redis-cluster://") {
+        let (auth, hosts) = match rest.rsplit_once('@') {
+            Some((a, h)) => (Some(a), h),
+            None => (None, rest),
+        };
+        let hosts = hosts.trim_end_matches('/');
+        let nodes = hosts
+            .split(',')
+            .map(|hp| {
+                let (h, p) = hp
+                    .rsplit_once(':')
+                    .context("cluster node needs host:port")?;
+                Ok((h.to_owned(), p.parse::<u16>().context("cluster node port")?))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        anyhow::ensure!(!nodes.is_empty(), "no cluster nodes in SECKILL_REDIS_URL");
+        let mut config = Config {
+            server: ServerConfig::new_clustered(nodes),
+            ..Config::default()
+        };
+        if let Some(auth) = auth {
+            let (user, pass) = auth.split_once(':').unwrap_or(("", auth));
+            config.username = (!user.is_empty()).then(|| user.to_owned());
+            config.password = Some(pass.to_owned());
+        }
+        Ok(config)
+    } else if settings.cluster {
+        Config::from_url_clustered(url).context("parsing SECKILL_REDIS_URL")
+    } else {
+        Config::from_url_centralized(url).context("parsing SECKILL_REDIS_URL")
+    }
+}
+
+fn builder(settings: &RedisSettings) -> anyhow::Result<Builder> {
+    let mut builder = Builder::from_config(fred_config(settings)?);
+    builder
+        .with_connection_config(|c| {
+            c.connection_timeout = Duration::from_secs(2);
+            c.internal_command_timeout = Duration::from_secs(2);
+            c.max_command_attempts = 2;
+            c.max_redirections = 10;
+            // Shed load rather than queue without bound while disconnected.
+            c.max_command_buffer_len = 50_000;
+            c.tcp.nodelay = Some(true);
+        })
+        .with_performance_config(|p| {
+            p.default_command_timeout = COMMAND_TIMEOUT;
+        })
+        // Retry forever, 50 ms doubling to 2 s.
+        .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2));
+    Ok(builder)
+}
+
+/// Builds and connects a pool; fails if Redis does not answer within `wait`.
+pub async fn connect(
+    settings: &RedisSettings,
+    size: usize,
+    wait: Duration,
+) -> anyhow::Result<Pool> {
+    let pool = builder(settings)?
+        .build_pool(size)
+        .context("building the Redis pool")?;
+    pool.connect_pool();
+    tokio::time::timeout(wait, pool.wait_for_connect())
+        .await
+        .map_err(|_| anyhow::anyhow!("Redis at {} did not answer within {wait:?}", settings.url))?
+        .context("connecting to Redis")?;
+    Ok(pool)
+}
+
+/// Builds a pub/sub client (fred's `Pool` does not do pub/sub).
+pub async fn subscriber(
+    settings: &RedisSettings,
+    wait: Duration,
+) -> anyhow::Result<fred::clients::SubscriberClient> {
+    let client = builder(settings)?
+        .build_subscriber_client()
+        .context("building the Redis subscriber")?;
+    client.connect();
+    tokio::time::timeout(wait, client.wait_for_connect())
+        .await
+        .map_err(|_| anyhow::anyhow!("Redis at {} did not answer within {wait:?}", settings.url))?
+        .context("connecting the Redis subscriber")?;
+    Ok(client)
+}
+
+/// `PING` with a short bound, for readiness.
+pub async fn ping(pool: &Pool) -> anyhow::Result<()> {
+    let pong: String = tokio::time::timeout(Duration::from_secs(1), pool.next().ping(None))
+        .await
+        .context("Redis ping timed out")?
+        .context("Redis ping failed")?;
+    anyhow::ensure!(pong == "PONG", "unexpected ping answer");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(url: &str, cluster: bool) -> RedisSettings {
+        RedisSettings {
+            url: url.into(),
+            cluster,
+            prefix: "t".into(),
+        }
+    }
+
+    #[test]
+    fn cluster_urls_list_every_node() {
+        let c = fred_config(&settings(
+            "redis-cluster://127.0.0.1:7000,127.0.0.1:7001",
+            true,
+        ))
+        .unwrap();
+        match c.server {
+            ServerConfig::Clustered { hosts, .. } => assert_eq!(hosts.len(), 2),
+            other => panic!("not clustered: {other:?}"),
+        }
+        let c = fred_config(&settings("redis://127.0.0.1:6379", false)).unwrap();
+        assert!(matches!(c.server, ServerConfig::Centralized { .. }));
+    }
+}

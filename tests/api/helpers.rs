@@ -1,0 +1,224 @@
+//! Test harness: spawns the real app on port 0 against the local Redis, RabbitMQ and Postgres,
+#![allow(dead_code)] // each test module uses its own part of the harness
+//! isolated by its own database name, Redis key prefix and queue name; cleans up on drop.
+
+use std::{sync::Arc, time::Duration};
+
+use fred::prelude::*;
+use seckill::{
+    config::Settings,
+    startup::{Application, Deps, Role},
+};
+use tokio_util::sync::CancellationToken;
+
+pub const PG: &str = "postgres://postgres@127.0.0.1:5432";
+
+/// Names unique to one test.
+#[derive(Debug)]
+pub struct Isolation {
+    pub database: String,
+    pub prefix: String,
+    pub queue: String,
+}
+
+impl Isolation {
+    pub fn new() -> Self {
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        let short = &id[id.len() - 12..];
+        Self {
+            database: format!("seckill_t_{short}"),
+            prefix: format!("t{short}"),
+            queue: format!("seckill.t.{short}"),
+        }
+    }
+
+    pub fn database_url(&self) -> String {
+        format!("{PG}/{}", self.database)
+    }
+
+    /// Settings for this test; `extra` overrides (e.g. `SECKILL_USER_RATE`).
+    pub fn settings(&self, extra: &[(&str, &str)]) -> Settings {
+        let mut vars: Vec<(String, String)> = vec![
+            ("SECKILL_HTTP_ADDR".into(), "127.0.0.1:0".into()),
+            ("SECKILL_ADMIN_ADDR".into(), "127.0.0.1:0".into()),
+            ("SECKILL_DATABASE_URL".into(), self.database_url()),
+            ("SECKILL_REDIS_PREFIX".into(), self.prefix.clone()),
+            ("SECKILL_AMQP_QUEUE".into(), self.queue.clone()),
+            (
+                "SECKILL_JWT_SECRET".into(),
+                "test-jwt-secret-0123456789".into(),
+            ),
+            (
+                "SECKILL_ADMIN_TOKEN".into(),
+                "test-admin-token-0123456789".into(),
+            ),
+            (
+                "SECKILL_TOKEN_SECRET".into(),
+                "test-token-secret-0123456789".into(),
+            ),
+        ];
+        for (k, v) in extra {
+            vars.retain(|(key, _)| key != k);
+            vars.push((k.to_string(), v.to_string()));
+        }
+        Settings::from_vars(vars).expect("test settings")
+    }
+}
+
+impl Drop for Isolation {
+    fn drop(&mut self) {
+        // Clean up through a copy that is not an `Isolation` (whose drop would recurse).
+        let me = Names(
+            self.database.clone(),
+            self.prefix.clone(),
+            self.queue.clone(),
+        );
+        // Drop may run inside a runtime: clean up on a thread with its own.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(10), me.cleanup()).await;
+            });
+        })
+        .join();
+    }
+}
+
+struct Names(String, String, String);
+
+impl Names {
+    async fn cleanup(&self) {
+        let Names(database, prefix, queue) = self;
+        if let Ok(admin) = sea_orm::Database::connect(format!("{PG}/postgres")).await {
+            use sea_orm::ConnectionTrait;
+            let _ = admin
+                .execute_unprepared(&format!(
+                    "drop database if exists \"{database}\" with (force)"
+                ))
+                .await;
+            let _ = admin.close().await;
+        }
+        let client = Client::default();
+        if client.init().await.is_ok() {
+            let _ = delete_prefix(&client, prefix).await;
+            let _ = client.quit().await;
+        }
+        if let Ok(conn) = lapin::Connection::connect(
+            "amqp://guest:guest@127.0.0.1:5672/%2f",
+            lapin::ConnectionProperties::default(),
+        )
+        .await
+        {
+            if let Ok(ch) = conn.create_channel().await {
+                for q in [queue.clone(), format!("{queue}.dlq")] {
+                    let _ = ch
+                        .queue_delete(
+                            q.as_str().into(),
+                            lapin::options::QueueDeleteOptions::default(),
+                        )
+                        .await;
+                }
+            }
+            let _ = conn.close(200, "bye".into()).await;
+        }
+    }
+}
+
+/// Deletes every key under `prefix:`.
+pub async fn delete_prefix(client: &Client, prefix: &str) -> anyhow::Result<()> {
+    let mut cursor = "0".to_owned();
+    loop {
+        let (next, keys): (String, Vec<String>) = client
+            .custom(
+                fred::cmd!("SCAN"),
+                vec![
+                    cursor.clone(),
+                    "MATCH".into(),
+                    format!("{prefix}:*"),
+                    "COUNT".into(),
+                    "1000".into(),
+                ],
+            )
+            .await?;
+        if !keys.is_empty() {
+            let _: i64 = client.del(keys).await?;
+        }
+        if next == "0" {
+            return Ok(());
+        }
+        cursor = next;
+    }
+}
+
+/// A running app plus a client to talk to it.
+pub struct TestApp {
+    pub http: String,
+    pub admin: String,
+    pub client: reqwest::Client,
+    pub deps: Arc<Deps>,
+    pub shutdown: CancellationToken,
+    pub task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    pub iso: Isolation,
+}
+
+impl TestApp {
+    /// Spawns `seckill all` in process.
+    pub async fn spawn() -> Self {
+        Self::spawn_with(Role::All, &[]).await
+    }
+
+    pub async fn spawn_with(role: Role, extra: &[(&str, &str)]) -> Self {
+        Self::spawn_isolated(Isolation::new(), role, extra).await
+    }
+
+    pub async fn spawn_isolated(iso: Isolation, role: Role, extra: &[(&str, &str)]) -> Self {
+        let settings = iso.settings(extra);
+        let shutdown = CancellationToken::new();
+        let app = Application::build(settings, role, shutdown.clone())
+            .await
+            .expect("app builds");
+        let http = format!("http://127.0.0.1:{}", app.http_port().unwrap_or(0));
+        let admin = format!("http://127.0.0.1:{}", app.admin_port().unwrap_or(0));
+        let deps = app.deps();
+        let task = tokio::spawn(app.run_until_stopped());
+        TestApp {
+            http,
+            admin,
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+            deps,
+            shutdown,
+            task: Some(task),
+            iso,
+        }
+    }
+
+    /// Stops the app and waits for it.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}{path}", self.http))
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}

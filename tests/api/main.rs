@@ -1,0 +1,7 @@
+//! Black-box tests against the real app and the real Redis, RabbitMQ and Postgres.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
+mod helpers;
+
+mod health;
+mod process;

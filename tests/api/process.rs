@@ -1,0 +1,147 @@
+//! The real `seckill` binary: configuration errors and signals.
+
+use std::{
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::helpers::Isolation;
+
+fn seckill() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_seckill"));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("SECKILL_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+fn isolated(iso: &Isolation) -> Command {
+    let mut cmd = seckill();
+    cmd.env("SECKILL_DEV", "1")
+        .env("SECKILL_HTTP_ADDR", "127.0.0.1:0")
+        .env("SECKILL_ADMIN_ADDR", "127.0.0.1:0")
+        .env("SECKILL_DATABASE_URL", iso.database_url())
+        .env("SECKILL_REDIS_PREFIX", &iso.prefix)
+        .env("SECKILL_AMQP_QUEUE", &iso.queue)
+        .env("RUST_LOG", "info");
+    cmd
+}
+
+fn sigterm(pid: u32) {
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn wait_exit(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("process did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn serve_without_a_jwt_secret_fails_with_one_line_naming_it() {
+    let out = seckill().arg("serve").output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("SECKILL_JWT_SECRET"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn a_bad_value_fails_with_one_line_naming_the_variable() {
+    let out = seckill()
+        .arg("serve")
+        .env("SECKILL_DEV", "1")
+        .env("SECKILL_PRODUCT_RATE", "lots")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("SECKILL_PRODUCT_RATE"), "{stderr}");
+}
+
+#[test]
+fn help_explains_every_subcommand() {
+    let out = seckill().arg("--help").output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    for cmd in ["all", "serve", "worker", "migrate"] {
+        assert!(text.contains(cmd), "{text}");
+    }
+}
+
+#[test]
+fn sigterm_while_idle_exits_zero_within_5_seconds() {
+    let iso = Isolation::new();
+    let mut child = isolated(&iso)
+        .arg("all")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait for the start-up line.
+    let stdout = child.stdout.take().unwrap();
+    let started = std::thread::spawn(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .any(|l| l.contains("seckill started"))
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !started.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    sigterm(child.id());
+    let status = wait_exit(&mut child, Duration::from_secs(5));
+    assert!(status.success(), "{status:?}");
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert!(started.join().unwrap(), "never logged its start");
+}
+
+#[test]
+fn sigterm_during_start_up_exits_zero_within_5_seconds() {
+    let iso = Isolation::new();
+    let mut child = isolated(&iso)
+        .arg("all")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(60));
+    let t0 = Instant::now();
+    sigterm(child.id());
+    let status = wait_exit(&mut child, Duration::from_secs(5));
+    assert!(status.success(), "{status:?}");
+    assert!(t0.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn migrate_exits_zero_and_can_run_twice() {
+    let iso = Isolation::new();
+    for _ in 0..2 {
+        let out = isolated(&iso).arg("migrate").output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
