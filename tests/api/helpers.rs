@@ -155,6 +155,28 @@ pub async fn delete_prefix(client: &Client, prefix: &str) -> anyhow::Result<()> 
     }
 }
 
+/// A Redis pool plus a key prefix of its own, emptied on drop.
+pub struct RedisScope {
+    pub pool: Pool,
+    pub prefix: String,
+    _iso: Isolation,
+}
+
+impl RedisScope {
+    pub async fn new() -> Self {
+        let iso = Isolation::new();
+        let settings = iso.settings(&[]);
+        let pool = seckill::redis::connect(&settings.redis, 2, Duration::from_secs(5))
+            .await
+            .expect("Redis on 127.0.0.1:6379");
+        Self {
+            pool,
+            prefix: iso.prefix.clone(),
+            _iso: iso,
+        }
+    }
+}
+
 /// A running app plus a client to talk to it.
 pub struct TestApp {
     pub http: String,

@@ -5,3 +5,5 @@ mod helpers;
 
 mod health;
 mod process;
+mod rate_limit;
+mod reservations;

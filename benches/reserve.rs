@@ -1,0 +1,103 @@
+#![allow(clippy::expect_used)] // a bench that cannot set up should stop loudly
+//! The reserve script through fred: one caller at a time, and 64 concurrent callers.
+//! Skips with a message when Redis is not reachable on `SECKILL_REDIS_URL` (default loopback).
+//!
+//! `cargo bench --bench reserve`; compare with `scripts/bench-redis` (redis-benchmark running
+//! the same script) in the same session.
+
+use std::{
+    collections::HashSet,
+    sync::atomic::{AtomicI64, Ordering},
+    time::Duration,
+};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use seckill::{
+    config::{RedisSettings, Settings},
+    domain::{ProductId, UserId},
+    keys::Keys,
+    reservations::{PreheatPlan, Reservations},
+};
+
+fn bench_reserve(c: &mut Criterion) {
+    let Ok(rt) = tokio::runtime::Runtime::new() else {
+        eprintln!("reserve bench skipped: no tokio runtime");
+        return;
+    };
+    let Ok(settings) =
+        Settings::from_vars(std::env::vars().filter(|(k, _)| k == "SECKILL_REDIS_URL"))
+    else {
+        eprintln!("reserve bench skipped: bad SECKILL_REDIS_URL");
+        return;
+    };
+    let prefix = format!("bench{}", std::process::id());
+    let redis = RedisSettings {
+        prefix: prefix.clone(),
+        ..settings.redis
+    };
+    let pool = match rt.block_on(seckill::redis::connect(&redis, 4, Duration::from_secs(2))) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("reserve bench skipped: Redis is not reachable ({e:#})");
+            return;
+        }
+    };
+    let r = Reservations::new(
+        pool.clone(),
+        Keys::new(prefix.clone()),
+        "1000/1s".parse().expect("rate"),
+        "1000000000/1s".parse().expect("rate"),
+    );
+    let product = ProductId::try_from(1_i64).expect("id");
+    let now = chrono::Utc::now().timestamp_millis();
+    let plan = PreheatPlan {
+        product,
+        stock: 1_000_000_000,
+        live_orders: 0,
+        buyers: vec![],
+        pending: HashSet::new(),
+        starts_ms: now - 1_000,
+        ends_ms: now + 86_400_000,
+        force: false,
+    };
+    if let Err(e) = rt.block_on(r.preheat(&plan)) {
+        eprintln!("reserve bench skipped: preheat failed ({e})");
+        return;
+    }
+    let next_user = AtomicI64::new(1);
+    let user = || UserId::try_from(next_user.fetch_add(1, Ordering::Relaxed)).expect("id");
+
+    let mut group = c.benchmark_group("reserve");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("winning attempt, 1 caller", |b| {
+        b.to_async(&rt)
+            .iter(|| async { r.reserve(user(), product).await.expect("reserve") })
+    });
+    group.throughput(Throughput::Elements(64));
+    group.bench_function("winning attempts, 64 concurrent callers", |b| {
+        b.to_async(&rt).iter(|| async {
+            let calls = (0..64).map(|_| r.reserve(user(), product));
+            for d in futures_util::future::join_all(calls).await {
+                d.expect("reserve");
+            }
+        })
+    });
+    group.finish();
+
+    let cleanup = async {
+        let keys: Vec<String> = fred::prelude::ClientLike::custom(
+            pool.next(),
+            fred::cmd!("KEYS"),
+            vec![format!("{prefix}:*")],
+        )
+        .await
+        .unwrap_or_default();
+        if !keys.is_empty() {
+            let _: Result<i64, _> = fred::prelude::KeysInterface::del(&pool, keys).await;
+        }
+    };
+    rt.block_on(cleanup);
+}
+
+criterion_group!(benches, bench_reserve);
+criterion_main!(benches);

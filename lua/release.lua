@@ -1,0 +1,29 @@
+--[[ release.lua — return the unit of a cancelled/expired reservation to stock, exactly once.
+
+KEYS (the product's hash tag):
+  1 state     hash: stock, remaining, …
+  2 released  set: reservation ids whose unit was returned
+  3 status    hash: reservation_id -> "pending" | JSON
+ARGV:
+  1 reservation_id  2 status JSON to record  3 product_id  4 pub/sub channel
+RETURNS {code, remaining}
+  code: 1 returned now, 0 returned before (no-op), -1 product not preheated (no-op: the next
+        preheat rebuilds remaining from Postgres)
+]]
+local rid = ARGV[1]
+local state = redis.call("HMGET", KEYS[1], "stock", "remaining")
+if not state[1] then
+  return {-1, -1}
+end
+local stock, remaining = tonumber(state[1]), tonumber(state[2])
+if redis.call("SISMEMBER", KEYS[2], rid) == 1 then
+  return {0, remaining}
+end
+redis.call("SADD", KEYS[2], rid)
+if remaining < stock then
+  remaining = redis.call("HINCRBY", KEYS[1], "remaining", 1)
+end
+redis.call("HSET", KEYS[3], rid, ARGV[2])
+-- Tell every API process that this product is no longer sold out.
+redis.call("PUBLISH", ARGV[4], "stock:" .. ARGV[3])
+return {1, remaining}

@@ -1,0 +1,110 @@
+//! The Redis key schema. Every key starts with `SECKILL_REDIS_PREFIX`; every key one script
+//! touches carries the product's hash tag `{p<id>}`, so each script runs unchanged on a cluster.
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `<prefix>:{p<id>}:state` | hash | `stock`, `remaining`, `starts_ms`, `ends_ms`, `paused` |
+//! | `<prefix>:{p<id>}:buyers` | hash | user id → reservation id (one win per user, ever) |
+//! | `<prefix>:{p<id>}:pending` | set | reservation ids won, not yet persisted as orders |
+//! | `<prefix>:{p<id>}:released` | set | reservation ids whose unit went back on sale |
+//! | `<prefix>:{p<id>}:status` | hash | reservation id → `pending` or the order's JSON |
+//! | `<prefix>:{p<id>}:outbox` | stream | one entry per winner: `r` id, `u` user, `p` product, `t` ms |
+//! | `<prefix>:{p<id>}:rl:<user>` | string | the user's attempts in the current window (expires) |
+//! | `<prefix>:{p<id>}:gate` | string | the product's admission gate (GCRA arrival time, µs) |
+//! | `<prefix>:products` | set | product ids ever preheated (the relay's list of outboxes) |
+//! | `<prefix>:events` | pub/sub channel | `stock:<id>` (a unit returned / product preheated), `status:<id>:<user>` |
+
+use crate::domain::{ProductId, UserId};
+
+/// Builds key names under one prefix.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+/// The keys of one product (all in one hash slot).
+#[derive(Debug, Clone)]
+pub struct ProductKeys {
+    pub state: String,
+    pub buyers: String,
+    pub pending: String,
+    pub released: String,
+    pub status: String,
+    pub outbox: String,
+    pub gate: String,
+    tag: String,
+}
+
+impl ProductKeys {
+    /// The per-user rate window key.
+    pub fn user_rate(&self, user: UserId) -> String {
+        format!("{}:rl:{user}", self.tag)
+    }
+}
+
+impl Keys {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self {
+            prefix: prefix.into(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn product(&self, product: ProductId) -> ProductKeys {
+        let tag = format!("{}:{{p{product}}}", self.prefix);
+        ProductKeys {
+            state: format!("{tag}:state"),
+            buyers: format!("{tag}:buyers"),
+            pending: format!("{tag}:pending"),
+            released: format!("{tag}:released"),
+            status: format!("{tag}:status"),
+            outbox: format!("{tag}:outbox"),
+            gate: format!("{tag}:gate"),
+            tag,
+        }
+    }
+
+    /// Product ids ever preheated.
+    pub fn products(&self) -> String {
+        format!("{}:products", self.prefix)
+    }
+
+    /// The pub/sub channel for cross-process notifications.
+    pub fn events(&self) -> String {
+        format!("{}:events", self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot_tag(key: &str) -> &str {
+        let open = key.find('{').unwrap();
+        let close = key[open..].find('}').unwrap() + open;
+        &key[open + 1..close]
+    }
+
+    #[test]
+    fn every_product_key_shares_one_hash_tag_and_the_prefix() {
+        let keys = Keys::new("shop");
+        let p = keys.product(ProductId::try_from(42_i64).unwrap());
+        let user = UserId::try_from(7_i64).unwrap();
+        for key in [
+            &p.state,
+            &p.buyers,
+            &p.pending,
+            &p.released,
+            &p.status,
+            &p.outbox,
+            &p.gate,
+            &p.user_rate(user),
+        ] {
+            assert!(key.starts_with("shop:"), "{key}");
+            assert_eq!(slot_tag(key), "p42", "{key}");
+        }
+    }
+}

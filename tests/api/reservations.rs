@@ -1,0 +1,339 @@
+//! The reservation scripts against the real Redis, isolated by key prefix.
+
+use std::{
+    collections::HashSet,
+    sync::{Arc, atomic::AtomicI64},
+    time::Duration,
+};
+
+use fred::prelude::*;
+use seckill::{
+    config::Rate,
+    domain::{ProductId, UserId},
+    keys::Keys,
+    reservations::{Clock, Outcome, PreheatPlan, Preheated, Released, Reservations},
+};
+use uuid::Uuid;
+
+use crate::helpers::RedisScope;
+
+pub fn rate(s: &str) -> Rate {
+    s.parse().unwrap()
+}
+
+pub fn user(n: i64) -> UserId {
+    UserId::try_from(n).unwrap()
+}
+
+pub fn product(n: i64) -> ProductId {
+    ProductId::try_from(n).unwrap()
+}
+
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// A live sale plan: started an hour ago, ends in an hour.
+pub fn live_plan(p: ProductId, stock: i64) -> PreheatPlan {
+    PreheatPlan {
+        product: p,
+        stock,
+        live_orders: 0,
+        buyers: vec![],
+        pending: HashSet::new(),
+        starts_ms: now_ms() - 3_600_000,
+        ends_ms: now_ms() + 3_600_000,
+        force: false,
+    }
+}
+
+async fn setup(user_rate: &str, product_rate: &str) -> (RedisScope, Reservations) {
+    let scope = RedisScope::new().await;
+    let r = Reservations::new(
+        scope.pool.clone(),
+        Keys::new(scope.prefix.clone()),
+        rate(user_rate),
+        rate(product_rate),
+    );
+    (scope, r)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn five_thousand_attempts_by_a_thousand_users_on_stock_100_make_exactly_100_winners() {
+    let (scope, r) = setup("10/1s", "1000000/1s").await;
+    let p = product(1);
+    r.preheat(&live_plan(p, 100)).await.unwrap();
+
+    let tasks: Vec<_> = (0..5_000)
+        .map(|i| {
+            let r = r.clone();
+            tokio::spawn(async move {
+                (
+                    i % 1_000 + 1,
+                    r.reserve(user(i % 1_000 + 1), p).await.unwrap(),
+                )
+            })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for t in tasks {
+        let (u, d) = t.await.unwrap();
+        match d.outcome {
+            Outcome::Won { reservation_id, .. } => winners.push((u, reservation_id)),
+            Outcome::AlreadyReserved { .. } | Outcome::SoldOut | Outcome::RateLimited { .. } => {}
+            other => panic!("undefined outcome for this sale: {other:?}"),
+        }
+    }
+    assert_eq!(winners.len(), 100);
+    let users: HashSet<i64> = winners.iter().map(|(u, _)| *u).collect();
+    assert_eq!(users.len(), 100, "a user won twice");
+    assert_eq!(r.remaining(p).await.unwrap(), Some(0));
+    assert_eq!(r.pending_count(p).await.unwrap(), 100);
+
+    // The outbox holds exactly the winners.
+    let entries: Vec<(String, std::collections::HashMap<String, String>)> = scope
+        .pool
+        .xrange(r.keys().product(p).outbox, "-", "+", None)
+        .await
+        .unwrap();
+    let outbox: HashSet<(i64, Uuid)> = entries
+        .iter()
+        .map(|(_, f)| (f["u"].parse().unwrap(), f["r"].parse().unwrap()))
+        .collect();
+    assert_eq!(outbox.len(), 100);
+    assert_eq!(outbox, winners.into_iter().collect::<HashSet<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_user_with_a_thousand_concurrent_attempts_wins_once() {
+    let (_scope, r) = setup("100000/1s", "1000000/1s").await;
+    let p = product(2);
+    r.preheat(&live_plan(p, 50)).await.unwrap();
+    let tasks: Vec<_> = (0..1_000)
+        .map(|_| {
+            let r = r.clone();
+            tokio::spawn(async move { r.reserve(user(7), p).await.unwrap().outcome })
+        })
+        .collect();
+    let mut won = None;
+    let mut already = HashSet::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Outcome::Won { reservation_id, .. } => {
+                assert!(won.replace(reservation_id).is_none(), "won twice");
+            }
+            Outcome::AlreadyReserved { reservation_id } => {
+                already.insert(reservation_id);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let won = won.expect("one win");
+    assert_eq!(already, HashSet::from([won]));
+    assert_eq!(
+        r.reserve(user(7), p).await.unwrap().outcome,
+        Outcome::AlreadyReserved {
+            reservation_id: won
+        }
+    );
+    assert_eq!(r.remaining(p).await.unwrap(), Some(49));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hundred_concurrent_releases_return_exactly_one_unit_which_another_user_wins() {
+    let (_scope, r) = setup("10/1s", "1000000/1s").await;
+    let p = product(3);
+    r.preheat(&live_plan(p, 1)).await.unwrap();
+    let Outcome::Won {
+        reservation_id,
+        remaining,
+    } = r.reserve(user(1), p).await.unwrap().outcome
+    else {
+        panic!("first attempt wins");
+    };
+    assert_eq!(remaining, 0);
+    assert_eq!(
+        r.reserve(user(2), p).await.unwrap().outcome,
+        Outcome::SoldOut
+    );
+
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            let r = r.clone();
+            tokio::spawn(async move {
+                r.release(p, reservation_id, r#"{"status":"cancelled"}"#)
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut returned = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Released::Returned { remaining } => {
+                returned += 1;
+                assert_eq!(remaining, 1);
+            }
+            Released::AlreadyReturned => {}
+            Released::NotPreheated => panic!("product is preheated"),
+        }
+    }
+    assert_eq!(returned, 1);
+    assert_eq!(r.remaining(p).await.unwrap(), Some(1), "never above stock");
+
+    // The returned unit goes to another shopper; the first one cannot buy again.
+    assert!(matches!(
+        r.reserve(user(3), p).await.unwrap().outcome,
+        Outcome::Won { .. }
+    ));
+    assert!(matches!(
+        r.reserve(user(1), p).await.unwrap().outcome,
+        Outcome::AlreadyReserved { .. }
+    ));
+    assert_eq!(r.remaining(p).await.unwrap(), Some(0));
+    // A late duplicate release of the old reservation changes nothing.
+    assert_eq!(
+        r.release(p, reservation_id, r#"{"status":"cancelled"}"#)
+            .await
+            .unwrap(),
+        Released::AlreadyReturned
+    );
+    assert_eq!(r.remaining(p).await.unwrap(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sale_window_follows_the_script_clock() {
+    let (_scope, r) = setup("100/1s", "1000000/1s").await;
+    let clock = Arc::new(AtomicI64::new(0));
+    let r = r.with_clock(Clock::Manual(clock.clone()));
+    let p = product(4);
+    let start = now_ms() + 60_000;
+    let mut plan = live_plan(p, 5);
+    plan.starts_ms = start;
+    plan.ends_ms = start + 1_000;
+    r.preheat(&plan).await.unwrap();
+    let at = |ms: i64| clock.store(ms * 1_000, std::sync::atomic::Ordering::SeqCst);
+
+    at(start - 1);
+    assert_eq!(
+        r.reserve(user(1), p).await.unwrap().outcome,
+        Outcome::NotStarted
+    );
+    at(start);
+    assert!(matches!(
+        r.reserve(user(1), p).await.unwrap().outcome,
+        Outcome::Won { .. }
+    ));
+    at(start + 999);
+    assert!(matches!(
+        r.reserve(user(2), p).await.unwrap().outcome,
+        Outcome::Won { .. }
+    ));
+    at(start + 1_000);
+    assert_eq!(r.reserve(user(3), p).await.unwrap().outcome, Outcome::Ended);
+    assert_eq!(r.remaining(p).await.unwrap(), Some(3));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paused_product_answers_paused_until_resumed() {
+    let (_scope, r) = setup("100/1s", "1000000/1s").await;
+    let p = product(5);
+    r.preheat(&live_plan(p, 5)).await.unwrap();
+    r.set_paused(p, true).await.unwrap();
+    assert_eq!(
+        r.reserve(user(1), p).await.unwrap().outcome,
+        Outcome::Paused
+    );
+    assert_eq!(
+        r.remaining(p).await.unwrap(),
+        Some(5),
+        "a paused attempt takes nothing"
+    );
+    r.set_paused(p, false).await.unwrap();
+    assert!(matches!(
+        r.reserve(user(1), p).await.unwrap().outcome,
+        Outcome::Won { .. }
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unknown_product_is_reported_and_nothing_is_written() {
+    let (scope, r) = setup("100/1s", "1000000/1s").await;
+    let d = r.reserve(user(1), product(999)).await.unwrap();
+    assert_eq!(d.outcome, Outcome::UnknownProduct);
+    assert_eq!(d.window.limit, 100);
+    assert_eq!(d.window.remaining, 100);
+    let keys: Vec<String> = scope
+        .pool
+        .next()
+        .custom(fred::cmd!("KEYS"), vec![format!("{}:*", scope.prefix)])
+        .await
+        .unwrap();
+    assert!(keys.is_empty(), "{keys:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_user_window_limits_attempts_and_reports_headers() {
+    let (_scope, r) = setup("2/1m", "1000000/1s").await;
+    let p = product(6);
+    r.preheat(&live_plan(p, 0)).await.unwrap();
+    let first = r.reserve(user(1), p).await.unwrap();
+    assert_eq!(first.outcome, Outcome::SoldOut);
+    assert_eq!((first.window.limit, first.window.remaining), (2, 1));
+    let second = r.reserve(user(1), p).await.unwrap();
+    assert_eq!(second.window.remaining, 0);
+    let third = r.reserve(user(1), p).await.unwrap();
+    let Outcome::RateLimited { retry_after } = third.outcome else {
+        panic!("{third:?}")
+    };
+    assert!(retry_after > Duration::from_secs(50) && retry_after <= Duration::from_secs(60));
+    assert!(third.window.reset <= Duration::from_secs(60));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scripts_are_reloaded_after_the_script_cache_is_flushed() {
+    let (scope, r) = setup("100/1s", "1000000/1s").await;
+    let p = product(7);
+    r.preheat(&live_plan(p, 3)).await.unwrap();
+    let _: () = scope.pool.next().script_flush(false).await.unwrap();
+    assert!(matches!(
+        r.reserve(user(1), p).await.unwrap().outcome,
+        Outcome::Won { .. }
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn preheat_refuses_a_live_sale_unless_forced_and_the_forced_rebuild_counts_units_in_flight() {
+    let (_scope, r) = setup("100/1s", "1000000/1s").await;
+    let p = product(8);
+    r.preheat(&live_plan(p, 10)).await.unwrap();
+    for u in 1..=3 {
+        assert!(matches!(
+            r.reserve(user(u), p).await.unwrap().outcome,
+            Outcome::Won { .. }
+        ));
+    }
+    assert!(matches!(
+        r.preheat(&live_plan(p, 10)).await.unwrap(),
+        Preheated::AlreadyLive { remaining: 7, .. }
+    ));
+
+    // Forced: pause, read what is in flight, then (pretend) Postgres holds one of the three.
+    r.set_paused(p, true).await.unwrap();
+    let pending = r.pending_ids(p).await.unwrap();
+    assert_eq!(pending.len(), 3);
+    let persisted = *pending.iter().next().unwrap();
+    let mut plan = live_plan(p, 10);
+    plan.force = true;
+    plan.live_orders = 1;
+    plan.buyers = vec![(user(1), persisted)];
+    plan.pending = pending;
+    assert!(matches!(
+        r.preheat(&plan).await.unwrap(),
+        Preheated::Loaded { remaining: 7, .. }
+    ));
+    assert!(matches!(
+        r.reserve(user(9), p).await.unwrap().outcome,
+        Outcome::Won { remaining: 6, .. }
+    ));
+}
