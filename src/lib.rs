@@ -4,13 +4,19 @@
 //! to RabbitMQ and are persisted to Postgres by the worker. See `DESIGN.md` and the README.
 
 pub mod amqp;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod db;
 pub mod domain;
+pub mod events;
 pub mod http;
 pub mod keys;
+pub mod metrics;
+pub mod orders;
+pub mod products;
 pub mod redis;
 pub mod reservations;
+pub mod soldout;
 pub mod startup;
 pub mod telemetry;

@@ -27,6 +27,7 @@ static RESERVE: &str = include_str!("../lua/reserve.lua");
 static RELEASE: &str = include_str!("../lua/release.lua");
 static PREHEAT: &str = include_str!("../lua/preheat.lua");
 static PAUSE: &str = include_str!("../lua/pause.lua");
+static STATUS: &str = include_str!("../lua/status.lua");
 
 /// Buyers are loaded into Redis this many at a time before a preheat.
 const BUYER_CHUNK: usize = 1_000;
@@ -180,6 +181,7 @@ pub struct Reservations {
     release: Script,
     preheat: Script,
     pause: Script,
+    status: Script,
 }
 
 fn parse_uuid(s: &str) -> Result<Uuid, Unavailable> {
@@ -198,6 +200,7 @@ impl Reservations {
             release: Script::from_lua(RELEASE),
             preheat: Script::from_lua(PREHEAT),
             pause: Script::from_lua(PAUSE),
+            status: Script::from_lua(STATUS),
         }
     }
 
@@ -217,7 +220,13 @@ impl Reservations {
 
     /// Loads every script (on every cluster primary).
     pub async fn load_scripts(&self) -> Result<(), Unavailable> {
-        for script in [&self.reserve, &self.release, &self.preheat, &self.pause] {
+        for script in [
+            &self.reserve,
+            &self.release,
+            &self.preheat,
+            &self.pause,
+            &self.status,
+        ] {
             for client in self.pool.clients() {
                 script.load(client).await?;
             }
@@ -314,6 +323,47 @@ impl Reservations {
             0 => Released::AlreadyReturned,
             _ => Released::NotPreheated,
         })
+    }
+
+    /// Records a reservation's new status (never backwards) and tells its SSE streams.
+    /// Returns whether it changed.
+    pub async fn record_status(
+        &self,
+        product: ProductId,
+        user: UserId,
+        view: &crate::orders::ReservationView,
+    ) -> Result<bool, Unavailable> {
+        let rank = match view.status.as_str() {
+            "pending" => 0,
+            "confirmed" => 1,
+            _ => 2,
+        };
+        let k = self.keys.product(product);
+        let changed: i64 = self
+            .status
+            .evalsha_with_reload(
+                self.pool.next(),
+                vec![k.status, k.pending],
+                vec![
+                    view.reservation_id.to_string(),
+                    view.to_json(),
+                    rank.to_string(),
+                    self.keys.events(),
+                    status_event(product, user),
+                ],
+            )
+            .await?;
+        Ok(changed == 1)
+    }
+
+    /// Tells the user's SSE streams to look again.
+    pub async fn notify_status(&self, product: ProductId, user: UserId) -> Result<(), Unavailable> {
+        let _: i64 = self
+            .pool
+            .next()
+            .publish(self.keys.events(), status_event(product, user))
+            .await?;
+        Ok(())
     }
 
     /// Pauses (or resumes) reservations of `product`.
@@ -423,6 +473,11 @@ impl Reservations {
             .hget(self.keys.product(product).status, reservation.to_string())
             .await?)
     }
+}
+
+/// The pub/sub message announcing a status change of (product, user).
+pub fn status_event(product: ProductId, user: UserId) -> String {
+    format!("status:{product}:{user}")
 }
 
 #[cfg(test)]

@@ -9,7 +9,17 @@ use sea_orm::DatabaseConnection;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::{amqp::Broker, config::Settings, db, http};
+use crate::{
+    amqp::Broker,
+    config::Settings,
+    db,
+    events::{self, Events},
+    http,
+    keys::Keys,
+    metrics::Metrics,
+    reservations::Reservations,
+    soldout::SoldOutCache,
+};
 
 /// Which components run in this process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +47,24 @@ pub struct Deps {
     pub redis: Pool,
     pub db: DatabaseConnection,
     pub broker: Broker,
+    pub metrics: Arc<Metrics>,
+    pub events: Events,
+}
+
+/// Drops per-IP limiter state of clients that have gone quiet (bounded memory).
+async fn forget_idle_ips(
+    ctx: actix_web::web::Data<http::Ctx>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_secs(30)) => {
+                ctx.ip_limiter.retain_recent();
+                ctx.ip_limiter.shrink_to_fit();
+            }
+        }
+    }
 }
 
 /// A built, not yet running, application.
@@ -69,7 +97,17 @@ impl Application {
             redis,
             db,
             broker,
+            metrics: Arc::new(Metrics::new()?),
+            events: Events::new(),
         });
+        let reservations = Reservations::new(
+            deps.redis.clone(),
+            Keys::new(settings.redis.prefix.clone()),
+            settings.user_rate,
+            settings.product_rate,
+        );
+        reservations.load_scripts().await?;
+        let mut tasks = JoinSet::new();
 
         let mut servers = Vec::new();
         let (mut http_port, mut admin_port) = (None, None);
@@ -80,11 +118,23 @@ impl Application {
                 .with_context(|| format!("binding SECKILL_ADMIN_ADDR {}", settings.admin_addr))?;
             http_port = Some(public.local_addr()?.port());
             admin_port = Some(admin.local_addr()?.port());
-            let state = http::State::build(deps.clone()).await?;
-            servers.push(http::public_server(public, state.clone())?);
-            servers.push(http::admin_server(admin, state)?);
+            let soldout = Arc::new(SoldOutCache::default());
+            tasks.spawn(events::listen(
+                settings.redis.clone(),
+                reservations.keys().clone(),
+                soldout.clone(),
+                deps.events.clone(),
+                shutdown.child_token(),
+            ));
+            let ctx = actix_web::web::Data::new(http::Ctx::new(
+                deps.clone(),
+                reservations.clone(),
+                soldout,
+            )?);
+            tasks.spawn(forget_idle_ips(ctx.clone(), shutdown.child_token()));
+            servers.push(http::public_server(public, ctx.clone())?);
+            servers.push(http::admin_server(admin, ctx)?);
         }
-        let tasks = JoinSet::new();
         Ok(Self {
             http_port,
             admin_port,

@@ -56,6 +56,8 @@ impl Isolation {
                 "SECKILL_TOKEN_SECRET".into(),
                 "test-token-secret-0123456789".into(),
             ),
+            // One loopback address stands for thousands of shoppers in these tests.
+            ("SECKILL_IP_RATE".into(), "1000000/1s".into()),
         ];
         for (k, v) in extra {
             vars.retain(|(key, _)| key != k);
@@ -237,6 +239,181 @@ impl TestApp {
             .await
             .unwrap()
     }
+}
+
+pub const JWT_SECRET: &str = "test-jwt-secret-0123456789";
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+pub const TOKEN_SECRET: &str = "test-token-secret-0123456789";
+
+fn epoch_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A shopper's JWT signed with the test secret.
+pub fn jwt(user: i64) -> String {
+    sign(
+        serde_json::json!({"sub": user.to_string(), "exp": epoch_secs() + 600}),
+        JWT_SECRET,
+    )
+}
+
+/// Any claims, HS256 with `key`.
+pub fn sign(claims: serde_json::Value, key: &str) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(key.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// A purchase token minted with the test secret (as the server would), for any product.
+pub fn purchase_token(user: i64, product: i64) -> String {
+    sign(
+        serde_json::json!({"sub": user.to_string(), "pid": product, "exp": epoch_secs() + 60, "aud": "seckill:purchase"}),
+        TOKEN_SECRET,
+    )
+}
+
+/// An RFC 3339 time `secs` from now.
+pub fn at(secs: i64) -> String {
+    (chrono::Utc::now() + chrono::Duration::milliseconds(secs * 1_000)).to_rfc3339()
+}
+
+impl TestApp {
+    pub async fn post_admin(&self, path: &str, body: serde_json::Value) -> reqwest::Response {
+        self.client
+            .post(format!("{}{path}", self.admin))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn get_admin(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}{path}", self.admin))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Creates a product on sale from `starts_in` to `ends_in` seconds from now; its id.
+    pub async fn create_product(&self, stock: i64, starts_in: i64, ends_in: i64) -> i64 {
+        let res = self
+            .post_admin(
+                "/api/v1/admin/products",
+                serde_json::json!({"name": "flash phone", "stock": stock, "price_cents": 19_900,
+                                   "starts_at": at(starts_in), "ends_at": at(ends_in)}),
+            )
+            .await;
+        assert_eq!(res.status(), 201);
+        let body: serde_json::Value = res.json().await.unwrap();
+        body["product_id"].as_i64().unwrap()
+    }
+
+    pub async fn preheat(&self, product: i64, force: bool) -> reqwest::Response {
+        self.post_admin(
+            &format!("/api/v1/admin/products/{product}/preheat"),
+            serde_json::json!({"force": force}),
+        )
+        .await
+    }
+
+    /// A product on sale now (started a second ago, ends in an hour), preheated.
+    pub async fn live_product(&self, stock: i64) -> i64 {
+        let id = self.create_product(stock, -1, 3_600).await;
+        assert_eq!(self.preheat(id, false).await.status(), 200);
+        id
+    }
+
+    pub async fn token(&self, user: i64, product: i64) -> reqwest::Response {
+        self.client
+            .post(format!("{}/api/v1/products/{product}/token", self.http))
+            .bearer_auth(jwt(user))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// A purchase token fetched through the API.
+    pub async fn fetch_token(&self, user: i64, product: i64) -> String {
+        let res = self.token(user, product).await;
+        let status = res.status();
+        let body: serde_json::Value = res.json().await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        body["token"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn reserve(&self, user: i64, product: i64, token: &str) -> reqwest::Response {
+        self.client
+            .post(format!(
+                "{}/api/v1/products/{product}/reservations",
+                self.http
+            ))
+            .bearer_auth(jwt(user))
+            .json(&serde_json::json!({"token": token}))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn user_get(&self, user: i64, path: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}{path}", self.http))
+            .bearer_auth(jwt(user))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn user_post(&self, user: i64, path: &str) -> reqwest::Response {
+        self.client
+            .post(format!("{}{path}", self.http))
+            .bearer_auth(jwt(user))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// The value of one Prometheus sample line on the operators' `/metrics`.
+    pub async fn metric(&self, line_prefix: &str) -> f64 {
+        let text = self.get_admin("/metrics").await.text().await.unwrap();
+        text.lines()
+            .find(|l| l.starts_with(line_prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+/// Asserts a problem+json answer: status, `code`, and the RFC 9457 fields.
+pub async fn assert_problem(
+    res: reqwest::Response,
+    status: u16,
+    code: &str,
+) -> (reqwest::header::HeaderMap, serde_json::Value) {
+    assert_eq!(res.status().as_u16(), status, "expected {status} {code}");
+    let headers = res.headers().clone();
+    assert_eq!(
+        headers.get("content-type").map(|v| v.to_str().unwrap()),
+        Some("application/problem+json"),
+        "{code}"
+    );
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["code"], code, "{body}");
+    assert_eq!(body["status"], status, "{body}");
+    assert!(body["type"].as_str().unwrap().ends_with(code), "{body}");
+    assert!(
+        body["title"].is_string() && body["detail"].is_string(),
+        "{body}"
+    );
+    (headers, body)
 }
 
 impl Drop for TestApp {

@@ -4,6 +4,7 @@
 mod helpers;
 
 mod health;
+mod http_api;
 mod process;
 mod rate_limit;
 mod reservations;

@@ -1,0 +1,81 @@
+//! Cross-process notifications over Redis pub/sub (`<prefix>:events`): `stock:<id>` clears the
+//! sold-out cache; `status:<product>:<user>` wakes that shopper's SSE streams.
+
+use std::{sync::Arc, time::Duration};
+
+use fred::{clients::SubscriberClient, prelude::*};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::{config::RedisSettings, keys::Keys, soldout::SoldOutCache};
+
+/// Fans pub/sub messages out inside this process.
+#[derive(Clone)]
+pub struct Events {
+    tx: broadcast::Sender<Arc<str>>,
+}
+
+impl Events {
+    pub fn new() -> Self {
+        Self {
+            tx: broadcast::channel(4_096).0,
+        }
+    }
+
+    /// Every message received from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<str>> {
+        self.tx.subscribe()
+    }
+}
+
+impl Default for Events {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Subscribes and dispatches until shutdown. The sold-out cache is trusted only while the
+/// subscription is up; after a reconnect it starts empty.
+pub async fn listen(
+    settings: RedisSettings,
+    keys: Keys,
+    soldout: Arc<SoldOutCache>,
+    events: Events,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let client: SubscriberClient =
+        crate::redis::subscriber(&settings, Duration::from_secs(5)).await?;
+    let mut messages = client.message_rx();
+    let mut reconnects = client.reconnect_rx();
+    let mut errors = client.error_rx();
+    let _resubscribe = client.manage_subscriptions();
+    client.subscribe(keys.events()).await?;
+    soldout.set_listening(true);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            msg = messages.recv() => match msg {
+                Ok(m) => {
+                    if let Some(text) = m.value.as_str() {
+                        soldout.on_event(&text);
+                        let _ = events.tx.send(Arc::from(text.as_ref()));
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    soldout.set_listening(false);
+                    soldout.set_listening(true);
+                }
+                Err(broadcast::error::RecvError::Closed) => break,
+            },
+            Ok(_) = errors.recv() => soldout.set_listening(false),
+            Ok(_) = reconnects.recv() => {
+                // Anything published while we were away is lost: forget, then trust again.
+                soldout.set_listening(false);
+                soldout.set_listening(true);
+            }
+        }
+    }
+    soldout.set_listening(false);
+    client.quit().await.ok();
+    Ok(())
+}

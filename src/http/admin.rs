@@ -1,0 +1,230 @@
+//! The operators' API (only on `SECKILL_ADMIN_ADDR`): products, preheat, metrics.
+
+use actix_web::{HttpResponse, get, post, web};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::{
+    db::entities::product,
+    http::{Ctx, MAX_BODY, extract::Admin, problem::ApiError, shop::product_id},
+    products::{self, NewProduct, PreheatError},
+    reservations::Preheated,
+};
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(create_product)
+        .service(get_product)
+        .service(preheat)
+        .service(metrics);
+}
+
+/// A product to put on sale.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateProduct {
+    pub name: String,
+    /// Units on sale, 0 to 10,000,000.
+    pub stock: i64,
+    pub price_cents: i64,
+    pub starts_at: DateTime<Utc>,
+    pub ends_at: DateTime<Utc>,
+}
+
+/// A product as operators see it, with live figures on `GET`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AdminProduct {
+    pub product_id: i64,
+    pub name: String,
+    pub stock: i64,
+    /// Orders holding a unit, from Postgres.
+    pub sold: i64,
+    pub price_cents: i64,
+    pub starts_at: DateTime<Utc>,
+    pub ends_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    /// Units on sale in Redis (`null` until preheated).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remaining: Option<i64>,
+    /// Won, not yet persisted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pending: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preheated: Option<bool>,
+}
+
+impl From<&product::Model> for AdminProduct {
+    fn from(p: &product::Model) -> Self {
+        Self {
+            product_id: p.product_id,
+            name: p.name.clone(),
+            stock: i64::from(p.stock),
+            sold: i64::from(p.sold),
+            price_cents: p.price_cents,
+            starts_at: p.starts_at,
+            ends_at: p.ends_at,
+            created_at: p.created_at,
+            remaining: None,
+            pending: None,
+            preheated: None,
+        }
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> ApiError {
+    tracing::warn!(error = %e, "Redis unavailable");
+    ApiError::Unavailable
+}
+
+/// Creates a product.
+#[utoipa::path(
+    request_body = CreateProduct,
+    responses(
+        (status = 201, description = "OK", body = AdminProduct),
+        (status = 400, description = "`bad_request`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`payload_too_large`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin_token" = [])),
+    tag = "operators"
+)]
+#[post("/api/v1/admin/products")]
+pub async fn create_product(
+    ctx: web::Data<Ctx>,
+    _admin: Admin,
+    body: web::Json<CreateProduct>,
+) -> Result<HttpResponse, ApiError> {
+    let body = body.into_inner();
+    let new = NewProduct {
+        name: body.name,
+        stock: body.stock,
+        price_cents: body.price_cents,
+        starts_at: body.starts_at,
+        ends_at: body.ends_at,
+    };
+    new.validate().map_err(ApiError::BadRequest)?;
+    let created = products::create(&ctx.deps.db, &new).await?;
+    tracing::info!(
+        product_id = created.product_id,
+        stock = created.stock,
+        "product created"
+    );
+    Ok(HttpResponse::Created().json(AdminProduct::from(&created)))
+}
+
+/// A product with live figures.
+#[utoipa::path(
+    params(("id" = String, Path, description = "product id")),
+    responses(
+        (status = 200, description = "OK", body = AdminProduct),
+        (status = 401, description = "`unauthorized`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`product_not_found`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`unavailable`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin_token" = [])),
+    tag = "operators"
+)]
+#[get("/api/v1/admin/products/{id}")]
+pub async fn get_product(
+    ctx: web::Data<Ctx>,
+    _admin: Admin,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = product_id(&path)?;
+    let p = products::find(&ctx.deps.db, id)
+        .await?
+        .ok_or(ApiError::ProductNotFound)?;
+    let r = &ctx.reservations;
+    let mut view = AdminProduct::from(&p);
+    view.preheated = Some(r.is_preheated(id).await.map_err(unavailable)?);
+    view.remaining = r.remaining(id).await.map_err(unavailable)?;
+    view.pending = Some(r.pending_count(id).await.map_err(unavailable)?);
+    Ok(HttpResponse::Ok().json(view))
+}
+
+/// Options of a preheat.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PreheatRequest {
+    /// Rebuild a live sale from Postgres (the recovery path after Redis lost its data).
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// What a preheat loaded.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PreheatResult {
+    pub product_id: i64,
+    pub remaining: i64,
+    /// Shoppers who already hold this product (they cannot win it again).
+    pub buyers: i64,
+}
+
+/// Loads stock, sale window, known buyers and the scripts into Redis. Idempotent.
+#[utoipa::path(
+    params(("id" = String, Path, description = "product id")),
+    request_body(content = Option<PreheatRequest>, description = "optional; `{}` or no body means `force: false`"),
+    responses(
+        (status = 200, description = "OK", body = PreheatResult),
+        (status = 400, description = "`bad_request`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`product_not_found`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`already_live`: the sale started; pass `force`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`unavailable`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin_token" = [])),
+    tag = "operators"
+)]
+#[post("/api/v1/admin/products/{id}/preheat")]
+pub async fn preheat(
+    ctx: web::Data<Ctx>,
+    _admin: Admin,
+    path: web::Path<String>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let id = product_id(&path)?;
+    let body = payload
+        .to_bytes_limited(MAX_BODY)
+        .await
+        .map_err(|_| ApiError::PayloadTooLarge(MAX_BODY))?
+        .map_err(|_| ApiError::BadRequest("could not read the request body".into()))?;
+    let request: PreheatRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        PreheatRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?
+    };
+    let result = products::preheat(&ctx.deps.db, &ctx.reservations, id, request.force).await;
+    match result {
+        Ok(
+            Preheated::Loaded { remaining, buyers } | Preheated::AlreadyLive { remaining, buyers },
+        ) => {
+            tracing::info!(
+                product_id = id.get(),
+                remaining,
+                buyers,
+                force = request.force,
+                "product preheated"
+            );
+            ctx.soldout.clear(id);
+            Ok(HttpResponse::Ok().json(PreheatResult {
+                product_id: id.get(),
+                remaining,
+                buyers,
+            }))
+        }
+        Err(PreheatError::NotFound) => Err(ApiError::ProductNotFound),
+        Err(PreheatError::AlreadyLive) => Err(ApiError::AlreadyLive),
+        Err(PreheatError::Unavailable(e)) => Err(unavailable(e)),
+        Err(PreheatError::Unexpected(e)) => Err(ApiError::Unexpected(e)),
+    }
+}
+
+/// Prometheus metrics.
+#[utoipa::path(responses((status = 200, description = "Prometheus text format", content_type = "text/plain")), tag = "service")]
+#[get("/metrics")]
+pub async fn metrics(ctx: web::Data<Ctx>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(ctx.deps.metrics.render())
+}

@@ -1,0 +1,313 @@
+//! The shoppers' API: product view, purchase tokens, the purchase decision, reservation status.
+
+use actix_web::{
+    HttpResponse, ResponseError, get,
+    http::header::{HeaderName, HeaderValue},
+    post, web,
+};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::{
+    domain::ProductId,
+    http::{Ctx, extract::AuthUser, problem::ApiError},
+    orders::{self, ReservationView},
+    reservations::{Decision, Outcome, RateWindow},
+};
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(product_view)
+        .service(issue_token)
+        .service(reserve)
+        .service(my_reservation);
+}
+
+/// Parses a path id; anything but a positive 64-bit integer names no product.
+pub fn product_id(raw: &str) -> Result<ProductId, ApiError> {
+    ProductId::try_from(raw).map_err(|_| ApiError::ProductNotFound)
+}
+
+/// Where a sale stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SaleState {
+    Upcoming,
+    Live,
+    SoldOut,
+    Ended,
+}
+
+/// A product as shoppers see it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PublicProduct {
+    pub product_id: i64,
+    pub name: String,
+    pub price_cents: i64,
+    pub starts_at: DateTime<Utc>,
+    pub ends_at: DateTime<Utc>,
+    pub state: SaleState,
+    /// Units left on sale.
+    pub remaining: i64,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> ApiError {
+    tracing::warn!(error = %e, "Redis unavailable");
+    ApiError::Unavailable
+}
+
+/// A product and where its sale stands.
+#[utoipa::path(
+    params(("id" = String, Path, description = "product id")),
+    responses(
+        (status = 200, description = "OK", body = PublicProduct),
+        (status = 404, description = "`product_not_found`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`unavailable`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+    ),
+    tag = "shoppers"
+)]
+#[get("/api/v1/products/{id}")]
+pub async fn product_view(
+    ctx: web::Data<Ctx>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = product_id(&path)?;
+    let product = crate::products::find(&ctx.deps.db, id)
+        .await?
+        .ok_or(ApiError::ProductNotFound)?;
+    let remaining = match ctx.reservations.remaining(id).await.map_err(unavailable)? {
+        Some(r) => r,
+        None => i64::from(product.stock - product.sold),
+    };
+    let now = Utc::now();
+    let state = if now < product.starts_at {
+        SaleState::Upcoming
+    } else if now >= product.ends_at {
+        SaleState::Ended
+    } else if remaining <= 0 {
+        SaleState::SoldOut
+    } else {
+        SaleState::Live
+    };
+    Ok(HttpResponse::Ok().json(PublicProduct {
+        product_id: product.product_id,
+        name: product.name,
+        price_cents: product.price_cents,
+        starts_at: product.starts_at,
+        ends_at: product.ends_at,
+        state,
+        remaining,
+    }))
+}
+
+/// A purchase token: bound to this user and product, valid until `expires_at`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PurchaseToken {
+    pub token: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// The hidden purchase path: a token, issued only while the sale is live.
+#[utoipa::path(
+    params(("id" = String, Path, description = "product id")),
+    responses(
+        (status = 200, description = "OK", body = PurchaseToken),
+        (status = 401, description = "`unauthorized`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`product_not_found`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 410, description = "`ended`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 425, description = "`not_started`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited` (per IP)", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+    ),
+    security(("user_jwt" = [])),
+    tag = "shoppers"
+)]
+#[post("/api/v1/products/{id}/token")]
+pub async fn issue_token(
+    ctx: web::Data<Ctx>,
+    user: AuthUser,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = product_id(&path)?;
+    let product = ctx
+        .products
+        .get(&ctx.deps.db, id)
+        .await?
+        .ok_or(ApiError::ProductNotFound)?;
+    let now = Utc::now();
+    if now < product.starts_at {
+        return Err(ApiError::NotStarted);
+    }
+    if now >= product.ends_at {
+        return Err(ApiError::Ended);
+    }
+    let issued = ctx.auth.issue_purchase_token(user.0, id)?;
+    Ok(HttpResponse::Ok().json(PurchaseToken {
+        token: issued.token,
+        expires_at: issued.expires_at,
+    }))
+}
+
+/// A purchase attempt.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PurchaseRequest {
+    /// The purchase token from `POST /api/v1/products/{id}/token`.
+    pub token: String,
+}
+
+/// A won unit.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ReservationAccepted {
+    pub reservation_id: Uuid,
+    /// Always `pending`: the order is being persisted.
+    pub status: String,
+}
+
+fn with_window(mut response: HttpResponse, w: RateWindow) -> HttpResponse {
+    let headers = response.headers_mut();
+    let reset_secs = w.reset.as_millis().div_ceil(1_000);
+    for (name, value) in [
+        ("ratelimit-limit", u128::from(w.limit)),
+        ("ratelimit-remaining", u128::from(w.remaining)),
+        ("ratelimit-reset", reset_secs),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(&value.to_string()) {
+            headers.insert(HeaderName::from_static(name), v);
+        }
+    }
+    response
+}
+
+/// The answer to a decision (status, body and rate-limit headers).
+pub fn decision_response(d: &Decision) -> HttpResponse {
+    let response = match &d.outcome {
+        Outcome::Won { reservation_id, .. } => HttpResponse::Accepted().json(ReservationAccepted {
+            reservation_id: *reservation_id,
+            status: "pending".into(),
+        }),
+        Outcome::AlreadyReserved { reservation_id } => {
+            ApiError::AlreadyReserved(*reservation_id).error_response()
+        }
+        Outcome::SoldOut => ApiError::SoldOut.error_response(),
+        Outcome::RateLimited { retry_after } => ApiError::RateLimited {
+            retry_after_secs: u64::try_from(retry_after.as_millis().div_ceil(1_000))
+                .unwrap_or(1)
+                .max(1),
+        }
+        .error_response(),
+        Outcome::NotStarted => ApiError::NotStarted.error_response(),
+        Outcome::Ended => ApiError::Ended.error_response(),
+        Outcome::Paused => ApiError::Paused.error_response(),
+        Outcome::UnknownProduct => ApiError::ProductNotFound.error_response(),
+    };
+    with_window(response, d.window)
+}
+
+/// Decides one purchase attempt: one atomic Redis step.
+#[utoipa::path(
+    params(("id" = String, Path, description = "product id")),
+    request_body = PurchaseRequest,
+    responses(
+        (status = 202, description = "Won a unit; the order is being persisted", body = ReservationAccepted,
+         headers(("RateLimit-Limit" = u32), ("RateLimit-Remaining" = u32), ("RateLimit-Reset" = u64))),
+        (status = 400, description = "`bad_request`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`invalid_token`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`product_not_found`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`already_reserved` (with the earlier `reservation_id`)", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 410, description = "`sold_out` or `ended`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`payload_too_large`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 425, description = "`not_started`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited`, with `Retry-After`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`unavailable` or `paused`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+    ),
+    security(("user_jwt" = [])),
+    tag = "shoppers"
+)]
+#[post("/api/v1/products/{id}/reservations")]
+pub async fn reserve(
+    ctx: web::Data<Ctx>,
+    user: AuthUser,
+    path: web::Path<String>,
+    body: web::Json<PurchaseRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let id = product_id(&path)?;
+    ctx.products
+        .get(&ctx.deps.db, id)
+        .await?
+        .ok_or(ApiError::ProductNotFound)?;
+    if !ctx.auth.check_purchase_token(&body.token, user.0, id) {
+        return Err(ApiError::InvalidToken);
+    }
+    let metrics = &ctx.deps.metrics;
+    if ctx.soldout.is_sold_out(id) {
+        metrics.soldout_cache_hits.inc();
+        metrics.decisions.with_label_values(&["sold_out"]).inc();
+        return Err(ApiError::SoldOut);
+    }
+    let ticket = ctx.soldout.ticket();
+    let decision = ctx
+        .reservations
+        .reserve(user.0, id)
+        .await
+        .map_err(unavailable)?;
+    metrics
+        .decisions
+        .with_label_values(&[decision.outcome.label()])
+        .inc();
+    match decision.outcome {
+        Outcome::SoldOut | Outcome::Won { remaining: 0, .. } => ctx.soldout.mark(id, ticket),
+        _ => {}
+    }
+    Ok(decision_response(&decision))
+}
+
+/// The caller's current view of their reservation, from Redis (falling back to Postgres).
+pub async fn reservation_view(
+    ctx: &Ctx,
+    user: crate::domain::UserId,
+    id: ProductId,
+) -> Result<Option<ReservationView>, ApiError> {
+    if let Some(rid) = ctx
+        .reservations
+        .reservation_of(id, user)
+        .await
+        .map_err(unavailable)?
+        && let Some(raw) = ctx
+            .reservations
+            .status_of(id, rid)
+            .await
+            .map_err(unavailable)?
+        && let Some(view) = ReservationView::from_redis(rid, &raw)
+    {
+        return Ok(Some(view));
+    }
+    Ok(orders::find_for(&ctx.deps.db, user, id)
+        .await?
+        .map(|o| ReservationView::of_order(&o)))
+}
+
+/// The caller's reservation for this product.
+#[utoipa::path(
+    params(("id" = String, Path, description = "product id")),
+    responses(
+        (status = 200, description = "OK", body = ReservationView),
+        (status = 401, description = "`unauthorized`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`no_reservation` or `product_not_found`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+    ),
+    security(("user_jwt" = [])),
+    tag = "shoppers"
+)]
+#[get("/api/v1/products/{id}/reservations/me")]
+pub async fn my_reservation(
+    ctx: web::Data<Ctx>,
+    user: AuthUser,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = product_id(&path)?;
+    let view = reservation_view(&ctx, user.0, id)
+        .await?
+        .ok_or(ApiError::NoReservation)?;
+    Ok(HttpResponse::Ok().json(view))
+}

@@ -1,0 +1,161 @@
+//! Prometheus metrics an operator would page on, served at `/metrics` on the operators' listener.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Every metric of one process.
+pub struct Metrics {
+    registry: Registry,
+    pub http_requests: IntCounterVec,
+    pub http_latency: HistogramVec,
+    pub decisions: IntCounterVec,
+    pub soldout_cache_hits: IntCounter,
+    pub ip_limited: IntCounter,
+    pub relay_published: IntCounter,
+    pub relay_batch: HistogramVec,
+    pub relay_lag: HistogramVec,
+    pub outbox_length: IntGaugeVec,
+    pub queue_depth: IntGauge,
+    pub worker_batch: HistogramVec,
+    pub persist_latency: HistogramVec,
+    pub orders_persisted: IntCounter,
+    pub dead_lettered: IntCounter,
+    pub expirations: IntCounter,
+    pub releases: IntCounterVec,
+}
+
+fn buckets_latency() -> Vec<f64> {
+    vec![
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    ]
+}
+
+fn buckets_size() -> Vec<f64> {
+    vec![
+        1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0,
+    ]
+}
+
+impl Metrics {
+    pub fn new() -> anyhow::Result<Self> {
+        let registry = Registry::new_custom(Some("seckill".into()), None)?;
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels)
+        };
+        let hist = |name: &str, help: &str, labels: &[&str], buckets: Vec<f64>| {
+            HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+        };
+        let m = Self {
+            http_requests: counter_vec(
+                "http_requests_total",
+                "HTTP requests by route, method and status",
+                &["route", "method", "status"],
+            )?,
+            http_latency: hist(
+                "http_request_duration_seconds",
+                "HTTP latency by route",
+                &["route"],
+                buckets_latency(),
+            )?,
+            decisions: counter_vec(
+                "reservation_decisions_total",
+                "Purchase decisions by outcome",
+                &["outcome"],
+            )?,
+            soldout_cache_hits: IntCounter::new(
+                "soldout_cache_hits_total",
+                "Purchases answered sold_out from memory, without Redis",
+            )?,
+            ip_limited: IntCounter::new(
+                "ip_rate_limited_total",
+                "Requests refused by the per-IP limit",
+            )?,
+            relay_published: IntCounter::new(
+                "relay_published_total",
+                "Winners confirmed by RabbitMQ and acknowledged in the outbox",
+            )?,
+            relay_batch: hist(
+                "relay_batch_size",
+                "Outbox entries per relay batch",
+                &[],
+                buckets_size(),
+            )?,
+            relay_lag: hist(
+                "relay_lag_seconds",
+                "Time from winning to broker confirm",
+                &[],
+                buckets_latency(),
+            )?,
+            outbox_length: IntGaugeVec::new(
+                Opts::new(
+                    "outbox_length",
+                    "Outbox entries not yet relayed, by product",
+                ),
+                &["product"],
+            )?,
+            queue_depth: IntGauge::new(
+                "queue_depth",
+                "Messages ready in the orders queue (last seen)",
+            )?,
+            worker_batch: hist(
+                "worker_batch_size",
+                "Deliveries persisted per transaction",
+                &[],
+                buckets_size(),
+            )?,
+            persist_latency: hist(
+                "worker_persist_seconds",
+                "Time to persist one batch",
+                &[],
+                buckets_latency(),
+            )?,
+            orders_persisted: IntCounter::new("orders_persisted_total", "Orders inserted")?,
+            dead_lettered: IntCounter::new(
+                "dead_lettered_total",
+                "Messages sent to the dead-letter queue",
+            )?,
+            expirations: IntCounter::new(
+                "orders_expired_total",
+                "Unpaid orders expired by the sweeper",
+            )?,
+            releases: counter_vec(
+                "units_released_total",
+                "Units returned to stock, by reason",
+                &["reason"],
+            )?,
+            registry,
+        };
+        m.registry.register(Box::new(m.http_requests.clone()))?;
+        m.registry.register(Box::new(m.http_latency.clone()))?;
+        m.registry.register(Box::new(m.decisions.clone()))?;
+        m.registry
+            .register(Box::new(m.soldout_cache_hits.clone()))?;
+        m.registry.register(Box::new(m.ip_limited.clone()))?;
+        m.registry.register(Box::new(m.relay_published.clone()))?;
+        m.registry.register(Box::new(m.relay_batch.clone()))?;
+        m.registry.register(Box::new(m.relay_lag.clone()))?;
+        m.registry.register(Box::new(m.outbox_length.clone()))?;
+        m.registry.register(Box::new(m.queue_depth.clone()))?;
+        m.registry.register(Box::new(m.worker_batch.clone()))?;
+        m.registry.register(Box::new(m.persist_latency.clone()))?;
+        m.registry.register(Box::new(m.orders_persisted.clone()))?;
+        m.registry.register(Box::new(m.dead_lettered.clone()))?;
+        m.registry.register(Box::new(m.expirations.clone()))?;
+        m.registry.register(Box::new(m.releases.clone()))?;
+        Ok(m)
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .is_err()
+        {
+            return String::new();
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

@@ -1,0 +1,254 @@
+//! Products: creation, look-up (with an in-process cache of the fields that never change),
+//! live figures, and the preheat that loads a sale into Redis.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+};
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use sea_orm::{
+    ActiveValue::Set, ConnectionTrait, DatabaseConnection, EntityTrait, FromQueryResult, Statement,
+};
+use uuid::Uuid;
+
+use crate::{
+    db::entities::product,
+    domain::{ProductId, UserId},
+    reservations::{PreheatPlan, Preheated, Reservations, Unavailable},
+};
+
+/// Largest stock one product may have.
+pub const MAX_STOCK: i64 = 10_000_000;
+
+/// A product as created (validated at the boundary).
+#[derive(Debug, Clone)]
+pub struct NewProduct {
+    pub name: String,
+    pub stock: i64,
+    pub price_cents: i64,
+    pub starts_at: DateTime<Utc>,
+    pub ends_at: DateTime<Utc>,
+}
+
+impl NewProduct {
+    /// Checks every field; the error says which one is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        let name = self.name.trim();
+        if name.is_empty() || name.chars().count() > 200 {
+            return Err("name must be 1 to 200 characters".into());
+        }
+        if !(0..=MAX_STOCK).contains(&self.stock) {
+            return Err(format!("stock must be between 0 and {MAX_STOCK}"));
+        }
+        if self.price_cents < 0 {
+            return Err("price_cents must not be negative".into());
+        }
+        if self.starts_at >= self.ends_at {
+            return Err("starts_at must be before ends_at".into());
+        }
+        Ok(())
+    }
+}
+
+/// Creates a product.
+pub async fn create(db: &DatabaseConnection, new: &NewProduct) -> anyhow::Result<product::Model> {
+    let model = product::ActiveModel {
+        name: Set(new.name.trim().to_owned()),
+        stock: Set(i32::try_from(new.stock).context("stock")?),
+        sold: Set(0),
+        price_cents: Set(new.price_cents),
+        starts_at: Set(new.starts_at),
+        ends_at: Set(new.ends_at),
+        created_at: Set(Utc::now()),
+        ..Default::default()
+    };
+    product::Entity::insert(model)
+        .exec_with_returning(db)
+        .await
+        .context("inserting the product")
+}
+
+/// Reads a product from Postgres.
+pub async fn find(
+    db: &DatabaseConnection,
+    id: ProductId,
+) -> anyhow::Result<Option<product::Model>> {
+    product::Entity::find_by_id(id.get())
+        .one(db)
+        .await
+        .context("reading the product")
+}
+
+/// The fields of a product that never change after creation, cached per process.
+#[derive(Debug, Clone)]
+pub struct ProductInfo {
+    pub product_id: ProductId,
+    pub name: String,
+    pub stock: i64,
+    pub price_cents: i64,
+    pub starts_at: DateTime<Utc>,
+    pub ends_at: DateTime<Utc>,
+}
+
+impl TryFrom<&product::Model> for ProductInfo {
+    type Error = crate::domain::NotAnId;
+
+    fn try_from(m: &product::Model) -> Result<Self, Self::Error> {
+        Ok(Self {
+            product_id: ProductId::try_from(m.product_id)?,
+            name: m.name.clone(),
+            stock: i64::from(m.stock),
+            price_cents: m.price_cents,
+            starts_at: m.starts_at,
+            ends_at: m.ends_at,
+        })
+    }
+}
+
+/// Caches [`ProductInfo`] so the purchase path needs no Postgres round trip.
+#[derive(Default)]
+pub struct ProductCache {
+    map: RwLock<HashMap<ProductId, Arc<ProductInfo>>>,
+}
+
+impl ProductCache {
+    /// The product, from memory or Postgres; `None` if it does not exist.
+    pub async fn get(
+        &self,
+        db: &DatabaseConnection,
+        id: ProductId,
+    ) -> anyhow::Result<Option<Arc<ProductInfo>>> {
+        if let Some(info) = self.map.read().ok().and_then(|m| m.get(&id).cloned()) {
+            return Ok(Some(info));
+        }
+        let Some(model) = find(db, id).await? else {
+            return Ok(None);
+        };
+        let info = Arc::new(ProductInfo::try_from(&model)?);
+        if let Ok(mut m) = self.map.write() {
+            m.insert(id, info.clone());
+        }
+        Ok(Some(info))
+    }
+}
+
+#[derive(Debug, FromQueryResult)]
+struct Buyer {
+    user_id: i64,
+    reservation_id: Uuid,
+}
+
+#[derive(Debug, FromQueryResult)]
+struct Count {
+    n: i64,
+}
+
+/// Orders holding a unit (`pending_payment` or `paid`).
+pub async fn live_orders(db: &impl ConnectionTrait, id: ProductId) -> anyhow::Result<i64> {
+    let row = Count::find_by_statement(Statement::from_sql_and_values(
+        db.get_database_backend(),
+        "select count(*) as n from orders where product_id = $1 and status in ('pending_payment', 'paid')",
+        [id.get().into()],
+    ))
+    .one(db)
+    .await
+    .context("counting live orders")?;
+    Ok(row.map_or(0, |r| r.n))
+}
+
+/// Every (user, reservation) in Postgres for this product, whatever the order's status.
+pub async fn buyers(
+    db: &impl ConnectionTrait,
+    id: ProductId,
+) -> anyhow::Result<Vec<(UserId, Uuid)>> {
+    let rows = Buyer::find_by_statement(Statement::from_sql_and_values(
+        db.get_database_backend(),
+        "select user_id, reservation_id from orders where product_id = $1",
+        [id.get().into()],
+    ))
+    .all(db)
+    .await
+    .context("reading buyers")?;
+    rows.into_iter()
+        .map(|b| Ok((UserId::try_from(b.user_id)?, b.reservation_id)))
+        .collect()
+}
+
+/// Why a preheat did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum PreheatError {
+    #[error("no such product")]
+    NotFound,
+    #[error("the sale is already live")]
+    AlreadyLive,
+    #[error(transparent)]
+    Unavailable(#[from] Unavailable),
+    #[error(transparent)]
+    Unexpected(#[from] anyhow::Error),
+}
+
+/// Loads a product's sale into Redis. With `force`, reservations are paused first, the units
+/// still in flight are read from Redis, then Postgres is read, and the rebuilt figures never
+/// exceed `stock`; the pause lifts when the rebuild is written.
+pub async fn preheat(
+    db: &DatabaseConnection,
+    reservations: &Reservations,
+    id: ProductId,
+    force: bool,
+) -> Result<Preheated, PreheatError> {
+    let model = find(db, id).await?.ok_or(PreheatError::NotFound)?;
+    if !force && Utc::now() >= model.starts_at && reservations.is_preheated(id).await? {
+        return Err(PreheatError::AlreadyLive);
+    }
+    if force {
+        reservations.set_paused(id, true).await?;
+    }
+    // Order matters: what is in flight is read from Redis before Postgres (see PreheatPlan).
+    let pending = reservations.pending_ids(id).await?;
+    let live = live_orders(db, id).await?;
+    let buyers = buyers(db, id).await?;
+    let plan = PreheatPlan {
+        product: id,
+        stock: i64::from(model.stock),
+        live_orders: live,
+        buyers,
+        pending,
+        starts_ms: model.starts_at.timestamp_millis(),
+        ends_ms: model.ends_at.timestamp_millis(),
+        force,
+    };
+    match reservations.preheat(&plan).await? {
+        Preheated::AlreadyLive { .. } => Err(PreheatError::AlreadyLive),
+        loaded => Ok(loaded),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new(name: &str, stock: i64, price: i64, span_secs: i64) -> NewProduct {
+        let start = Utc::now();
+        NewProduct {
+            name: name.into(),
+            stock,
+            price_cents: price,
+            starts_at: start,
+            ends_at: start + chrono::Duration::seconds(span_secs),
+        }
+    }
+
+    #[test]
+    fn product_fields_are_validated() {
+        assert!(new("phone", 100, 999, 60).validate().is_ok());
+        assert!(new("phone", 0, 0, 60).validate().is_ok());
+        assert!(new(" ", 1, 1, 60).validate().is_err());
+        assert!(new(&"x".repeat(201), 1, 1, 60).validate().is_err());
+        assert!(new("p", -1, 1, 60).validate().is_err());
+        assert!(new("p", MAX_STOCK + 1, 1, 60).validate().is_err());
+        assert!(new("p", 1, -1, 60).validate().is_err());
+        assert!(new("p", 1, 1, 0).validate().is_err());
+    }
+}

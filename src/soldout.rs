@@ -1,0 +1,114 @@
+//! Sold-out in memory: after a `SoldOut` decision this process answers `410 sold_out` for the
+//! product without a Redis call, until a release or a preheat (Redis pub/sub `stock:<id>` on
+//! `<prefix>:events`) says otherwise. After a lost subscription the whole cache is dropped,
+//! since a message may have been missed.
+
+use std::{
+    collections::HashSet,
+    sync::{
+        RwLock,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+};
+
+use crate::domain::ProductId;
+
+/// The products this process knows to be sold out.
+#[derive(Default)]
+pub struct SoldOutCache {
+    products: RwLock<HashSet<ProductId>>,
+    /// Only trusted while the subscription that clears it is up.
+    listening: AtomicBool,
+    /// Bumped by every clear, so a sold-out decision that raced a release is not cached.
+    clears: AtomicU64,
+}
+
+/// Taken before asking Redis; a later [`SoldOutCache::mark`] with it is ignored if a clear
+/// happened in between.
+#[derive(Debug, Clone, Copy)]
+pub struct Ticket(u64);
+
+impl SoldOutCache {
+    pub fn is_sold_out(&self, product: ProductId) -> bool {
+        self.listening.load(Ordering::Acquire)
+            && self.products.read().is_ok_and(|s| s.contains(&product))
+    }
+
+    pub fn ticket(&self) -> Ticket {
+        Ticket(self.clears.load(Ordering::Acquire))
+    }
+
+    pub fn mark(&self, product: ProductId, ticket: Ticket) {
+        if self.listening.load(Ordering::Acquire)
+            && let Ok(mut s) = self.products.write()
+            && self.clears.load(Ordering::Acquire) == ticket.0
+        {
+            s.insert(product);
+        }
+    }
+
+    pub fn clear(&self, product: ProductId) {
+        if let Ok(mut s) = self.products.write() {
+            self.clears.fetch_add(1, Ordering::AcqRel);
+            s.remove(&product);
+        }
+    }
+
+    /// Subscription up (`true`) or lost (`false`, which also forgets everything).
+    pub fn set_listening(&self, up: bool) {
+        if !up && let Ok(mut s) = self.products.write() {
+            self.clears.fetch_add(1, Ordering::AcqRel);
+            s.clear();
+        }
+        self.listening.store(up, Ordering::Release);
+    }
+
+    /// Handles one pub/sub message; `stock:<id>` clears that product.
+    pub fn on_event(&self, message: &str) {
+        if let Some(id) = message.strip_prefix("stock:")
+            && let Ok(id) = ProductId::try_from(id)
+        {
+            self.clear(id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stock_event_clears_only_its_product_and_a_lost_subscription_clears_all() {
+        let cache = SoldOutCache::default();
+        let (a, b) = (
+            ProductId::try_from(1_i64).unwrap(),
+            ProductId::try_from(2_i64).unwrap(),
+        );
+        cache.mark(a, cache.ticket());
+        assert!(
+            !cache.is_sold_out(a),
+            "not trusted before the subscription is up"
+        );
+        cache.set_listening(true);
+        cache.mark(a, cache.ticket());
+        cache.mark(b, cache.ticket());
+        cache.on_event("stock:1");
+        assert!(!cache.is_sold_out(a));
+        assert!(cache.is_sold_out(b));
+        cache.on_event("stock:nonsense");
+        cache.set_listening(false);
+        cache.set_listening(true);
+        assert!(!cache.is_sold_out(b));
+    }
+
+    #[test]
+    fn a_sold_out_answer_that_raced_a_release_is_not_cached() {
+        let cache = SoldOutCache::default();
+        cache.set_listening(true);
+        let p = ProductId::try_from(3_i64).unwrap();
+        let ticket = cache.ticket();
+        cache.on_event("stock:3"); // the release landed while Redis was answering
+        cache.mark(p, ticket);
+        assert!(!cache.is_sold_out(p));
+    }
+}

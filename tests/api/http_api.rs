@@ -1,0 +1,634 @@
+//! The HTTP API, black-box: every status and `code` of DESIGN.md, bodies and headers checked.
+
+use std::{collections::HashSet, process::Stdio, time::Duration};
+
+use futures_util::{StreamExt, stream};
+use seckill::{
+    domain::{ProductId, UserId},
+    startup::Role,
+};
+use serde_json::{Value, json};
+
+use crate::helpers::{
+    ADMIN_TOKEN, Isolation, TestApp, assert_problem, at, jwt, purchase_token, sign,
+};
+
+fn generous() -> [(&'static str, &'static str); 1] {
+    [("SECKILL_USER_RATE", "1000/1s")]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_winner_gets_202_and_a_second_purchase_by_the_same_user_gets_409_with_the_earlier_id() {
+    let app = TestApp::spawn_with(Role::Serve, &generous()).await;
+    let p = app.live_product(10).await;
+    let token = app.fetch_token(1, p).await;
+
+    let res = app.reserve(1, p, &token).await;
+    assert_eq!(res.status(), 202);
+    for h in ["ratelimit-limit", "ratelimit-remaining", "ratelimit-reset"] {
+        assert!(res.headers().contains_key(h), "{h}");
+    }
+    assert_eq!(res.headers()["ratelimit-limit"], "1000");
+    let won: Value = res.json().await.unwrap();
+    assert_eq!(won["status"], "pending");
+    let rid = won["reservation_id"].as_str().unwrap().to_owned();
+
+    let (headers, body) =
+        assert_problem(app.reserve(1, p, &token).await, 409, "already_reserved").await;
+    assert_eq!(body["reservation_id"], rid.as_str());
+    assert!(headers.contains_key("ratelimit-remaining"));
+
+    let me: Value = app
+        .user_get(1, &format!("/api/v1/products/{p}/reservations/me"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(me["reservation_id"], rid.as_str());
+    assert_eq!(me["status"], "pending");
+    assert_problem(
+        app.user_get(2, &format!("/api/v1/products/{p}/reservations/me"))
+            .await,
+        404,
+        "no_reservation",
+    )
+    .await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sale_window_answers_425_before_and_410_after() {
+    let app = TestApp::spawn_with(Role::Serve, &generous()).await;
+    let upcoming = app.create_product(5, 3_600, 7_200).await;
+    assert_eq!(app.preheat(upcoming, false).await.status(), 200);
+    assert_problem(app.token(1, upcoming).await, 425, "not_started").await;
+    // A (minted) token cannot buy early either: the script says not_started.
+    let (headers, _) = assert_problem(
+        app.reserve(1, upcoming, &purchase_token(1, upcoming)).await,
+        425,
+        "not_started",
+    )
+    .await;
+    assert!(headers.contains_key("ratelimit-limit"));
+
+    // A sale that ends a moment after it starts: the token from the live sale stops working.
+    let brief = app.create_product(5, -1, 2).await;
+    assert_eq!(app.preheat(brief, false).await.status(), 200);
+    let token = app.fetch_token(1, brief).await;
+    tokio::time::sleep(Duration::from_millis(2_200)).await;
+    assert_problem(app.token(2, brief).await, 410, "ended").await;
+    assert_problem(app.reserve(1, brief, &token).await, 410, "ended").await;
+
+    let view: Value = app
+        .get(&format!("/api/v1/products/{brief}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(view["state"], "ended");
+    let view: Value = app
+        .get(&format!("/api/v1/products/{upcoming}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(view["state"], "upcoming");
+    assert_eq!(view["remaining"], 5);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sold_out_is_410_and_then_answered_from_memory_without_redis() {
+    let app = TestApp::spawn_with(Role::Serve, &generous()).await;
+    let p = app.live_product(1).await;
+    assert_eq!(
+        app.reserve(1, p, &app.fetch_token(1, p).await)
+            .await
+            .status(),
+        202
+    );
+    let view: Value = app
+        .get(&format!("/api/v1/products/{p}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (view["state"].as_str(), view["remaining"].as_i64()),
+        (Some("sold_out"), Some(0))
+    );
+
+    let hits_before = app.metric("seckill_soldout_cache_hits_total").await;
+    for u in 2..=21 {
+        assert_problem(
+            app.reserve(u, p, &app.fetch_token(u, p).await).await,
+            410,
+            "sold_out",
+        )
+        .await;
+    }
+    assert_eq!(
+        app.metric("seckill_soldout_cache_hits_total").await - hits_before,
+        20.0
+    );
+    // No script ran for them: none of these shoppers has a rate window in Redis.
+    let keys = seckill::keys::Keys::new(app.iso.prefix.clone());
+    let pk = keys.product(ProductId::try_from(p).unwrap());
+    for u in 2..=21 {
+        let exists: i64 = fred::prelude::KeysInterface::exists(
+            &app.deps.redis,
+            pk.user_rate(UserId::try_from(u).unwrap()),
+        )
+        .await
+        .unwrap();
+        assert_eq!(exists, 0, "user {u} reached Redis");
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_user_rate_window_answers_429_with_retry_after_and_headers() {
+    let app = TestApp::spawn_with(Role::Serve, &[("SECKILL_USER_RATE", "2/1m")]).await;
+    let p = app.live_product(0).await;
+    let token = app.fetch_token(1, p).await;
+    // Stock 0: the first attempts are decided sold_out (then cached, so use a fresh product).
+    let q = app.live_product(5).await;
+    let tq = app.fetch_token(1, q).await;
+    assert_eq!(app.reserve(1, q, &tq).await.status(), 202);
+    assert_eq!(app.reserve(1, q, &tq).await.status(), 409);
+    let (headers, body) = assert_problem(app.reserve(1, q, &tq).await, 429, "rate_limited").await;
+    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    assert_eq!(headers["ratelimit-limit"], "2");
+    assert_eq!(headers["ratelimit-remaining"], "0");
+    assert!(body["detail"].as_str().unwrap().contains("retry"));
+    let _ = (p, token);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_per_ip_limit_answers_429_with_retry_after() {
+    let app = TestApp::spawn_with(Role::Serve, &[("SECKILL_IP_RATE", "3/1m")]).await;
+    for _ in 0..3 {
+        assert_eq!(app.get("/api/v1/products/1").await.status(), 404);
+    }
+    let (headers, _) =
+        assert_problem(app.get("/api/v1/products/1").await, 429, "rate_limited").await;
+    assert!(headers.contains_key("retry-after"));
+    // Health checks are exempt.
+    assert_eq!(app.get("/healthz").await.status(), 200);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paused_product_answers_503_paused() {
+    let app = TestApp::spawn_with(Role::Serve, &generous()).await;
+    let p = app.live_product(5).await;
+    let reservations = seckill::reservations::Reservations::new(
+        app.deps.redis.clone(),
+        seckill::keys::Keys::new(app.iso.prefix.clone()),
+        "1/1s".parse().unwrap(),
+        "1/1s".parse().unwrap(),
+    );
+    reservations
+        .set_paused(ProductId::try_from(p).unwrap(), true)
+        .await
+        .unwrap();
+    let (headers, _) = assert_problem(
+        app.reserve(1, p, &app.fetch_token(1, p).await).await,
+        503,
+        "paused",
+    )
+    .await;
+    assert!(headers.contains_key("retry-after"));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn preheat_is_idempotent_before_the_start_and_refuses_a_live_sale_unless_forced() {
+    let app = TestApp::spawn_with(Role::Serve, &generous()).await;
+    let later = app.create_product(7, 600, 1_200).await;
+    for _ in 0..2 {
+        let res = app.preheat(later, false).await;
+        assert_eq!(res.status(), 200);
+        let body: Value = res.json().await.unwrap();
+        assert_eq!(
+            body,
+            json!({"product_id": later, "remaining": 7, "buyers": 0})
+        );
+    }
+    // Empty body means force=false.
+    let res = app
+        .client
+        .post(format!(
+            "{}/api/v1/admin/products/{later}/preheat",
+            app.admin
+        ))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+
+    let p = app.live_product(10).await;
+    for u in 1..=3 {
+        assert_eq!(
+            app.reserve(u, p, &app.fetch_token(u, p).await)
+                .await
+                .status(),
+            202
+        );
+    }
+    assert_problem(app.preheat(p, false).await, 409, "already_live").await;
+    // Forced: nothing persisted yet, three units in flight: remaining stays 7, buyers stay.
+    let res = app.preheat(p, true).await;
+    assert_eq!(res.status(), 200);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["remaining"], 7);
+    assert_problem(
+        app.reserve(1, p, &app.fetch_token(1, p).await).await,
+        409,
+        "already_reserved",
+    )
+    .await;
+
+    let view: Value = app
+        .get_admin(&format!("/api/v1/admin/products/{p}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(view["stock"], 10);
+    assert_eq!(view["remaining"], 7);
+    assert_eq!(view["pending"], 3);
+    assert_eq!(view["preheated"], true);
+    assert_eq!(view["sold"], 0);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn orders_can_only_be_paid_or_cancelled_by_their_owner_while_open() {
+    use sea_orm::ConnectionTrait;
+    let app = TestApp::spawn_with(Role::Serve, &generous()).await;
+    let p = app.live_product(5).await;
+    let order = uuid::Uuid::now_v7();
+    app.deps
+        .db
+        .execute_unprepared(&format!(
+            "insert into orders (order_id, reservation_id, user_id, product_id, status, reserved_at, expires_at, closed_at) \
+             values ('{order}', '{}', 1, {p}, 'cancelled', now(), now() + interval '15 minutes', now())",
+            uuid::Uuid::now_v7()
+        ))
+        .await
+        .unwrap();
+    assert_problem(
+        app.user_post(1, &format!("/api/v1/orders/{order}/pay"))
+            .await,
+        409,
+        "order_closed",
+    )
+    .await;
+    assert_problem(
+        app.user_post(2, &format!("/api/v1/orders/{order}/pay"))
+            .await,
+        404,
+        "order_not_found",
+    )
+    .await;
+    assert_problem(
+        app.user_post(2, &format!("/api/v1/orders/{order}/cancel"))
+            .await,
+        404,
+        "order_not_found",
+    )
+    .await;
+    assert_problem(
+        app.user_post(1, "/api/v1/orders/not-a-uuid/pay").await,
+        404,
+        "order_not_found",
+    )
+    .await;
+    let again = app
+        .user_post(1, &format!("/api/v1/orders/{order}/cancel"))
+        .await;
+    assert_eq!(
+        again.status(),
+        200,
+        "cancelling a cancelled order is a no-op"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_unreachable_answers_503_unavailable() {
+    // A private Redis for this test, so stopping it disturbs no one.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut redis = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server");
+    let url = format!("redis://127.0.0.1:{port}");
+    let mut up = false;
+    for _ in 0..50 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(up, "private redis did not start");
+    let app = TestApp::spawn_with(
+        Role::Serve,
+        &[
+            ("SECKILL_REDIS_URL", url.as_str()),
+            ("SECKILL_USER_RATE", "1000/1s"),
+        ],
+    )
+    .await;
+    let p = app.live_product(5).await;
+    let token = app.fetch_token(1, p).await;
+    redis.kill().unwrap();
+    redis.wait().unwrap();
+    let started = std::time::Instant::now();
+    let (_, body) = assert_problem(app.reserve(1, p, &token).await, 503, "unavailable").await;
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(
+        !body["detail"].as_str().unwrap().contains("127.0.0.1"),
+        "internals leaked: {body}"
+    );
+    let ready = app.get("/readyz").await;
+    assert_eq!(ready.status(), 503);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_is_always_a_4xx_with_the_right_code_and_the_server_keeps_serving() {
+    let app = TestApp::spawn_with(Role::Serve, &generous()).await;
+    let p = app.live_product(5).await;
+    let good_token = app.fetch_token(1, p).await;
+    let now = chrono::Utc::now().timestamp();
+    let alg_none = {
+        // header {"alg":"none","typ":"JWT"}, payload {"sub":"1","exp":<future>}, no signature
+        let header = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0";
+        let payload = sign(json!({"sub": "1", "exp": now + 600}), "x-key-0123456789")
+            .split('.')
+            .nth(1)
+            .unwrap()
+            .to_owned();
+        format!("{header}.{payload}.")
+    };
+    let wrong_key = sign(
+        json!({"sub": "1", "exp": now + 600}),
+        "not-the-secret-0123456789",
+    );
+    let expired = sign(
+        json!({"sub": "1", "exp": now - 600}),
+        crate::helpers::JWT_SECRET,
+    );
+    let future_nbf = sign(
+        json!({"sub": "1", "exp": now + 600, "nbf": now + 300}),
+        crate::helpers::JWT_SECRET,
+    );
+    let reserve_url = format!("{}/api/v1/products/{p}/reservations", app.http);
+    let huge = format!("{{\"token\":\"{}\"}}", "a".repeat(1 << 20));
+
+    struct Case {
+        name: &'static str,
+        url: String,
+        method: reqwest::Method,
+        auth: Option<String>,
+        body: Option<(String, &'static str)>,
+        status: u16,
+        code: &'static str,
+    }
+    let json_ct = "application/json";
+    let post = reqwest::Method::POST;
+    let get = reqwest::Method::GET;
+    let u1 = Some(jwt(1));
+    let cases = vec![
+        Case { name: "malformed JSON", url: reserve_url.clone(), method: post.clone(), auth: u1.clone(), body: Some(("{\"token\":".into(), json_ct)), status: 400, code: "bad_request" },
+        Case { name: "wrong type", url: reserve_url.clone(), method: post.clone(), auth: u1.clone(), body: Some(("{\"token\":42}".into(), json_ct)), status: 400, code: "bad_request" },
+        Case { name: "unknown field", url: reserve_url.clone(), method: post.clone(), auth: u1.clone(), body: Some((format!("{{\"token\":\"{good_token}\",\"qty\":2}}"), json_ct)), status: 400, code: "bad_request" },
+        Case { name: "not JSON content type", url: reserve_url.clone(), method: post.clone(), auth: u1.clone(), body: Some((format!("{{\"token\":\"{good_token}\"}}"), "text/plain")), status: 400, code: "bad_request" },
+        Case { name: "1 MiB body", url: reserve_url.clone(), method: post.clone(), auth: u1.clone(), body: Some((huge.clone(), json_ct)), status: 413, code: "payload_too_large" },
+        Case { name: "negative id", url: format!("{}/api/v1/products/-1", app.http), method: get.clone(), auth: None, body: None, status: 404, code: "product_not_found" },
+        Case { name: "overflowing id", url: format!("{}/api/v1/products/99999999999999999999999", app.http), method: get.clone(), auth: None, body: None, status: 404, code: "product_not_found" },
+        Case { name: "non-numeric id", url: format!("{}/api/v1/products/abc", app.http), method: get.clone(), auth: None, body: None, status: 404, code: "product_not_found" },
+        Case { name: "unknown product", url: format!("{}/api/v1/products/987654", app.http), method: get.clone(), auth: None, body: None, status: 404, code: "product_not_found" },
+        Case { name: "unknown product token", url: format!("{}/api/v1/products/987654/token", app.http), method: post.clone(), auth: u1.clone(), body: None, status: 404, code: "product_not_found" },
+        Case { name: "unknown product purchase", url: format!("{}/api/v1/products/987654/reservations", app.http), method: post.clone(), auth: u1.clone(), body: Some((format!("{{\"token\":\"{}\"}}", purchase_token(1, 987654)), json_ct)), status: 404, code: "product_not_found" },
+        Case { name: "no auth", url: reserve_url.clone(), method: post.clone(), auth: None, body: Some((format!("{{\"token\":\"{good_token}\"}}"), json_ct)), status: 401, code: "unauthorized" },
+        Case { name: "alg none", url: reserve_url.clone(), method: post.clone(), auth: Some(alg_none), body: Some((format!("{{\"token\":\"{good_token}\"}}"), json_ct)), status: 401, code: "unauthorized" },
+        Case { name: "wrong key JWT", url: reserve_url.clone(), method: post.clone(), auth: Some(wrong_key), body: Some((format!("{{\"token\":\"{good_token}\"}}"), json_ct)), status: 401, code: "unauthorized" },
+        Case { name: "expired JWT", url: reserve_url.clone(), method: post.clone(), auth: Some(expired), body: Some((format!("{{\"token\":\"{good_token}\"}}"), json_ct)), status: 401, code: "unauthorized" },
+        Case { name: "future nbf JWT", url: reserve_url.clone(), method: post.clone(), auth: Some(future_nbf), body: Some((format!("{{\"token\":\"{good_token}\"}}"), json_ct)), status: 401, code: "unauthorized" },
+        Case { name: "another user's purchase token", url: reserve_url.clone(), method: post.clone(), auth: Some(jwt(2)), body: Some((format!("{{\"token\":\"{good_token}\"}}"), json_ct)), status: 403, code: "invalid_token" },
+        Case { name: "another product's purchase token", url: reserve_url.clone(), method: post.clone(), auth: u1.clone(), body: Some((format!("{{\"token\":\"{}\"}}", purchase_token(1, p + 1)), json_ct)), status: 403, code: "invalid_token" },
+        Case { name: "garbage purchase token", url: reserve_url.clone(), method: post.clone(), auth: u1.clone(), body: Some(("{\"token\":\"x.y.z\"}".into(), json_ct)), status: 403, code: "invalid_token" },
+        Case { name: "user JWT as purchase token", url: reserve_url.clone(), method: post.clone(), auth: u1.clone(), body: Some((format!("{{\"token\":\"{}\"}}", jwt(1)), json_ct)), status: 403, code: "invalid_token" },
+        Case { name: "admin path on the shoppers' listener", url: format!("{}/api/v1/admin/products/{p}", app.http), method: get.clone(), auth: Some(ADMIN_TOKEN.into()), body: None, status: 404, code: "not_found" },
+        Case { name: "metrics on the shoppers' listener", url: format!("{}/metrics", app.http), method: get.clone(), auth: None, body: None, status: 404, code: "not_found" },
+        Case { name: "user JWT on the operators' listener", url: format!("{}/api/v1/admin/products/{p}", app.admin), method: get.clone(), auth: u1.clone(), body: None, status: 401, code: "unauthorized" },
+        Case { name: "no token on the operators' listener", url: format!("{}/api/v1/admin/products", app.admin), method: post.clone(), auth: None, body: Some(("{}".into(), json_ct)), status: 401, code: "unauthorized" },
+        Case { name: "bad product: stock", url: format!("{}/api/v1/admin/products", app.admin), method: post.clone(), auth: Some(ADMIN_TOKEN.into()), body: Some((json!({"name": "x", "stock": -1, "price_cents": 1, "starts_at": at(0), "ends_at": at(60)}).to_string(), json_ct)), status: 400, code: "bad_request" },
+        Case { name: "bad product: window", url: format!("{}/api/v1/admin/products", app.admin), method: post.clone(), auth: Some(ADMIN_TOKEN.into()), body: Some((json!({"name": "x", "stock": 1, "price_cents": 1, "starts_at": at(60), "ends_at": at(0)}).to_string(), json_ct)), status: 400, code: "bad_request" },
+        Case { name: "bad product: time format", url: format!("{}/api/v1/admin/products", app.admin), method: post.clone(), auth: Some(ADMIN_TOKEN.into()), body: Some((json!({"name": "x", "stock": 1, "price_cents": 1, "starts_at": "tomorrow", "ends_at": at(0)}).to_string(), json_ct)), status: 400, code: "bad_request" },
+        Case { name: "bad product: overflowing stock", url: format!("{}/api/v1/admin/products", app.admin), method: post.clone(), auth: Some(ADMIN_TOKEN.into()), body: Some((r#"{"name":"x","stock":1e400,"price_cents":1,"starts_at":"2030-01-01T00:00:00Z","ends_at":"2030-01-02T00:00:00Z"}"#.into(), json_ct)), status: 400, code: "bad_request" },
+        Case { name: "bad preheat body", url: format!("{}/api/v1/admin/products/{p}/preheat", app.admin), method: post.clone(), auth: Some(ADMIN_TOKEN.into()), body: Some(("{\"force\":\"yes\"}".into(), json_ct)), status: 400, code: "bad_request" },
+        Case { name: "preheat of an unknown product", url: format!("{}/api/v1/admin/products/424242/preheat", app.admin), method: post.clone(), auth: Some(ADMIN_TOKEN.into()), body: None, status: 404, code: "product_not_found" },
+        Case { name: "huge preheat body", url: format!("{}/api/v1/admin/products/{p}/preheat", app.admin), method: post.clone(), auth: Some(ADMIN_TOKEN.into()), body: Some((huge.clone(), json_ct)), status: 413, code: "payload_too_large" },
+    ];
+    for case in cases {
+        let mut req = app.client.request(case.method.clone(), &case.url);
+        if let Some(auth) = &case.auth {
+            req = req.bearer_auth(auth);
+        }
+        if let Some((body, ct)) = &case.body {
+            req = req.header("content-type", *ct).body(body.clone());
+        }
+        let res = req
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        assert!(
+            res.status().as_u16() < 500,
+            "{}: {}",
+            case.name,
+            res.status()
+        );
+        assert_eq!(res.status().as_u16(), case.status, "{}", case.name);
+        let text = res.text().await.unwrap();
+        let body: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|_| panic!("{}: not JSON: {text}", case.name));
+        assert_eq!(body["code"], case.code, "{}: {body}", case.name);
+        assert!(
+            !text.contains("panicked") && !text.contains("src/"),
+            "{}: {text}",
+            case.name
+        );
+    }
+    // Still serving, and the good token still works.
+    assert_eq!(app.get("/healthz").await.status(), 200);
+    assert_eq!(app.reserve(1, p, &good_token).await.status(), 202);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_flash_sale_through_http_makes_exactly_stock_winners() {
+    let app = TestApp::spawn_with(Role::Serve, &[]).await;
+    let p = app.create_product(100, 3, 3_600).await;
+    assert_eq!(app.preheat(p, false).await.status(), 200);
+    assert_problem(app.token(1, p).await, 425, "not_started").await;
+    let starts = chrono::DateTime::parse_from_rfc3339(
+        app.get(&format!("/api/v1/products/{p}"))
+            .await
+            .json::<Value>()
+            .await
+            .unwrap()["starts_at"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    let wait = (starts.with_timezone(&chrono::Utc) - chrono::Utc::now())
+        .to_std()
+        .unwrap_or_default();
+    tokio::time::sleep(wait + Duration::from_millis(50)).await;
+
+    let users: Vec<i64> = (1..=2_000).collect();
+    let tokens: Vec<(i64, String)> = stream::iter(users.clone())
+        .map(|u| {
+            let app = &app;
+            async move { (u, app.fetch_token(u, p).await) }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    // Three attempts each, all at once.
+    let attempts: Vec<(i64, String)> = tokens
+        .iter()
+        .flat_map(|t| std::iter::repeat_n(t.clone(), 3))
+        .collect();
+    let results: Vec<(i64, u16, Value)> = stream::iter(attempts)
+        .map(|(u, token)| {
+            let app = &app;
+            async move {
+                let res = app.reserve(u, p, &token).await;
+                let status = res.status().as_u16();
+                (u, status, res.json::<Value>().await.unwrap_or(Value::Null))
+            }
+        })
+        .buffer_unordered(128)
+        .collect()
+        .await;
+    let mut winners = HashSet::new();
+    for (u, status, body) in &results {
+        match status {
+            202 => assert!(winners.insert(*u), "user {u} won twice"),
+            409 => assert_eq!(body["code"], "already_reserved"),
+            410 => assert_eq!(body["code"], "sold_out"),
+            429 => assert_eq!(body["code"], "rate_limited"),
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert_eq!(winners.len(), 100);
+    let view: Value = app
+        .get_admin(&format!("/api/v1/admin/products/{p}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(view["remaining"], 0);
+    assert_eq!(view["pending"], 100);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_openapi_document_is_openapi_3_and_lists_every_route() {
+    let app = TestApp::spawn_with(Role::Serve, &[]).await;
+    let doc: Value = app
+        .get("/api-docs/openapi.json")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        doc["openapi"].as_str().unwrap().starts_with("3."),
+        "{}",
+        doc["openapi"]
+    );
+    let paths = doc["paths"].as_object().unwrap();
+    for (path, method) in [
+        ("/api/v1/products/{id}", "get"),
+        ("/api/v1/products/{id}/token", "post"),
+        ("/api/v1/products/{id}/reservations", "post"),
+        ("/api/v1/products/{id}/reservations/me", "get"),
+        ("/api/v1/orders/{order_id}/pay", "post"),
+        ("/api/v1/orders/{order_id}/cancel", "post"),
+        ("/api/v1/admin/products", "post"),
+        ("/api/v1/admin/products/{id}", "get"),
+        ("/api/v1/admin/products/{id}/preheat", "post"),
+        ("/healthz", "get"),
+        ("/readyz", "get"),
+        ("/metrics", "get"),
+    ] {
+        assert!(
+            paths.get(path).and_then(|p| p.get(method)).is_some(),
+            "{method} {path} missing"
+        );
+    }
+    let codes: Vec<&str> = paths["/api/v1/products/{id}/reservations"]["post"]["responses"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    for code in [
+        "202", "400", "401", "403", "404", "409", "410", "413", "425", "429", "503",
+    ] {
+        assert!(codes.contains(&code), "{code} undocumented");
+    }
+    let ui = app.get("/docs/").await;
+    assert_eq!(ui.status(), 200);
+    assert!(ui.text().await.unwrap().contains("swagger"));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_decisions_and_requests_by_route() {
+    let app = TestApp::spawn_with(Role::Serve, &generous()).await;
+    let p = app.live_product(3).await;
+    assert_eq!(
+        app.reserve(1, p, &app.fetch_token(1, p).await)
+            .await
+            .status(),
+        202
+    );
+    let text = app.get_admin("/metrics").await.text().await.unwrap();
+    assert!(
+        text.contains("seckill_reservation_decisions_total{outcome=\"won\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("route=\"/api/v1/products/{id}/reservations\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("seckill_http_request_duration_seconds_bucket"),
+        "{text}"
+    );
+    let _ = Isolation::new;
+    app.stop().await;
+}
