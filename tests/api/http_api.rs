@@ -9,9 +9,7 @@ use seckill::{
 };
 use serde_json::{Value, json};
 
-use crate::helpers::{
-    ADMIN_TOKEN, Isolation, TestApp, assert_problem, at, jwt, purchase_token, sign,
-};
+use crate::helpers::{ADMIN_TOKEN, TestApp, assert_problem, at, jwt, purchase_token, sign};
 
 fn generous() -> [(&'static str, &'static str); 1] {
     [("SECKILL_USER_RATE", "1000/1s")]
@@ -149,9 +147,6 @@ async fn sold_out_is_410_and_then_answered_from_memory_without_redis() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_user_rate_window_answers_429_with_retry_after_and_headers() {
     let app = TestApp::spawn_with(Role::Serve, &[("SECKILL_USER_RATE", "2/1m")]).await;
-    let p = app.live_product(0).await;
-    let token = app.fetch_token(1, p).await;
-    // Stock 0: the first attempts are decided sold_out (then cached, so use a fresh product).
     let q = app.live_product(5).await;
     let tq = app.fetch_token(1, q).await;
     assert_eq!(app.reserve(1, q, &tq).await.status(), 202);
@@ -162,7 +157,6 @@ async fn the_user_rate_window_answers_429_with_retry_after_and_headers() {
     assert_eq!(headers["ratelimit-limit"], "2");
     assert_eq!(headers["ratelimit-remaining"], "0");
     assert!(body["detail"].as_str().unwrap().contains("retry"));
-    let _ = (p, token);
     app.stop().await;
 }
 
@@ -629,6 +623,121 @@ async fn metrics_count_decisions_and_requests_by_route() {
         text.contains("seckill_http_request_duration_seconds_bucket"),
         "{text}"
     );
-    let _ = Isolation::new;
+    app.stop().await;
+}
+
+/// Persists a won reservation as the worker would (order row + `sold`), returning the order id.
+async fn persist_as_worker(
+    app: &TestApp,
+    user: i64,
+    product: i64,
+    reservation: &str,
+    expires_in_secs: i64,
+) -> uuid::Uuid {
+    use sea_orm::ConnectionTrait;
+    let order = uuid::Uuid::now_v7();
+    app.deps
+        .db
+        .execute_unprepared(&format!(
+            "insert into orders (order_id, reservation_id, user_id, product_id, reserved_at, expires_at) \
+             values ('{order}', '{reservation}', {user}, {product}, now(), now() + interval '{expires_in_secs} seconds'); \
+             update product set sold = sold + 1 where product_id = {product}"
+        ))
+        .await
+        .unwrap();
+    order
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn paying_an_open_order_gives_200_paid_and_cancelling_one_returns_its_unit() {
+    let app = TestApp::spawn_with(Role::Serve, &generous()).await;
+    let p = app.live_product(2).await;
+    let mut orders = Vec::new();
+    for u in [1, 2] {
+        let won: Value = app
+            .reserve(u, p, &app.fetch_token(u, p).await)
+            .await
+            .json()
+            .await
+            .unwrap();
+        orders.push(
+            persist_as_worker(&app, u, p, won["reservation_id"].as_str().unwrap(), 900).await,
+        );
+    }
+    let paid = app
+        .user_post(1, &format!("/api/v1/orders/{}/pay", orders[0]))
+        .await;
+    assert_eq!(paid.status(), 200);
+    let paid: Value = paid.json().await.unwrap();
+    assert_eq!(paid["status"], "paid");
+    assert!(paid["paid_at"].is_string());
+    // Paying twice is harmless; cancelling a paid order is refused.
+    assert_eq!(
+        app.user_post(1, &format!("/api/v1/orders/{}/pay", orders[0]))
+            .await
+            .status(),
+        200
+    );
+    assert_problem(
+        app.user_post(1, &format!("/api/v1/orders/{}/cancel", orders[0]))
+            .await,
+        409,
+        "order_closed",
+    )
+    .await;
+    let me: Value = app
+        .user_get(1, &format!("/api/v1/products/{p}/reservations/me"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(me["status"], "paid");
+
+    // Sold out now; a cancel puts the unit back on sale for someone else.
+    assert_problem(
+        app.reserve(3, p, &app.fetch_token(3, p).await).await,
+        410,
+        "sold_out",
+    )
+    .await;
+    let cancelled = app
+        .user_post(2, &format!("/api/v1/orders/{}/cancel", orders[1]))
+        .await;
+    assert_eq!(cancelled.status(), 200);
+    assert_eq!(
+        cancelled.json::<Value>().await.unwrap()["status"],
+        "cancelled"
+    );
+    assert_problem(
+        app.user_post(2, &format!("/api/v1/orders/{}/pay", orders[1]))
+            .await,
+        409,
+        "order_closed",
+    )
+    .await;
+    let view: Value = app
+        .get_admin(&format!("/api/v1/admin/products/{p}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (view["remaining"].as_i64(), view["sold"].as_i64()),
+        (Some(1), Some(1))
+    );
+    // The sold-out memory was cleared by the release (pub/sub): user 3 now wins.
+    let mut status = 0;
+    for _ in 0..50 {
+        status = app
+            .reserve(3, p, &app.fetch_token(3, p).await)
+            .await
+            .status()
+            .as_u16();
+        if status == 202 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status, 202);
     app.stop().await;
 }
