@@ -3,7 +3,11 @@
 
 use std::{sync::Arc, time::Duration};
 
-use fred::{clients::SubscriberClient, prelude::*};
+use fred::{
+    clients::SubscriberClient,
+    prelude::*,
+    types::{Message, config::Server},
+};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
@@ -34,48 +38,74 @@ impl Default for Events {
     }
 }
 
-/// Subscribes and dispatches until shutdown. The sold-out cache is trusted only while the
-/// subscription is up; after a reconnect it starts empty.
-pub async fn listen(
-    settings: RedisSettings,
-    keys: Keys,
+/// A live subscription, ready to be driven by [`Listener::run`].
+pub struct Listener {
+    client: SubscriberClient,
+    messages: broadcast::Receiver<Message>,
+    reconnects: broadcast::Receiver<Server>,
+    errors: broadcast::Receiver<(fred::error::Error, Option<Server>)>,
+    resubscribe: tokio::task::JoinHandle<()>,
     soldout: Arc<SoldOutCache>,
     events: Events,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let client: SubscriberClient =
-        crate::redis::subscriber(&settings, Duration::from_secs(5)).await?;
-    let mut messages = client.message_rx();
-    let mut reconnects = client.reconnect_rx();
-    let mut errors = client.error_rx();
-    let _resubscribe = client.manage_subscriptions();
+}
+
+/// Subscribes before returning, so the process starts with its sold-out cache live.
+pub async fn listen(
+    settings: &RedisSettings,
+    keys: &Keys,
+    soldout: Arc<SoldOutCache>,
+    events: Events,
+) -> anyhow::Result<Listener> {
+    let client = crate::redis::subscriber(settings, Duration::from_secs(5)).await?;
+    let messages = client.message_rx();
+    let reconnects = client.reconnect_rx();
+    let errors = client.error_rx();
+    let resubscribe = client.manage_subscriptions();
     client.subscribe(keys.events()).await?;
     soldout.set_listening(true);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            msg = messages.recv() => match msg {
-                Ok(m) => {
-                    if let Some(text) = m.value.as_str() {
-                        soldout.on_event(&text);
-                        let _ = events.tx.send(Arc::from(text.as_ref()));
+    Ok(Listener {
+        client,
+        messages,
+        reconnects,
+        errors,
+        resubscribe,
+        soldout,
+        events,
+    })
+}
+
+impl Listener {
+    /// Dispatches until shutdown. The sold-out cache is trusted only while the subscription is
+    /// up; after a reconnect (or a lagging receiver) it starts empty.
+    pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let soldout = &self.soldout;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                msg = self.messages.recv() => match msg {
+                    Ok(m) => {
+                        if let Some(text) = m.value.as_str() {
+                            soldout.on_event(&text);
+                            let _ = self.events.tx.send(Arc::from(text.as_ref()));
+                        }
                     }
-                }
-                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        soldout.set_listening(false);
+                        soldout.set_listening(true);
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                },
+                Ok(_) = self.errors.recv() => soldout.set_listening(false),
+                Ok(_) = self.reconnects.recv() => {
+                    // Anything published while we were away is lost: forget, then trust again.
                     soldout.set_listening(false);
                     soldout.set_listening(true);
                 }
-                Err(broadcast::error::RecvError::Closed) => break,
-            },
-            Ok(_) = errors.recv() => soldout.set_listening(false),
-            Ok(_) = reconnects.recv() => {
-                // Anything published while we were away is lost: forget, then trust again.
-                soldout.set_listening(false);
-                soldout.set_listening(true);
             }
         }
+        soldout.set_listening(false);
+        self.resubscribe.abort();
+        self.client.quit().await.ok();
+        Ok(())
     }
-    soldout.set_listening(false);
-    client.quit().await.ok();
-    Ok(())
 }

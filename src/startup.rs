@@ -119,13 +119,14 @@ impl Application {
             http_port = Some(public.local_addr()?.port());
             admin_port = Some(admin.local_addr()?.port());
             let soldout = Arc::new(SoldOutCache::default());
-            tasks.spawn(events::listen(
-                settings.redis.clone(),
-                reservations.keys().clone(),
+            let listener = events::listen(
+                &settings.redis,
+                reservations.keys(),
                 soldout.clone(),
                 deps.events.clone(),
-                shutdown.child_token(),
-            ));
+            )
+            .await?;
+            tasks.spawn(listener.run(shutdown.child_token()));
             let ctx = actix_web::web::Data::new(http::Ctx::new(
                 deps.clone(),
                 reservations.clone(),
