@@ -125,3 +125,107 @@ async fn supervise(
             tokio::time::timeout(Duration::from_secs(2), conn.close(200, "shutdown".into())).await;
     }
 }
+
+/// The orders message: one winner, versioned.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrderMessage {
+    /// Schema version (1).
+    pub v: u32,
+    pub reservation_id: uuid::Uuid,
+    pub user_id: crate::domain::UserId,
+    pub product_id: crate::domain::ProductId,
+    pub reserved_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl OrderMessage {
+    pub const VERSION: u32 = 1;
+
+    /// Parses a delivery body; anything else (other versions included) is poison.
+    pub fn parse(body: &[u8]) -> Result<Self, String> {
+        let m: Self = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+        if m.v != Self::VERSION {
+            return Err(format!("unsupported schema version {}", m.v));
+        }
+        Ok(m)
+    }
+}
+
+/// Redeliveries before a message is dead-lettered.
+pub const DELIVERY_LIMIT: i32 = 5;
+
+/// Declares (idempotently) the durable quorum queue with at-least-once dead-lettering to
+/// `<queue>.dlq`, and the dead-letter queue itself.
+pub async fn declare_topology(
+    channel: &lapin::Channel,
+    queue: &str,
+) -> lapin::Result<lapin::Queue> {
+    use lapin::{
+        options::QueueDeclareOptions,
+        types::{AMQPValue, FieldTable, LongString},
+    };
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    let dlq = format!("{queue}.dlq");
+    let mut dlq_args = FieldTable::default();
+    dlq_args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    channel
+        .queue_declare(dlq.as_str().into(), durable, dlq_args)
+        .await?;
+
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    args.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongInt(DELIVERY_LIMIT),
+    );
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(LongString::from("")),
+    );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(LongString::from(dlq.as_str())),
+    );
+    args.insert(
+        "x-dead-letter-strategy".into(),
+        AMQPValue::LongString(LongString::from("at-least-once")),
+    );
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString(LongString::from("reject-publish")),
+    );
+    channel.queue_declare(queue.into(), durable, args).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn order_messages_are_strict_and_versioned() {
+        let ok = br#"{"v":1,"reservation_id":"0190a000-0000-7000-8000-000000000001","user_id":7,"product_id":3,"reserved_at":"2026-11-21T10:00:00Z"}"#;
+        let m = OrderMessage::parse(ok).unwrap();
+        assert_eq!(m.user_id.get(), 7);
+        for bad in [
+            &br#"{"v":2,"reservation_id":"0190a000-0000-7000-8000-000000000001","user_id":7,"product_id":3,"reserved_at":"2026-11-21T10:00:00Z"}"#[..],
+            br#"{"v":1,"reservation_id":"x","user_id":7,"product_id":3,"reserved_at":"2026-11-21T10:00:00Z"}"#,
+            br#"{"v":1,"reservation_id":"0190a000-0000-7000-8000-000000000001","user_id":0,"product_id":3,"reserved_at":"2026-11-21T10:00:00Z"}"#,
+            b"not json",
+        ] {
+            assert!(OrderMessage::parse(bad).is_err());
+        }
+        assert_eq!(
+            OrderMessage::parse(&serde_json::to_vec(&m).unwrap()).unwrap(),
+            m
+        );
+    }
+}

@@ -34,6 +34,7 @@ const KNOWN: &[&str] = &[
     "SECKILL_WORKER_BATCH_SIZE",
     "SECKILL_WORKER_BATCH_WAIT_MS",
     "SECKILL_SWEEP_INTERVAL_MS",
+    "SECKILL_RELAY_CLAIM_IDLE_MS",
     "SECKILL_LOG_FORMAT",
     "SECKILL_DEV",
 ];
@@ -221,6 +222,8 @@ pub struct Settings {
     pub worker_batch_wait: Duration,
     /// Expiry sweeper period.
     pub sweep_interval: Duration,
+    /// Outbox entries pending this long on a relay are taken over by another.
+    pub relay_claim_idle: Duration,
     /// Log format: JSON unless `pretty` (the default in development).
     pub log_pretty: bool,
     /// `SECKILL_DEV=1`: fixed development secrets.
@@ -379,6 +382,12 @@ impl Settings {
                 "SECKILL_SWEEP_INTERVAL_MS",
                 1_000,
                 10,
+                3_600_000,
+            )?),
+            relay_claim_idle: Duration::from_millis(env.ranged(
+                "SECKILL_RELAY_CLAIM_IDLE_MS",
+                5_000,
+                100,
                 3_600_000,
             )?),
             log_pretty,

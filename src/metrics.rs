@@ -1,8 +1,8 @@
 //! Prometheus metrics an operator would page on, served at `/metrics` on the operators' listener.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every metric of one process.
@@ -14,12 +14,12 @@ pub struct Metrics {
     pub soldout_cache_hits: IntCounter,
     pub ip_limited: IntCounter,
     pub relay_published: IntCounter,
-    pub relay_batch: HistogramVec,
-    pub relay_lag: HistogramVec,
+    pub relay_batch: Histogram,
+    pub relay_lag: Histogram,
     pub outbox_length: IntGaugeVec,
     pub queue_depth: IntGauge,
-    pub worker_batch: HistogramVec,
-    pub persist_latency: HistogramVec,
+    pub worker_batch: Histogram,
+    pub persist_latency: Histogram,
     pub orders_persisted: IntCounter,
     pub dead_lettered: IntCounter,
     pub expirations: IntCounter,
@@ -44,8 +44,11 @@ impl Metrics {
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
             IntCounterVec::new(Opts::new(name, help), labels)
         };
-        let hist = |name: &str, help: &str, labels: &[&str], buckets: Vec<f64>| {
+        let hist_vec = |name: &str, help: &str, labels: &[&str], buckets: Vec<f64>| {
             HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+        };
+        let hist = |name: &str, help: &str, buckets: Vec<f64>| {
+            Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
         };
         let m = Self {
             http_requests: counter_vec(
@@ -53,7 +56,7 @@ impl Metrics {
                 "HTTP requests by route, method and status",
                 &["route", "method", "status"],
             )?,
-            http_latency: hist(
+            http_latency: hist_vec(
                 "http_request_duration_seconds",
                 "HTTP latency by route",
                 &["route"],
@@ -79,13 +82,11 @@ impl Metrics {
             relay_batch: hist(
                 "relay_batch_size",
                 "Outbox entries per relay batch",
-                &[],
                 buckets_size(),
             )?,
             relay_lag: hist(
                 "relay_lag_seconds",
                 "Time from winning to broker confirm",
-                &[],
                 buckets_latency(),
             )?,
             outbox_length: IntGaugeVec::new(
@@ -102,13 +103,11 @@ impl Metrics {
             worker_batch: hist(
                 "worker_batch_size",
                 "Deliveries persisted per transaction",
-                &[],
                 buckets_size(),
             )?,
             persist_latency: hist(
                 "worker_persist_seconds",
                 "Time to persist one batch",
-                &[],
                 buckets_latency(),
             )?,
             orders_persisted: IntCounter::new("orders_persisted_total", "Orders inserted")?,

@@ -17,8 +17,11 @@ use crate::{
     http,
     keys::Keys,
     metrics::Metrics,
+    relay::Relay,
     reservations::Reservations,
     soldout::SoldOutCache,
+    sweeper,
+    worker::Worker,
 };
 
 /// Which components run in this process.
@@ -135,6 +138,40 @@ impl Application {
             tasks.spawn(forget_idle_ips(ctx.clone(), shutdown.child_token()));
             servers.push(http::public_server(public, ctx.clone())?);
             servers.push(http::admin_server(admin, ctx)?);
+            let relay = Relay {
+                pool: deps.redis.clone(),
+                keys: reservations.keys().clone(),
+                broker: deps.broker.clone(),
+                queue: settings.amqp_queue.clone(),
+                metrics: deps.metrics.clone(),
+                claim_idle: settings.relay_claim_idle,
+                consumer: format!(
+                    "relay-{}-{}",
+                    std::process::id(),
+                    uuid::Uuid::now_v7().simple()
+                ),
+            };
+            tasks.spawn(relay.run(shutdown.child_token()));
+        }
+        if role.runs_worker() {
+            let worker = Worker {
+                db: deps.db.clone(),
+                reservations: reservations.clone(),
+                broker: deps.broker.clone(),
+                queue: settings.amqp_queue.clone(),
+                batch_size: settings.worker_batch_size,
+                batch_wait: settings.worker_batch_wait,
+                payment_timeout: settings.payment_timeout,
+                metrics: deps.metrics.clone(),
+            };
+            tasks.spawn(worker.run(shutdown.child_token()));
+            tasks.spawn(sweeper::run(
+                deps.db.clone(),
+                reservations.clone(),
+                deps.metrics.clone(),
+                settings.sweep_interval,
+                shutdown.child_token(),
+            ));
         }
         Ok(Self {
             http_port,

@@ -35,7 +35,7 @@ impl Modify for Security {
 #[openapi(
     info(title = "seckill", description = "Flash-sale reservation service. Errors are application/problem+json with a stable `code`."),
     paths(
-        shop::product_view, shop::issue_token, shop::reserve, shop::my_reservation,
+        shop::product_view, shop::issue_token, shop::reserve, shop::my_reservation, shop::my_reservation_events,
         orders::pay, orders::cancel,
         admin::create_product, admin::get_product, admin::preheat, admin::metrics,
         health::healthz, health::readyz,

@@ -10,18 +10,24 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use std::{sync::Arc, time::Duration};
+
+use actix_web::web::Bytes;
+use tokio::sync::broadcast;
+
 use crate::{
-    domain::ProductId,
+    domain::{ProductId, UserId},
     http::{Ctx, extract::AuthUser, problem::ApiError},
     orders::{self, ReservationView},
-    reservations::{Decision, Outcome, RateWindow},
+    reservations::{Decision, Outcome, RateWindow, status_event},
 };
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(product_view)
         .service(issue_token)
         .service(reserve)
-        .service(my_reservation);
+        .service(my_reservation)
+        .service(my_reservation_events);
 }
 
 /// Parses a path id; anything but a positive 64-bit integer names no product.
@@ -310,4 +316,101 @@ pub async fn my_reservation(
         .await?
         .ok_or(ApiError::NoReservation)?;
     Ok(HttpResponse::Ok().json(view))
+}
+
+/// How often an idle event stream gets a keep-alive comment (and a fresh look at the status,
+/// in case a notification was lost).
+const SSE_HEARTBEAT: Duration = Duration::from_secs(15);
+
+fn sse_frame(view: &ReservationView) -> Bytes {
+    Bytes::from(format!("event: status\ndata: {}\n\n", view.to_json()))
+}
+
+struct SseState {
+    ctx: web::Data<Ctx>,
+    user: UserId,
+    product: ProductId,
+    topic: String,
+    rx: broadcast::Receiver<Arc<str>>,
+    last: Option<ReservationView>,
+    first: Option<ReservationView>,
+    done: bool,
+}
+
+async fn next_frame(mut st: SseState) -> Option<(Result<Bytes, actix_web::Error>, SseState)> {
+    if st.done {
+        return None;
+    }
+    if let Some(view) = st.first.take() {
+        st.done = view.is_terminal();
+        let frame = sse_frame(&view);
+        st.last = Some(view);
+        return Some((Ok(frame), st));
+    }
+    loop {
+        let heartbeat = tokio::select! {
+            msg = st.rx.recv() => match msg {
+                Ok(m) if *m == *st.topic => false,
+                Ok(_) => continue,
+                Err(broadcast::error::RecvError::Lagged(_)) => false,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            },
+            _ = tokio::time::sleep(SSE_HEARTBEAT) => true,
+        };
+        let view = reservation_view(&st.ctx, st.user, st.product)
+            .await
+            .ok()
+            .flatten();
+        match view {
+            Some(view) if st.last.as_ref() != Some(&view) => {
+                st.done = view.is_terminal();
+                let frame = sse_frame(&view);
+                st.last = Some(view);
+                return Some((Ok(frame), st));
+            }
+            _ if heartbeat => return Some((Ok(Bytes::from_static(b": keep-alive\n\n")), st)),
+            _ => {}
+        }
+    }
+}
+
+/// The caller's reservation as Server-Sent Events: a `status` event now and at every change
+/// (pushed through Redis pub/sub, not polled), ending after a terminal state.
+#[utoipa::path(
+    params(("id" = String, Path, description = "product id")),
+    responses(
+        (status = 200, description = "`text/event-stream` of `status` events whose data is a ReservationView", content_type = "text/event-stream", body = ReservationView),
+        (status = 401, description = "`unauthorized`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`no_reservation` or `product_not_found`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+    ),
+    security(("user_jwt" = [])),
+    tag = "shoppers"
+)]
+#[get("/api/v1/products/{id}/reservations/me/events")]
+pub async fn my_reservation_events(
+    ctx: web::Data<Ctx>,
+    user: AuthUser,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = product_id(&path)?;
+    // Subscribe before the first read, so no change between the two is missed.
+    let rx = ctx.deps.events.subscribe();
+    let first = reservation_view(&ctx, user.0, id)
+        .await?
+        .ok_or(ApiError::NoReservation)?;
+    let state = SseState {
+        topic: status_event(id, user.0),
+        ctx,
+        user: user.0,
+        product: id,
+        rx,
+        last: None,
+        first: Some(first),
+        done: false,
+    };
+    Ok(HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header(("cache-control", "no-cache"))
+        .insert_header(("x-accel-buffering", "no"))
+        .streaming(futures_util::stream::unfold(state, next_frame)))
 }

@@ -201,6 +201,9 @@ impl TestApp {
     }
 
     pub async fn spawn_isolated(iso: Isolation, role: Role, extra: &[(&str, &str)]) -> Self {
+        if std::env::var_os("RUST_LOG").is_some() {
+            seckill::telemetry::init(true);
+        }
         let settings = iso.settings(extra);
         let shutdown = CancellationToken::new();
         let app = Application::build(settings, role, shutdown.clone())
@@ -414,6 +417,210 @@ pub async fn assert_problem(
         "{body}"
     );
     (headers, body)
+}
+
+/// Another component of the same deployment (same database, prefix and queue), in process.
+pub struct Sibling {
+    pub http: String,
+    pub admin: String,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Sibling {
+    pub async fn spawn(iso: &Isolation, role: Role, extra: &[(&str, &str)]) -> Self {
+        let shutdown = CancellationToken::new();
+        let app = Application::build(iso.settings(extra), role, shutdown.clone())
+            .await
+            .expect("sibling builds");
+        let http = format!("http://127.0.0.1:{}", app.http_port().unwrap_or(0));
+        let admin = format!("http://127.0.0.1:{}", app.admin_port().unwrap_or(0));
+        let task = tokio::spawn(app.run_until_stopped());
+        Self {
+            http,
+            admin,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+    }
+}
+
+impl Drop for Sibling {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A real `seckill` process of this deployment; killed (SIGKILL) on drop.
+pub struct Proc {
+    pub child: std::process::Child,
+    pub http: Option<String>,
+}
+
+impl Proc {
+    /// Starts `seckill <cmd>` with this isolation's settings (plus `extra`).
+    pub fn start(iso: &Isolation, cmd: &str, extra: &[(&str, &str)]) -> Self {
+        let port = free_port();
+        let admin = free_port();
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_seckill"));
+        for (key, _) in std::env::vars() {
+            if key.starts_with("SECKILL_") {
+                c.env_remove(key);
+            }
+        }
+        c.arg(cmd)
+            .env("SECKILL_HTTP_ADDR", format!("127.0.0.1:{port}"))
+            .env("SECKILL_ADMIN_ADDR", format!("127.0.0.1:{admin}"))
+            .env("SECKILL_DATABASE_URL", iso.database_url())
+            .env("SECKILL_REDIS_PREFIX", &iso.prefix)
+            .env("SECKILL_AMQP_QUEUE", &iso.queue)
+            .env("SECKILL_JWT_SECRET", JWT_SECRET)
+            .env("SECKILL_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("SECKILL_TOKEN_SECRET", TOKEN_SECRET)
+            .env("SECKILL_IP_RATE", "1000000/1s")
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null());
+        for (k, v) in extra {
+            c.env(k, v);
+        }
+        let child = c.spawn().expect("seckill binary");
+        Self {
+            child,
+            http: (cmd != "worker").then(|| format!("http://127.0.0.1:{port}")),
+        }
+    }
+
+    /// Waits until its shoppers' listener answers `/healthz`.
+    pub async fn wait_healthy(&self) {
+        let url = format!("{}/healthz", self.http.as_deref().expect("an HTTP role"));
+        for _ in 0..200 {
+            if reqwest::get(&url).await.is_ok_and(|r| r.status() == 200) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("seckill process never became healthy");
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `check` every 50 ms until it returns true or `limit` passes.
+pub async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One number from Postgres.
+pub async fn pg_count(db: &sea_orm::DatabaseConnection, sql: &str) -> i64 {
+    use sea_orm::{ConnectionTrait, Statement};
+    let row = db
+        .query_one_raw(Statement::from_string(db.get_database_backend(), sql))
+        .await
+        .unwrap()
+        .unwrap();
+    row.try_get_by_index::<i64>(0).unwrap()
+}
+
+/// A whole sale through HTTP: every user fetches a token, then makes `attempts` purchase
+/// attempts, all concurrently. Returns the winners (user → reservation id) and every status.
+pub async fn http_sale(
+    http: &str,
+    client: &reqwest::Client,
+    product: i64,
+    users: std::ops::RangeInclusive<i64>,
+    attempts: usize,
+) -> (std::collections::HashMap<i64, String>, Vec<u16>) {
+    use futures_util::{StreamExt, stream};
+    let tokens: Vec<(i64, String)> = stream::iter(users)
+        .map(|u| async move {
+            let res = client
+                .post(format!("{http}/api/v1/products/{product}/token"))
+                .bearer_auth(jwt(u))
+                .send()
+                .await
+                .unwrap();
+            let body: serde_json::Value = res.json().await.unwrap();
+            (u, body["token"].as_str().expect("a token").to_owned())
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    let tries: Vec<(i64, String)> = tokens
+        .iter()
+        .flat_map(|t| std::iter::repeat_n(t.clone(), attempts))
+        .collect();
+    let results: Vec<(i64, u16, serde_json::Value)> = stream::iter(tries)
+        .map(|(u, token)| async move {
+            let res = client
+                .post(format!("{http}/api/v1/products/{product}/reservations"))
+                .bearer_auth(jwt(u))
+                .json(&serde_json::json!({"token": token}))
+                .send()
+                .await
+                .unwrap();
+            let status = res.status().as_u16();
+            (
+                u,
+                status,
+                res.json().await.unwrap_or(serde_json::Value::Null),
+            )
+        })
+        .buffer_unordered(128)
+        .collect()
+        .await;
+    let mut winners = std::collections::HashMap::new();
+    let mut statuses = Vec::new();
+    for (u, status, body) in results {
+        if status == 202 {
+            assert!(
+                winners
+                    .insert(u, body["reservation_id"].as_str().unwrap().to_owned())
+                    .is_none(),
+                "user {u} won twice"
+            );
+        }
+        statuses.push(status);
+    }
+    (winners, statuses)
 }
 
 impl Drop for TestApp {

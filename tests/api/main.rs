@@ -3,8 +3,10 @@
 
 mod helpers;
 
+mod faults;
 mod health;
 mod http_api;
+mod pipeline;
 mod process;
 mod rate_limit;
 mod reservations;

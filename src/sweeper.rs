@@ -1,0 +1,119 @@
+//! The expiry sweeper (in `worker`): expires unpaid orders past their deadline and returns
+//! their units; reconciles closed orders whose unit was not yet returned (a process that died
+//! between the Postgres update and `release.lua`). Several sweepers at once are safe: rows are
+//! claimed with `FOR UPDATE SKIP LOCKED` and the transition is guarded by status, and
+//! `release.lua` is idempotent per reservation.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use sea_orm::{ConnectionTrait, DatabaseConnection, FromQueryResult, Statement, TransactionTrait};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    db::entities::orders, metrics::Metrics, orders::return_unit, reservations::Reservations,
+};
+
+/// Orders handled per sweep.
+const SWEEP_LIMIT: i64 = 500;
+/// A closed order whose unit is still out after this long is released by the reconciler.
+const RECONCILE_AFTER_SECS: i64 = 5;
+
+/// What one sweep did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sweep {
+    pub expired: usize,
+    pub reconciled: usize,
+}
+
+/// One sweep: expire what is due, then reconcile unreturned units.
+pub async fn sweep_once(
+    db: &DatabaseConnection,
+    reservations: &Reservations,
+) -> anyhow::Result<Sweep> {
+    let txn = db.begin().await.context("beginning the sweep")?;
+    let expired = orders::Model::find_by_statement(Statement::from_sql_and_values(
+        txn.get_database_backend(),
+        "with due as (
+             select order_id from orders
+             where status = 'pending_payment' and expires_at <= now()
+             order by expires_at limit $1
+             for update skip locked)
+         update orders o set status = 'expired', closed_at = now()
+         from due where o.order_id = due.order_id and o.status = 'pending_payment'
+         returning o.*",
+        [SWEEP_LIMIT.into()],
+    ))
+    .all(&txn)
+    .await
+    .context("expiring orders")?;
+    let mut per_product: HashMap<i64, i64> = HashMap::new();
+    for o in &expired {
+        *per_product.entry(o.product_id).or_default() += 1;
+    }
+    for (product, n) in per_product {
+        txn.execute_raw(Statement::from_sql_and_values(
+            txn.get_database_backend(),
+            "update product set sold = sold - $2 where product_id = $1",
+            [product.into(), n.into()],
+        ))
+        .await
+        .context("taking expired orders off product.sold")?;
+    }
+    txn.commit().await.context("committing the sweep")?;
+    for o in &expired {
+        return_unit(db, reservations, o).await?;
+    }
+
+    let stale = orders::Model::find_by_statement(Statement::from_sql_and_values(
+        db.get_database_backend(),
+        "select * from orders
+         where status in ('cancelled', 'expired') and released_at is null
+           and closed_at < now() - make_interval(secs => $1)
+         order by closed_at limit $2",
+        [RECONCILE_AFTER_SECS.into(), SWEEP_LIMIT.into()],
+    ))
+    .all(db)
+    .await
+    .context("finding unreturned units")?;
+    for o in &stale {
+        tracing::info!(order_id = %o.order_id, "reconciling a unit that was not returned");
+        return_unit(db, reservations, o).await?;
+    }
+    Ok(Sweep {
+        expired: expired.len(),
+        reconciled: stale.len(),
+    })
+}
+
+/// Sweeps every `interval` until shutdown; errors are logged and retried next time.
+pub async fn run(
+    db: DatabaseConnection,
+    reservations: Reservations,
+    metrics: Arc<Metrics>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    loop {
+        match sweep_once(&db, &reservations).await {
+            Ok(s) => {
+                if s.expired > 0 {
+                    tracing::info!(expired = s.expired, "expired unpaid orders");
+                    metrics.expirations.inc_by(s.expired as u64);
+                    metrics
+                        .releases
+                        .with_label_values(&["expired"])
+                        .inc_by(s.expired as u64);
+                }
+                if s.expired as i64 == SWEEP_LIMIT && !shutdown.is_cancelled() {
+                    continue; // more are due
+                }
+            }
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "sweep failed"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}

@@ -1,0 +1,297 @@
+//! The order worker: RabbitMQ → Postgres in batches, idempotently, acking only after commit.
+//!
+//! [`process_batch`] is one step (testable without a broker): one transaction inserts the
+//! batch with `ON CONFLICT DO NOTHING` (unique reservation and `(user_id, product_id)`), adds
+//! the newly inserted rows to `product.sold` (the `sold <= stock` CHECK guards it), commits,
+//! then records `confirmed` + `order_id` in Redis for the status endpoints. [`Worker::run`] is
+//! the loop around it: prefetch-bounded consumer, batching, dead-lettering of poison, backoff
+//! while Postgres or RabbitMQ is down (holding the batch: no ack/nack storms), reconnection.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use chrono::Utc;
+use futures_util::StreamExt;
+use lapin::{
+    Channel,
+    message::Delivery,
+    options::{
+        BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
+    },
+    types::FieldTable,
+};
+use sea_orm::{ConnectionTrait, DatabaseConnection, FromQueryResult, Statement, TransactionTrait};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::{
+    amqp::{Broker, OrderMessage, declare_topology},
+    db::entities::orders,
+    metrics::Metrics,
+    orders::ReservationView,
+    reservations::Reservations,
+};
+
+/// Rows per INSERT statement (8 parameters each, far below Postgres' 65,535).
+const ROWS_PER_STATEMENT: usize = 1_000;
+
+/// What one batch did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchOutcome {
+    /// New orders.
+    pub inserted: usize,
+    /// Messages whose order already existed (redeliveries).
+    pub duplicates: usize,
+}
+
+#[derive(Debug, FromQueryResult)]
+struct Inserted {
+    product_id: i64,
+}
+
+/// Persists a batch of winners in one transaction, then records their status in Redis.
+pub async fn process_batch(
+    db: &DatabaseConnection,
+    reservations: &Reservations,
+    batch: &[OrderMessage],
+    payment_timeout: Duration,
+) -> anyhow::Result<BatchOutcome> {
+    if batch.is_empty() {
+        return Ok(BatchOutcome::default());
+    }
+    let now = Utc::now();
+    let expires_at = now + chrono::Duration::from_std(payment_timeout)?;
+    let txn = db.begin().await.context("beginning the batch")?;
+    let mut inserted_per_product: HashMap<i64, i64> = HashMap::new();
+    let mut inserted = 0;
+    for chunk in batch.chunks(ROWS_PER_STATEMENT) {
+        let mut sql = String::from(
+            "insert into orders (order_id, reservation_id, user_id, product_id, status, reserved_at, created_at, expires_at) values ",
+        );
+        let mut values: Vec<sea_orm::Value> = Vec::with_capacity(chunk.len() * 7);
+        for (i, m) in chunk.iter().enumerate() {
+            let b = i * 7;
+            if i > 0 {
+                sql.push(',');
+            }
+            sql.push_str(&format!(
+                "(${}, ${}, ${}, ${}, 'pending_payment', ${}, ${}, ${})",
+                b + 1,
+                b + 2,
+                b + 3,
+                b + 4,
+                b + 5,
+                b + 6,
+                b + 7
+            ));
+            values.extend([
+                Uuid::now_v7().into(),
+                m.reservation_id.into(),
+                m.user_id.get().into(),
+                m.product_id.get().into(),
+                m.reserved_at.into(),
+                now.into(),
+                expires_at.into(),
+            ]);
+        }
+        sql.push_str(" on conflict do nothing returning product_id");
+        let rows = Inserted::find_by_statement(Statement::from_sql_and_values(
+            txn.get_database_backend(),
+            sql,
+            values,
+        ))
+        .all(&txn)
+        .await
+        .context("inserting orders")?;
+        inserted += rows.len();
+        for r in rows {
+            *inserted_per_product.entry(r.product_id).or_default() += 1;
+        }
+    }
+    for (product, n) in &inserted_per_product {
+        txn.execute_raw(Statement::from_sql_and_values(
+            txn.get_database_backend(),
+            "update product set sold = sold + $2 where product_id = $1",
+            [(*product).into(), (*n).into()],
+        ))
+        .await
+        .context("adding to product.sold")?;
+    }
+    txn.commit().await.context("committing the batch")?;
+
+    // Tell the status endpoints (and take the winners off the pending set).
+    let ids: Vec<Uuid> = batch.iter().map(|m| m.reservation_id).collect();
+    let persisted = orders::Model::find_by_statement(Statement::from_sql_and_values(
+        db.get_database_backend(),
+        "select * from orders where reservation_id = any($1)",
+        [ids.into()],
+    ))
+    .all(db)
+    .await
+    .context("reading the batch back")?;
+    for o in &persisted {
+        let (Ok(product), Ok(user)) = (
+            crate::domain::ProductId::try_from(o.product_id),
+            crate::domain::UserId::try_from(o.user_id),
+        ) else {
+            continue;
+        };
+        reservations
+            .record_status(product, user, &ReservationView::of_order(o))
+            .await
+            .map_err(|e| anyhow::anyhow!(e))
+            .context("recording order status in Redis")?;
+    }
+    Ok(BatchOutcome {
+        inserted,
+        duplicates: batch.len() - inserted,
+    })
+}
+
+/// The consumer loop around [`process_batch`].
+pub struct Worker {
+    pub db: DatabaseConnection,
+    pub reservations: Reservations,
+    pub broker: Broker,
+    pub queue: String,
+    pub batch_size: usize,
+    pub batch_wait: Duration,
+    pub payment_timeout: Duration,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Worker {
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let mut backoff = Duration::from_millis(100);
+        while !shutdown.is_cancelled() {
+            match self.consume(&shutdown).await {
+                Ok(()) => backoff = Duration::from_millis(100),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "worker: consumer stopped; reconnecting in {backoff:?}");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn consume(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        let conn = self
+            .broker
+            .connected(Duration::from_secs(2))
+            .await
+            .context("no RabbitMQ connection")?;
+        let ch = conn.create_channel().await.context("opening a channel")?;
+        let prefetch = u16::try_from(self.batch_size * 2).unwrap_or(u16::MAX);
+        ch.basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .context("setting prefetch")?;
+        let queue = declare_topology(&ch, &self.queue)
+            .await
+            .context("declaring the queues")?;
+        self.metrics
+            .queue_depth
+            .set(i64::from(queue.message_count()));
+        let tag = format!("seckill-worker-{}", Uuid::now_v7().simple());
+        let mut consumer = ch
+            .basic_consume(
+                self.queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .context("consuming")?;
+        tracing::info!(queue = %self.queue, prefetch, "worker consuming");
+        loop {
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                next = consumer.next() => match next {
+                    Some(d) => d.context("delivery")?,
+                    None => anyhow::bail!("the consumer was cancelled"),
+                },
+            };
+            let mut batch = vec![first];
+            let deadline = tokio::time::Instant::now() + self.batch_wait;
+            while batch.len() < self.batch_size {
+                match tokio::time::timeout_at(deadline, consumer.next()).await {
+                    Ok(Some(d)) => batch.push(d.context("delivery")?),
+                    Ok(None) => anyhow::bail!("the consumer was cancelled"),
+                    Err(_) => break,
+                }
+            }
+            if !self.handle(&ch, batch, shutdown).await? {
+                break;
+            }
+        }
+        let _ = ch.close(200, "worker stopping".into()).await;
+        Ok(())
+    }
+
+    /// Persists one batch, dead-letters its poison, acks the rest after commit.
+    /// `Ok(false)`: shutdown came while the batch was held (it is redelivered later).
+    async fn handle(
+        &self,
+        ch: &Channel,
+        batch: Vec<Delivery>,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<bool> {
+        let mut good = Vec::with_capacity(batch.len());
+        let mut last_good = None;
+        for d in &batch {
+            match OrderMessage::parse(&d.data) {
+                Ok(m) => {
+                    good.push(m);
+                    last_good = Some(d.delivery_tag);
+                }
+                Err(why) => {
+                    tracing::error!(delivery_tag = d.delivery_tag, %why, "poison message dead-lettered");
+                    ch.basic_reject(d.delivery_tag, BasicRejectOptions { requeue: false })
+                        .await
+                        .context("rejecting poison")?;
+                    self.metrics.dead_lettered.inc();
+                }
+            }
+        }
+        let Some(last_good) = last_good else {
+            return Ok(true);
+        };
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let started = std::time::Instant::now();
+            match process_batch(&self.db, &self.reservations, &good, self.payment_timeout).await {
+                Ok(outcome) => {
+                    self.metrics
+                        .persist_latency
+                        .observe(started.elapsed().as_secs_f64());
+                    self.metrics.worker_batch.observe(good.len() as f64);
+                    self.metrics
+                        .orders_persisted
+                        .inc_by(outcome.inserted as u64);
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), batch = good.len(), "persisting failed; holding the batch, retry in {backoff:?}");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {
+                            let _ = ch.basic_nack(last_good, BasicNackOptions { multiple: true, requeue: true }).await;
+                            return Ok(false);
+                        }
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        // Every earlier delivery on this channel is settled, so `multiple` acks exactly the
+        // good ones of this batch (poison was rejected one by one above).
+        ch.basic_ack(last_good, BasicAckOptions { multiple: true })
+            .await
+            .context("acking the batch")?;
+        Ok(true)
+    }
+}
