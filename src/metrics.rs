@@ -18,6 +18,7 @@ pub struct Metrics {
     pub relay_lag: Histogram,
     pub outbox_length: IntGaugeVec,
     pub queue_depth: IntGauge,
+    pub dlq_depth: IntGauge,
     pub worker_batch: Histogram,
     pub persist_latency: Histogram,
     pub orders_persisted: IntCounter,
@@ -96,6 +97,7 @@ impl Metrics {
                 ),
                 &["product"],
             )?,
+            dlq_depth: IntGauge::new("dlq_depth", "Messages in the dead-letter queue (last seen)")?,
             queue_depth: IntGauge::new(
                 "queue_depth",
                 "Messages ready in the orders queue (last seen)",
@@ -137,6 +139,7 @@ impl Metrics {
         m.registry.register(Box::new(m.relay_lag.clone()))?;
         m.registry.register(Box::new(m.outbox_length.clone()))?;
         m.registry.register(Box::new(m.queue_depth.clone()))?;
+        m.registry.register(Box::new(m.dlq_depth.clone()))?;
         m.registry.register(Box::new(m.worker_batch.clone()))?;
         m.registry.register(Box::new(m.persist_latency.clone()))?;
         m.registry.register(Box::new(m.orders_persisted.clone()))?;

@@ -66,6 +66,24 @@ fn builder(settings: &RedisSettings) -> anyhow::Result<Builder> {
     Ok(builder)
 }
 
+/// Waits until `connected()` holds. (fred's `wait_for_connect` checks the state and then
+/// subscribes to the connect notification, so a connection made in between is missed and it
+/// waits forever; polling the state has no such gap.)
+async fn until_connected(
+    connected: impl Fn() -> bool,
+    settings: &RedisSettings,
+    wait: Duration,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + wait;
+    while !connected() {
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("Redis at {} did not answer within {wait:?}", settings.url);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
 /// Builds and connects a pool; fails if Redis does not answer within `wait`.
 pub async fn connect(
     settings: &RedisSettings,
@@ -76,10 +94,12 @@ pub async fn connect(
         .build_pool(size)
         .context("building the Redis pool")?;
     pool.connect_pool();
-    tokio::time::timeout(wait, pool.wait_for_connect())
-        .await
-        .map_err(|_| anyhow::anyhow!("Redis at {} did not answer within {wait:?}", settings.url))?
-        .context("connecting to Redis")?;
+    until_connected(
+        || pool.clients().iter().all(|c| c.is_connected()),
+        settings,
+        wait,
+    )
+    .await?;
     Ok(pool)
 }
 
@@ -92,10 +112,7 @@ pub async fn subscriber(
         .build_subscriber_client()
         .context("building the Redis subscriber")?;
     client.connect();
-    tokio::time::timeout(wait, client.wait_for_connect())
-        .await
-        .map_err(|_| anyhow::anyhow!("Redis at {} did not answer within {wait:?}", settings.url))?
-        .context("connecting the Redis subscriber")?;
+    until_connected(|| client.is_connected(), settings, wait).await?;
     Ok(client)
 }
 

@@ -153,6 +153,16 @@ impl Application {
             };
             tasks.spawn(relay.run(shutdown.child_token()));
         }
+        if role == Role::Worker {
+            let ops = TcpListener::bind(settings.admin_addr).with_context(|| {
+                format!(
+                    "binding SECKILL_ADMIN_ADDR {} (the worker's /metrics)",
+                    settings.admin_addr
+                )
+            })?;
+            admin_port = Some(ops.local_addr()?.port());
+            servers.push(http::worker_ops_server(ops, deps.clone())?);
+        }
         if role.runs_worker() {
             let worker = Worker {
                 db: deps.db.clone(),

@@ -207,9 +207,15 @@ impl Worker {
             .await
             .context("consuming")?;
         tracing::info!(queue = %self.queue, prefetch, "worker consuming");
+        let mut depth_checked = std::time::Instant::now();
         loop {
+            if depth_checked.elapsed() >= Duration::from_secs(2) {
+                depth_checked = std::time::Instant::now();
+                self.update_depths(&ch).await;
+            }
             let first = tokio::select! {
                 _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(Duration::from_secs(2)) => continue,
                 next = consumer.next() => match next {
                     Some(d) => d.context("delivery")?,
                     None => anyhow::bail!("the consumer was cancelled"),
@@ -230,6 +236,27 @@ impl Worker {
         }
         let _ = ch.close(200, "worker stopping".into()).await;
         Ok(())
+    }
+
+    /// Queue and dead-letter queue depths for `/metrics` (passive declares).
+    async fn update_depths(&self, ch: &Channel) {
+        use lapin::options::QueueDeclareOptions;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let dlq = format!("{}.dlq", self.queue);
+        for (name, gauge) in [
+            (self.queue.as_str(), &self.metrics.queue_depth),
+            (dlq.as_str(), &self.metrics.dlq_depth),
+        ] {
+            if let Ok(q) = ch
+                .queue_declare(name.into(), passive, FieldTable::default())
+                .await
+            {
+                gauge.set(i64::from(q.message_count()));
+            }
+        }
     }
 
     /// Persists one batch, dead-letters its poison, acks the rest after commit.

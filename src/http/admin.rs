@@ -223,8 +223,8 @@ pub async fn preheat(
 /// Prometheus metrics.
 #[utoipa::path(responses((status = 200, description = "Prometheus text format", content_type = "text/plain")), tag = "service")]
 #[get("/metrics")]
-pub async fn metrics(ctx: web::Data<Ctx>) -> HttpResponse {
+pub async fn metrics(deps: web::Data<crate::startup::Deps>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
-        .body(ctx.deps.metrics.render())
+        .body(deps.metrics.render())
 }

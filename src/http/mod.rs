@@ -227,6 +227,28 @@ pub fn admin_server(listener: TcpListener, ctx: web::Data<Ctx>) -> anyhow::Resul
     Ok(server)
 }
 
+/// A `worker` process's operators' listener: `/metrics`, `/healthz`, `/readyz`.
+pub fn worker_ops_server(listener: TcpListener, deps: Arc<Deps>) -> anyhow::Result<Server> {
+    let deps = web::Data::from(deps);
+    let server = HttpServer::new(move || {
+        App::new()
+            .wrap(from_fn(record_metrics))
+            .wrap(TracingLogger::default())
+            .app_data(deps.clone())
+            .service(health::healthz)
+            .service(health::readyz)
+            .service(admin::metrics)
+            .default_service(web::to(not_found))
+    })
+    .workers(1)
+    .listen(listener)?
+    .client_request_timeout(Duration::from_secs(5))
+    .shutdown_timeout(5)
+    .disable_signals()
+    .run();
+    Ok(server)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -497,13 +497,20 @@ async fn winners_recorded_by_a_serve_process_killed_before_relaying_are_publishe
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn pay_and_expiry_racing_over_1000_orders_end_each_exactly_once() {
+async fn pay_and_two_sweepers_racing_over_1000_orders_end_each_exactly_once() {
     let app = TestApp::spawn_with(
         Role::All,
         &[
             ("SECKILL_SWEEP_INTERVAL_MS", "20"),
             ("SECKILL_USER_RATE", "1000/1s"),
         ],
+    )
+    .await;
+    // A second worker process-worth of sweepers races the first one.
+    let second = Sibling::spawn(
+        &app.iso,
+        Role::Worker,
+        &[("SECKILL_SWEEP_INTERVAL_MS", "20")],
     )
     .await;
     let p = app.live_product(1_000).await;
@@ -629,6 +636,7 @@ async fn pay_and_expiry_racing_over_1000_orders_end_each_exactly_once() {
     let more = winners_via_script(&app, p, 5_001, expired).await;
     assert_eq!(more.len() as i64, expired);
     assert_eq!(winners.len(), 1_000);
+    second.stop().await;
     app.stop().await;
 }
 
