@@ -30,6 +30,8 @@ pub enum Command {
     Worker,
     /// Create the database if missing, apply migrations, exit.
     Migrate,
+    /// Run a whole flash sale against a running server and verify the guarantees.
+    Loadtest(crate::loadtest::LoadtestArgs),
 }
 
 /// Runs the parsed command; the process exit code.
@@ -46,6 +48,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Serve => Some(Role::Serve),
         Command::Worker => Some(Role::Worker),
         Command::Migrate => None,
+        Command::Loadtest(args) => return loadtest(args, &settings),
     };
     if role.is_some_and(|r| r.serves_http())
         && let Err(e) = settings.secrets()
@@ -95,6 +98,37 @@ pub fn run(cli: Cli) -> ExitCode {
         Err(e) => {
             tracing::error!(error = ?e, "seckill failed");
             eprintln!("seckill: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn loadtest(args: crate::loadtest::LoadtestArgs, settings: &Settings) -> ExitCode {
+    let secrets = match settings.secrets() {
+        Ok(s) => s.clone(),
+        Err(e) => {
+            eprintln!("seckill: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("seckill: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(crate::loadtest::run(args, &secrets)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("seckill loadtest: a guarantee check failed");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("seckill loadtest: {e:#}");
             ExitCode::FAILURE
         }
     }

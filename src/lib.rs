@@ -12,6 +12,7 @@ pub mod domain;
 pub mod events;
 pub mod http;
 pub mod keys;
+pub mod loadtest;
 pub mod metrics;
 pub mod orders;
 pub mod products;

@@ -6,6 +6,7 @@ mod helpers;
 mod faults;
 mod health;
 mod http_api;
+mod loadtest;
 mod pipeline;
 mod process;
 mod rate_limit;
