@@ -33,6 +33,7 @@ const KNOWN: &[&str] = &[
     "SECKILL_TRUSTED_PROXIES",
     "SECKILL_WORKER_BATCH_SIZE",
     "SECKILL_WORKER_BATCH_WAIT_MS",
+    "SECKILL_WORKER_CONSUMERS",
     "SECKILL_SWEEP_INTERVAL_MS",
     "SECKILL_RELAY_CLAIM_IDLE_MS",
     "SECKILL_LOG_FORMAT",
@@ -220,6 +221,8 @@ pub struct Settings {
     pub worker_batch_size: usize,
     /// Worker: how long a batch waits to fill.
     pub worker_batch_wait: Duration,
+    /// Worker: consumers per process, each persisting its own batches.
+    pub worker_consumers: usize,
     /// Expiry sweeper period.
     pub sweep_interval: Duration,
     /// Outbox entries pending this long on a relay are taken over by another.
@@ -384,6 +387,8 @@ impl Settings {
                 10,
                 3_600_000,
             )?),
+            worker_consumers: usize::try_from(env.ranged("SECKILL_WORKER_CONSUMERS", 4, 1, 64)?)
+                .unwrap_or(4),
             relay_claim_idle: Duration::from_millis(env.ranged(
                 "SECKILL_RELAY_CLAIM_IDLE_MS",
                 5_000,

@@ -25,7 +25,21 @@ pub struct Metrics {
     pub dead_lettered: IntCounter,
     pub expirations: IntCounter,
     pub releases: IntCounterVec,
+    /// `decisions` children resolved once (the purchase path counts without a label lookup).
+    decision_counters: Vec<(&'static str, IntCounter)>,
 }
+
+/// Every outcome label of `reservation_decisions_total`.
+pub const OUTCOMES: [&str; 8] = [
+    "won",
+    "already_reserved",
+    "sold_out",
+    "rate_limited",
+    "not_started",
+    "ended",
+    "paused",
+    "unknown_product",
+];
 
 fn buckets_latency() -> Vec<f64> {
     vec![
@@ -126,8 +140,14 @@ impl Metrics {
                 "Units returned to stock, by reason",
                 &["reason"],
             )?,
+            decision_counters: Vec::new(),
             registry,
         };
+        let mut m = m;
+        m.decision_counters = OUTCOMES
+            .iter()
+            .map(|o| (*o, m.decisions.with_label_values(&[*o])))
+            .collect();
         m.registry.register(Box::new(m.http_requests.clone()))?;
         m.registry.register(Box::new(m.http_latency.clone()))?;
         m.registry.register(Box::new(m.decisions.clone()))?;
@@ -147,6 +167,14 @@ impl Metrics {
         m.registry.register(Box::new(m.expirations.clone()))?;
         m.registry.register(Box::new(m.releases.clone()))?;
         Ok(m)
+    }
+
+    /// Counts one purchase decision.
+    pub fn decided(&self, outcome: &str) {
+        match self.decision_counters.iter().find(|(o, _)| *o == outcome) {
+            Some((_, counter)) => counter.inc(),
+            None => self.decisions.with_label_values(&[outcome]).inc(),
+        }
     }
 
     /// The Prometheus text exposition.

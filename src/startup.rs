@@ -173,6 +173,7 @@ impl Application {
                 batch_wait: settings.worker_batch_wait,
                 payment_timeout: settings.payment_timeout,
                 metrics: deps.metrics.clone(),
+                consumers: settings.worker_consumers,
             };
             tasks.spawn(worker.run(shutdown.child_token()));
             tasks.spawn(sweeper::run(

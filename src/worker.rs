@@ -46,7 +46,11 @@ pub struct BatchOutcome {
 
 #[derive(Debug, FromQueryResult)]
 struct Inserted {
+    order_id: Uuid,
+    reservation_id: Uuid,
+    user_id: i64,
     product_id: i64,
+    expires_at: chrono::DateTime<Utc>,
 }
 
 /// Persists a batch of winners in one transaction, then records their status in Redis.
@@ -63,6 +67,7 @@ pub async fn process_batch(
     let expires_at = now + chrono::Duration::from_std(payment_timeout)?;
     let txn = db.begin().await.context("beginning the batch")?;
     let mut inserted_per_product: HashMap<i64, i64> = HashMap::new();
+    let mut new_orders: Vec<Inserted> = Vec::with_capacity(batch.len());
     let mut inserted = 0;
     for chunk in batch.chunks(ROWS_PER_STATEMENT) {
         let mut sql = String::from(
@@ -94,7 +99,7 @@ pub async fn process_batch(
                 expires_at.into(),
             ]);
         }
-        sql.push_str(" on conflict do nothing returning product_id");
+        sql.push_str(" on conflict do nothing returning order_id, reservation_id, user_id, product_id, expires_at");
         let rows = Inserted::find_by_statement(Statement::from_sql_and_values(
             txn.get_database_backend(),
             sql,
@@ -106,6 +111,7 @@ pub async fn process_batch(
         inserted += rows.len();
         for r in rows {
             *inserted_per_product.entry(r.product_id).or_default() += 1;
+            new_orders.push(r);
         }
     }
     for (product, n) in &inserted_per_product {
@@ -119,29 +125,52 @@ pub async fn process_batch(
     }
     txn.commit().await.context("committing the batch")?;
 
-    // Tell the status endpoints (and take the winners off the pending set).
-    let ids: Vec<Uuid> = batch.iter().map(|m| m.reservation_id).collect();
-    let persisted = orders::Model::find_by_statement(Statement::from_sql_and_values(
-        db.get_database_backend(),
-        "select * from orders where reservation_id = any($1)",
-        [ids.into()],
-    ))
-    .all(db)
-    .await
-    .context("reading the batch back")?;
-    for o in &persisted {
-        let (Ok(product), Ok(user)) = (
-            crate::domain::ProductId::try_from(o.product_id),
-            crate::domain::UserId::try_from(o.user_id),
-        ) else {
-            continue;
-        };
-        reservations
-            .record_status(product, user, &ReservationView::of_order(o))
-            .await
-            .map_err(|e| anyhow::anyhow!(e))
-            .context("recording order status in Redis")?;
+    // Tell the status endpoints (and take the winners off the pending set). New orders are
+    // known from RETURNING; only redeliveries (orders made by an earlier attempt) are read back.
+    let mut views: Vec<(i64, i64, ReservationView)> = new_orders
+        .iter()
+        .map(|o| {
+            let view = ReservationView {
+                reservation_id: o.reservation_id,
+                status: "confirmed".into(),
+                order_id: Some(o.order_id),
+                expires_at: Some(o.expires_at),
+            };
+            (o.product_id, o.user_id, view)
+        })
+        .collect();
+    if new_orders.len() < batch.len() {
+        let fresh: std::collections::HashSet<Uuid> =
+            new_orders.iter().map(|o| o.reservation_id).collect();
+        let ids: Vec<Uuid> = batch
+            .iter()
+            .map(|m| m.reservation_id)
+            .filter(|r| !fresh.contains(r))
+            .collect();
+        let earlier = orders::Model::find_by_statement(Statement::from_sql_and_values(
+            db.get_database_backend(),
+            "select * from orders where reservation_id = any($1)",
+            [ids.into()],
+        ))
+        .all(db)
+        .await
+        .context("reading redelivered orders")?;
+        views.extend(
+            earlier
+                .iter()
+                .map(|o| (o.product_id, o.user_id, ReservationView::of_order(o))),
+        );
     }
+    // One status write per order, all in flight together (fred pipelines them).
+    let writes = views.iter().filter_map(|(product, user, view)| {
+        let product = crate::domain::ProductId::try_from(*product).ok()?;
+        let user = crate::domain::UserId::try_from(*user).ok()?;
+        Some(async move { reservations.record_status(product, user, view).await })
+    });
+    futures_util::future::try_join_all(writes)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))
+        .context("recording order status in Redis")?;
     Ok(BatchOutcome {
         inserted,
         duplicates: batch.len() - inserted,
@@ -158,10 +187,26 @@ pub struct Worker {
     pub batch_wait: Duration,
     pub payment_timeout: Duration,
     pub metrics: Arc<Metrics>,
+    /// Consumers (each on its own channel, so each acks its own batches) per process.
+    pub consumers: usize,
 }
 
 impl Worker {
+    /// Runs `consumers` consumer loops until shutdown.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let me = Arc::new(self);
+        let mut loops = tokio::task::JoinSet::new();
+        for _ in 0..me.consumers.max(1) {
+            let (me, shutdown) = (me.clone(), shutdown.clone());
+            loops.spawn(async move { me.consume_loop(shutdown).await });
+        }
+        while let Some(done) = loops.join_next().await {
+            done.context("consumer task")??;
+        }
+        Ok(())
+    }
+
+    async fn consume_loop(&self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let mut backoff = Duration::from_millis(100);
         while !shutdown.is_cancelled() {
             match self.consume(&shutdown).await {

@@ -178,19 +178,27 @@ fn common(cfg: &mut web::ServiceConfig) {
         .service(docs::swagger());
 }
 
+/// The shoppers' routes and shared state (without middleware): what the public server
+/// mounts, and what the in-process handler bench calls.
+pub fn configure_public(ctx: web::Data<Ctx>) -> impl FnOnce(&mut web::ServiceConfig) {
+    move |cfg| {
+        let deps = web::Data::from(ctx.deps.clone());
+        cfg.app_data(ctx)
+            .app_data(deps)
+            .configure(common)
+            .configure(shop::routes)
+            .configure(orders::routes);
+    }
+}
+
 /// The shoppers' server.
 pub fn public_server(listener: TcpListener, ctx: web::Data<Ctx>) -> anyhow::Result<Server> {
-    let deps = web::Data::from(ctx.deps.clone());
     let server = HttpServer::new(move || {
         App::new()
             .wrap(from_fn(limit_per_ip))
             .wrap(from_fn(record_metrics))
             .wrap(TracingLogger::default())
-            .app_data(ctx.clone())
-            .app_data(deps.clone())
-            .configure(common)
-            .configure(shop::routes)
-            .configure(orders::routes)
+            .configure(configure_public(ctx.clone()))
             .default_service(web::to(not_found))
     })
     .listen(listener)?

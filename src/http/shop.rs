@@ -234,23 +234,31 @@ pub fn decision_response(d: &Decision) -> HttpResponse {
 #[post("/api/v1/products/{id}/reservations")]
 pub async fn reserve(
     ctx: web::Data<Ctx>,
-    user: AuthUser,
+    req: actix_web::HttpRequest,
     path: web::Path<String>,
-    body: web::Json<PurchaseRequest>,
+    payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let id = product_id(&path)?;
     ctx.products
         .get(&ctx.deps.db, id)
         .await?
         .ok_or(ApiError::ProductNotFound)?;
-    if !ctx.auth.check_purchase_token(&body.token, user.0, id) {
-        return Err(ApiError::InvalidToken);
-    }
+    // Read the body first, whatever the answer: a response that leaves it unread cannot keep
+    // the connection alive (measured: sold-out answers fell to a third).
+    let body = read_body(&req, payload).await?;
     let metrics = &ctx.deps.metrics;
+    // Sold out is public (the product view says so) and answered from memory before anything
+    // else costs CPU: no identity or token can buy a unit that is not there.
     if ctx.soldout.is_sold_out(id) {
         metrics.soldout_cache_hits.inc();
-        metrics.decisions.with_label_values(&["sold_out"]).inc();
-        return Err(ApiError::SoldOut);
+        metrics.decided("sold_out");
+        return Ok(sold_out_response());
+    }
+    let user = <AuthUser as actix_web::FromRequest>::extract(&req).await?;
+    let body: PurchaseRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
+    if !ctx.auth.check_purchase_token(&body.token, user.0, id) {
+        return Err(ApiError::InvalidToken);
     }
     let ticket = ctx.soldout.ticket();
     let decision = ctx
@@ -258,15 +266,46 @@ pub async fn reserve(
         .reserve(user.0, id)
         .await
         .map_err(unavailable)?;
-    metrics
-        .decisions
-        .with_label_values(&[decision.outcome.label()])
-        .inc();
+    metrics.decided(decision.outcome.label());
     match decision.outcome {
         Outcome::SoldOut | Outcome::Won { remaining: 0, .. } => ctx.soldout.mark(id, ticket),
         _ => {}
     }
     Ok(decision_response(&decision))
+}
+
+/// Reads a JSON request body (at most 16 KiB, `application/json`), unparsed.
+async fn read_body(req: &actix_web::HttpRequest, payload: web::Payload) -> Result<Bytes, ApiError> {
+    let json = req
+        .headers()
+        .get(actix_web::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(';')
+                .next()
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+        });
+    if !json {
+        return Err(ApiError::BadRequest(
+            "expected Content-Type: application/json".into(),
+        ));
+    }
+    payload
+        .to_bytes_limited(crate::http::MAX_BODY)
+        .await
+        .map_err(|_| ApiError::PayloadTooLarge(crate::http::MAX_BODY))?
+        .map_err(|_| ApiError::BadRequest("could not read the request body".into()))
+}
+
+/// The `410 sold_out` problem, serialized once per process.
+fn sold_out_response() -> HttpResponse {
+    static BODY: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+    let body = BODY.get_or_init(|| {
+        Bytes::from(serde_json::to_vec(&ApiError::SoldOut.problem()).unwrap_or_default())
+    });
+    HttpResponse::Gone()
+        .content_type("application/problem+json")
+        .body(body.clone())
 }
 
 /// The caller's current view of their reservation, from Redis (falling back to Postgres).
@@ -413,4 +452,19 @@ pub async fn my_reservation_events(
         .insert_header(("cache-control", "no-cache"))
         .insert_header(("x-accel-buffering", "no"))
         .streaming(futures_util::stream::unfold(state, next_frame)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[actix_web::test]
+    async fn the_cached_sold_out_answer_is_the_sold_out_problem() {
+        let res = sold_out_response();
+        assert_eq!(res.status(), 410);
+        let body = actix_web::body::to_bytes(res.into_body()).await.unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["code"], "sold_out");
+        assert_eq!(v["status"], 410);
+    }
 }

@@ -1,0 +1,223 @@
+//! The purchase hot path: JWT and purchase-token verification alone, and the whole purchase
+//! handler in process (JWT check, token check, one reserve round trip, response) against the
+//! real Redis and Postgres. The handler bench skips with a message when a service is absent.
+//!
+//! `cargo bench --bench hot_path`
+
+#![allow(clippy::expect_used)] // a bench that cannot set up should stop loudly
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use actix_web::{App, test, web};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use sea_orm::ConnectionTrait;
+use seckill::{
+    auth::Auth,
+    config::{Secrets, Settings},
+    domain::{ProductId, UserId},
+    http::{Ctx, configure_public},
+    keys::Keys,
+    products::{self, NewProduct},
+    reservations::Reservations,
+    soldout::SoldOutCache,
+    startup::{Application, Role},
+};
+use secrecy::SecretString;
+use tokio_util::sync::CancellationToken;
+
+const JWT: &str = "bench-jwt-secret-0123456789";
+
+fn secrets() -> Secrets {
+    Secrets {
+        jwt_secret: SecretString::from(JWT),
+        admin_token: SecretString::from("bench-admin-token-0123456789"),
+        token_secret: SecretString::from("bench-token-secret-0123456789"),
+    }
+}
+
+fn jwt(user: i64) -> String {
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 3_600;
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &serde_json::json!({"sub": user.to_string(), "exp": exp}),
+        &EncodingKey::from_secret(JWT.as_bytes()),
+    )
+    .expect("jwt")
+}
+
+fn bench_auth(c: &mut Criterion) {
+    let auth = Auth::new(&secrets(), Duration::from_secs(60));
+    let (u, p) = (
+        UserId::try_from(42_i64).expect("id"),
+        ProductId::try_from(7_i64).expect("id"),
+    );
+    let user_jwt = jwt(42);
+    let token = auth.issue_purchase_token(u, p).expect("token").token;
+    let mut group = c.benchmark_group("auth");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("user JWT verify", |b| {
+        b.iter(|| auth.user(&user_jwt).expect("valid"))
+    });
+    group.bench_function("purchase token verify", |b| {
+        b.iter(|| assert!(auth.check_purchase_token(&token, u, p)))
+    });
+    group.finish();
+}
+
+fn bench_handler(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let tag = std::process::id();
+    let database = format!("seckill_bench_{tag}");
+    let prefix = format!("benchh{tag}");
+    let vars = [
+        ("SECKILL_HTTP_ADDR", "127.0.0.1:0".to_owned()),
+        ("SECKILL_ADMIN_ADDR", "127.0.0.1:0".to_owned()),
+        (
+            "SECKILL_DATABASE_URL",
+            format!("postgres://postgres@127.0.0.1:5432/{database}"),
+        ),
+        ("SECKILL_REDIS_PREFIX", prefix.clone()),
+        ("SECKILL_AMQP_QUEUE", format!("bench.{tag}")),
+        ("SECKILL_JWT_SECRET", JWT.to_owned()),
+        (
+            "SECKILL_ADMIN_TOKEN",
+            "bench-admin-token-0123456789".to_owned(),
+        ),
+        (
+            "SECKILL_TOKEN_SECRET",
+            "bench-token-secret-0123456789".to_owned(),
+        ),
+        ("SECKILL_USER_RATE", "1000/1s".to_owned()),
+        ("SECKILL_PRODUCT_RATE", "1000000000/1s".to_owned()),
+    ];
+    let settings = Settings::from_vars(vars.iter().map(|(k, v)| (k.to_string(), v.clone())))
+        .expect("settings");
+    let shutdown = CancellationToken::new();
+    let app = match rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            Application::build(settings.clone(), Role::Serve, shutdown.clone()),
+        )
+        .await
+    }) {
+        Ok(Ok(app)) => app,
+        Ok(Err(e)) => {
+            eprintln!("purchase handler bench skipped: services not reachable ({e:#})");
+            return;
+        }
+        Err(_) => {
+            eprintln!("purchase handler bench skipped: start-up timed out");
+            return;
+        }
+    };
+    let deps = app.deps();
+    let reservations = Reservations::new(
+        deps.redis.clone(),
+        Keys::new(prefix.clone()),
+        settings.user_rate,
+        settings.product_rate,
+    );
+    let product = rt.block_on(async {
+        let now = chrono::Utc::now();
+        let p = products::create(
+            &deps.db,
+            &NewProduct {
+                name: "bench".into(),
+                stock: 10_000_000,
+                price_cents: 1,
+                starts_at: now - chrono::Duration::seconds(1),
+                ends_at: now + chrono::Duration::hours(1),
+            },
+        )
+        .await
+        .expect("product");
+        let id = ProductId::try_from(p.product_id).expect("id");
+        products::preheat(&deps.db, &reservations, id, false)
+            .await
+            .expect("preheat");
+        id
+    });
+    let ctx = web::Data::new(
+        Ctx::new(
+            deps.clone(),
+            reservations,
+            Arc::new(SoldOutCache::default()),
+        )
+        .expect("ctx"),
+    );
+    let auth = Auth::new(&secrets(), Duration::from_secs(3_600));
+    let service = rt.block_on(test::init_service(
+        App::new().configure(configure_public(ctx)),
+    ));
+    let uri = format!("/api/v1/products/{product}/reservations");
+    let next_user = AtomicI64::new(1);
+
+    let mut group = c.benchmark_group("purchase handler in process");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("winning purchase (JWT, token, reserve, response)", |b| {
+        b.iter_batched(
+            || {
+                let u = next_user.fetch_add(1, Ordering::Relaxed);
+                let token = auth
+                    .issue_purchase_token(UserId::try_from(u).expect("id"), product)
+                    .expect("token")
+                    .token;
+                test::TestRequest::post()
+                    .uri(&uri)
+                    .insert_header(("authorization", format!("Bearer {}", jwt(u))))
+                    .set_json(serde_json::json!({"token": token}))
+                    .to_request()
+            },
+            |req| {
+                let res = rt.block_on(test::call_service(&service, req));
+                assert_eq!(res.status(), 202);
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+
+    rt.block_on(async {
+        shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), app.run_until_stopped()).await;
+        if let Ok(admin) =
+            sea_orm::Database::connect("postgres://postgres@127.0.0.1:5432/postgres").await
+        {
+            let _ = admin
+                .execute_unprepared(&format!(
+                    "drop database if exists \"{database}\" with (force)"
+                ))
+                .await;
+        }
+        if let Ok(pool) = seckill::redis::connect(&settings.redis, 1, Duration::from_secs(2)).await
+        {
+            let keys: Vec<String> = fred::prelude::ClientLike::custom(
+                pool.next(),
+                fred::cmd!("KEYS"),
+                vec![format!("{prefix}:*")],
+            )
+            .await
+            .unwrap_or_default();
+            if !keys.is_empty() {
+                let _: Result<i64, _> = fred::prelude::KeysInterface::del(&pool, keys).await;
+            }
+        }
+    });
+}
+
+criterion_group!(benches, bench_auth, bench_handler);
+criterion_main!(benches);
