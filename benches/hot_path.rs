@@ -203,6 +203,25 @@ fn bench_handler(c: &mut Criterion) {
                 ))
                 .await;
         }
+        if let Ok(conn) =
+            lapin::Connection::connect(&settings.amqp_url, lapin::ConnectionProperties::default())
+                .await
+        {
+            if let Ok(ch) = conn.create_channel().await {
+                for q in [
+                    settings.amqp_queue.clone(),
+                    format!("{}.dlq", settings.amqp_queue),
+                ] {
+                    let _ = ch
+                        .queue_delete(
+                            q.as_str().into(),
+                            lapin::options::QueueDeleteOptions::default(),
+                        )
+                        .await;
+                }
+            }
+            let _ = conn.close(200, "bench done".into()).await;
+        }
         if let Ok(pool) = seckill::redis::connect(&settings.redis, 1, Duration::from_secs(2)).await
         {
             let keys: Vec<String> = fred::prelude::ClientLike::custom(

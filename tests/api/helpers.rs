@@ -110,6 +110,7 @@ impl Names {
             let _ = delete_prefix(&client, prefix).await;
             let _ = client.quit().await;
         }
+        let _ = tokio::time::timeout(Duration::from_secs(5), delete_prefix_cluster(prefix)).await;
         if let Ok(conn) = lapin::Connection::connect(
             "amqp://guest:guest@127.0.0.1:5672/%2f",
             lapin::ConnectionProperties::default(),
@@ -129,6 +130,50 @@ impl Names {
             let _ = conn.close(200, "bye".into()).await;
         }
     }
+}
+
+/// The local test cluster (`scripts/redis-cluster start`).
+pub const CLUSTER_URL: &str = "redis-cluster://127.0.0.1:7000,127.0.0.1:7001,127.0.0.1:7002";
+
+/// Deletes every key under `prefix:` on every primary of the local cluster (if it runs).
+pub async fn delete_prefix_cluster(prefix: &str) -> anyhow::Result<()> {
+    if std::net::TcpStream::connect(("127.0.0.1", 7000)).is_err() {
+        return Ok(());
+    }
+    let settings = seckill::config::RedisSettings {
+        url: CLUSTER_URL.into(),
+        cluster: true,
+        prefix: prefix.into(),
+    };
+    let pool = seckill::redis::connect(&settings, 1, Duration::from_secs(3)).await?;
+    for node in pool.next().split_cluster()? {
+        node.init().await?;
+        let mut cursor = "0".to_owned();
+        loop {
+            let (next, keys): (String, Vec<String>) = node
+                .custom(
+                    fred::cmd!("SCAN"),
+                    vec![
+                        cursor.clone(),
+                        "MATCH".into(),
+                        format!("{prefix}:*"),
+                        "COUNT".into(),
+                        "1000".into(),
+                    ],
+                )
+                .await?;
+            for key in keys {
+                let _: i64 = pool.del(key).await?;
+            }
+            if next == "0" {
+                break;
+            }
+            cursor = next;
+        }
+        let _ = node.quit().await;
+    }
+    let _ = pool.quit().await;
+    Ok(())
 }
 
 /// Deletes every key under `prefix:`.

@@ -3,6 +3,7 @@
 
 mod helpers;
 
+mod cluster;
 mod faults;
 mod health;
 mod http_api;

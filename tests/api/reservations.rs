@@ -58,10 +58,12 @@ async fn setup(user_rate: &str, product_rate: &str) -> (RedisScope, Reservations
     (scope, r)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn five_thousand_attempts_by_a_thousand_users_on_stock_100_make_exactly_100_winners() {
-    let (scope, r) = setup("10/1s", "1000000/1s").await;
-    let p = product(1);
+/// 5,000 concurrent attempts by 1,000 users on stock 100 (shared by the cluster tests).
+pub async fn check_five_thousand_attempts(
+    pool: &fred::prelude::Pool,
+    r: &Reservations,
+    p: ProductId,
+) {
     r.preheat(&live_plan(p, 100)).await.unwrap();
 
     let tasks: Vec<_> = (0..5_000)
@@ -91,8 +93,7 @@ async fn five_thousand_attempts_by_a_thousand_users_on_stock_100_make_exactly_10
     assert_eq!(r.pending_count(p).await.unwrap(), 100);
 
     // The outbox holds exactly the winners.
-    let entries: Vec<(String, std::collections::HashMap<String, String>)> = scope
-        .pool
+    let entries: Vec<(String, std::collections::HashMap<String, String>)> = pool
         .xrange(r.keys().product(p).outbox, "-", "+", None)
         .await
         .unwrap();
@@ -104,10 +105,8 @@ async fn five_thousand_attempts_by_a_thousand_users_on_stock_100_make_exactly_10
     assert_eq!(outbox, winners.into_iter().collect::<HashSet<_>>());
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn one_user_with_a_thousand_concurrent_attempts_wins_once() {
-    let (_scope, r) = setup("100000/1s", "1000000/1s").await;
-    let p = product(2);
+/// One user, 1,000 concurrent attempts (shared by the cluster tests).
+pub async fn check_one_user_wins_once(r: &Reservations, p: ProductId) {
     r.preheat(&live_plan(p, 50)).await.unwrap();
     let tasks: Vec<_> = (0..1_000)
         .map(|_| {
@@ -139,10 +138,8 @@ async fn one_user_with_a_thousand_concurrent_attempts_wins_once() {
     assert_eq!(r.remaining(p).await.unwrap(), Some(49));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_hundred_concurrent_releases_return_exactly_one_unit_which_another_user_wins() {
-    let (_scope, r) = setup("10/1s", "1000000/1s").await;
-    let p = product(3);
+/// 100 concurrent releases of one reservation (shared by the cluster tests).
+pub async fn check_concurrent_releases(r: &Reservations, p: ProductId) {
     r.preheat(&live_plan(p, 1)).await.unwrap();
     let Outcome::Won {
         reservation_id,
@@ -199,6 +196,24 @@ async fn a_hundred_concurrent_releases_return_exactly_one_unit_which_another_use
         Released::AlreadyReturned
     );
     assert_eq!(r.remaining(p).await.unwrap(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn five_thousand_attempts_by_a_thousand_users_on_stock_100_make_exactly_100_winners() {
+    let (scope, r) = setup("10/1s", "1000000/1s").await;
+    check_five_thousand_attempts(&scope.pool, &r, product(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_user_with_a_thousand_concurrent_attempts_wins_once() {
+    let (_scope, r) = setup("100000/1s", "1000000/1s").await;
+    check_one_user_wins_once(&r, product(2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hundred_concurrent_releases_return_exactly_one_unit_which_another_user_wins() {
+    let (_scope, r) = setup("10/1s", "1000000/1s").await;
+    check_concurrent_releases(&r, product(3)).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
