@@ -507,6 +507,7 @@ impl Drop for Sibling {
 pub struct Proc {
     pub child: std::process::Child,
     pub http: Option<String>,
+    pub admin: String,
 }
 
 impl Proc {
@@ -540,6 +541,7 @@ impl Proc {
         Self {
             child,
             http: (cmd != "worker").then(|| format!("http://127.0.0.1:{port}")),
+            admin: format!("http://127.0.0.1:{admin}"),
         }
     }
 

@@ -12,3 +12,4 @@ mod pipeline;
 mod process;
 mod rate_limit;
 mod reservations;
+mod scale;
