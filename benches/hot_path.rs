@@ -14,10 +14,11 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+mod common;
+
 use actix_web::{App, test, web};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use sea_orm::ConnectionTrait;
 use seckill::{
     auth::Auth,
     config::{Secrets, Settings},
@@ -194,46 +195,11 @@ fn bench_handler(c: &mut Criterion) {
     rt.block_on(async {
         shutdown.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(10), app.run_until_stopped()).await;
-        if let Ok(admin) =
-            sea_orm::Database::connect("postgres://postgres@127.0.0.1:5432/postgres").await
-        {
-            let _ = admin
-                .execute_unprepared(&format!(
-                    "drop database if exists \"{database}\" with (force)"
-                ))
-                .await;
-        }
-        if let Ok(conn) =
-            lapin::Connection::connect(&settings.amqp_url, lapin::ConnectionProperties::default())
-                .await
-        {
-            if let Ok(ch) = conn.create_channel().await {
-                for q in [
-                    settings.amqp_queue.clone(),
-                    format!("{}.dlq", settings.amqp_queue),
-                ] {
-                    let _ = ch
-                        .queue_delete(
-                            q.as_str().into(),
-                            lapin::options::QueueDeleteOptions::default(),
-                        )
-                        .await;
-                }
-            }
-            let _ = conn.close(200, "bench done".into()).await;
-        }
+        common::drop_database(&database).await;
+        common::delete_queues(&settings.amqp_url, &settings.amqp_queue).await;
         if let Ok(pool) = seckill::redis::connect(&settings.redis, 1, Duration::from_secs(2)).await
         {
-            let keys: Vec<String> = fred::prelude::ClientLike::custom(
-                pool.next(),
-                fred::cmd!("KEYS"),
-                vec![format!("{prefix}:*")],
-            )
-            .await
-            .unwrap_or_default();
-            if !keys.is_empty() {
-                let _: Result<i64, _> = fred::prelude::KeysInterface::del(&pool, keys).await;
-            }
+            common::delete_keys(&pool, &prefix).await;
         }
     });
 }

@@ -10,6 +10,8 @@ use std::{
     time::Duration,
 };
 
+mod common;
+
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use sea_orm::ConnectionTrait;
 use seckill::{
@@ -89,25 +91,8 @@ fn bench_persist(c: &mut Criterion) {
     group.finish();
     rt.block_on(async {
         db.close().await.ok();
-        if let Ok(admin) =
-            sea_orm::Database::connect("postgres://postgres@127.0.0.1:5432/postgres").await
-        {
-            let _ = admin
-                .execute_unprepared(&format!(
-                    "drop database if exists \"{database}\" with (force)"
-                ))
-                .await;
-        }
-        let keys: Vec<String> = fred::prelude::ClientLike::custom(
-            pool.next(),
-            fred::cmd!("KEYS"),
-            vec![format!("{}:*", settings.redis.prefix)],
-        )
-        .await
-        .unwrap_or_default();
-        if !keys.is_empty() {
-            let _: Result<i64, _> = fred::prelude::KeysInterface::del(&pool, keys).await;
-        }
+        common::drop_database(&database).await;
+        common::delete_keys(&pool, &settings.redis.prefix).await;
     });
 }
 

@@ -11,6 +11,8 @@ use std::{
     time::Duration,
 };
 
+mod common;
+
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use seckill::{
     config::{RedisSettings, Settings},
@@ -84,19 +86,7 @@ fn bench_reserve(c: &mut Criterion) {
     });
     group.finish();
 
-    let cleanup = async {
-        let keys: Vec<String> = fred::prelude::ClientLike::custom(
-            pool.next(),
-            fred::cmd!("KEYS"),
-            vec![format!("{prefix}:*")],
-        )
-        .await
-        .unwrap_or_default();
-        if !keys.is_empty() {
-            let _: Result<i64, _> = fred::prelude::KeysInterface::del(&pool, keys).await;
-        }
-    };
-    rt.block_on(cleanup);
+    rt.block_on(common::delete_keys(&pool, &prefix));
 }
 
 criterion_group!(benches, bench_reserve);

@@ -62,15 +62,9 @@ pub fn run(cli: Cli) -> ExitCode {
             "SECKILL_DEV=1: using fixed DEVELOPMENT secrets for any of SECKILL_JWT_SECRET, SECKILL_ADMIN_TOKEN, SECKILL_TOKEN_SECRET left unset — never run like this in production"
         );
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("seckill: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let result = runtime.block_on(async move {
         let shutdown = CancellationToken::new();
@@ -111,15 +105,9 @@ fn loadtest(args: crate::loadtest::LoadtestArgs, settings: &Settings) -> ExitCod
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("seckill: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(crate::loadtest::run(args, &secrets)) {
         Ok(true) => ExitCode::SUCCESS,
@@ -132,6 +120,17 @@ fn loadtest(args: crate::loadtest::LoadtestArgs, settings: &Settings) -> ExitCod
             ExitCode::FAILURE
         }
     }
+}
+
+/// The multi-threaded tokio runtime, or the exit code for failing to build one.
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("seckill: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        })
 }
 
 /// Cancels `token` on SIGTERM or ctrl-c.

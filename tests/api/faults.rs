@@ -7,7 +7,7 @@ use std::{process::Command, time::Duration};
 
 use seckill::startup::Role;
 
-use crate::helpers::{TestApp, eventually, http_sale, pg_count};
+use crate::helpers::{TestApp, eventually, http_sale, pg_count, queue_len};
 
 fn run(cmd: &str, args: &[&str]) {
     let status = Command::new(cmd)
@@ -36,28 +36,6 @@ async fn orders(app: &TestApp, p: i64) -> i64 {
     .await
 }
 
-async fn dlq_len(queue: &str) -> u32 {
-    let conn = lapin::Connection::connect(
-        "amqp://guest:guest@127.0.0.1:5672/%2f",
-        lapin::ConnectionProperties::default(),
-    )
-    .await
-    .unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    let q = ch
-        .queue_declare(
-            format!("{queue}.dlq").as_str().into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    q.message_count()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "stops the shared RabbitMQ; run alone by scripts/test"]
 async fn rabbitmq_stopped_for_10_seconds_during_a_sale_loses_no_winner() {
@@ -79,7 +57,7 @@ async fn rabbitmq_stopped_for_10_seconds_during_a_sale_loses_no_winner() {
     })
     .await;
     assert!(all, "orders {} != winners {winners}", orders(&app, p).await);
-    assert_eq!(dlq_len(&app.iso.queue).await, 0);
+    assert_eq!(queue_len(&format!("{}.dlq", app.iso.queue)).await, 0);
     app.stop().await;
 }
 
@@ -128,6 +106,6 @@ async fn postgres_stopped_for_10_seconds_during_a_sale_loses_no_winner() {
     )
     .await;
     assert_eq!(sold, winners);
-    assert_eq!(dlq_len(&app.iso.queue).await, 0);
+    assert_eq!(queue_len(&format!("{}.dlq", app.iso.queue)).await, 0);
     app.stop().await;
 }

@@ -148,27 +148,9 @@ pub async fn delete_prefix_cluster(prefix: &str) -> anyhow::Result<()> {
     let pool = seckill::redis::connect(&settings, 1, Duration::from_secs(3)).await?;
     for node in pool.next().split_cluster()? {
         node.init().await?;
-        let mut cursor = "0".to_owned();
-        loop {
-            let (next, keys): (String, Vec<String>) = node
-                .custom(
-                    fred::cmd!("SCAN"),
-                    vec![
-                        cursor.clone(),
-                        "MATCH".into(),
-                        format!("{prefix}:*"),
-                        "COUNT".into(),
-                        "1000".into(),
-                    ],
-                )
-                .await?;
-            for key in keys {
-                let _: i64 = pool.del(key).await?;
-            }
-            if next == "0" {
-                break;
-            }
-            cursor = next;
+        // Keys of one node may still sit in different slots: delete them one by one.
+        for key in scan_prefix(&node, prefix).await? {
+            let _: i64 = pool.del(key).await?;
         }
         let _ = node.quit().await;
     }
@@ -176,8 +158,9 @@ pub async fn delete_prefix_cluster(prefix: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Deletes every key under `prefix:`.
-pub async fn delete_prefix(client: &Client, prefix: &str) -> anyhow::Result<()> {
+/// Every key under `prefix:` on the node `client` talks to.
+pub async fn scan_prefix(client: &Client, prefix: &str) -> anyhow::Result<Vec<String>> {
+    let mut found = Vec::new();
     let mut cursor = "0".to_owned();
     loop {
         let (next, keys): (String, Vec<String>) = client
@@ -192,14 +175,21 @@ pub async fn delete_prefix(client: &Client, prefix: &str) -> anyhow::Result<()> 
                 ],
             )
             .await?;
-        if !keys.is_empty() {
-            let _: i64 = client.del(keys).await?;
-        }
+        found.extend(keys);
         if next == "0" {
-            return Ok(());
+            return Ok(found);
         }
         cursor = next;
     }
+}
+
+/// Deletes every key under `prefix:`.
+pub async fn delete_prefix(client: &Client, prefix: &str) -> anyhow::Result<()> {
+    let keys = scan_prefix(client, prefix).await?;
+    if !keys.is_empty() {
+        let _: i64 = client.del(keys).await?;
+    }
+    Ok(())
 }
 
 /// A Redis pool plus a key prefix of its own, emptied on drop.
@@ -576,6 +566,30 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// Messages ready in a queue (passive declare on a fresh connection).
+pub async fn queue_len(queue: &str) -> u32 {
+    let conn = lapin::Connection::connect(
+        "amqp://guest:guest@127.0.0.1:5672/%2f",
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let _ = conn.close(200, "bye".into()).await;
+    q.message_count()
 }
 
 /// Polls `check` every 50 ms until it returns true or `limit` passes.

@@ -569,6 +569,7 @@ async fn the_openapi_document_is_openapi_3_and_lists_every_route() {
         ("/api/v1/products/{id}/token", "post"),
         ("/api/v1/products/{id}/reservations", "post"),
         ("/api/v1/products/{id}/reservations/me", "get"),
+        ("/api/v1/products/{id}/reservations/me/events", "get"),
         ("/api/v1/orders/{order_id}/pay", "post"),
         ("/api/v1/orders/{order_id}/cancel", "post"),
         ("/api/v1/admin/products", "post"),

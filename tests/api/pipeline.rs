@@ -17,7 +17,9 @@ use seckill::{
 };
 use serde_json::{Value, json};
 
-use crate::helpers::{Isolation, Proc, Sibling, TestApp, eventually, http_sale, jwt, pg_count};
+use crate::helpers::{
+    Isolation, Proc, Sibling, TestApp, eventually, http_sale, jwt, pg_count, queue_len,
+};
 
 fn reservations_of(app: &TestApp) -> Reservations {
     Reservations::new(
@@ -88,20 +90,6 @@ async fn publish_raw(ch: &lapin::Channel, queue: &str, body: &[u8]) {
     .unwrap()
     .await
     .unwrap();
-}
-
-async fn queue_len(ch: &lapin::Channel, queue: &str) -> u32 {
-    ch.queue_declare(
-        queue.into(),
-        QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap()
-    .message_count()
 }
 
 /// Redis remaining + won-but-not-persisted + live orders, and the stock.
@@ -270,7 +258,7 @@ async fn the_same_message_delivered_twice_makes_one_order() {
     // Wait until the worker drained the queue, then check.
     assert!(
         eventually(Duration::from_secs(5), || async {
-            queue_len(&ch, &app.iso.queue).await == 0
+            queue_len(&app.iso.queue).await == 0
         })
         .await
     );
@@ -320,7 +308,7 @@ async fn a_poison_message_lands_in_the_dlq_and_does_not_block_the_queue() {
     let dlq = format!("{}.dlq", app.iso.queue);
     assert!(
         eventually(Duration::from_secs(5), || async {
-            queue_len(&ch, &dlq).await == 2
+            queue_len(&dlq).await == 2
         })
         .await
     );
