@@ -312,12 +312,22 @@ async fn a_poison_message_lands_in_the_dlq_and_does_not_block_the_queue() {
         })
         .await
     );
-    let dead = ch
-        .basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: true })
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(&dead.delivery.data[..], b"{this is not an order");
+    // Consumers run in parallel, so the two may be dead-lettered in either order.
+    let mut dead = HashSet::new();
+    for _ in 0..2 {
+        let got = ch
+            .basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+            .unwrap();
+        dead.insert(got.delivery.data.clone());
+    }
+    let expected: HashSet<Vec<u8>> = [
+        b"{this is not an order".to_vec(),
+        br#"{"v":99,"anything":true}"#.to_vec(),
+    ]
+    .into();
+    assert_eq!(dead, expected);
     app.stop().await;
 }
 
