@@ -29,6 +29,9 @@ static PREHEAT: &str = include_str!("../lua/preheat.lua");
 static PAUSE: &str = include_str!("../lua/pause.lua");
 static STATUS: &str = include_str!("../lua/status.lua");
 
+/// Statuses recorded per `status.lua` call.
+const STATUS_CHUNK: usize = 500;
+
 /// Buyers are loaded into Redis this many at a time before a preheat.
 const BUYER_CHUNK: usize = 1_000;
 
@@ -333,27 +336,43 @@ impl Reservations {
         user: UserId,
         view: &crate::orders::ReservationView,
     ) -> Result<bool, Unavailable> {
-        let rank = match view.status.as_str() {
-            "pending" => 0,
-            "confirmed" => 1,
-            _ => 2,
-        };
+        Ok(self.record_statuses(product, &[(user, view)]).await? == 1)
+    }
+
+    /// [`Self::record_status`] for many reservations of one product in one script call
+    /// (chunked); returns how many changed.
+    pub async fn record_statuses(
+        &self,
+        product: ProductId,
+        updates: &[(UserId, &crate::orders::ReservationView)],
+    ) -> Result<i64, Unavailable> {
         let k = self.keys.product(product);
-        let changed: i64 = self
-            .status
-            .evalsha_with_reload(
-                self.pool.next(),
-                vec![k.status, k.pending],
-                vec![
-                    view.reservation_id.to_string(),
-                    view.to_json(),
-                    rank.to_string(),
-                    self.keys.events(),
-                    status_event(product, user),
-                ],
-            )
-            .await?;
-        Ok(changed == 1)
+        let mut changed = 0;
+        for chunk in updates.chunks(STATUS_CHUNK) {
+            let mut args = Vec::with_capacity(1 + chunk.len() * 4);
+            args.push(self.keys.events());
+            for (user, view) in chunk {
+                let rank = match view.status.as_str() {
+                    "pending" => 0,
+                    "confirmed" => 1,
+                    _ => 2,
+                };
+                args.push(view.reservation_id.to_string());
+                args.push(view.to_json());
+                args.push(rank.to_string());
+                args.push(status_event(product, *user));
+            }
+            let n: i64 = self
+                .status
+                .evalsha_with_reload(
+                    self.pool.next(),
+                    vec![k.status.clone(), k.pending.clone()],
+                    args,
+                )
+                .await?;
+            changed += n;
+        }
+        Ok(changed)
     }
 
     /// Tells the user's SSE streams to look again.

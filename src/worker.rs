@@ -161,16 +161,24 @@ pub async fn process_batch(
                 .map(|o| (o.product_id, o.user_id, ReservationView::of_order(o))),
         );
     }
-    // One status write per order, all in flight together (fred pipelines them).
-    let writes = views.iter().filter_map(|(product, user, view)| {
-        let product = crate::domain::ProductId::try_from(*product).ok()?;
-        let user = crate::domain::UserId::try_from(*user).ok()?;
-        Some(async move { reservations.record_status(product, user, view).await })
-    });
-    futures_util::future::try_join_all(writes)
-        .await
-        .map_err(|e| anyhow::anyhow!(e))
-        .context("recording order status in Redis")?;
+    // One status script call per product in the batch (usually one).
+    let mut per_product: HashMap<i64, Vec<(crate::domain::UserId, &ReservationView)>> =
+        HashMap::new();
+    for (product, user, view) in &views {
+        if let Ok(user) = crate::domain::UserId::try_from(*user) {
+            per_product.entry(*product).or_default().push((user, view));
+        }
+    }
+    for (product, updates) in per_product {
+        let Ok(product) = crate::domain::ProductId::try_from(product) else {
+            continue;
+        };
+        reservations
+            .record_statuses(product, &updates)
+            .await
+            .map_err(|e| anyhow::anyhow!(e))
+            .context("recording order status in Redis")?;
+    }
     Ok(BatchOutcome {
         inserted,
         duplicates: batch.len() - inserted,
