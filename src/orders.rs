@@ -237,7 +237,7 @@ pub async fn close(
     }
     txn.commit().await.context("committing the close")?;
     if let Some(o) = &closed {
-        return_unit(db, reservations, o).await?;
+        return_unit_or_defer(db, reservations, o).await;
     }
     Ok(closed)
 }
@@ -258,10 +258,23 @@ pub async fn cancel(
     match o.status.as_str() {
         "cancelled" => {
             // Finish a release an earlier attempt may not have completed (idempotent).
-            return_unit(db, reservations, &o).await?;
+            return_unit_or_defer(db, reservations, &o).await;
             Ok(o)
         }
         other => Err(OrderError::Closed(other.into())),
+    }
+}
+
+/// [`return_unit`], or — when Redis or Postgres does not answer — a warning: the order is
+/// already closed in Postgres (which is what the caller is told), and the sweeper's reconciler
+/// returns the unit within seconds once they answer again.
+pub async fn return_unit_or_defer(
+    db: &DatabaseConnection,
+    reservations: &Reservations,
+    o: &orders::Model,
+) {
+    if let Err(e) = return_unit(db, reservations, o).await {
+        tracing::warn!(order_id = %o.order_id, error = %format!("{e:#}"), "unit not returned yet; the reconciler will return it");
     }
 }
 

@@ -354,6 +354,14 @@ async fn redis_unreachable_answers_503_unavailable() {
     .await;
     let p = app.live_product(5).await;
     let token = app.fetch_token(1, p).await;
+    // An open order, so a cancel can be tried while Redis is down.
+    let won: Value = app
+        .reserve(2, p, &app.fetch_token(2, p).await)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let order = persist_as_worker(&app, 2, p, won["reservation_id"].as_str().unwrap(), 900).await;
     redis.kill().unwrap();
     redis.wait().unwrap();
     let started = std::time::Instant::now();
@@ -365,6 +373,25 @@ async fn redis_unreachable_answers_503_unavailable() {
     );
     let ready = app.get("/readyz").await;
     assert_eq!(ready.status(), 503);
+    // The cancel is recorded in Postgres and answered; the unit goes back once Redis answers
+    // (the sweeper's reconciler), not a 5xx now.
+    let cancelled = app
+        .user_post(2, &format!("/api/v1/orders/{order}/cancel"))
+        .await;
+    assert_eq!(cancelled.status(), 200);
+    assert_eq!(
+        cancelled.json::<Value>().await.unwrap()["status"],
+        "cancelled"
+    );
+    let unreleased = crate::helpers::pg_count(
+        &app.deps.db,
+        &format!("select count(*) from orders where order_id = '{order}' and released_at is null"),
+    )
+    .await;
+    assert_eq!(
+        unreleased, 1,
+        "released_at is set only once the unit is really back"
+    );
     app.stop().await;
 }
 
