@@ -203,29 +203,20 @@ pub async fn pay(
     }
 }
 
-/// Closes a `pending_payment` order as `cancelled` or `expired` (guarded, so only one closer
-/// wins), decrements `product.sold` in the same transaction, then returns the unit.
-pub async fn close(
+/// Cancels the user's `pending_payment` order (guarded, so only one closer wins: a racing
+/// payment or expiry leaves it alone), decrements `product.sold` in the same transaction, then
+/// returns the unit.
+async fn cancel_open(
     db: &DatabaseConnection,
     reservations: &Reservations,
     order_id: Uuid,
-    user: Option<UserId>,
-    status: &str,
+    user: UserId,
 ) -> Result<Option<orders::Model>, OrderError> {
-    let txn = db.begin().await.context("beginning the close")?;
-    let mut sql = String::from(
-        "update orders set status = $2, closed_at = now() where order_id = $1 and status = 'pending_payment'",
-    );
-    let mut values: Vec<sea_orm::Value> = vec![order_id.into(), status.into()];
-    if let Some(u) = user {
-        sql.push_str(" and user_id = $3");
-        values.push(u.get().into());
-    }
-    if status == "expired" {
-        sql.push_str(" and expires_at <= now()");
-    }
-    sql.push_str(" returning *");
-    let closed = one(&txn, &sql, values).await?;
+    let txn = db.begin().await.context("beginning the cancel")?;
+    let sql = "update orders set status = 'cancelled', closed_at = now() \
+               where order_id = $1 and user_id = $2 and status = 'pending_payment' returning *";
+    let values: Vec<sea_orm::Value> = vec![order_id.into(), user.get().into()];
+    let closed = one(&txn, sql, values).await?;
     if let Some(o) = &closed {
         txn.execute_raw(Statement::from_sql_and_values(
             txn.get_database_backend(),
@@ -235,7 +226,7 @@ pub async fn close(
         .await
         .context("decrementing sold")?;
     }
-    txn.commit().await.context("committing the close")?;
+    txn.commit().await.context("committing the cancel")?;
     if let Some(o) = &closed {
         return_unit_or_defer(db, reservations, o).await;
     }
@@ -249,7 +240,7 @@ pub async fn cancel(
     order_id: Uuid,
     user: UserId,
 ) -> Result<orders::Model, OrderError> {
-    if let Some(o) = close(db, reservations, order_id, Some(user), "cancelled").await? {
+    if let Some(o) = cancel_open(db, reservations, order_id, user).await? {
         return Ok(o);
     }
     let o = find_owned(db, order_id, user)

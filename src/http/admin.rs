@@ -71,11 +71,6 @@ impl From<&product::Model> for AdminProduct {
     }
 }
 
-fn unavailable(e: impl std::fmt::Display) -> ApiError {
-    tracing::warn!(error = %e, "Redis unavailable");
-    ApiError::Unavailable
-}
-
 /// Creates a product.
 #[utoipa::path(
     request_body = CreateProduct,
@@ -136,9 +131,9 @@ pub async fn get_product(
         .ok_or(ApiError::ProductNotFound)?;
     let r = &ctx.reservations;
     let mut view = AdminProduct::from(&p);
-    view.preheated = Some(r.is_preheated(id).await.map_err(unavailable)?);
-    view.remaining = r.remaining(id).await.map_err(unavailable)?;
-    view.pending = Some(r.pending_count(id).await.map_err(unavailable)?);
+    view.preheated = Some(r.is_preheated(id).await?);
+    view.remaining = r.remaining(id).await?;
+    view.pending = Some(r.pending_count(id).await?);
     Ok(HttpResponse::Ok().json(view))
 }
 
@@ -215,7 +210,7 @@ pub async fn preheat(
         }
         Err(PreheatError::NotFound) => Err(ApiError::ProductNotFound),
         Err(PreheatError::AlreadyLive) => Err(ApiError::AlreadyLive),
-        Err(PreheatError::Unavailable(e)) => Err(unavailable(e)),
+        Err(PreheatError::Unavailable(e)) => Err(e.into()),
         Err(PreheatError::Unexpected(e)) => Err(ApiError::Unexpected(e)),
     }
 }

@@ -150,6 +150,14 @@ impl ApiError {
     }
 }
 
+/// Redis did not answer: logged here, `503 unavailable` to the client (one place for both).
+impl From<crate::reservations::Unavailable> for ApiError {
+    fn from(e: crate::reservations::Unavailable) -> Self {
+        tracing::warn!(error = %e, "Redis unavailable");
+        ApiError::Unavailable
+    }
+}
+
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {

@@ -58,11 +58,6 @@ pub struct PublicProduct {
     pub remaining: i64,
 }
 
-fn unavailable(e: impl std::fmt::Display) -> ApiError {
-    tracing::warn!(error = %e, "Redis unavailable");
-    ApiError::Unavailable
-}
-
 /// A product and where its sale stands.
 #[utoipa::path(
     params(("id" = String, Path, description = "product id")),
@@ -82,7 +77,7 @@ pub async fn product_view(
     let product = crate::products::find(&ctx.deps.db, id)
         .await?
         .ok_or(ApiError::ProductNotFound)?;
-    let remaining = match ctx.reservations.remaining(id).await.map_err(unavailable)? {
+    let remaining = match ctx.reservations.remaining(id).await? {
         Some(r) => r,
         None => i64::from(product.stock - product.sold),
     };
@@ -261,11 +256,7 @@ pub async fn reserve(
         return Err(ApiError::InvalidToken);
     }
     let ticket = ctx.soldout.ticket();
-    let decision = ctx
-        .reservations
-        .reserve(user.0, id)
-        .await
-        .map_err(unavailable)?;
+    let decision = ctx.reservations.reserve(user.0, id).await?;
     metrics.decided(decision.outcome.label());
     match decision.outcome {
         Outcome::SoldOut | Outcome::Won { remaining: 0, .. } => ctx.soldout.mark(id, ticket),
@@ -314,16 +305,8 @@ pub async fn reservation_view(
     user: crate::domain::UserId,
     id: ProductId,
 ) -> Result<Option<ReservationView>, ApiError> {
-    if let Some(rid) = ctx
-        .reservations
-        .reservation_of(id, user)
-        .await
-        .map_err(unavailable)?
-        && let Some(raw) = ctx
-            .reservations
-            .status_of(id, rid)
-            .await
-            .map_err(unavailable)?
+    if let Some(rid) = ctx.reservations.reservation_of(id, user).await?
+        && let Some(raw) = ctx.reservations.status_of(id, rid).await?
         && let Some(view) = ReservationView::from_redis(rid, &raw)
     {
         return Ok(Some(view));
