@@ -17,6 +17,7 @@ use std::{
 mod common;
 
 use actix_web::{App, test, web};
+use common::{ADMIN_TOKEN, JWT_SECRET, PG, SECRET_VARS, TOKEN_SECRET};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use seckill::{
@@ -33,13 +34,11 @@ use seckill::{
 use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 
-const JWT: &str = "bench-jwt-secret-0123456789";
-
 fn secrets() -> Secrets {
     Secrets {
-        jwt_secret: SecretString::from(JWT),
-        admin_token: SecretString::from("bench-admin-token-0123456789"),
-        token_secret: SecretString::from("bench-token-secret-0123456789"),
+        jwt_secret: SecretString::from(JWT_SECRET),
+        admin_token: SecretString::from(ADMIN_TOKEN),
+        token_secret: SecretString::from(TOKEN_SECRET),
     }
 }
 
@@ -52,7 +51,7 @@ fn jwt(user: i64) -> String {
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
         &serde_json::json!({"sub": user.to_string(), "exp": exp}),
-        &EncodingKey::from_secret(JWT.as_bytes()),
+        &EncodingKey::from_secret(JWT_SECRET.as_bytes()),
     )
     .expect("jwt")
 }
@@ -87,26 +86,19 @@ fn bench_handler(c: &mut Criterion) {
     let vars = [
         ("SECKILL_HTTP_ADDR", "127.0.0.1:0".to_owned()),
         ("SECKILL_ADMIN_ADDR", "127.0.0.1:0".to_owned()),
-        (
-            "SECKILL_DATABASE_URL",
-            format!("postgres://postgres@127.0.0.1:5432/{database}"),
-        ),
+        ("SECKILL_DATABASE_URL", format!("{PG}/{database}")),
         ("SECKILL_REDIS_PREFIX", prefix.clone()),
         ("SECKILL_AMQP_QUEUE", format!("bench.{tag}")),
-        ("SECKILL_JWT_SECRET", JWT.to_owned()),
-        (
-            "SECKILL_ADMIN_TOKEN",
-            "bench-admin-token-0123456789".to_owned(),
-        ),
-        (
-            "SECKILL_TOKEN_SECRET",
-            "bench-token-secret-0123456789".to_owned(),
-        ),
         ("SECKILL_USER_RATE", "1000/1s".to_owned()),
         ("SECKILL_PRODUCT_RATE", "1000000000/1s".to_owned()),
     ];
-    let settings = Settings::from_vars(vars.iter().map(|(k, v)| (k.to_string(), v.clone())))
-        .expect("settings");
+    let secret_vars = SECRET_VARS.map(|(k, v)| (k, v.to_owned()));
+    let settings = Settings::from_vars(
+        vars.iter()
+            .chain(&secret_vars)
+            .map(|(k, v)| (k.to_string(), v.clone())),
+    )
+    .expect("settings");
     let shutdown = CancellationToken::new();
     let app = match rt.block_on(async {
         tokio::time::timeout(
@@ -196,7 +188,7 @@ fn bench_handler(c: &mut Criterion) {
         shutdown.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(10), app.run_until_stopped()).await;
         common::drop_database(&database).await;
-        common::delete_queues(&settings.amqp_url, &settings.amqp_queue).await;
+        common::delete_queues(&settings.amqp_queue).await;
         if let Ok(pool) = seckill::redis::connect(&settings.redis, 1, Duration::from_secs(2)).await
         {
             common::delete_keys(&pool, &prefix).await;
