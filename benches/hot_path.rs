@@ -21,15 +21,18 @@ use common::{ADMIN_TOKEN, JWT_SECRET, PG, SECRET_VARS, TOKEN_SECRET};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use seckill::{
+    amqp::Broker,
     auth::Auth,
     config::{Secrets, Settings},
     domain::{ProductId, UserId},
+    events::Events,
     http::{Ctx, configure_public},
     keys::Keys,
+    metrics::Metrics,
     products::{self, NewProduct},
     reservations::Reservations,
     soldout::SoldOutCache,
-    startup::{Application, Role},
+    startup::{Application, Deps, Role},
 };
 use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
@@ -117,9 +120,14 @@ fn bench_handler(c: &mut Criterion) {
             return;
         }
     };
-    let deps = app.deps();
+    // Pools of the bench's own (the app has created and migrated the database by now).
+    let (db, redis) = rt.block_on(async {
+        let db = seckill::db::connect(&settings.database_url, 16).await;
+        let redis = seckill::redis::connect(&settings.redis, 4, Duration::from_secs(5)).await;
+        (db.expect("Postgres pool"), redis.expect("Redis pool"))
+    });
     let reservations = Reservations::new(
-        deps.redis.clone(),
+        redis.clone(),
         Keys::new(prefix.clone()),
         settings.user_rate,
         settings.product_rate,
@@ -127,7 +135,7 @@ fn bench_handler(c: &mut Criterion) {
     let product = rt.block_on(async {
         let now = chrono::Utc::now();
         let p = products::create(
-            &deps.db,
+            &db,
             &NewProduct {
                 name: "bench".into(),
                 stock: 10_000_000,
@@ -139,14 +147,25 @@ fn bench_handler(c: &mut Criterion) {
         .await
         .expect("product");
         let id = ProductId::try_from(p.product_id).expect("id");
-        products::preheat(&deps.db, &reservations, id, false)
+        products::preheat(&db, &reservations, id, false)
             .await
             .expect("preheat");
         id
     });
+    // The handlers' context, as the app wires it, over the bench's own pools.
+    let deps = rt.block_on(async {
+        Deps {
+            settings: Arc::new(settings.clone()),
+            redis: redis.clone(),
+            db: db.clone(),
+            broker: Broker::start(&settings.amqp_url, shutdown.child_token()),
+            metrics: Arc::new(Metrics::new().expect("metrics")),
+            events: Events::new(),
+        }
+    });
     let ctx = web::Data::new(
         Ctx::new(
-            deps.clone(),
+            Arc::new(deps),
             reservations,
             Arc::new(SoldOutCache::default()),
         )
@@ -187,12 +206,11 @@ fn bench_handler(c: &mut Criterion) {
     rt.block_on(async {
         shutdown.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(10), app.run_until_stopped()).await;
+        db.close().await.ok();
         common::drop_database(&database).await;
         common::delete_queues(&settings.amqp_queue).await;
-        if let Ok(pool) = seckill::redis::connect(&settings.redis, 1, Duration::from_secs(2)).await
-        {
-            common::delete_keys(&pool, &prefix).await;
-        }
+        common::delete_keys(&redis, &prefix).await;
+        let _ = fred::prelude::ClientLike::quit(&redis).await;
     });
 }
 
