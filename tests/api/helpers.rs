@@ -2,7 +2,7 @@
 #![allow(dead_code)] // each test module uses its own part of the harness
 //! isolated by its own database name, Redis key prefix and queue name; cleans up on drop.
 
-use std::{sync::Arc, time::Duration};
+use std::{process::Stdio, sync::Arc, time::Duration};
 
 use fred::prelude::*;
 use seckill::{
@@ -11,7 +11,10 @@ use seckill::{
 };
 use tokio_util::sync::CancellationToken;
 
-pub const PG: &str = "postgres://postgres@127.0.0.1:5432";
+pub use crate::services::{
+    ADMIN_TOKEN, JWT_SECRET, PG, SECRET_VARS, TOKEN_SECRET, amqp_channel, delete_queues,
+    drop_database,
+};
 
 /// Names unique to one test.
 #[derive(Debug)]
@@ -36,29 +39,25 @@ impl Isolation {
         format!("{PG}/{}", self.database)
     }
 
-    /// Settings for this test; `extra` overrides (e.g. `SECKILL_USER_RATE`).
-    pub fn settings(&self, extra: &[(&str, &str)]) -> Settings {
-        let mut vars: Vec<(String, String)> = vec![
-            ("SECKILL_HTTP_ADDR".into(), "127.0.0.1:0".into()),
-            ("SECKILL_ADMIN_ADDR".into(), "127.0.0.1:0".into()),
+    /// The `SECKILL_*` variables of this test's deployment, listening on `http` and `admin`.
+    pub fn vars(&self, http: &str, admin: &str) -> Vec<(String, String)> {
+        let mut vars = vec![
+            ("SECKILL_HTTP_ADDR".into(), http.into()),
+            ("SECKILL_ADMIN_ADDR".into(), admin.into()),
             ("SECKILL_DATABASE_URL".into(), self.database_url()),
             ("SECKILL_REDIS_PREFIX".into(), self.prefix.clone()),
             ("SECKILL_AMQP_QUEUE".into(), self.queue.clone()),
-            (
-                "SECKILL_JWT_SECRET".into(),
-                "test-jwt-secret-0123456789".into(),
-            ),
-            (
-                "SECKILL_ADMIN_TOKEN".into(),
-                "test-admin-token-0123456789".into(),
-            ),
-            (
-                "SECKILL_TOKEN_SECRET".into(),
-                "test-token-secret-0123456789".into(),
-            ),
-            // One loopback address stands for thousands of shoppers in these tests.
-            ("SECKILL_IP_RATE".into(), "1000000/1s".into()),
         ];
+        vars.extend(SECRET_VARS.map(|(k, v)| (k.into(), v.into())));
+        // One loopback address stands for thousands of shoppers in these tests.
+        vars.push(("SECKILL_IP_RATE".into(), "1000000/1s".into()));
+        vars
+    }
+
+    /// Settings for this test (ports chosen by the OS); `extra` overrides (e.g.
+    /// `SECKILL_USER_RATE`).
+    pub fn settings(&self, extra: &[(&str, &str)]) -> Settings {
+        let mut vars = self.vars("127.0.0.1:0", "127.0.0.1:0");
         for (k, v) in extra {
             vars.retain(|(key, _)| key != k);
             vars.push((k.to_string(), v.to_string()));
@@ -96,39 +95,14 @@ struct Names(String, String, String);
 impl Names {
     async fn cleanup(&self) {
         let Names(database, prefix, queue) = self;
-        if let Ok(admin) = sea_orm::Database::connect(format!("{PG}/postgres")).await {
-            use sea_orm::ConnectionTrait;
-            let _ = admin
-                .execute_unprepared(&format!(
-                    "drop database if exists \"{database}\" with (force)"
-                ))
-                .await;
-            let _ = admin.close().await;
-        }
+        drop_database(database).await;
         let client = Client::default();
         if client.init().await.is_ok() {
             let _ = delete_prefix(&client, prefix).await;
             let _ = client.quit().await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(5), delete_prefix_cluster(prefix)).await;
-        if let Ok(conn) = lapin::Connection::connect(
-            "amqp://guest:guest@127.0.0.1:5672/%2f",
-            lapin::ConnectionProperties::default(),
-        )
-        .await
-        {
-            if let Ok(ch) = conn.create_channel().await {
-                for q in [queue.clone(), format!("{queue}.dlq")] {
-                    let _ = ch
-                        .queue_delete(
-                            q.as_str().into(),
-                            lapin::options::QueueDeleteOptions::default(),
-                        )
-                        .await;
-                }
-            }
-            let _ = conn.close(200, "bye".into()).await;
-        }
+        delete_queues(queue).await;
     }
 }
 
@@ -278,10 +252,6 @@ impl TestApp {
             .unwrap()
     }
 }
-
-pub const JWT_SECRET: &str = "test-jwt-secret-0123456789";
-pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
-pub const TOKEN_SECRET: &str = "test-token-secret-0123456789";
 
 fn epoch_secs() -> u64 {
     std::time::SystemTime::now()
@@ -493,6 +463,18 @@ impl Drop for Sibling {
     }
 }
 
+/// The `seckill` binary, without the runner's `SECKILL_*` variables and with no stdin.
+pub fn seckill_command() -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_seckill"));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("SECKILL_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
 /// A real `seckill` process of this deployment; killed (SIGKILL) on drop.
 pub struct Proc {
     pub child: std::process::Child,
@@ -505,29 +487,15 @@ impl Proc {
     pub fn start(iso: &Isolation, cmd: &str, extra: &[(&str, &str)]) -> Self {
         let port = free_port();
         let admin = free_port();
-        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_seckill"));
-        for (key, _) in std::env::vars() {
-            if key.starts_with("SECKILL_") {
-                c.env_remove(key);
-            }
-        }
-        c.arg(cmd)
-            .env("SECKILL_HTTP_ADDR", format!("127.0.0.1:{port}"))
-            .env("SECKILL_ADMIN_ADDR", format!("127.0.0.1:{admin}"))
-            .env("SECKILL_DATABASE_URL", iso.database_url())
-            .env("SECKILL_REDIS_PREFIX", &iso.prefix)
-            .env("SECKILL_AMQP_QUEUE", &iso.queue)
-            .env("SECKILL_JWT_SECRET", JWT_SECRET)
-            .env("SECKILL_ADMIN_TOKEN", ADMIN_TOKEN)
-            .env("SECKILL_TOKEN_SECRET", TOKEN_SECRET)
-            .env("SECKILL_IP_RATE", "1000000/1s")
+        let addr = |port| format!("127.0.0.1:{port}");
+        let child = seckill_command()
+            .arg(cmd)
+            .envs(iso.vars(&addr(port), &addr(admin)))
             .env("RUST_LOG", "warn")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null());
-        for (k, v) in extra {
-            c.env(k, v);
-        }
-        let child = c.spawn().expect("seckill binary");
+            .envs(extra.iter().copied())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("seckill binary");
         Self {
             child,
             http: (cmd != "worker").then(|| format!("http://127.0.0.1:{port}")),
@@ -568,26 +536,23 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Messages ready in a queue (passive declare on a fresh connection).
-pub async fn queue_len(queue: &str) -> u32 {
-    let conn = lapin::Connection::connect(
-        "amqp://guest:guest@127.0.0.1:5672/%2f",
-        lapin::ConnectionProperties::default(),
+/// A passive declare: the queue as the broker has it, or an error if it does not exist.
+pub async fn passive_declare(ch: &lapin::Channel, queue: &str) -> lapin::Result<lapin::Queue> {
+    ch.queue_declare(
+        queue.into(),
+        lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        lapin::types::FieldTable::default(),
     )
     .await
-    .unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    let q = ch
-        .queue_declare(
-            queue.into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
-        .await
-        .unwrap();
+}
+
+/// Messages ready in a queue (on a fresh connection).
+pub async fn queue_len(queue: &str) -> u32 {
+    let (conn, ch) = amqp_channel().await.unwrap();
+    let q = passive_declare(&ch, queue).await.unwrap();
     let _ = conn.close(200, "bye".into()).await;
     q.message_count()
 }

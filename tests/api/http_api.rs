@@ -9,7 +9,9 @@ use seckill::{
 };
 use serde_json::{Value, json};
 
-use crate::helpers::{ADMIN_TOKEN, TestApp, assert_problem, at, jwt, purchase_token, sign};
+use crate::helpers::{
+    ADMIN_TOKEN, JWT_SECRET, TestApp, assert_problem, at, jwt, purchase_token, sign,
+};
 
 fn generous() -> [(&'static str, &'static str); 1] {
     [("SECKILL_USER_RATE", "1000/1s")]
@@ -415,13 +417,10 @@ async fn bad_input_is_always_a_4xx_with_the_right_code_and_the_server_keeps_serv
         json!({"sub": "1", "exp": now + 600}),
         "not-the-secret-0123456789",
     );
-    let expired = sign(
-        json!({"sub": "1", "exp": now - 600}),
-        crate::helpers::JWT_SECRET,
-    );
+    let expired = sign(json!({"sub": "1", "exp": now - 600}), JWT_SECRET);
     let future_nbf = sign(
         json!({"sub": "1", "exp": now + 600, "nbf": now + 300}),
-        crate::helpers::JWT_SECRET,
+        JWT_SECRET,
     );
     let reserve_url = format!("{}/api/v1/products/{p}/reservations", app.http);
     let huge = format!("{{\"token\":\"{}\"}}", "a".repeat(1 << 20));

@@ -6,8 +6,7 @@ use fred::prelude::*;
 use futures_util::{StreamExt, stream};
 use lapin::{
     BasicProperties,
-    options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions},
-    types::FieldTable,
+    options::{BasicGetOptions, BasicPublishOptions},
 };
 use seckill::{
     domain::{ProductId, UserId},
@@ -18,7 +17,8 @@ use seckill::{
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    Isolation, Proc, Sibling, TestApp, eventually, http_sale, jwt, pg_count, queue_len,
+    Isolation, Proc, Sibling, TestApp, amqp_channel, eventually, http_sale, jwt, passive_declare,
+    pg_count, queue_len,
 };
 
 fn reservations_of(app: &TestApp) -> Reservations {
@@ -65,17 +65,6 @@ async fn winners_via_script(
         .buffer_unordered(64)
         .collect()
         .await
-}
-
-async fn amqp_channel() -> (lapin::Connection, lapin::Channel) {
-    let conn = lapin::Connection::connect(
-        "amqp://guest:guest@127.0.0.1:5672/%2f",
-        lapin::ConnectionProperties::default(),
-    )
-    .await
-    .unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    (conn, ch)
 }
 
 async fn publish_raw(ch: &lapin::Channel, queue: &str, body: &[u8]) {
@@ -251,7 +240,7 @@ async fn the_same_message_delivered_twice_makes_one_order() {
 
     let message = json!({"v": 1, "reservation_id": rid, "user_id": 1, "product_id": p,
                          "reserved_at": chrono::Utc::now().to_rfc3339()});
-    let (_conn, ch) = amqp_channel().await;
+    let (_conn, ch) = amqp_channel().await.unwrap();
     for _ in 0..2 {
         publish_raw(&ch, &app.iso.queue, message.to_string().as_bytes()).await;
     }
@@ -277,24 +266,15 @@ async fn the_same_message_delivered_twice_makes_one_order() {
 async fn a_poison_message_lands_in_the_dlq_and_does_not_block_the_queue() {
     let app = TestApp::spawn().await;
     let p = app.live_product(5).await;
-    let (_conn, ch) = amqp_channel().await;
+    let (_conn, ch) = amqp_channel().await.unwrap();
     // The queue exists once the relay or worker declared it.
     assert!(
         eventually(Duration::from_secs(5), || async {
-            ch.queue_declare(
-                app.iso.queue.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .is_ok()
+            passive_declare(&ch, &app.iso.queue).await.is_ok()
         })
         .await
     );
-    let (_conn, ch) = amqp_channel().await;
+    let (_conn, ch) = amqp_channel().await.unwrap();
     publish_raw(&ch, &app.iso.queue, b"{this is not an order").await;
     publish_raw(&ch, &app.iso.queue, br#"{"v":99,"anything":true}"#).await;
     let won = app.reserve(2, p, &app.fetch_token(2, p).await).await;
