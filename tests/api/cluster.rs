@@ -8,7 +8,7 @@ use seckill::{domain::ProductId, keys::Keys, reservations::Reservations, startup
 use serde_json::Value;
 
 use crate::{
-    helpers::{CLUSTER_URL, Isolation, TestApp, eventually, http_sale, pg_count},
+    helpers::{CLUSTER_URL, Isolation, TestApp, eventually, http_sale, pg_count, pg_rows},
     reservations::{
         check_concurrent_releases, check_five_thousand_attempts, check_one_user_wins_once, product,
         rate,
@@ -137,7 +137,7 @@ async fn on_the_cluster_a_whole_sale_becomes_orders_and_sold_out_memory_clears_o
     }
     for p in &products {
         let all = eventually(Duration::from_secs(10), || async {
-            pg_count(&app.deps.db, &format!("select count(*) from orders where product_id = {p} and status = 'pending_payment'")).await
+            pg_count(&app.db, &format!("select count(*) from orders where product_id = {p} and status = 'pending_payment'")).await
                 == 20
         })
         .await;
@@ -148,25 +148,15 @@ async fn on_the_cluster_a_whole_sale_becomes_orders_and_sold_out_memory_clears_o
     let late = 9_999;
     let token = app.fetch_token(late, p).await;
     assert_eq!(app.reserve(late, p, &token).await.status(), 410);
-    let (user, order): (i64, String) = {
-        use sea_orm::{ConnectionTrait, Statement};
-        let row = app
-            .deps
-            .db
-            .query_one_raw(Statement::from_string(
-                app.deps.db.get_database_backend(),
-                format!(
-                    "select user_id, order_id::text as o from orders where product_id = {p} limit 1"
-                ),
-            ))
-            .await
-            .unwrap()
-            .unwrap();
-        (
-            row.try_get("", "user_id").unwrap(),
-            row.try_get("", "o").unwrap(),
-        )
-    };
+    let rows = pg_rows(
+        &app.db,
+        &format!("select user_id, order_id::text as o from orders where product_id = {p} limit 1"),
+    )
+    .await;
+    let (user, order): (i64, String) = (
+        rows[0].try_get("", "user_id").unwrap(),
+        rows[0].try_get("", "o").unwrap(),
+    );
     assert_eq!(
         app.user_post(user, &format!("/api/v1/orders/{order}/cancel"))
             .await

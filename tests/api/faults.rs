@@ -30,7 +30,7 @@ fn postgres_cluster() -> String {
 
 async fn orders(app: &TestApp, p: i64) -> i64 {
     pg_count(
-        &app.deps.db,
+        &app.db,
         &format!("select count(*) from orders where product_id = {p}"),
     )
     .await
@@ -101,7 +101,7 @@ async fn postgres_stopped_for_10_seconds_during_a_sale_loses_no_winner() {
     .await;
     assert!(all, "orders {} != winners {winners}", orders(&app, p).await);
     let sold = pg_count(
-        &app.deps.db,
+        &app.db,
         &format!("select sold::bigint from product where product_id = {p}"),
     )
     .await;

@@ -1,6 +1,6 @@
 use seckill::startup::Role;
 
-use crate::helpers::{Isolation, TestApp};
+use crate::helpers::{Isolation, TestApp, pg_rows};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn healthz_answers_200() {
@@ -64,15 +64,12 @@ async fn unknown_paths_get_a_problem_404() {
 }
 
 async fn table_names(url: &str) -> Vec<String> {
-    use sea_orm::{ConnectionTrait, Statement};
     let db = sea_orm::Database::connect(url).await.unwrap();
-    let rows = db
-        .query_all_raw(Statement::from_string(
-            db.get_database_backend(),
-            "select tablename from pg_tables where schemaname = 'public' order by 1",
-        ))
-        .await
-        .unwrap();
+    let rows = pg_rows(
+        &db,
+        "select tablename from pg_tables where schemaname = 'public' order by 1",
+    )
+    .await;
     let names = rows
         .iter()
         .map(|r| r.try_get::<String>("", "tablename").unwrap())

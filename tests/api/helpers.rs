@@ -2,12 +2,15 @@
 #![allow(dead_code)] // each test module uses its own part of the harness
 //! isolated by its own database name, Redis key prefix and queue name; cleans up on drop.
 
-use std::{process::Stdio, sync::Arc, time::Duration};
+use std::{process::Stdio, time::Duration};
 
 use fred::prelude::*;
+use sea_orm::{ConnectionTrait, DatabaseConnection};
 use seckill::{
     config::Settings,
-    startup::{Application, Deps, Role},
+    keys::Keys,
+    reservations::Reservations,
+    startup::{Application, Role},
 };
 use tokio_util::sync::CancellationToken;
 
@@ -188,12 +191,14 @@ impl RedisScope {
     }
 }
 
-/// A running app plus a client to talk to it.
+/// A running app, a client to talk to it, and pools of the test's own onto its Postgres
+/// database and Redis (under its prefix) to look behind the API.
 pub struct TestApp {
     pub http: String,
     pub admin: String,
     pub client: reqwest::Client,
-    pub deps: Arc<Deps>,
+    pub db: DatabaseConnection,
+    pub redis: Pool,
     pub shutdown: CancellationToken,
     pub task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     pub iso: Isolation,
@@ -215,13 +220,19 @@ impl TestApp {
         }
         let settings = iso.settings(extra);
         let shutdown = CancellationToken::new();
-        let app = Application::build(settings, role, shutdown.clone())
+        let app = Application::build(settings.clone(), role, shutdown.clone())
             .await
             .expect("app builds");
         let http = format!("http://127.0.0.1:{}", app.http_port().unwrap_or(0));
         let admin = format!("http://127.0.0.1:{}", app.admin_port().unwrap_or(0));
-        let deps = app.deps();
         let task = tokio::spawn(app.run_until_stopped());
+        // The app creates and migrates the database: connect after it is built.
+        let db = seckill::db::connect(&settings.database_url, 4)
+            .await
+            .expect("Postgres on 127.0.0.1:5432");
+        let redis = seckill::redis::connect(&settings.redis, 4, Duration::from_secs(5))
+            .await
+            .expect("the app's Redis");
         TestApp {
             http,
             admin,
@@ -229,19 +240,41 @@ impl TestApp {
                 .timeout(Duration::from_secs(30))
                 .build()
                 .unwrap(),
-            deps,
+            db,
+            redis,
             shutdown,
             task: Some(task),
             iso,
         }
     }
 
-    /// Stops the app and waits for it.
+    /// Stops the app and waits for it, then closes the test's pools.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         if let Some(task) = self.task.take() {
             let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
         }
+        // Bounded: a test may have stopped the Redis this pool talks to.
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            let _ = self.redis.quit().await;
+            let _ = self.db.clone().close().await;
+        })
+        .await;
+    }
+
+    /// This deployment's Redis keys.
+    pub fn keys(&self) -> Keys {
+        Keys::new(self.iso.prefix.clone())
+    }
+
+    /// The reservation scripts on this deployment's Redis, with limits the tests stay under.
+    pub fn reservations(&self) -> Reservations {
+        Reservations::new(
+            self.redis.clone(),
+            self.keys(),
+            "1000/1s".parse().unwrap(),
+            "100000000/1s".parse().unwrap(),
+        )
     }
 
     pub async fn get(&self, path: &str) -> reqwest::Response {
@@ -575,15 +608,19 @@ where
     }
 }
 
+fn statement(db: &DatabaseConnection, sql: &str) -> sea_orm::Statement {
+    sea_orm::Statement::from_string(db.get_database_backend(), sql)
+}
+
 /// One number from Postgres.
-pub async fn pg_count(db: &sea_orm::DatabaseConnection, sql: &str) -> i64 {
-    use sea_orm::{ConnectionTrait, Statement};
-    let row = db
-        .query_one_raw(Statement::from_string(db.get_database_backend(), sql))
-        .await
-        .unwrap()
-        .unwrap();
+pub async fn pg_count(db: &DatabaseConnection, sql: &str) -> i64 {
+    let row = db.query_one_raw(statement(db, sql)).await.unwrap().unwrap();
     row.try_get_by_index::<i64>(0).unwrap()
+}
+
+/// Every row of a query.
+pub async fn pg_rows(db: &DatabaseConnection, sql: &str) -> Vec<sea_orm::QueryResult> {
+    db.query_all_raw(statement(db, sql)).await.unwrap()
 }
 
 /// A whole sale through HTTP: every user fetches a token, then makes `attempts` purchase

@@ -132,11 +132,10 @@ async fn sold_out_is_410_and_then_answered_from_memory_without_redis() {
         20.0
     );
     // No script ran for them: none of these shoppers has a rate window in Redis.
-    let keys = seckill::keys::Keys::new(app.iso.prefix.clone());
-    let pk = keys.product(ProductId::try_from(p).unwrap());
+    let pk = app.keys().product(ProductId::try_from(p).unwrap());
     for u in 2..=21 {
         let exists: i64 = fred::prelude::KeysInterface::exists(
-            &app.deps.redis,
+            &app.redis,
             pk.user_rate(UserId::try_from(u).unwrap()),
         )
         .await
@@ -180,13 +179,7 @@ async fn the_per_ip_limit_answers_429_with_retry_after() {
 async fn a_paused_product_answers_503_paused() {
     let app = TestApp::spawn_with(Role::Serve, &generous()).await;
     let p = app.live_product(5).await;
-    let reservations = seckill::reservations::Reservations::new(
-        app.deps.redis.clone(),
-        seckill::keys::Keys::new(app.iso.prefix.clone()),
-        "1/1s".parse().unwrap(),
-        "1/1s".parse().unwrap(),
-    );
-    reservations
+    app.reservations()
         .set_paused(ProductId::try_from(p).unwrap(), true)
         .await
         .unwrap();
@@ -268,8 +261,7 @@ async fn orders_can_only_be_paid_or_cancelled_by_their_owner_while_open() {
     let app = TestApp::spawn_with(Role::Serve, &generous()).await;
     let p = app.live_product(5).await;
     let order = uuid::Uuid::now_v7();
-    app.deps
-        .db
+    app.db
         .execute_unprepared(&format!(
             "insert into orders (order_id, reservation_id, user_id, product_id, status, reserved_at, expires_at, closed_at) \
              values ('{order}', '{}', 1, {p}, 'cancelled', now(), now() + interval '15 minutes', now())",
@@ -386,7 +378,7 @@ async fn redis_unreachable_answers_503_unavailable() {
         "cancelled"
     );
     let unreleased = crate::helpers::pg_count(
-        &app.deps.db,
+        &app.db,
         &format!("select count(*) from orders where order_id = '{order}' and released_at is null"),
     )
     .await;
@@ -663,8 +655,7 @@ async fn persist_as_worker(
 ) -> uuid::Uuid {
     use sea_orm::ConnectionTrait;
     let order = uuid::Uuid::now_v7();
-    app.deps
-        .db
+    app.db
         .execute_unprepared(&format!(
             "insert into orders (order_id, reservation_id, user_id, product_id, reserved_at, expires_at) \
              values ('{order}', '{reservation}', {user}, {product}, now(), now() + interval '{expires_in_secs} seconds'); \

@@ -10,29 +10,19 @@ use lapin::{
 };
 use seckill::{
     domain::{ProductId, UserId},
-    keys::Keys,
-    reservations::{Outcome, Reservations},
+    reservations::Outcome,
     startup::Role,
 };
 use serde_json::{Value, json};
 
 use crate::helpers::{
     Isolation, Proc, Sibling, TestApp, amqp_channel, eventually, http_sale, jwt, passive_declare,
-    pg_count, queue_len,
+    pg_count, pg_rows, queue_len,
 };
-
-fn reservations_of(app: &TestApp) -> Reservations {
-    Reservations::new(
-        app.deps.redis.clone(),
-        Keys::new(app.iso.prefix.clone()),
-        "1000/1s".parse().unwrap(),
-        "100000000/1s".parse().unwrap(),
-    )
-}
 
 async fn orders_of(app: &TestApp, product: i64) -> i64 {
     pg_count(
-        &app.deps.db,
+        &app.db,
         &format!("select count(*) from orders where product_id = {product}"),
     )
     .await
@@ -45,7 +35,7 @@ async fn winners_via_script(
     first: i64,
     count: i64,
 ) -> Vec<(i64, String)> {
-    let r = reservations_of(app);
+    let r = app.reservations();
     let p = ProductId::try_from(product).unwrap();
     stream::iter(first..first + count)
         .map(|u| {
@@ -83,12 +73,12 @@ async fn publish_raw(ch: &lapin::Channel, queue: &str, body: &[u8]) {
 
 /// Redis remaining + won-but-not-persisted + live orders, and the stock.
 async fn ledger(app: &TestApp, product: i64) -> (i64, i64, i64) {
-    let r = reservations_of(app);
+    let r = app.reservations();
     let p = ProductId::try_from(product).unwrap();
     let remaining = r.remaining(p).await.unwrap().unwrap();
     let pending = r.pending_count(p).await.unwrap();
     let live = pg_count(
-        &app.deps.db,
+        &app.db,
         &format!("select count(*) from orders where product_id = {product} and status in ('pending_payment', 'paid')"),
     )
     .await;
@@ -112,7 +102,7 @@ async fn every_202_of_a_2000_shopper_sale_becomes_exactly_one_order_within_5_sec
     .await;
     assert!(done, "only {} orders after 5 s", orders_of(&app, p).await);
     let persisted = pg_count(
-        &app.deps.db,
+        &app.db,
         &format!("select count(distinct user_id) from orders where product_id = {p}"),
     )
     .await;
@@ -133,7 +123,7 @@ async fn every_202_of_a_2000_shopper_sale_becomes_exactly_one_order_within_5_sec
         assert!(ok, "user {u} not confirmed");
     }
     let sold = pg_count(
-        &app.deps.db,
+        &app.db,
         &format!("select sold::bigint from product where product_id = {p}"),
     )
     .await;
@@ -254,7 +244,7 @@ async fn the_same_message_delivered_twice_makes_one_order() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(orders_of(&app, p).await, 1);
     let sold = pg_count(
-        &app.deps.db,
+        &app.db,
         &format!("select sold::bigint from product where product_id = {p}"),
     )
     .await;
@@ -344,20 +334,20 @@ async fn a_worker_killed_while_persisting_10000_winners_loses_and_doubles_nothin
     .await;
     assert!(all, "orders: {}", orders_of(&app, p).await);
     let distinct = pg_count(
-        &app.deps.db,
+        &app.db,
         &format!("select count(distinct user_id) from orders where product_id = {p}"),
     )
     .await;
     assert_eq!(distinct, 10_000);
     let sold = pg_count(
-        &app.deps.db,
+        &app.db,
         &format!("select sold::bigint from product where product_id = {p}"),
     )
     .await;
     assert_eq!(sold, 10_000);
     let rids: HashSet<String> = winners.into_iter().map(|(_, r)| r).collect();
     let persisted = pg_count(
-        &app.deps.db,
+        &app.db,
         &format!(
             "select count(*) from orders where reservation_id in ({})",
             rids.iter()
@@ -402,9 +392,8 @@ async fn winners_recorded_by_a_serve_process_killed_before_relaying_are_publishe
     assert_eq!(winners.len(), 50);
 
     // A relay that read some entries and then died leaves them pending in the group.
-    let keys = Keys::new(ops.iso.prefix.clone());
-    let stream = keys.product(ProductId::try_from(p).unwrap()).outbox;
-    let pool = &ops.deps.redis;
+    let stream = ops.keys().product(ProductId::try_from(p).unwrap()).outbox;
+    let pool = &ops.redis;
     let _: Result<(), _> = pool
         .next()
         .xgroup_create(&stream, seckill::relay::GROUP, "0", true)
@@ -452,21 +441,14 @@ async fn winners_recorded_by_a_serve_process_killed_before_relaying_are_publishe
     })
     .await;
     assert!(all, "orders: {}", orders_of(&ops, p).await);
-    let persisted: HashSet<String> = {
-        use sea_orm::{ConnectionTrait, Statement};
-        let rows = ops
-            .deps
-            .db
-            .query_all_raw(Statement::from_string(
-                ops.deps.db.get_database_backend(),
-                format!("select reservation_id::text as r from orders where product_id = {p}"),
-            ))
-            .await
-            .unwrap();
-        rows.iter()
-            .map(|r| r.try_get::<String>("", "r").unwrap())
-            .collect()
-    };
+    let persisted: HashSet<String> = pg_rows(
+        &ops.db,
+        &format!("select reservation_id::text as r from orders where product_id = {p}"),
+    )
+    .await
+    .iter()
+    .map(|r| r.try_get::<String>("", "r").unwrap())
+    .collect();
     assert_eq!(persisted, winners.values().cloned().collect::<HashSet<_>>());
     let left: i64 = pool.xlen(&stream).await.unwrap();
     assert_eq!(left, 0, "relayed entries are deleted from the outbox");
@@ -502,33 +484,25 @@ async fn pay_and_two_sweepers_racing_over_1000_orders_end_each_exactly_once() {
 
     // Every order's deadline is now a moment away; shoppers pay while the sweeper expires.
     use sea_orm::ConnectionTrait;
-    app.deps
-        .db
+    app.db
         .execute_unprepared(&format!(
             "update orders set expires_at = now() + interval '300 milliseconds' where product_id = {p}"
         ))
         .await
         .unwrap();
-    let orders: Vec<(i64, String)> = {
-        use sea_orm::Statement;
-        let rows = app
-            .deps
-            .db
-            .query_all_raw(Statement::from_string(
-                app.deps.db.get_database_backend(),
-                format!("select user_id, order_id::text as o from orders where product_id = {p}"),
-            ))
-            .await
-            .unwrap();
-        rows.iter()
-            .map(|r| {
-                (
-                    r.try_get::<i64>("", "user_id").unwrap(),
-                    r.try_get::<String>("", "o").unwrap(),
-                )
-            })
-            .collect()
-    };
+    let orders: Vec<(i64, String)> = pg_rows(
+        &app.db,
+        &format!("select user_id, order_id::text as o from orders where product_id = {p}"),
+    )
+    .await
+    .iter()
+    .map(|r| {
+        (
+            r.try_get::<i64>("", "user_id").unwrap(),
+            r.try_get::<String>("", "o").unwrap(),
+        )
+    })
+    .collect();
     assert_eq!(orders.len(), 1_000);
     let answers: Vec<u16> = stream::iter(orders)
         .map(|(u, o)| {
@@ -558,7 +532,7 @@ async fn pay_and_two_sweepers_racing_over_1000_orders_end_each_exactly_once() {
     assert!(
         eventually(Duration::from_secs(10), || async {
             pg_count(
-                &app.deps.db,
+                &app.db,
                 &format!(
                     "select count(*) from orders where product_id = {p} \
                      and (status = 'pending_payment' or (status = 'expired' and released_at is null))"
@@ -570,18 +544,18 @@ async fn pay_and_two_sweepers_racing_over_1000_orders_end_each_exactly_once() {
         .await
     );
     let paid = pg_count(
-        &app.deps.db,
+        &app.db,
         &format!("select count(*) from orders where product_id = {p} and status = 'paid'"),
     )
     .await;
     let expired = pg_count(
-        &app.deps.db,
+        &app.db,
         &format!("select count(*) from orders where product_id = {p} and status = 'expired'"),
     )
     .await;
     assert_eq!(paid + expired, 1_000);
     let paid_then_expired = pg_count(
-        &app.deps.db,
+        &app.db,
         &format!("select count(*) from orders where product_id = {p} and status = 'expired' and paid_at is not null"),
     )
     .await;
@@ -591,12 +565,11 @@ async fn pay_and_two_sweepers_racing_over_1000_orders_end_each_exactly_once() {
         "a 200 for every paid order, a 409 for every expired one"
     );
     // Units of the expired ones are back in Redis exactly once.
-    let keys = Keys::new(app.iso.prefix.clone());
-    let pk = keys.product(ProductId::try_from(p).unwrap());
-    let released: i64 = app.deps.redis.scard(&pk.released).await.unwrap();
+    let pk = app.keys().product(ProductId::try_from(p).unwrap());
+    let released: i64 = app.redis.scard(&pk.released).await.unwrap();
     assert_eq!(released, expired);
     let unreleased = pg_count(
-        &app.deps.db,
+        &app.db,
         &format!("select count(*) from orders where product_id = {p} and status = 'expired' and released_at is null"),
     )
     .await;
@@ -605,7 +578,7 @@ async fn pay_and_two_sweepers_racing_over_1000_orders_end_each_exactly_once() {
     assert_eq!((remaining, pending, live), (expired, 0, paid));
     assert_eq!(remaining + pending + live, 1_000);
     let sold = pg_count(
-        &app.deps.db,
+        &app.db,
         &format!("select sold::bigint from product where product_id = {p}"),
     )
     .await;
@@ -636,8 +609,7 @@ async fn a_unit_left_unreturned_by_a_dead_process_is_reconciled_once() {
     );
     // As if a process cancelled in Postgres and died before release.lua ran.
     use sea_orm::ConnectionTrait;
-    app.deps
-        .db
+    app.db
         .execute_unprepared(&format!(
             "update orders set status = 'cancelled', closed_at = now() - interval '1 minute' where product_id = {p};              update product set sold = sold - 1 where product_id = {p}"
         ))
@@ -650,7 +622,7 @@ async fn a_unit_left_unreturned_by_a_dead_process_is_reconciled_once() {
         .await
     );
     let released = pg_count(
-        &app.deps.db,
+        &app.db,
         &format!("select count(*) from orders where product_id = {p} and released_at is not null"),
     )
     .await;
