@@ -5,7 +5,7 @@ use crate::helpers::{Isolation, TestApp, pg_rows};
 #[tokio::test(flavor = "multi_thread")]
 async fn healthz_answers_200() {
     let app = TestApp::spawn().await;
-    let res = app.get("/healthz").await;
+    let res = app.api.get("/healthz").await;
     assert_eq!(res.status(), 200);
     app.stop().await;
 }
@@ -16,7 +16,7 @@ async fn readyz_names_all_three_dependencies_when_they_answer() {
     // The AMQP connection is made in the background; give it a moment.
     let mut body = serde_json::Value::Null;
     for _ in 0..50 {
-        let res = app.get("/readyz").await;
+        let res = app.api.get("/readyz").await;
         let status = res.status();
         body = res.json().await.unwrap();
         if status == 200 {
@@ -38,7 +38,7 @@ async fn readyz_is_503_naming_rabbitmq_when_it_is_unreachable() {
         &[("SECKILL_AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f")],
     )
     .await;
-    let res = app.get("/readyz").await;
+    let res = app.api.get("/readyz").await;
     assert_eq!(res.status(), 503);
     assert_eq!(
         res.headers()["content-type"].to_str().unwrap(),
@@ -56,7 +56,7 @@ async fn readyz_is_503_naming_rabbitmq_when_it_is_unreachable() {
 #[tokio::test(flavor = "multi_thread")]
 async fn unknown_paths_get_a_problem_404() {
     let app = TestApp::spawn().await;
-    let res = app.get("/no/such/thing").await;
+    let res = app.api.get("/no/such/thing").await;
     assert_eq!(res.status(), 404);
     let body: serde_json::Value = res.json().await.unwrap();
     assert_eq!(body["code"], "not_found");

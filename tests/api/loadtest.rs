@@ -7,7 +7,7 @@ use crate::helpers::{SECRET_VARS, TestApp, seckill_command};
 #[tokio::test(flavor = "multi_thread")]
 async fn the_load_test_runs_a_sale_prints_figures_and_passes_its_checks() {
     let app = TestApp::spawn_with(Role::All, &[]).await;
-    let (http, admin) = (app.http.clone(), app.admin.clone());
+    let (http, admin) = (app.api.http.clone(), app.api.admin.clone());
     let out = tokio::task::spawn_blocking(move || {
         seckill_command()
             .args(["loadtest", "--target", &http, "--admin", &admin])
