@@ -189,11 +189,15 @@ async fn preheat_is_idempotent_before_the_start_and_refuses_a_live_sale_unless_f
     assert_problem(api.buy(1, p).await, 409, "already_reserved").await;
 
     let view = api.admin_product(p).await;
-    assert_eq!(view["stock"], 10);
-    assert_eq!(view["remaining"], 7);
-    assert_eq!(view["pending"], 3);
-    assert_eq!(view["preheated"], true);
-    assert_eq!(view["sold"], 0);
+    for (field, value) in [
+        ("stock", json!(10)),
+        ("remaining", json!(7)),
+        ("pending", json!(3)),
+        ("preheated", json!(true)),
+        ("sold", json!(0)),
+    ] {
+        assert_eq!(view[field], value, "{field}: {view}");
+    }
     app.stop().await;
 }
 
@@ -203,7 +207,7 @@ async fn orders_can_only_be_paid_or_cancelled_by_their_owner_while_open() {
     let app = TestApp::spawn_with(Role::Serve, &generous()).await;
     let api = &app.api;
     let p = api.live_product(5).await;
-    let order = uuid::Uuid::now_v7();
+    let order = uuid::Uuid::now_v7().to_string();
     app.db
         .execute_unprepared(&format!(
             "insert into orders (order_id, reservation_id, user_id, product_id, status, reserved_at, expires_at, closed_at) \
@@ -212,11 +216,21 @@ async fn orders_can_only_be_paid_or_cancelled_by_their_owner_while_open() {
         ))
         .await
         .unwrap();
-    assert_problem(api.pay(1, order).await, 409, "order_closed").await;
-    assert_problem(api.pay(2, order).await, 404, "order_not_found").await;
-    assert_problem(api.cancel(2, order).await, 404, "order_not_found").await;
-    assert_problem(api.pay(1, "not-a-uuid").await, 404, "order_not_found").await;
-    let again = api.cancel(1, order).await;
+    // (shopper, order, paying or cancelling) → the problem.
+    for (user, order, pay, status, code) in [
+        (1, order.as_str(), true, 409, "order_closed"),
+        (2, order.as_str(), true, 404, "order_not_found"),
+        (2, order.as_str(), false, 404, "order_not_found"),
+        (1, "not-a-uuid", true, 404, "order_not_found"),
+    ] {
+        let res = if pay {
+            api.pay(user, order).await
+        } else {
+            api.cancel(user, order).await
+        };
+        assert_problem(res, status, code).await;
+    }
+    let again = api.cancel(1, &order).await;
     assert_eq!(
         again.status(),
         200,
@@ -502,18 +516,13 @@ async fn metrics_count_decisions_and_requests_by_route() {
     let p = api.live_product(3).await;
     assert_eq!(api.buy(1, p).await.status(), 202);
     let text = api.get_admin("/metrics").await.text().await.unwrap();
-    assert!(
-        text.contains("seckill_reservation_decisions_total{outcome=\"won\"} 1"),
-        "{text}"
-    );
-    assert!(
-        text.contains("route=\"/api/v1/products/{id}/reservations\""),
-        "{text}"
-    );
-    assert!(
-        text.contains("seckill_http_request_duration_seconds_bucket"),
-        "{text}"
-    );
+    for sample in [
+        "seckill_reservation_decisions_total{outcome=\"won\"} 1",
+        "route=\"/api/v1/products/{id}/reservations\"",
+        "seckill_http_request_duration_seconds_bucket",
+    ] {
+        assert!(text.contains(sample), "{sample} missing: {text}");
+    }
     app.stop().await;
 }
 
