@@ -24,6 +24,7 @@ use seckill::{
     amqp::Broker,
     auth::Auth,
     config::{Secrets, Settings},
+    deps::Deps,
     domain::{ProductId, UserId},
     events::Events,
     http::{Ctx, configure_public},
@@ -32,7 +33,7 @@ use seckill::{
     products::{self, NewProduct},
     reservations::Reservations,
     soldout::SoldOutCache,
-    startup::{Application, Deps, Role},
+    startup::{Application, Role},
 };
 use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
