@@ -32,7 +32,7 @@ use seckill::{
     metrics::Metrics,
     products::{self, NewProduct},
     reservations::Reservations,
-    soldout::SoldOutCache,
+    soldout::{Recovering, SoldOutCache},
     startup::{Application, Role},
 };
 use secrecy::SecretString;
@@ -147,11 +147,7 @@ fn bench_handler(c: &mut Criterion) {
         )
         .await
         .expect("product");
-        let id = ProductId::try_from(p.product_id).expect("id");
-        products::preheat(&db, &reservations, id, false)
-            .await
-            .expect("preheat");
-        id
+        ProductId::try_from(p.product_id).expect("id")
     });
     // The handlers' context, as the app wires it, over the bench's own pools.
     let deps = rt.block_on(async {
@@ -169,9 +165,12 @@ fn bench_handler(c: &mut Criterion) {
             Arc::new(deps),
             reservations,
             Arc::new(SoldOutCache::default()),
+            Arc::new(Recovering::default()),
         )
         .expect("ctx"),
     );
+    rt.block_on(ctx.recovery.preheat(product, false))
+        .expect("preheat");
     let auth = Auth::new(&secrets(), Duration::from_secs(3_600));
     let service = rt.block_on(test::init_service(
         App::new().configure(configure_public(ctx)),

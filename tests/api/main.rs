@@ -4,6 +4,7 @@
 mod helpers;
 mod services;
 
+mod blackhole;
 mod cluster;
 mod faults;
 mod health;
@@ -12,5 +13,7 @@ mod loadtest;
 mod pipeline;
 mod process;
 mod rate_limit;
+mod rebuild;
+mod recovery;
 mod reservations;
 mod scale;

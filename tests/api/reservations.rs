@@ -41,6 +41,7 @@ pub fn live_plan(p: ProductId, stock: i64) -> PreheatPlan {
         live_orders: 0,
         buyers: vec![],
         pending: HashSet::new(),
+        closed: vec![],
         starts_ms: now_ms() - 3_600_000,
         ends_ms: now_ms() + 3_600_000,
         force: false,
