@@ -10,6 +10,8 @@ use lapin::{Connection, ConnectionProperties};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::{Backoff, sleep_or_stop};
+
 /// Heartbeat (seconds) added to the URL unless it sets one.
 const HEARTBEAT_SECS: u16 = 10;
 /// A connection attempt gives up after this.
@@ -80,7 +82,7 @@ async fn supervise(
     tx: watch::Sender<Option<Arc<Connection>>>,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         let healthy = tx.borrow().as_ref().is_some_and(|c| c.status().connected());
         if !healthy {
@@ -91,26 +93,23 @@ async fn supervise(
                     ConnectionProperties::default().with_connection_name("seckill".into()),
                 ),
             );
-            tokio::select! {
+            let failed = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 result = attempt => match result {
                     Ok(Ok(conn)) => {
                         tracing::info!("connected to RabbitMQ");
                         tx.send_replace(Some(Arc::new(conn)));
-                        backoff = Duration::from_millis(100);
+                        backoff.reset();
+                        None
                     }
-                    Ok(Err(e)) => tracing::warn!(error = %e, "RabbitMQ connection failed; retrying in {backoff:?}"),
-                    Err(_) => tracing::warn!("RabbitMQ connection timed out; retrying in {backoff:?}"),
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(_) => Some("timed out".to_owned()),
                 },
-            }
-            if tx.borrow().is_none()
-                || !tx.borrow().as_ref().is_some_and(|c| c.status().connected())
-            {
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+            };
+            if let Some(why) = failed {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %why, "RabbitMQ connection failed; retrying in {delay:?}");
+                sleep_or_stop(&shutdown, delay).await;
                 continue;
             }
         }

@@ -116,34 +116,20 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("period {s:?} is too long"))
 }
 
-/// A trusted proxy: one address or a CIDR block.
+/// A trusted proxy: one address or a CIDR block (an [`ipnet::IpNet`]; a bare address is a
+/// block of one, and an IPv4 block also matches the IPv4-mapped IPv6 form of its addresses).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IpNet {
-    addr: IpAddr,
-    prefix: u8,
-}
+pub struct IpNet(ipnet::IpNet);
 
 impl IpNet {
     pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = match (self.addr, ip) {
-            (IpAddr::V4(_), IpAddr::V6(v6)) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        let ip = match (self.0, ip) {
+            (ipnet::IpNet::V4(_), IpAddr::V6(v6)) => {
+                v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip)
+            }
             _ => ip,
         };
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
+        self.0.contains(&ip)
     }
 }
 
@@ -151,23 +137,14 @@ impl FromStr for IpNet {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (addr, prefix) = match s.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s, None),
-        };
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| format!("{s:?} is not an IP address or CIDR block"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            None => max,
-            Some(p) => p
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("{s:?} has a bad prefix length"))?,
-        };
-        Ok(IpNet { addr, prefix })
+        let bad = || format!("{s:?} is not an IP address or CIDR block");
+        if s.contains('/') {
+            s.parse::<ipnet::IpNet>().map(IpNet).map_err(|_| bad())
+        } else {
+            s.parse::<IpAddr>()
+                .map(|a| IpNet(ipnet::IpNet::from(a)))
+                .map_err(|_| bad())
+        }
     }
 }
 

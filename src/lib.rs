@@ -1,13 +1,57 @@
 //! seckill: a flash-sale reservation service.
 //!
 //! A Redis Lua script decides each purchase atomically; winners flow through an outbox stream
-//! to RabbitMQ and are persisted to Postgres by the worker. See `DESIGN.md` and the README.
+//! to RabbitMQ and are persisted to Postgres by the worker; unpaid orders expire and their
+//! units go back on sale. The contract (paths, codes, settings, guarantees) is in the README.
+//!
+//! # Layout
+//!
+//! Read the files in the order one purchase flows through them: **decide → relay → persist →
+//! settle**. Dependencies point the same way, backwards: a later stage uses an earlier one,
+//! never the reverse (`reservations`, the core gate, knows nothing of the stages after it).
+//!
+//! **Decide** (in every `serve` process, one Redis script call per attempt):
+//! - [`http::shop`] — the shoppers' routes: product view, purchase token, the purchase itself,
+//!   the reservation status and its SSE stream. [`http::extract`] authenticates the caller and
+//!   parses ids; [`http::problem`] turns every error into problem+json in one place.
+//! - [`auth`] — shoppers' JWTs and the short-lived purchase tokens.
+//! - [`reservations`] + `lua/` — the gate: `reserve.lua` decides an attempt (window, rate,
+//!   admission, dedup, stock, outbox) in one atomic step; the reservation lifecycle
+//!   ([`reservations::Status`]) and pure decoders of the scripts' replies live here.
+//! - [`soldout`] — the in-memory sold-out answer (no Redis call once a product is gone).
+//! - [`events`] — Redis pub/sub: clears sold-out memory, wakes SSE streams.
+//! - [`keys`] — the Redis key schema (one hash tag per product, so scripts run on a cluster).
+//!
+//! **Relay** (in every `serve` process):
+//! - [`relay`] — reads each product's outbox stream, publishes winners with confirms, and
+//!   acknowledges an entry only after the broker took it.
+//! - [`amqp`] — the self-healing RabbitMQ connection, the queue topology, the order message.
+//!
+//! **Persist** (in `worker`):
+//! - [`worker`] — batches of winners into `orders`, idempotently, acked after commit; then
+//!   `confirmed` back into Redis through `status.lua`.
+//!
+//! **Settle** (after an order exists):
+//! - [`orders`] — pay, cancel, and returning a closed order's unit exactly once.
+//! - [`sweeper`] — expires unpaid orders and reconciles units a dead process left unreturned.
+//! - [`products`] — creating products and the preheat that loads a sale into Redis
+//!   ([`http::admin`] is its HTTP face).
+//!
+//! **Process** (what every stage runs on):
+//! - [`cli`] — the `seckill` subcommands; [`config`] — typed settings from the environment;
+//!   [`startup`] — builds the application, one function per role (API, relay, worker,
+//!   sweeper); [`deps`] — the connections the components share; [`telemetry`] — logs;
+//!   [`metrics`] — Prometheus; [`redis`] and [`db`] — connecting (and migrating) Redis and
+//!   Postgres; [`backoff`] — retry delays; [`domain`] — ids valid by construction;
+//!   [`loadtest`] — `seckill loadtest`.
 
 pub mod amqp;
 pub mod auth;
+pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod deps;
 pub mod domain;
 pub mod events;
 pub mod http;

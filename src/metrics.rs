@@ -1,5 +1,6 @@
 //! Prometheus metrics an operator would page on, served at `/metrics` on the operators' listener.
 
+use crate::reservations::Outcome;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -25,21 +26,10 @@ pub struct Metrics {
     pub dead_lettered: IntCounter,
     pub expirations: IntCounter,
     pub releases: IntCounterVec,
-    /// `decisions` children resolved once (the purchase path counts without a label lookup).
-    decision_counters: Vec<(&'static str, IntCounter)>,
+    /// `decisions` children resolved once, in [`Outcome::index`] order (the purchase path
+    /// counts without a label lookup).
+    decision_counters: Vec<IntCounter>,
 }
-
-/// Every outcome label of `reservation_decisions_total`.
-pub const OUTCOMES: [&str; 8] = [
-    "won",
-    "already_reserved",
-    "sold_out",
-    "rate_limited",
-    "not_started",
-    "ended",
-    "paused",
-    "unknown_product",
-];
 
 fn buckets_latency() -> Vec<f64> {
     vec![
@@ -144,9 +134,9 @@ impl Metrics {
             registry,
         };
         let mut m = m;
-        m.decision_counters = OUTCOMES
+        m.decision_counters = Outcome::LABELS
             .iter()
-            .map(|o| (*o, m.decisions.with_label_values(&[*o])))
+            .map(|o| m.decisions.with_label_values(&[*o]))
             .collect();
         m.registry.register(Box::new(m.http_requests.clone()))?;
         m.registry.register(Box::new(m.http_latency.clone()))?;
@@ -170,10 +160,9 @@ impl Metrics {
     }
 
     /// Counts one purchase decision.
-    pub fn decided(&self, outcome: &str) {
-        match self.decision_counters.iter().find(|(o, _)| *o == outcome) {
-            Some((_, counter)) => counter.inc(),
-            None => self.decisions.with_label_values(&[outcome]).inc(),
+    pub fn decided(&self, outcome: &Outcome) {
+        if let Some(counter) = self.decision_counters.get(outcome.index()) {
+            counter.inc();
         }
     }
 

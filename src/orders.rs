@@ -6,69 +6,31 @@ use chrono::{DateTime, Utc};
 use sea_orm::{
     ConnectionTrait, DatabaseConnection, EntityTrait, FromQueryResult, Statement, TransactionTrait,
 };
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+pub use crate::db::entities::orders::OrderStatus;
 use crate::{
     db::entities::orders,
     domain::{ProductId, UserId},
-    reservations::{Released, Reservations},
+    reservations::{ReservationView, Reservations, Status},
 };
 
-/// What a shopper sees of their reservation (also the JSON kept in Redis per reservation).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct ReservationView {
-    pub reservation_id: Uuid,
-    /// `pending` (won, not yet an order), `confirmed` (order awaiting payment), `paid`,
-    /// `cancelled` or `expired`.
-    pub status: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub order_id: Option<Uuid>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub expires_at: Option<DateTime<Utc>>,
-}
-
-impl ReservationView {
-    pub fn pending(reservation_id: Uuid) -> Self {
-        Self {
-            reservation_id,
-            status: "pending".into(),
-            order_id: None,
-            expires_at: None,
-        }
-    }
-
-    /// The view of a persisted order.
-    pub fn of_order(o: &orders::Model) -> Self {
-        let status = match o.status.as_str() {
-            "pending_payment" => "confirmed",
-            other => other,
+/// The shopper's view of a persisted order: `pending_payment` is `confirmed` to them.
+impl From<&orders::Model> for ReservationView {
+    fn from(o: &orders::Model) -> Self {
+        let status = match o.status {
+            OrderStatus::PendingPayment => Status::Confirmed,
+            OrderStatus::Paid => Status::Paid,
+            OrderStatus::Cancelled => Status::Cancelled,
+            OrderStatus::Expired => Status::Expired,
         };
         Self {
             reservation_id: o.reservation_id,
-            status: status.into(),
+            status,
             order_id: Some(o.order_id),
-            expires_at: (o.status == "pending_payment").then_some(o.expires_at),
-        }
-    }
-
-    /// Whether no further change can come.
-    pub fn is_terminal(&self) -> bool {
-        matches!(self.status.as_str(), "paid" | "cancelled" | "expired")
-    }
-
-    /// The JSON stored in Redis.
-    pub fn to_json(&self) -> String {
-        serde_json::to_string(self).unwrap_or_default()
-    }
-
-    /// Reads Redis' value: `pending` or the JSON above.
-    pub fn from_redis(reservation_id: Uuid, raw: &str) -> Option<Self> {
-        if raw == "pending" {
-            Some(Self::pending(reservation_id))
-        } else {
-            serde_json::from_str(raw).ok()
+            expires_at: (o.status == OrderStatus::PendingPayment).then_some(o.expires_at),
         }
     }
 }
@@ -80,8 +42,7 @@ pub struct OrderView {
     pub reservation_id: Uuid,
     pub user_id: i64,
     pub product_id: i64,
-    /// `pending_payment`, `paid`, `cancelled` or `expired`.
-    pub status: String,
+    pub status: OrderStatus,
     pub created_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -95,7 +56,7 @@ impl From<&orders::Model> for OrderView {
             reservation_id: o.reservation_id,
             user_id: o.user_id,
             product_id: o.product_id,
-            status: o.status.clone(),
+            status: o.status,
             created_at: o.created_at,
             expires_at: o.expires_at,
             paid_at: o.paid_at,
@@ -109,7 +70,7 @@ pub enum OrderError {
     #[error("no such order for this user")]
     NotFound,
     #[error("the order is {0}")]
-    Closed(String),
+    Closed(OrderStatus),
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
 }
@@ -166,7 +127,7 @@ async fn publish_status(reservations: &Reservations, o: &orders::Model) {
         return;
     };
     if let Err(e) = reservations
-        .record_status(product, user, &ReservationView::of_order(o))
+        .record_status(product, user, &ReservationView::from(o))
         .await
     {
         tracing::warn!(error = %e, order_id = %o.order_id, "could not record the order status in Redis");
@@ -195,11 +156,11 @@ pub async fn pay(
     let o = find_owned(db, order_id, user)
         .await?
         .ok_or(OrderError::NotFound)?;
-    match o.status.as_str() {
-        "paid" => Ok(o),
+    match o.status {
+        OrderStatus::Paid => Ok(o),
         // Past its deadline: the sweeper is about to expire it.
-        "pending_payment" => Err(OrderError::Closed("expired".into())),
-        other => Err(OrderError::Closed(other.into())),
+        OrderStatus::PendingPayment => Err(OrderError::Closed(OrderStatus::Expired)),
+        other => Err(OrderError::Closed(other)),
     }
 }
 
@@ -246,13 +207,13 @@ pub async fn cancel(
     let o = find_owned(db, order_id, user)
         .await?
         .ok_or(OrderError::NotFound)?;
-    match o.status.as_str() {
-        "cancelled" => {
+    match o.status {
+        OrderStatus::Cancelled => {
             // Finish a release an earlier attempt may not have completed (idempotent).
             return_unit_or_defer(db, reservations, &o).await;
             Ok(o)
         }
-        other => Err(OrderError::Closed(other.into())),
+        other => Err(OrderError::Closed(other)),
     }
 }
 
@@ -277,14 +238,13 @@ pub async fn return_unit(
     o: &orders::Model,
 ) -> anyhow::Result<()> {
     let product = ProductId::try_from(o.product_id)?;
-    let view = ReservationView::of_order(o);
-    match reservations
+    let view = ReservationView::from(o);
+    // Returned now, returned before, or not in Redis (the next preheat counts Postgres): all
+    // three leave the unit accounted for.
+    reservations
         .release(product, o.reservation_id, &view.to_json())
         .await
-        .map_err(|e| anyhow::anyhow!(e))?
-    {
-        Released::Returned { .. } | Released::AlreadyReturned | Released::NotPreheated => {}
-    }
+        .context("returning the unit through release.lua")?;
     if let Ok(user) = UserId::try_from(o.user_id) {
         reservations.notify_status(product, user).await.ok();
     }
@@ -302,24 +262,36 @@ pub async fn return_unit(
 mod tests {
     use super::*;
 
+    fn order(status: OrderStatus) -> orders::Model {
+        let now = chrono::Utc::now();
+        orders::Model {
+            order_id: Uuid::now_v7(),
+            reservation_id: Uuid::now_v7(),
+            user_id: 1,
+            product_id: 1,
+            status,
+            reserved_at: now,
+            created_at: now,
+            expires_at: now,
+            paid_at: None,
+            closed_at: None,
+            released_at: None,
+        }
+    }
+
     #[test]
-    fn the_redis_status_round_trips() {
-        let id = Uuid::now_v7();
-        assert_eq!(
-            ReservationView::from_redis(id, "pending"),
-            Some(ReservationView::pending(id))
-        );
-        let v = ReservationView {
-            reservation_id: id,
-            status: "confirmed".into(),
-            order_id: Some(Uuid::now_v7()),
-            expires_at: Some(Utc::now()),
-        };
-        assert_eq!(
-            ReservationView::from_redis(id, &v.to_json()),
-            Some(v.clone())
-        );
-        assert!(!v.is_terminal());
-        assert!(ReservationView::from_redis(id, "garbage").is_none());
+    fn a_shopper_sees_an_order_awaiting_payment_as_confirmed() {
+        for (row, seen, deadline) in [
+            (OrderStatus::PendingPayment, Status::Confirmed, true),
+            (OrderStatus::Paid, Status::Paid, false),
+            (OrderStatus::Cancelled, Status::Cancelled, false),
+            (OrderStatus::Expired, Status::Expired, false),
+        ] {
+            let o = order(row);
+            let v = ReservationView::from(&o);
+            assert_eq!(v.status, seen, "{row}");
+            assert_eq!(v.order_id, Some(o.order_id));
+            assert_eq!(v.expires_at.is_some(), deadline, "{row}");
+        }
     }
 }

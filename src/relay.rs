@@ -24,6 +24,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     amqp::{Broker, OrderMessage, declare_topology},
+    backoff::{Backoff, sleep_or_stop},
+    deps::Deps,
     domain::{ProductId, UserId},
     keys::Keys,
     metrics::Metrics,
@@ -47,6 +49,25 @@ pub struct Relay {
     pub consumer: String,
 }
 
+impl Relay {
+    /// A relay of this deployment's outboxes, under a consumer name unique to this process.
+    pub fn new(deps: &Deps, keys: Keys) -> Self {
+        Self {
+            pool: deps.redis.clone(),
+            keys,
+            broker: deps.broker.clone(),
+            queue: deps.settings.amqp_queue.clone(),
+            metrics: deps.metrics.clone(),
+            claim_idle: deps.settings.relay_claim_idle,
+            consumer: format!(
+                "relay-{}-{}",
+                std::process::id(),
+                uuid::Uuid::now_v7().simple()
+            ),
+        }
+    }
+}
+
 type Entry = XReadValue<String, String, String>;
 
 /// Turns an outbox entry into the queue message.
@@ -68,7 +89,7 @@ impl Relay {
         let mut groups: HashSet<String> = HashSet::new();
         let mut last_claim = Instant::now();
         let mut last_gauge = Instant::now();
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
         while !shutdown.is_cancelled() {
             if channel.as_ref().is_none_or(|c| !c.status().connected()) {
                 channel = match self.open_channel().await {
@@ -80,8 +101,7 @@ impl Relay {
                 };
             }
             let Some(ch) = channel.clone() else {
-                sleep_or_stop(&shutdown, backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                sleep_or_stop(&shutdown, backoff.next_delay()).await;
                 continue;
             };
             let claim = last_claim.elapsed() >= self.claim_idle / 2;
@@ -90,7 +110,7 @@ impl Relay {
             }
             match self.round(&ch, &mut groups, claim).await {
                 Ok(moved) => {
-                    backoff = Duration::from_millis(50);
+                    backoff.reset();
                     if last_gauge.elapsed() >= Duration::from_secs(2) {
                         last_gauge = Instant::now();
                         self.update_gauges().await;
@@ -100,10 +120,10 @@ impl Relay {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), "relay round failed; retrying in {backoff:?}");
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %format!("{e:#}"), "relay round failed; retrying in {delay:?}");
                     groups.clear();
-                    sleep_or_stop(&shutdown, backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    sleep_or_stop(&shutdown, delay).await;
                 }
             }
         }
@@ -367,13 +387,6 @@ fn parse_entries(raw: Value) -> anyhow::Result<Vec<Entry>> {
     Ok(out)
 }
 
-async fn sleep_or_stop(shutdown: &CancellationToken, d: Duration) {
-    tokio::select! {
-        _ = shutdown.cancelled() => {}
-        _ = tokio::time::sleep(d) => {}
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -395,5 +408,42 @@ mod tests {
         let mut broken = fields.clone();
         broken.insert("u".into(), "-1".into());
         assert!(message_of(&broken).is_none());
+    }
+
+    fn entry(id: &str, kv: &[&str]) -> Value {
+        Value::Array(vec![
+            Value::from(id),
+            Value::Array(kv.iter().map(|s| Value::from(*s)).collect()),
+        ])
+    }
+
+    #[test]
+    fn stream_answers_decode_to_entries() {
+        let entries = Value::Array(vec![
+            entry("1-0", &["r", "x", "u", "7"]),
+            // A deleted entry comes back with a nil field list.
+            Value::Array(vec![Value::from("2-0"), Value::Null]),
+        ]);
+        let xread = Value::Array(vec![Value::Array(vec![
+            Value::from("outbox"),
+            entries.clone(),
+        ])]);
+        let got = parse_xread(xread).unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].0, "1-0");
+        assert_eq!(got[0].1.get("u").map(String::as_str), Some("7"));
+        assert!(got[1].1.is_empty());
+        assert!(parse_xread(Value::Null).unwrap().is_empty());
+        assert!(parse_xread(Value::from(3)).is_err());
+
+        let claimed = parse_autoclaim(Value::Array(vec![
+            Value::from("0-0"),
+            entries,
+            Value::Array(vec![]),
+        ]))
+        .unwrap();
+        assert_eq!(claimed.len(), 2);
+        assert!(parse_autoclaim(Value::Array(vec![Value::from("0-0")])).is_err());
+        assert!(parse_autoclaim(Value::Null).is_err());
     }
 }

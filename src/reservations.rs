@@ -14,7 +14,10 @@ use std::{
     time::Duration,
 };
 
+use chrono::{DateTime, Utc};
 use fred::{prelude::*, types::scripts::Script};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::{
@@ -75,18 +78,35 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Every outcome's stable label (metrics, logs), in [`Self::index`] order.
+    pub const LABELS: [&'static str; 8] = [
+        "won",
+        "already_reserved",
+        "sold_out",
+        "rate_limited",
+        "not_started",
+        "ended",
+        "paused",
+        "unknown_product",
+    ];
+
+    /// The outcome's position in [`Self::LABELS`].
+    pub fn index(&self) -> usize {
+        match self {
+            Outcome::Won { .. } => 0,
+            Outcome::AlreadyReserved { .. } => 1,
+            Outcome::SoldOut => 2,
+            Outcome::RateLimited { .. } => 3,
+            Outcome::NotStarted => 4,
+            Outcome::Ended => 5,
+            Outcome::Paused => 6,
+            Outcome::UnknownProduct => 7,
+        }
+    }
+
     /// A stable label (metrics, logs).
     pub fn label(&self) -> &'static str {
-        match self {
-            Outcome::Won { .. } => "won",
-            Outcome::AlreadyReserved { .. } => "already_reserved",
-            Outcome::SoldOut => "sold_out",
-            Outcome::RateLimited { .. } => "rate_limited",
-            Outcome::NotStarted => "not_started",
-            Outcome::Ended => "ended",
-            Outcome::Paused => "paused",
-            Outcome::UnknownProduct => "unknown_product",
-        }
+        Self::LABELS[self.index()]
     }
 }
 
@@ -107,12 +127,145 @@ pub struct Decision {
 
 /// Redis could not be reached (or answered nonsense): the caller answers `503`.
 #[derive(Debug, thiserror::Error)]
-#[error("Redis is unavailable: {0}")]
-pub struct Unavailable(String);
+pub enum Unavailable {
+    #[error("Redis did not answer")]
+    Redis(#[from] fred::error::Error),
+    #[error("Redis answered unexpectedly: {0}")]
+    BadReply(String),
+}
 
-impl From<fred::error::Error> for Unavailable {
-    fn from(e: fred::error::Error) -> Self {
-        Unavailable(e.to_string())
+/// Where a won reservation stands. It never goes backwards: [`Status::rank`] orders the
+/// lifecycle `pending → confirmed → paid | cancelled | expired` (the last three are final).
+/// `lua/status.lua` keeps the same ranking (a unit test holds the two together).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Won; the order is being persisted.
+    Pending,
+    /// Persisted as an order awaiting payment.
+    Confirmed,
+    Paid,
+    Cancelled,
+    Expired,
+}
+
+impl Status {
+    /// Position in the lifecycle: a status only ever moves to a higher rank.
+    pub fn rank(self) -> u8 {
+        match self {
+            Status::Pending => 0,
+            Status::Confirmed => 1,
+            Status::Paid | Status::Cancelled | Status::Expired => 2,
+        }
+    }
+
+    /// Whether no further change can come.
+    pub fn is_terminal(self) -> bool {
+        self.rank() == 2
+    }
+
+    /// Parses a bare status name (as Redis' status hash holds `pending`).
+    pub fn parse(name: &str) -> Option<Self> {
+        use serde::de::{IntoDeserializer, value::Error};
+        Self::deserialize(IntoDeserializer::<Error>::into_deserializer(name)).ok()
+    }
+}
+
+/// What a shopper sees of their reservation (also the JSON kept in Redis per reservation).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ReservationView {
+    pub reservation_id: Uuid,
+    pub status: Status,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub order_id: Option<Uuid>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+impl ReservationView {
+    pub fn pending(reservation_id: Uuid) -> Self {
+        Self {
+            reservation_id,
+            status: Status::Pending,
+            order_id: None,
+            expires_at: None,
+        }
+    }
+
+    /// Whether no further change can come.
+    pub fn is_terminal(&self) -> bool {
+        self.status.is_terminal()
+    }
+
+    /// The JSON stored in Redis.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Reads Redis' value: a bare `pending` (written by `reserve.lua`) or the JSON above.
+    pub fn from_redis(reservation_id: Uuid, raw: &str) -> Option<Self> {
+        match Status::parse(raw) {
+            Some(Status::Pending) => Some(Self::pending(reservation_id)),
+            Some(_) => None,
+            None => serde_json::from_str(raw).ok(),
+        }
+    }
+}
+
+/// `reserve.lua`'s answer: `{code, reservation_id|"", remaining, rl_limit, rl_remaining,
+/// rl_reset_ms, retry_ms}`.
+pub type ReserveReply = (i64, String, i64, i64, i64, i64, i64);
+
+fn parse_uuid(s: &str) -> Result<Uuid, Unavailable> {
+    Uuid::parse_str(s).map_err(|_| Unavailable::BadReply(format!("bad reservation id {s:?}")))
+}
+
+fn millis(ms: i64) -> Duration {
+    Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+/// Decodes `reserve.lua`'s answer; an unknown code is an error, never a default outcome.
+pub fn decode_reserve(reply: ReserveReply) -> Result<Decision, Unavailable> {
+    let (code, id, remaining, limit, left, reset_ms, retry_ms) = reply;
+    let window = RateWindow {
+        limit: u32::try_from(limit).unwrap_or(u32::MAX),
+        remaining: u32::try_from(left).unwrap_or(0),
+        reset: millis(reset_ms),
+    };
+    let outcome = match code {
+        0 => Outcome::Won {
+            reservation_id: parse_uuid(&id)?,
+            remaining,
+        },
+        1 => Outcome::AlreadyReserved {
+            reservation_id: parse_uuid(&id)?,
+        },
+        2 => Outcome::SoldOut,
+        3 | 4 => Outcome::RateLimited {
+            retry_after: millis(retry_ms),
+        },
+        5 => Outcome::NotStarted,
+        6 => Outcome::Ended,
+        7 => Outcome::Paused,
+        8 => Outcome::UnknownProduct,
+        other => {
+            return Err(Unavailable::BadReply(format!(
+                "reserve.lua answered code {other}"
+            )));
+        }
+    };
+    Ok(Decision { outcome, window })
+}
+
+/// Decodes `release.lua`'s answer `{code, remaining}`; an unknown code is an error.
+pub fn decode_release((code, remaining): (i64, i64)) -> Result<Released, Unavailable> {
+    match code {
+        1 => Ok(Released::Returned { remaining }),
+        0 => Ok(Released::AlreadyReturned),
+        -1 => Ok(Released::NotPreheated),
+        other => Err(Unavailable::BadReply(format!(
+            "release.lua answered code {other}"
+        ))),
     }
 }
 
@@ -187,10 +340,6 @@ pub struct Reservations {
     status: Script,
 }
 
-fn parse_uuid(s: &str) -> Result<Uuid, Unavailable> {
-    Uuid::parse_str(s).map_err(|_| Unavailable(format!("bad reservation id in Redis: {s:?}")))
-}
-
 impl Reservations {
     pub fn new(pool: Pool, keys: Keys, user_rate: Rate, product_rate: Rate) -> Self {
         Self {
@@ -261,42 +410,11 @@ impl Reservations {
             period_us.to_string(),
             self.clock.arg(),
         ];
-        let (code, id, remaining, limit, left, reset_ms, retry_ms): (
-            i64,
-            String,
-            i64,
-            i64,
-            i64,
-            i64,
-            i64,
-        ) = self
+        let reply: ReserveReply = self
             .reserve
             .evalsha_with_reload(self.pool.next(), keys, args)
             .await?;
-        let window = RateWindow {
-            limit: u32::try_from(limit).unwrap_or(u32::MAX),
-            remaining: u32::try_from(left).unwrap_or(0),
-            reset: Duration::from_millis(u64::try_from(reset_ms).unwrap_or(0)),
-        };
-        let outcome = match code {
-            0 => Outcome::Won {
-                reservation_id: parse_uuid(&id)?,
-                remaining,
-            },
-            1 => Outcome::AlreadyReserved {
-                reservation_id: parse_uuid(&id)?,
-            },
-            2 => Outcome::SoldOut,
-            3 | 4 => Outcome::RateLimited {
-                retry_after: Duration::from_millis(u64::try_from(retry_ms).unwrap_or(0)),
-            },
-            5 => Outcome::NotStarted,
-            6 => Outcome::Ended,
-            7 => Outcome::Paused,
-            8 => Outcome::UnknownProduct,
-            other => return Err(Unavailable(format!("reserve.lua answered code {other}"))),
-        };
-        Ok(Decision { outcome, window })
+        decode_reserve(reply)
     }
 
     /// Returns the unit of `reservation` to stock, exactly once; records `status_json`.
@@ -308,7 +426,7 @@ impl Reservations {
         status_json: &str,
     ) -> Result<Released, Unavailable> {
         let k = self.keys.product(product);
-        let (code, remaining): (i64, i64) = self
+        let reply: (i64, i64) = self
             .release
             .evalsha_with_reload(
                 self.pool.next(),
@@ -321,11 +439,7 @@ impl Reservations {
                 ],
             )
             .await?;
-        Ok(match code {
-            1 => Released::Returned { remaining },
-            0 => Released::AlreadyReturned,
-            _ => Released::NotPreheated,
-        })
+        decode_release(reply)
     }
 
     /// Records a reservation's new status (never backwards) and tells its SSE streams.
@@ -334,7 +448,7 @@ impl Reservations {
         &self,
         product: ProductId,
         user: UserId,
-        view: &crate::orders::ReservationView,
+        view: &ReservationView,
     ) -> Result<bool, Unavailable> {
         Ok(self.record_statuses(product, &[(user, view)]).await? == 1)
     }
@@ -344,7 +458,7 @@ impl Reservations {
     pub async fn record_statuses(
         &self,
         product: ProductId,
-        updates: &[(UserId, &crate::orders::ReservationView)],
+        updates: &[(UserId, &ReservationView)],
     ) -> Result<i64, Unavailable> {
         let k = self.keys.product(product);
         let mut changed = 0;
@@ -352,14 +466,9 @@ impl Reservations {
             let mut args = Vec::with_capacity(1 + chunk.len() * 4);
             args.push(self.keys.events());
             for (user, view) in chunk {
-                let rank = match view.status.as_str() {
-                    "pending" => 0,
-                    "confirmed" => 1,
-                    _ => 2,
-                };
                 args.push(view.reservation_id.to_string());
                 args.push(view.to_json());
-                args.push(rank.to_string());
+                args.push(view.status.rank().to_string());
                 args.push(status_event(product, *user));
             }
             let n: i64 = self
@@ -501,6 +610,8 @@ pub fn status_event(product: ProductId, user: UserId) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
 
     fn plan(stock: i64, live: i64, buyers: &[u128], pending: &[u128]) -> PreheatPlan {
@@ -528,5 +639,163 @@ mod tests {
         // Never below zero, never above stock.
         assert_eq!(plan(2, 5, &[], &[7]).remaining(), 0);
         assert_eq!(plan(2, -3, &[], &[]).remaining(), 2);
+    }
+
+    fn reply(code: i64, id: &str) -> ReserveReply {
+        (code, id.to_owned(), 4, 1, 0, 900, 250)
+    }
+
+    #[test]
+    fn every_reserve_code_decodes_and_an_unknown_one_is_an_error() {
+        let id = "0190a000-0000-7000-8000-000000000001";
+        let rid = Uuid::parse_str(id).unwrap();
+        let cases = [
+            (
+                0,
+                Outcome::Won {
+                    reservation_id: rid,
+                    remaining: 4,
+                },
+            ),
+            (
+                1,
+                Outcome::AlreadyReserved {
+                    reservation_id: rid,
+                },
+            ),
+            (2, Outcome::SoldOut),
+            (
+                3,
+                Outcome::RateLimited {
+                    retry_after: Duration::from_millis(250),
+                },
+            ),
+            (
+                4,
+                Outcome::RateLimited {
+                    retry_after: Duration::from_millis(250),
+                },
+            ),
+            (5, Outcome::NotStarted),
+            (6, Outcome::Ended),
+            (7, Outcome::Paused),
+            (8, Outcome::UnknownProduct),
+        ];
+        for (code, outcome) in cases {
+            let d = decode_reserve(reply(code, id)).unwrap();
+            assert_eq!(d.outcome, outcome, "code {code}");
+            assert_eq!(
+                d.window,
+                RateWindow {
+                    limit: 1,
+                    remaining: 0,
+                    reset: Duration::from_millis(900)
+                }
+            );
+        }
+        for bad in [
+            reply(9, id),
+            reply(-1, id),
+            reply(0, ""),
+            reply(1, "not-a-uuid"),
+        ] {
+            assert!(decode_reserve(bad).is_err());
+        }
+    }
+
+    #[test]
+    fn every_release_code_decodes_and_an_unknown_one_is_an_error() {
+        assert_eq!(
+            decode_release((1, 7)).unwrap(),
+            Released::Returned { remaining: 7 }
+        );
+        assert_eq!(decode_release((0, 7)).unwrap(), Released::AlreadyReturned);
+        assert_eq!(decode_release((-1, -1)).unwrap(), Released::NotPreheated);
+        for bad in [2, -2, 99] {
+            assert!(decode_release((bad, 0)).is_err(), "code {bad}");
+        }
+    }
+
+    #[test]
+    fn outcome_labels_are_one_list() {
+        let all = [
+            Outcome::Won {
+                reservation_id: Uuid::nil(),
+                remaining: 0,
+            },
+            Outcome::AlreadyReserved {
+                reservation_id: Uuid::nil(),
+            },
+            Outcome::SoldOut,
+            Outcome::RateLimited {
+                retry_after: Duration::ZERO,
+            },
+            Outcome::NotStarted,
+            Outcome::Ended,
+            Outcome::Paused,
+            Outcome::UnknownProduct,
+        ];
+        let labels: Vec<&str> = all.iter().map(Outcome::label).collect();
+        assert_eq!(labels, Outcome::LABELS);
+    }
+
+    const ALL_STATUSES: [Status; 5] = [
+        Status::Pending,
+        Status::Confirmed,
+        Status::Paid,
+        Status::Cancelled,
+        Status::Expired,
+    ];
+
+    /// The `local rank = { name = n, ... }` table of `status.lua`.
+    fn lua_ranks() -> HashMap<String, u8> {
+        let line = STATUS
+            .lines()
+            .find(|l| l.trim_start().starts_with("local rank = {"))
+            .expect("status.lua has a rank table");
+        let inner = line.split_once('{').unwrap().1.split_once('}').unwrap().0;
+        inner
+            .split(',')
+            .map(|pair| {
+                let (name, n) = pair.split_once('=').unwrap();
+                (name.trim().to_owned(), n.trim().parse().unwrap())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_rust_and_lua_status_rankings_agree() {
+        let lua = lua_ranks();
+        assert_eq!(lua.len(), ALL_STATUSES.len(), "{lua:?}");
+        for status in ALL_STATUSES {
+            let name = serde_json::to_value(status).unwrap();
+            let name = name.as_str().unwrap();
+            assert_eq!(lua.get(name), Some(&status.rank()), "{name}");
+            assert_eq!(Status::parse(name), Some(status));
+        }
+        assert_eq!(Status::parse("pending_payment"), None);
+    }
+
+    #[test]
+    fn the_redis_status_round_trips() {
+        let id = Uuid::now_v7();
+        assert_eq!(
+            ReservationView::from_redis(id, "pending"),
+            Some(ReservationView::pending(id))
+        );
+        let v = ReservationView {
+            reservation_id: id,
+            status: Status::Confirmed,
+            order_id: Some(Uuid::now_v7()),
+            expires_at: Some(Utc::now()),
+        };
+        assert_eq!(
+            ReservationView::from_redis(id, &v.to_json()),
+            Some(v.clone())
+        );
+        assert!(v.to_json().contains(r#""status":"confirmed""#));
+        assert!(!v.is_terminal());
+        assert!(ReservationView::from_redis(id, "garbage").is_none());
+        assert!(ReservationView::from_redis(id, "paid").is_none());
     }
 }

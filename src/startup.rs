@@ -1,27 +1,20 @@
 //! Builds the application (listeners bound first, so port 0 works in tests) and runs it until
 //! the shutdown token fires.
 
-use std::{net::TcpListener, sync::Arc, time::Duration};
+use std::{
+    net::{SocketAddr, TcpListener},
+    sync::Arc,
+};
 
+use actix_web::web;
 use anyhow::Context;
 use fred::prelude::*;
-use sea_orm::DatabaseConnection;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    amqp::Broker,
-    config::Settings,
-    db,
-    events::{self, Events},
-    http,
-    keys::Keys,
-    metrics::Metrics,
-    relay::Relay,
-    reservations::Reservations,
-    soldout::SoldOutCache,
-    sweeper,
-    worker::Worker,
+    config::Settings, deps::Deps, events, http, keys::Keys, relay::Relay,
+    reservations::Reservations, soldout::SoldOutCache, sweeper::Sweeper, worker::Worker,
 };
 
 /// Which components run in this process.
@@ -44,32 +37,6 @@ impl Role {
     }
 }
 
-/// The connections every component shares.
-pub struct Deps {
-    pub settings: Arc<Settings>,
-    pub redis: Pool,
-    pub db: DatabaseConnection,
-    pub broker: Broker,
-    pub metrics: Arc<Metrics>,
-    pub events: Events,
-}
-
-/// Drops per-IP limiter state of clients that have gone quiet (bounded memory).
-async fn forget_idle_ips(
-    ctx: actix_web::web::Data<http::Ctx>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(Duration::from_secs(30)) => {
-                ctx.ip_limiter.retain_recent();
-                ctx.ip_limiter.shrink_to_fit();
-            }
-        }
-    }
-}
-
 /// A built, not yet running, application.
 pub struct Application {
     http_port: Option<u16>,
@@ -80,8 +47,14 @@ pub struct Application {
     shutdown: CancellationToken,
 }
 
+fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<(TcpListener, u16)> {
+    let listener = TcpListener::bind(addr).with_context(|| format!("binding {what} {addr}"))?;
+    let port = listener.local_addr()?.port();
+    Ok((listener, port))
+}
+
 impl Application {
-    /// Migrates, connects, binds the listeners and spawns the background components.
+    /// Migrates, connects, binds the listeners and spawns the components of `role`.
     pub async fn build(
         settings: Settings,
         role: Role,
@@ -91,18 +64,7 @@ impl Application {
         if role.serves_http() {
             settings.secrets()?;
         }
-        db::migrate(&settings.database_url).await?;
-        let db = db::connect(&settings.database_url, 16).await?;
-        let redis = crate::redis::connect(&settings.redis, 4, Duration::from_secs(5)).await?;
-        let broker = Broker::start(&settings.amqp_url, shutdown.child_token());
-        let deps = Arc::new(Deps {
-            settings: settings.clone(),
-            redis,
-            db,
-            broker,
-            metrics: Arc::new(Metrics::new()?),
-            events: Events::new(),
-        });
+        let deps = Arc::new(Deps::connect(settings.clone(), &shutdown).await?);
         let reservations = Reservations::new(
             deps.redis.clone(),
             Keys::new(settings.redis.prefix.clone()),
@@ -110,88 +72,86 @@ impl Application {
             settings.product_rate,
         );
         reservations.load_scripts().await?;
-        let mut tasks = JoinSet::new();
-
-        let mut servers = Vec::new();
-        let (mut http_port, mut admin_port) = (None, None);
-        if role.serves_http() {
-            let public = TcpListener::bind(settings.http_addr)
-                .with_context(|| format!("binding SECKILL_HTTP_ADDR {}", settings.http_addr))?;
-            let admin = TcpListener::bind(settings.admin_addr)
-                .with_context(|| format!("binding SECKILL_ADMIN_ADDR {}", settings.admin_addr))?;
-            http_port = Some(public.local_addr()?.port());
-            admin_port = Some(admin.local_addr()?.port());
-            let soldout = Arc::new(SoldOutCache::default());
-            let listener = events::listen(
-                &settings.redis,
-                reservations.keys(),
-                soldout.clone(),
-                deps.events.clone(),
-            )
-            .await?;
-            tasks.spawn(listener.run(shutdown.child_token()));
-            let ctx = actix_web::web::Data::new(http::Ctx::new(
-                deps.clone(),
-                reservations.clone(),
-                soldout,
-            )?);
-            tasks.spawn(forget_idle_ips(ctx.clone(), shutdown.child_token()));
-            servers.push(http::public_server(public, ctx.clone())?);
-            servers.push(http::admin_server(admin, ctx)?);
-            let relay = Relay {
-                pool: deps.redis.clone(),
-                keys: reservations.keys().clone(),
-                broker: deps.broker.clone(),
-                queue: settings.amqp_queue.clone(),
-                metrics: deps.metrics.clone(),
-                claim_idle: settings.relay_claim_idle,
-                consumer: format!(
-                    "relay-{}-{}",
-                    std::process::id(),
-                    uuid::Uuid::now_v7().simple()
-                ),
-            };
-            tasks.spawn(relay.run(shutdown.child_token()));
-        }
-        if role == Role::Worker {
-            let ops = TcpListener::bind(settings.admin_addr).with_context(|| {
-                format!(
-                    "binding SECKILL_ADMIN_ADDR {} (the worker's /metrics)",
-                    settings.admin_addr
-                )
-            })?;
-            admin_port = Some(ops.local_addr()?.port());
-            servers.push(http::worker_ops_server(ops, deps.clone())?);
-        }
-        if role.runs_worker() {
-            let worker = Worker {
-                db: deps.db.clone(),
-                reservations: reservations.clone(),
-                broker: deps.broker.clone(),
-                queue: settings.amqp_queue.clone(),
-                batch_size: settings.worker_batch_size,
-                batch_wait: settings.worker_batch_wait,
-                payment_timeout: settings.payment_timeout,
-                metrics: deps.metrics.clone(),
-                consumers: settings.worker_consumers,
-            };
-            tasks.spawn(worker.run(shutdown.child_token()));
-            tasks.spawn(sweeper::run(
-                deps.db.clone(),
-                reservations.clone(),
-                deps.metrics.clone(),
-                settings.sweep_interval,
-                shutdown.child_token(),
-            ));
-        }
-        Ok(Self {
-            http_port,
-            admin_port,
-            servers,
-            tasks,
+        let mut app = Self {
+            http_port: None,
+            admin_port: None,
+            servers: Vec::new(),
+            tasks: JoinSet::new(),
             deps,
             shutdown,
-        })
+        };
+        if role.serves_http() {
+            app.start_api(&reservations).await?;
+            app.start_relay(&reservations);
+        }
+        if role.runs_worker() {
+            if role == Role::Worker {
+                app.start_worker_ops()?;
+            }
+            app.start_worker(&reservations);
+            app.start_sweeper(&reservations);
+        }
+        Ok(app)
+    }
+
+    /// The shoppers' and operators' listeners, with the pub/sub listener that keeps the
+    /// sold-out memory and the SSE streams current.
+    async fn start_api(&mut self, reservations: &Reservations) -> anyhow::Result<()> {
+        let settings = &self.deps.settings;
+        let (public, http_port) = bind(settings.http_addr, "SECKILL_HTTP_ADDR")?;
+        let (admin, admin_port) = bind(settings.admin_addr, "SECKILL_ADMIN_ADDR")?;
+        let soldout = Arc::new(SoldOutCache::default());
+        let listener = events::listen(
+            &settings.redis,
+            reservations.keys(),
+            soldout.clone(),
+            self.deps.events.clone(),
+        )
+        .await?;
+        self.tasks.spawn(listener.run(self.shutdown.child_token()));
+        let ctx = web::Data::new(http::Ctx::new(
+            self.deps.clone(),
+            reservations.clone(),
+            soldout,
+        )?);
+        self.tasks.spawn(http::forget_idle_ips(
+            ctx.clone(),
+            self.shutdown.child_token(),
+        ));
+        self.servers.push(http::public_server(public, ctx.clone())?);
+        self.servers.push(http::admin_server(admin, ctx)?);
+        (self.http_port, self.admin_port) = (Some(http_port), Some(admin_port));
+        Ok(())
+    }
+
+    /// The outbox relay: winners from Redis to RabbitMQ.
+    fn start_relay(&mut self, reservations: &Reservations) {
+        let relay = Relay::new(&self.deps, reservations.keys().clone());
+        self.tasks.spawn(relay.run(self.shutdown.child_token()));
+    }
+
+    /// A `worker` process's own operators' listener (`/metrics`, `/healthz`, `/readyz`).
+    fn start_worker_ops(&mut self) -> anyhow::Result<()> {
+        let (ops, port) = bind(
+            self.deps.settings.admin_addr,
+            "SECKILL_ADMIN_ADDR (the worker's /metrics)",
+        )?;
+        self.servers
+            .push(http::worker_ops_server(ops, self.deps.clone())?);
+        self.admin_port = Some(port);
+        Ok(())
+    }
+
+    /// The order persister: RabbitMQ to Postgres.
+    fn start_worker(&mut self, reservations: &Reservations) {
+        let worker = Worker::new(&self.deps, reservations.clone());
+        self.tasks.spawn(worker.run(self.shutdown.child_token()));
+    }
+
+    /// The expiry sweeper and reconciler.
+    fn start_sweeper(&mut self, reservations: &Reservations) {
+        let sweeper = Sweeper::new(&self.deps, reservations.clone());
+        self.tasks.spawn(sweeper.run(self.shutdown.child_token()));
     }
 
     /// The shoppers' port (when this role serves HTTP).
@@ -202,11 +162,6 @@ impl Application {
     /// The operators' port (when this role serves HTTP).
     pub fn admin_port(&self) -> Option<u16> {
         self.admin_port
-    }
-
-    /// Shared connections (tests inspect state through them).
-    pub fn deps(&self) -> Arc<Deps> {
-        self.deps.clone()
     }
 
     /// Runs until the shutdown token fires, then drains and stops every component.

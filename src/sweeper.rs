@@ -11,7 +11,11 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, FromQueryResult, Statement, T
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    db::entities::orders, metrics::Metrics, orders::return_unit, reservations::Reservations,
+    db::entities::orders,
+    deps::Deps,
+    metrics::Metrics,
+    orders::{OrderStatus, return_unit},
+    reservations::Reservations,
 };
 
 /// Orders handled per sweep.
@@ -90,34 +94,47 @@ pub async fn sweep_once(
     })
 }
 
-/// Sweeps every `interval` until shutdown; errors are logged and retried next time.
-pub async fn run(
-    db: DatabaseConnection,
-    reservations: Reservations,
-    metrics: Arc<Metrics>,
-    interval: Duration,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    loop {
-        match sweep_once(&db, &reservations).await {
-            Ok(s) => {
-                if s.expired > 0 {
-                    tracing::info!(expired = s.expired, "expired unpaid orders");
-                    metrics.expirations.inc_by(s.expired as u64);
-                    metrics
-                        .releases
-                        .with_label_values(&["expired"])
-                        .inc_by(s.expired as u64);
-                }
-                if s.expired as i64 == SWEEP_LIMIT && !shutdown.is_cancelled() {
-                    continue; // more are due
-                }
-            }
-            Err(e) => tracing::warn!(error = %format!("{e:#}"), "sweep failed"),
+/// The sweeper loop around [`sweep_once`].
+pub struct Sweeper {
+    pub db: DatabaseConnection,
+    pub reservations: Reservations,
+    pub metrics: Arc<Metrics>,
+    pub interval: Duration,
+}
+
+impl Sweeper {
+    pub fn new(deps: &Deps, reservations: Reservations) -> Self {
+        Self {
+            db: deps.db.clone(),
+            reservations,
+            metrics: deps.metrics.clone(),
+            interval: deps.settings.sweep_interval,
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(interval) => {}
+    }
+
+    /// Sweeps every `interval` until shutdown; errors are logged and retried next time.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        loop {
+            match sweep_once(&self.db, &self.reservations).await {
+                Ok(s) => {
+                    if s.expired > 0 {
+                        tracing::info!(expired = s.expired, "expired unpaid orders");
+                        self.metrics.expirations.inc_by(s.expired as u64);
+                        self.metrics
+                            .releases
+                            .with_label_values(&[&OrderStatus::Expired.to_string()])
+                            .inc_by(s.expired as u64);
+                    }
+                    if s.expired as i64 == SWEEP_LIMIT && !shutdown.is_cancelled() {
+                        continue; // more are due
+                    }
+                }
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "sweep failed"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(self.interval) => {}
+            }
         }
     }
 }

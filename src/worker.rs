@@ -26,10 +26,11 @@ use uuid::Uuid;
 
 use crate::{
     amqp::{Broker, OrderMessage, declare_topology},
+    backoff::{Backoff, sleep_or_stop},
     db::entities::orders,
+    deps::Deps,
     metrics::Metrics,
-    orders::ReservationView,
-    reservations::Reservations,
+    reservations::{ReservationView, Reservations, Status},
 };
 
 /// Rows per INSERT statement (8 parameters each, far below Postgres' 65,535).
@@ -132,7 +133,7 @@ pub async fn process_batch(
         .map(|o| {
             let view = ReservationView {
                 reservation_id: o.reservation_id,
-                status: "confirmed".into(),
+                status: Status::Confirmed,
                 order_id: Some(o.order_id),
                 expires_at: Some(o.expires_at),
             };
@@ -158,7 +159,7 @@ pub async fn process_batch(
         views.extend(
             earlier
                 .iter()
-                .map(|o| (o.product_id, o.user_id, ReservationView::of_order(o))),
+                .map(|o| (o.product_id, o.user_id, ReservationView::from(o))),
         );
     }
     // One status script call per product in the batch (usually one).
@@ -200,6 +201,22 @@ pub struct Worker {
 }
 
 impl Worker {
+    /// A worker with this deployment's queue and batch settings.
+    pub fn new(deps: &Deps, reservations: Reservations) -> Self {
+        let settings = &deps.settings;
+        Self {
+            db: deps.db.clone(),
+            reservations,
+            broker: deps.broker.clone(),
+            queue: settings.amqp_queue.clone(),
+            batch_size: settings.worker_batch_size,
+            batch_wait: settings.worker_batch_wait,
+            payment_timeout: settings.payment_timeout,
+            metrics: deps.metrics.clone(),
+            consumers: settings.worker_consumers,
+        }
+    }
+
     /// Runs `consumers` consumer loops until shutdown.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let me = Arc::new(self);
@@ -215,17 +232,14 @@ impl Worker {
     }
 
     async fn consume_loop(&self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         while !shutdown.is_cancelled() {
             match self.consume(&shutdown).await {
-                Ok(()) => backoff = Duration::from_millis(100),
+                Ok(()) => backoff.reset(),
                 Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), "worker: consumer stopped; reconnecting in {backoff:?}");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => {}
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %format!("{e:#}"), "worker: consumer stopped; reconnecting in {delay:?}");
+                    sleep_or_stop(&shutdown, delay).await;
                 }
             }
         }
@@ -340,7 +354,7 @@ impl Worker {
         let Some(last_good) = last_good else {
             return Ok(true);
         };
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         loop {
             let started = std::time::Instant::now();
             match process_batch(&self.db, &self.reservations, &good, self.payment_timeout).await {
@@ -355,15 +369,15 @@ impl Worker {
                     break;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), batch = good.len(), "persisting failed; holding the batch, retry in {backoff:?}");
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %format!("{e:#}"), batch = good.len(), "persisting failed; holding the batch, retry in {delay:?}");
                     tokio::select! {
                         _ = shutdown.cancelled() => {
                             let _ = ch.basic_nack(last_good, BasicNackOptions { multiple: true, requeue: true }).await;
                             return Ok(false);
                         }
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(delay) => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
         }

@@ -25,6 +25,37 @@ pub mod product {
 
 pub mod orders {
     use sea_orm::entity::prelude::*;
+    use serde::{Deserialize, Serialize};
+
+    /// An order's status in Postgres (`orders_status_check`). Names are snake_case both in
+    /// SQL and JSON.
+    #[derive(
+        Clone,
+        Copy,
+        Debug,
+        PartialEq,
+        Eq,
+        EnumIter,
+        DeriveActiveEnum,
+        Serialize,
+        Deserialize,
+        utoipa::ToSchema,
+    )]
+    #[sea_orm(rs_type = "String", db_type = "Text", rename_all = "snake_case")]
+    #[serde(rename_all = "snake_case")]
+    pub enum OrderStatus {
+        /// Awaiting payment until `expires_at`.
+        PendingPayment,
+        Paid,
+        Cancelled,
+        Expired,
+    }
+
+    impl std::fmt::Display for OrderStatus {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(&self.to_value())
+        }
+    }
 
     #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
     #[sea_orm(table_name = "orders")]
@@ -34,7 +65,7 @@ pub mod orders {
         pub reservation_id: Uuid,
         pub user_id: i64,
         pub product_id: i64,
-        pub status: String,
+        pub status: OrderStatus,
         pub reserved_at: ChronoDateTimeUtc,
         pub created_at: ChronoDateTimeUtc,
         pub expires_at: ChronoDateTimeUtc,

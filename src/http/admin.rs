@@ -7,8 +7,12 @@ use utoipa::ToSchema;
 
 use crate::{
     db::entities::product,
-    http::{Ctx, MAX_BODY, extract::Admin, problem::ApiError, shop::product_id},
-    products::{self, NewProduct, PreheatError},
+    http::{
+        Ctx, MAX_BODY,
+        extract::{Admin, product_id},
+        problem::ApiError,
+    },
+    products::{self, NewProduct},
     reservations::Preheated,
 };
 
@@ -189,36 +193,27 @@ pub async fn preheat(
         serde_json::from_slice(&body)
             .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?
     };
-    let result = products::preheat(&ctx.deps.db, &ctx.reservations, id, request.force).await;
-    match result {
-        Ok(
-            Preheated::Loaded { remaining, buyers } | Preheated::AlreadyLive { remaining, buyers },
-        ) => {
-            tracing::info!(
-                product_id = id.get(),
-                remaining,
-                buyers,
-                force = request.force,
-                "product preheated"
-            );
-            ctx.soldout.clear(id);
-            Ok(HttpResponse::Ok().json(PreheatResult {
-                product_id: id.get(),
-                remaining,
-                buyers,
-            }))
-        }
-        Err(PreheatError::NotFound) => Err(ApiError::ProductNotFound),
-        Err(PreheatError::AlreadyLive) => Err(ApiError::AlreadyLive),
-        Err(PreheatError::Unavailable(e)) => Err(e.into()),
-        Err(PreheatError::Unexpected(e)) => Err(ApiError::Unexpected(e)),
-    }
+    let (Preheated::Loaded { remaining, buyers } | Preheated::AlreadyLive { remaining, buyers }) =
+        products::preheat(&ctx.deps.db, &ctx.reservations, id, request.force).await?;
+    tracing::info!(
+        product_id = id.get(),
+        remaining,
+        buyers,
+        force = request.force,
+        "product preheated"
+    );
+    ctx.soldout.clear(id);
+    Ok(HttpResponse::Ok().json(PreheatResult {
+        product_id: id.get(),
+        remaining,
+        buyers,
+    }))
 }
 
 /// Prometheus metrics.
 #[utoipa::path(responses((status = 200, description = "Prometheus text format", content_type = "text/plain")), tag = "service")]
 #[get("/metrics")]
-pub async fn metrics(deps: web::Data<crate::startup::Deps>) -> HttpResponse {
+pub async fn metrics(deps: web::Data<crate::deps::Deps>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(deps.metrics.render())

@@ -5,7 +5,17 @@ use std::net::IpAddr;
 
 use actix_web::{FromRequest, HttpRequest, dev::Payload, http::header, web};
 
-use crate::{config::IpNet, domain::UserId, http::Ctx, http::problem::ApiError};
+use crate::{
+    config::IpNet,
+    domain::{ProductId, UserId},
+    http::Ctx,
+    http::problem::ApiError,
+};
+
+/// Parses a path id; anything but a positive 64-bit integer names no product.
+pub fn product_id(raw: &str) -> Result<ProductId, ApiError> {
+    ProductId::try_from(raw).map_err(|_| ApiError::ProductNotFound)
+}
 
 fn bearer(req: &HttpRequest) -> Option<&str> {
     let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;

@@ -5,7 +5,7 @@ use std::time::Duration;
 use actix_web::{HttpResponse, get, web};
 use serde_json::json;
 
-use crate::{http::problem::ApiError, startup::Deps};
+use crate::{deps::Deps, http::problem::ApiError};
 
 /// The process is up.
 #[utoipa::path(responses((status = 200, description = "Process is up")), tag = "service")]

@@ -29,11 +29,11 @@ use tracing_actix_web::TracingLogger;
 use crate::{
     auth::Auth,
     config::{IpNet, Rate},
+    deps::Deps,
     http::problem::ApiError,
     products::ProductCache,
     reservations::Reservations,
     soldout::SoldOutCache,
-    startup::Deps,
 };
 
 /// Largest accepted request body.
@@ -74,6 +74,22 @@ impl Ctx {
             trusted_proxies: settings.trusted_proxies.clone(),
             deps,
         })
+    }
+}
+
+/// Drops per-IP limiter state of clients that have gone quiet (bounded memory).
+pub async fn forget_idle_ips(
+    ctx: web::Data<Ctx>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_secs(30)) => {
+                ctx.ip_limiter.retain_recent();
+                ctx.ip_limiter.shrink_to_fit();
+            }
+        }
     }
 }
 

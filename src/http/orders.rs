@@ -5,7 +5,7 @@ use uuid::Uuid;
 
 use crate::{
     http::{Ctx, extract::AuthUser, problem::ApiError},
-    orders::{self, OrderError, OrderView},
+    orders::{self, OrderView},
 };
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -14,16 +14,6 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 
 fn order_id(raw: &str) -> Result<Uuid, ApiError> {
     Uuid::try_parse(raw).map_err(|_| ApiError::OrderNotFound)
-}
-
-impl From<OrderError> for ApiError {
-    fn from(e: OrderError) -> Self {
-        match e {
-            OrderError::NotFound => ApiError::OrderNotFound,
-            OrderError::Closed(status) => ApiError::OrderClosed(status),
-            OrderError::Unexpected(e) => ApiError::Unexpected(e),
-        }
-    }
 }
 
 /// Pays a `pending_payment` order.

@@ -8,6 +8,12 @@ use serde::Serialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::{
+    orders::{OrderError, OrderStatus},
+    products::PreheatError,
+    reservations::Unavailable,
+};
+
 /// An RFC 9457 problem document.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Problem {
@@ -53,7 +59,7 @@ pub enum ApiError {
     #[error("the sale is already live; pass force to rebuild")]
     AlreadyLive,
     #[error("the order is {0} and can no longer change")]
-    OrderClosed(String),
+    OrderClosed(OrderStatus),
     #[error("sold out")]
     SoldOut,
     #[error("the sale has ended")]
@@ -64,8 +70,9 @@ pub enum ApiError {
     RateLimited { retry_after_secs: u64 },
     #[error("reservations are paused while the product is rebuilt; retry shortly")]
     Paused,
+    /// Redis did not answer; the source is logged (with its cause chain), never sent.
     #[error("the service is temporarily unavailable")]
-    Unavailable,
+    Unavailable(#[source] Unavailable),
     #[error("a dependency is not reachable: {failing}")]
     NotReady {
         failing: String,
@@ -78,64 +85,56 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    /// The stable `code` clients match on.
-    pub fn code(&self) -> &'static str {
+    /// The HTTP status, the stable `code` clients match on, and the problem's title: the one
+    /// place an error's outward shape is decided.
+    fn shape(&self) -> (StatusCode, &'static str, &'static str) {
+        use StatusCode as S;
         match self {
-            ApiError::BadRequest(_) => "bad_request",
-            ApiError::PayloadTooLarge(_) => "payload_too_large",
-            ApiError::Unauthorized => "unauthorized",
-            ApiError::Forbidden(_) => "forbidden",
-            ApiError::InvalidToken => "invalid_token",
-            ApiError::ProductNotFound => "product_not_found",
-            ApiError::OrderNotFound => "order_not_found",
-            ApiError::NoReservation => "no_reservation",
-            ApiError::NotFound => "not_found",
-            ApiError::AlreadyReserved(_) => "already_reserved",
-            ApiError::AlreadyLive => "already_live",
-            ApiError::OrderClosed(_) => "order_closed",
-            ApiError::SoldOut => "sold_out",
-            ApiError::Ended => "ended",
-            ApiError::NotStarted => "not_started",
-            ApiError::RateLimited { .. } => "rate_limited",
-            ApiError::Paused => "paused",
-            ApiError::Unavailable | ApiError::NotReady { .. } => "unavailable",
-            ApiError::MethodNotAllowed => "method_not_allowed",
-            ApiError::Unexpected(_) => "internal",
+            ApiError::BadRequest(_) => (S::BAD_REQUEST, "bad_request", "Bad request"),
+            ApiError::PayloadTooLarge(_) => (
+                S::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "Payload too large",
+            ),
+            ApiError::Unauthorized => (S::UNAUTHORIZED, "unauthorized", "Unauthorized"),
+            ApiError::Forbidden(_) => (S::FORBIDDEN, "forbidden", "Forbidden"),
+            ApiError::InvalidToken => (S::FORBIDDEN, "invalid_token", "Invalid purchase token"),
+            ApiError::ProductNotFound => (S::NOT_FOUND, "product_not_found", "Product not found"),
+            ApiError::OrderNotFound => (S::NOT_FOUND, "order_not_found", "Order not found"),
+            ApiError::NoReservation => (S::NOT_FOUND, "no_reservation", "No reservation"),
+            ApiError::NotFound => (S::NOT_FOUND, "not_found", "Not found"),
+            ApiError::AlreadyReserved(_) => (S::CONFLICT, "already_reserved", "Already reserved"),
+            ApiError::AlreadyLive => (S::CONFLICT, "already_live", "Sale already live"),
+            ApiError::OrderClosed(_) => (S::CONFLICT, "order_closed", "Order closed"),
+            ApiError::SoldOut => (S::GONE, "sold_out", "Sold out"),
+            ApiError::Ended => (S::GONE, "ended", "Sale ended"),
+            ApiError::NotStarted => (too_early(), "not_started", "Sale not started"),
+            ApiError::RateLimited { .. } => (S::TOO_MANY_REQUESTS, "rate_limited", "Rate limited"),
+            ApiError::Paused => (S::SERVICE_UNAVAILABLE, "paused", "Paused"),
+            ApiError::Unavailable(_) | ApiError::NotReady { .. } => {
+                (S::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable")
+            }
+            ApiError::MethodNotAllowed => (
+                S::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "Method not allowed",
+            ),
+            ApiError::Unexpected(_) => (S::INTERNAL_SERVER_ERROR, "internal", "Internal error"),
         }
     }
 
-    fn title(&self) -> &'static str {
-        match self {
-            ApiError::BadRequest(_) => "Bad request",
-            ApiError::PayloadTooLarge(_) => "Payload too large",
-            ApiError::Unauthorized => "Unauthorized",
-            ApiError::Forbidden(_) => "Forbidden",
-            ApiError::InvalidToken => "Invalid purchase token",
-            ApiError::ProductNotFound => "Product not found",
-            ApiError::OrderNotFound => "Order not found",
-            ApiError::NoReservation => "No reservation",
-            ApiError::NotFound => "Not found",
-            ApiError::AlreadyReserved(_) => "Already reserved",
-            ApiError::AlreadyLive => "Sale already live",
-            ApiError::OrderClosed(_) => "Order closed",
-            ApiError::SoldOut => "Sold out",
-            ApiError::Ended => "Sale ended",
-            ApiError::NotStarted => "Sale not started",
-            ApiError::RateLimited { .. } => "Rate limited",
-            ApiError::Paused => "Paused",
-            ApiError::Unavailable | ApiError::NotReady { .. } => "Service unavailable",
-            ApiError::MethodNotAllowed => "Method not allowed",
-            ApiError::Unexpected(_) => "Internal error",
-        }
+    /// The stable `code` clients match on.
+    pub fn code(&self) -> &'static str {
+        self.shape().1
     }
 
     /// The problem document for this error (nothing internal in it).
     pub fn problem(&self) -> Problem {
-        let code = self.code();
+        let (status, code, title) = self.shape();
         Problem {
             kind: format!("urn:seckill:problem:{code}"),
-            title: self.title().to_owned(),
-            status: self.status_code().as_u16(),
+            title: title.to_owned(),
+            status: status.as_u16(),
             detail: self.to_string(),
             code,
             reservation_id: match self {
@@ -150,42 +149,60 @@ impl ApiError {
     }
 }
 
-/// Redis did not answer: logged here, `503 unavailable` to the client (one place for both).
-impl From<crate::reservations::Unavailable> for ApiError {
-    fn from(e: crate::reservations::Unavailable) -> Self {
-        tracing::warn!(error = %e, "Redis unavailable");
-        ApiError::Unavailable
+/// `425 Too Early` (not among actix's named codes).
+fn too_early() -> StatusCode {
+    StatusCode::from_u16(425).unwrap_or(StatusCode::BAD_REQUEST)
+}
+
+/// The error with its whole cause chain, for logs.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
+}
+
+impl From<Unavailable> for ApiError {
+    fn from(e: Unavailable) -> Self {
+        ApiError::Unavailable(e)
+    }
+}
+
+impl From<OrderError> for ApiError {
+    fn from(e: OrderError) -> Self {
+        match e {
+            OrderError::NotFound => ApiError::OrderNotFound,
+            OrderError::Closed(status) => ApiError::OrderClosed(status),
+            OrderError::Unexpected(e) => ApiError::Unexpected(e),
+        }
+    }
+}
+
+impl From<PreheatError> for ApiError {
+    fn from(e: PreheatError) -> Self {
+        match e {
+            PreheatError::NotFound => ApiError::ProductNotFound,
+            PreheatError::AlreadyLive => ApiError::AlreadyLive,
+            PreheatError::Unavailable(e) => ApiError::Unavailable(e),
+            PreheatError::Unexpected(e) => ApiError::Unexpected(e),
+        }
     }
 }
 
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
-        match self {
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden(_) | ApiError::InvalidToken => StatusCode::FORBIDDEN,
-            ApiError::ProductNotFound
-            | ApiError::OrderNotFound
-            | ApiError::NoReservation
-            | ApiError::NotFound => StatusCode::NOT_FOUND,
-            ApiError::AlreadyReserved(_) | ApiError::AlreadyLive | ApiError::OrderClosed(_) => {
-                StatusCode::CONFLICT
-            }
-            ApiError::SoldOut | ApiError::Ended => StatusCode::GONE,
-            ApiError::NotStarted => StatusCode::from_u16(425).unwrap_or(StatusCode::BAD_REQUEST),
-            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Paused | ApiError::Unavailable | ApiError::NotReady { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::Unexpected(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        }
+        self.shape().0
     }
 
     fn error_response(&self) -> HttpResponse {
-        if let ApiError::Unexpected(e) = self {
-            tracing::error!(error = ?e, "request failed");
+        match self {
+            ApiError::Unexpected(e) => tracing::error!(error = %format!("{e:#}"), "request failed"),
+            ApiError::Unavailable(e) => tracing::warn!(error = %chain(e), "Redis unavailable"),
+            _ => {}
         }
         let mut response = HttpResponse::build(self.status_code());
         response.content_type("application/problem+json");
@@ -193,7 +210,7 @@ impl ResponseError for ApiError {
             ApiError::RateLimited { retry_after_secs } => {
                 response.insert_header((header::RETRY_AFTER, retry_after_secs.to_string()));
             }
-            ApiError::Paused | ApiError::Unavailable => {
+            ApiError::Paused | ApiError::Unavailable(_) => {
                 response.insert_header((header::RETRY_AFTER, "1"));
             }
             ApiError::Unauthorized => {
@@ -215,6 +232,22 @@ mod tests {
         let p = e.problem();
         assert_eq!(p.status, 500);
         assert!(!p.detail.contains("hunter2"));
+    }
+
+    #[test]
+    fn unavailable_keeps_its_cause_for_the_log_and_shows_none_of_it() {
+        let e = ApiError::from(Unavailable::BadReply("reserve.lua answered code 99".into()));
+        assert!(chain(&e).contains("code 99"), "{}", chain(&e));
+        let p = e.problem();
+        assert_eq!((p.status, p.code), (503, "unavailable"));
+        assert!(!p.detail.contains("99"));
+    }
+
+    #[test]
+    fn an_order_closed_names_its_status() {
+        let p = ApiError::from(OrderError::Closed(OrderStatus::Expired)).problem();
+        assert_eq!((p.status, p.code), (409, "order_closed"));
+        assert!(p.detail.contains("expired"), "{}", p.detail);
     }
 
     #[test]

@@ -17,9 +17,13 @@ use tokio::sync::broadcast;
 
 use crate::{
     domain::{ProductId, UserId},
-    http::{Ctx, extract::AuthUser, problem::ApiError},
-    orders::{self, ReservationView},
-    reservations::{Decision, Outcome, RateWindow, status_event},
+    http::{
+        Ctx,
+        extract::{AuthUser, product_id},
+        problem::ApiError,
+    },
+    orders,
+    reservations::{Decision, Outcome, RateWindow, ReservationView, Status, status_event},
 };
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -28,11 +32,6 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(reserve)
         .service(my_reservation)
         .service(my_reservation_events);
-}
-
-/// Parses a path id; anything but a positive 64-bit integer names no product.
-pub fn product_id(raw: &str) -> Result<ProductId, ApiError> {
-    ProductId::try_from(raw).map_err(|_| ApiError::ProductNotFound)
 }
 
 /// Where a sale stands.
@@ -162,7 +161,7 @@ pub struct PurchaseRequest {
 pub struct ReservationAccepted {
     pub reservation_id: Uuid,
     /// Always `pending`: the order is being persisted.
-    pub status: String,
+    pub status: Status,
 }
 
 fn with_window(mut response: HttpResponse, w: RateWindow) -> HttpResponse {
@@ -185,7 +184,7 @@ pub fn decision_response(d: &Decision) -> HttpResponse {
     let response = match &d.outcome {
         Outcome::Won { reservation_id, .. } => HttpResponse::Accepted().json(ReservationAccepted {
             reservation_id: *reservation_id,
-            status: "pending".into(),
+            status: Status::Pending,
         }),
         Outcome::AlreadyReserved { reservation_id } => {
             ApiError::AlreadyReserved(*reservation_id).error_response()
@@ -246,7 +245,7 @@ pub async fn reserve(
     // else costs CPU: no identity or token can buy a unit that is not there.
     if ctx.soldout.is_sold_out(id) {
         metrics.soldout_cache_hits.inc();
-        metrics.decided("sold_out");
+        metrics.decided(&Outcome::SoldOut);
         return Ok(sold_out_response());
     }
     let user = <AuthUser as actix_web::FromRequest>::extract(&req).await?;
@@ -257,7 +256,7 @@ pub async fn reserve(
     }
     let ticket = ctx.soldout.ticket();
     let decision = ctx.reservations.reserve(user.0, id).await?;
-    metrics.decided(decision.outcome.label());
+    metrics.decided(&decision.outcome);
     match decision.outcome {
         Outcome::SoldOut | Outcome::Won { remaining: 0, .. } => ctx.soldout.mark(id, ticket),
         _ => {}
@@ -313,7 +312,7 @@ pub async fn reservation_view(
     }
     Ok(orders::find_for(&ctx.deps.db, user, id)
         .await?
-        .map(|o| ReservationView::of_order(&o)))
+        .map(|o| ReservationView::from(&o)))
 }
 
 /// The caller's reservation for this product.
