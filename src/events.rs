@@ -11,7 +11,11 @@ use fred::{
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use crate::{config::RedisSettings, keys::Keys, soldout::SoldOutCache};
+use crate::{
+    config::RedisSettings,
+    keys::Keys,
+    soldout::{Recovering, SoldOutCache},
+};
 
 /// Fans pub/sub messages out inside this process.
 #[derive(Clone)]
@@ -46,6 +50,7 @@ pub struct Listener {
     errors: broadcast::Receiver<(fred::error::Error, Option<Server>)>,
     resubscribe: tokio::task::JoinHandle<()>,
     soldout: Arc<SoldOutCache>,
+    recovering: Arc<Recovering>,
     events: Events,
 }
 
@@ -54,6 +59,7 @@ pub async fn listen(
     settings: &RedisSettings,
     keys: &Keys,
     soldout: Arc<SoldOutCache>,
+    recovering: Arc<Recovering>,
     events: Events,
 ) -> anyhow::Result<Listener> {
     let client = crate::redis::subscriber(settings, Duration::from_secs(5)).await?;
@@ -70,6 +76,7 @@ pub async fn listen(
         errors,
         resubscribe,
         soldout,
+        recovering,
         events,
     })
 }
@@ -86,6 +93,7 @@ impl Listener {
                     Ok(m) => {
                         if let Some(text) = m.value.as_str() {
                             soldout.on_event(&text);
+                            self.recovering.on_event(&text);
                             let _ = self.events.tx.send(Arc::from(text.as_ref()));
                         }
                     }

@@ -11,6 +11,7 @@
 //! | `<prefix>:{p<id>}:outbox` | stream | one entry per winner: `r` id, `u` user, `p` product, `t` ms |
 //! | `<prefix>:{p<id>}:rl:<user>` | string | the user's attempts in the current window (expires) |
 //! | `<prefix>:{p<id>}:gate` | string | the product's admission gate (GCRA arrival time, µs) |
+//! | `<prefix>:{p<id>}:rebuild` | string | the per-product rebuild lock (holder's token, expires) |
 //! | `<prefix>:products` | set | product ids ever preheated (the relay's list of outboxes) |
 //! | `<prefix>:events` | pub/sub channel | `stock:<id>` (a unit returned / product preheated), `status:<id>:<user>` |
 
@@ -32,6 +33,7 @@ pub struct ProductKeys {
     pub status: String,
     pub outbox: String,
     pub gate: String,
+    pub rebuild: String,
     tag: String,
 }
 
@@ -63,6 +65,7 @@ impl Keys {
             status: format!("{tag}:status"),
             outbox: format!("{tag}:outbox"),
             gate: format!("{tag}:gate"),
+            rebuild: format!("{tag}:rebuild"),
             tag,
         }
     }
@@ -101,6 +104,7 @@ mod tests {
             &p.status,
             &p.outbox,
             &p.gate,
+            &p.rebuild,
             &p.user_rate(user),
         ] {
             assert!(key.starts_with("shop:"), "{key}");

@@ -34,8 +34,10 @@
 //! **Settle** (after an order exists):
 //! - [`orders`] — pay, cancel, and returning a closed order's unit exactly once.
 //! - [`sweeper`] — expires unpaid orders and reconciles units a dead process left unreturned.
-//! - [`products`] — creating products and the preheat that loads a sale into Redis
-//!   ([`http::admin`] is its HTTP face).
+//! - [`products`] — creating products and loading (or rebuilding) a sale into Redis from
+//!   Postgres; [`recovery`] — the preheat's rules, and the watch in every `serve` process that
+//!   finds a product Redis lost, keeps it `recovering` until no winner is in flight, and
+//!   rebuilds it ([`http::admin`] is the operators' face of both).
 //!
 //! **Process** (what every stage runs on):
 //! - [`cli`] — the `seckill` subcommands; [`config`] — typed settings from the environment;
@@ -60,6 +62,7 @@ pub mod loadtest;
 pub mod metrics;
 pub mod orders;
 pub mod products;
+pub mod recovery;
 pub mod redis;
 pub mod relay;
 pub mod reservations;

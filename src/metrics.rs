@@ -26,6 +26,8 @@ pub struct Metrics {
     pub dead_lettered: IntCounter,
     pub expirations: IntCounter,
     pub releases: IntCounterVec,
+    pub recovering: IntGauge,
+    pub recoveries: IntCounter,
     /// `decisions` children resolved once, in [`Outcome::index`] order (the purchase path
     /// counts without a label lookup).
     decision_counters: Vec<IntCounter>,
@@ -130,6 +132,14 @@ impl Metrics {
                 "Units returned to stock, by reason",
                 &["reason"],
             )?,
+            recovering: IntGauge::new(
+                "products_recovering",
+                "Products Redis lost, not yet rebuilt (this process's view)",
+            )?,
+            recoveries: IntCounter::new(
+                "product_losses_total",
+                "Times this process found a preheated product missing from Redis",
+            )?,
             decision_counters: Vec::new(),
             registry,
         };
@@ -156,6 +166,8 @@ impl Metrics {
         m.registry.register(Box::new(m.dead_lettered.clone()))?;
         m.registry.register(Box::new(m.expirations.clone()))?;
         m.registry.register(Box::new(m.releases.clone()))?;
+        m.registry.register(Box::new(m.recovering.clone()))?;
+        m.registry.register(Box::new(m.recoveries.clone()))?;
         Ok(m)
     }
 

@@ -9,14 +9,15 @@ use std::{
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ActiveValue::Set, ConnectionTrait, DatabaseConnection, EntityTrait, FromQueryResult, Statement,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait,
+    FromQueryResult, QueryFilter, Statement,
 };
 use uuid::Uuid;
 
 use crate::{
-    db::entities::product,
+    db::entities::{orders, product},
     domain::{ProductId, UserId},
-    reservations::{PreheatPlan, Preheated, Reservations, Unavailable},
+    reservations::{PreheatPlan, Preheated, ReservationView, Reservations, Unavailable},
 };
 
 /// Largest stock one product may have.
@@ -183,38 +184,121 @@ pub enum PreheatError {
     NotFound,
     #[error("the sale is already live")]
     AlreadyLive,
+    /// Redis lost the product and winners may still be in flight: not safe to rebuild yet.
+    #[error("the product is recovering: winners are still in flight")]
+    Recovering,
+    /// Another rebuild of this product holds its lock.
+    #[error("another rebuild of this product is running")]
+    Busy,
     #[error(transparent)]
     Unavailable(#[from] Unavailable),
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
 }
 
-/// Loads a product's sale into Redis. With `force`, reservations are paused first, the units
-/// still in flight are read from Redis, then Postgres is read, and the rebuilt figures never
-/// exceed `stock`; the pause lifts when the rebuild is written.
-pub async fn preheat(
+/// Reservations whose order was cancelled or expired (their units are back on sale).
+pub async fn closed_reservations(
+    db: &impl ConnectionTrait,
+    id: ProductId,
+) -> anyhow::Result<Vec<Uuid>> {
+    #[derive(FromQueryResult)]
+    struct Row {
+        reservation_id: Uuid,
+    }
+    let rows = Row::find_by_statement(Statement::from_sql_and_values(
+        db.get_database_backend(),
+        "select reservation_id from orders where product_id = $1 and status in ('cancelled', 'expired')",
+        [id.get().into()],
+    ))
+    .all(db)
+    .await
+    .context("reading closed reservations")?;
+    Ok(rows.into_iter().map(|r| r.reservation_id).collect())
+}
+
+/// What every persisted reservation of the product looks like to its shopper.
+pub async fn order_views(
+    db: &impl ConnectionTrait,
+    id: ProductId,
+) -> anyhow::Result<Vec<(UserId, ReservationView)>> {
+    let rows = orders::Model::find_by_statement(Statement::from_sql_and_values(
+        db.get_database_backend(),
+        "select * from orders where product_id = $1",
+        [id.get().into()],
+    ))
+    .all(db)
+    .await
+    .context("reading the product's orders")?;
+    rows.iter()
+        .map(|o| Ok((UserId::try_from(o.user_id)?, ReservationView::from(o))))
+        .collect()
+}
+
+/// Records that the product is (about to be) in Redis, so a later loss is told apart from
+/// "never preheated".
+async fn mark_preheated(db: &DatabaseConnection, id: ProductId) -> anyhow::Result<()> {
+    db.execute_raw(Statement::from_sql_and_values(
+        db.get_database_backend(),
+        "update product set preheated_at = now() where product_id = $1",
+        [id.get().into()],
+    ))
+    .await
+    .context("recording the preheat")?;
+    Ok(())
+}
+
+/// Loads (or rebuilds) a product's sale in Redis from Postgres. The caller holds the product's
+/// rebuild lock and has made sure no winner is in flight outside Redis and Postgres.
+///
+/// With `pause` (a forced rebuild of a sale Redis still has), reservations are paused first
+/// and the units won but not yet persisted are read from Redis *before* Postgres is read; the
+/// pause lifts when `preheat.lua` writes the rebuilt figures — or here, if the rebuild fails.
+/// Buyers (so a past winner gets `409`, never a second unit) and every persisted reservation's
+/// status are written before the figures, so the sale resumes complete.
+pub async fn rebuild(
     db: &DatabaseConnection,
     reservations: &Reservations,
+    model: &product::Model,
+    force: bool,
+    pause: bool,
+) -> Result<Preheated, PreheatError> {
+    let id = ProductId::try_from(model.product_id).map_err(anyhow::Error::from)?;
+    if pause {
+        reservations.set_paused(id, true).await?;
+    }
+    let result = load(db, reservations, model, id, force).await;
+    if pause
+        && result.is_err()
+        && let Err(e) = reservations.set_paused(id, false).await
+    {
+        tracing::warn!(product_id = id.get(), error = %e, "could not lift the pause after a failed rebuild");
+    }
+    result
+}
+
+async fn load(
+    db: &DatabaseConnection,
+    reservations: &Reservations,
+    model: &product::Model,
     id: ProductId,
     force: bool,
 ) -> Result<Preheated, PreheatError> {
-    let model = find(db, id).await?.ok_or(PreheatError::NotFound)?;
-    if !force && Utc::now() >= model.starts_at && reservations.is_preheated(id).await? {
-        return Err(PreheatError::AlreadyLive);
-    }
-    if force {
-        reservations.set_paused(id, true).await?;
-    }
     // Order matters: what is in flight is read from Redis before Postgres (see PreheatPlan).
     let pending = reservations.pending_ids(id).await?;
     let live = live_orders(db, id).await?;
     let buyers = buyers(db, id).await?;
+    let closed = closed_reservations(db, id).await?;
+    let views = order_views(db, id).await?;
+    mark_preheated(db, id).await?;
+    let updates: Vec<(UserId, &ReservationView)> = views.iter().map(|(u, v)| (*u, v)).collect();
+    reservations.record_statuses(id, &updates).await?;
     let plan = PreheatPlan {
         product: id,
         stock: i64::from(model.stock),
         live_orders: live,
         buyers,
         pending,
+        closed,
         starts_ms: model.starts_at.timestamp_millis(),
         ends_ms: model.ends_at.timestamp_millis(),
         force,
@@ -223,6 +307,16 @@ pub async fn preheat(
         Preheated::AlreadyLive { .. } => Err(PreheatError::AlreadyLive),
         loaded => Ok(loaded),
     }
+}
+
+/// Products loaded into Redis whose sale has not ended (the ones a loss would hurt).
+pub async fn preheated_unended(db: &DatabaseConnection) -> anyhow::Result<Vec<product::Model>> {
+    product::Entity::find()
+        .filter(product::Column::PreheatedAt.is_not_null())
+        .filter(product::Column::EndsAt.gt(Utc::now()))
+        .all(db)
+        .await
+        .context("listing preheated products")
 }
 
 #[cfg(test)]

@@ -31,6 +31,10 @@ static RELEASE: &str = include_str!("../lua/release.lua");
 static PREHEAT: &str = include_str!("../lua/preheat.lua");
 static PAUSE: &str = include_str!("../lua/pause.lua");
 static STATUS: &str = include_str!("../lua/status.lua");
+static UNLOCK: &str = include_str!("../lua/unlock.lua");
+
+/// How long a rebuild lock lives if its holder dies.
+const REBUILD_LOCK_TTL_MS: u64 = 60_000;
 
 /// Statuses recorded per `status.lua` call.
 const STATUS_CHUNK: usize = 500;
@@ -292,6 +296,9 @@ pub struct PreheatPlan {
     /// Reservation ids won in Redis but maybe not yet persisted, read (while paused) *before*
     /// Postgres was read; those not among `buyers` still hold a unit.
     pub pending: HashSet<Uuid>,
+    /// Reservations whose order was cancelled or expired when Postgres was read: their units
+    /// are on sale in `remaining()`, so `preheat.lua` marks them released in the same step.
+    pub closed: Vec<Uuid>,
     pub starts_ms: i64,
     pub ends_ms: i64,
     pub force: bool,
@@ -338,6 +345,7 @@ pub struct Reservations {
     preheat: Script,
     pause: Script,
     status: Script,
+    unlock: Script,
 }
 
 impl Reservations {
@@ -353,6 +361,7 @@ impl Reservations {
             preheat: Script::from_lua(PREHEAT),
             pause: Script::from_lua(PAUSE),
             status: Script::from_lua(STATUS),
+            unlock: Script::from_lua(UNLOCK),
         }
     }
 
@@ -378,6 +387,7 @@ impl Reservations {
             &self.preheat,
             &self.pause,
             &self.status,
+            &self.unlock,
         ] {
             for client in self.pool.clients() {
                 script.load(client).await?;
@@ -532,27 +542,60 @@ impl Reservations {
             .sadd(self.keys.products(), plan.product.get())
             .await?;
         self.load_scripts().await?;
+        let mut args = vec![
+            plan.stock.to_string(),
+            plan.remaining().to_string(),
+            plan.starts_ms.to_string(),
+            plan.ends_ms.to_string(),
+            if plan.force { "1" } else { "0" }.to_owned(),
+            self.keys.events(),
+            plan.product.to_string(),
+        ];
+        args.extend(plan.closed.iter().map(Uuid::to_string));
         let (code, remaining, buyers): (i64, i64, i64) = self
             .preheat
-            .evalsha_with_reload(
-                self.pool.next(),
-                vec![k.state, k.buyers],
-                vec![
-                    plan.stock.to_string(),
-                    plan.remaining().to_string(),
-                    plan.starts_ms.to_string(),
-                    plan.ends_ms.to_string(),
-                    if plan.force { "1" } else { "0" }.to_owned(),
-                    self.keys.events(),
-                    plan.product.to_string(),
-                ],
-            )
+            .evalsha_with_reload(self.pool.next(), vec![k.state, k.buyers, k.released], args)
             .await?;
         Ok(if code == 1 {
             Preheated::Loaded { remaining, buyers }
         } else {
             Preheated::AlreadyLive { remaining, buyers }
         })
+    }
+
+    /// Takes the product's rebuild lock; `None` if another rebuild holds it. The lock expires
+    /// by itself if its holder dies.
+    pub async fn lock_rebuild(&self, product: ProductId) -> Result<Option<String>, Unavailable> {
+        let token = Uuid::now_v7().to_string();
+        let taken: Option<String> = self
+            .pool
+            .set(
+                self.keys.product(product).rebuild,
+                token.as_str(),
+                Some(Expiration::PX(REBUILD_LOCK_TTL_MS as i64)),
+                Some(SetOptions::NX),
+                false,
+            )
+            .await?;
+        Ok(taken.map(|_| token))
+    }
+
+    /// Releases the rebuild lock taken with `token` (a no-op if it expired meanwhile).
+    pub async fn unlock_rebuild(&self, product: ProductId, token: &str) -> Result<(), Unavailable> {
+        let _: i64 = self
+            .unlock
+            .evalsha_with_reload(
+                self.pool.next(),
+                vec![self.keys.product(product).rebuild],
+                vec![token.to_owned()],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Entries of the product's outbox not yet relayed to RabbitMQ.
+    pub async fn outbox_len(&self, product: ProductId) -> Result<i64, Unavailable> {
+        Ok(self.pool.xlen(self.keys.product(product).outbox).await?)
     }
 
     /// Units left on sale, or `None` if the product is not in Redis.
@@ -625,6 +668,7 @@ mod tests {
                 .map(|(i, r)| (UserId::try_from(i as i64 + 1).unwrap(), Uuid::from_u128(*r)))
                 .collect(),
             pending: pending.iter().map(|r| Uuid::from_u128(*r)).collect(),
+            closed: Vec::new(),
             starts_ms: 0,
             ends_ms: 1,
             force: true,

@@ -1,3 +1,7 @@
+//! What this process remembers about products between Redis calls.
+//!
+//! Recovering: products Redis lost (see `recovery`); a preheat's `stock:<id>` event ends it.
+//!
 //! Sold-out in memory: after a `SoldOut` decision this process answers `410 sold_out` for the
 //! product without a Redis call, until a release or a preheat (Redis pub/sub `stock:<id>` on
 //! `<prefix>:events`) says otherwise. After a lost subscription the whole cache is dropped,
@@ -73,6 +77,45 @@ impl SoldOutCache {
     }
 }
 
+/// The products this process knows to be recovering.
+#[derive(Default)]
+pub struct Recovering {
+    products: RwLock<HashSet<ProductId>>,
+}
+
+impl Recovering {
+    pub fn contains(&self, product: ProductId) -> bool {
+        self.products.read().is_ok_and(|s| s.contains(&product))
+    }
+
+    /// Whether `product` was not recovering before.
+    pub fn insert(&self, product: ProductId) -> bool {
+        self.products.write().is_ok_and(|mut s| s.insert(product))
+    }
+
+    /// Forgets `product` (it is in Redis again); whether it was recovering.
+    pub fn remove(&self, product: ProductId) -> bool {
+        self.products.write().is_ok_and(|mut s| s.remove(&product))
+    }
+
+    pub fn len(&self) -> usize {
+        self.products.read().map_or(0, |s| s.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Handles one pub/sub message: `stock:<id>` (a preheat wrote the product) ends recovery.
+    pub fn on_event(&self, message: &str) {
+        if let Some(id) = message.strip_prefix("stock:")
+            && let Ok(id) = ProductId::try_from(id)
+        {
+            self.remove(id);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,5 +153,19 @@ mod tests {
         cache.on_event("stock:3"); // the release landed while Redis was answering
         cache.mark(p, ticket);
         assert!(!cache.is_sold_out(p));
+    }
+
+    #[test]
+    fn a_preheat_event_ends_recovery_of_its_product_only() {
+        let r = Recovering::default();
+        let (a, b) = (
+            ProductId::try_from(1_i64).unwrap(),
+            ProductId::try_from(2_i64).unwrap(),
+        );
+        assert!(r.insert(a) && r.insert(b) && !r.insert(a));
+        r.on_event("stock:1");
+        assert!(!r.contains(a) && r.contains(b));
+        r.on_event("status:2:7");
+        assert!(r.contains(b));
     }
 }

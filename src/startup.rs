@@ -13,8 +13,15 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::Settings, deps::Deps, events, http, keys::Keys, relay::Relay,
-    reservations::Reservations, soldout::SoldOutCache, sweeper::Sweeper, worker::Worker,
+    config::Settings,
+    deps::Deps,
+    events, http,
+    keys::Keys,
+    relay::Relay,
+    reservations::Reservations,
+    soldout::{Recovering, SoldOutCache},
+    sweeper::Sweeper,
+    worker::Worker,
 };
 
 /// Which components run in this process.
@@ -101,10 +108,12 @@ impl Application {
         let (public, http_port) = bind(settings.http_addr, "SECKILL_HTTP_ADDR")?;
         let (admin, admin_port) = bind(settings.admin_addr, "SECKILL_ADMIN_ADDR")?;
         let soldout = Arc::new(SoldOutCache::default());
+        let recovering = Arc::new(Recovering::default());
         let listener = events::listen(
             &settings.redis,
             reservations.keys(),
             soldout.clone(),
+            recovering.clone(),
             self.deps.events.clone(),
         )
         .await?;
@@ -113,7 +122,11 @@ impl Application {
             self.deps.clone(),
             reservations.clone(),
             soldout,
+            recovering,
         )?);
+        // Every API process watches for products Redis lost, and rebuilds them.
+        self.tasks
+            .spawn(ctx.recovery.clone().run(self.shutdown.child_token()));
         self.tasks.spawn(http::forget_idle_ips(
             ctx.clone(),
             self.shutdown.child_token(),

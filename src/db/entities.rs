@@ -15,6 +15,8 @@ pub mod product {
         pub starts_at: ChronoDateTimeUtc,
         pub ends_at: ChronoDateTimeUtc,
         pub created_at: ChronoDateTimeUtc,
+        /// Set when the product is first loaded into Redis (and at every preheat since).
+        pub preheated_at: Option<ChronoDateTimeUtc>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

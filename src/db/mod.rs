@@ -113,10 +113,16 @@ pub struct Migrator;
 
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(SqlMigration {
-            name: "0001_init",
-            sql: include_str!("../../migrations/0001_init.sql"),
-        })]
+        vec![
+            Box::new(SqlMigration {
+                name: "0001_init",
+                sql: include_str!("../../migrations/0001_init.sql"),
+            }),
+            Box::new(SqlMigration {
+                name: "0002_preheated",
+                sql: include_str!("../../migrations/0002_preheated.sql"),
+            }),
+        ]
     }
 }
 

@@ -169,7 +169,7 @@ pub struct PreheatResult {
         (status = 401, description = "`unauthorized`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
         (status = 404, description = "`product_not_found`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
         (status = 409, description = "`already_live`: the sale started; pass `force`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`unavailable`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`unavailable`; `recovering`: Redis lost the sale and winners are still in flight (it is rebuilt by itself once they are persisted); `paused`: another rebuild is running", body = crate::http::problem::Problem, content_type = "application/problem+json"),
     ),
     security(("admin_token" = [])),
     tag = "operators"
@@ -194,7 +194,7 @@ pub async fn preheat(
             .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?
     };
     let (Preheated::Loaded { remaining, buyers } | Preheated::AlreadyLive { remaining, buyers }) =
-        products::preheat(&ctx.deps.db, &ctx.reservations, id, request.force).await?;
+        ctx.recovery.preheat(id, request.force).await?;
     tracing::info!(
         product_id = id.get(),
         remaining,
@@ -202,7 +202,6 @@ pub async fn preheat(
         force = request.force,
         "product preheated"
     );
-    ctx.soldout.clear(id);
     Ok(HttpResponse::Ok().json(PreheatResult {
         product_id: id.get(),
         remaining,

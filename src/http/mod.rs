@@ -32,8 +32,9 @@ use crate::{
     deps::Deps,
     http::problem::ApiError,
     products::ProductCache,
+    recovery::Recovery,
     reservations::Reservations,
-    soldout::SoldOutCache,
+    soldout::{Recovering, SoldOutCache},
 };
 
 /// Largest accepted request body.
@@ -46,6 +47,7 @@ pub struct Ctx {
     pub auth: Auth,
     pub products: ProductCache,
     pub soldout: Arc<SoldOutCache>,
+    pub recovery: Arc<Recovery>,
     pub ip_limiter: DefaultKeyedRateLimiter<IpAddr>,
     pub trusted_proxies: Vec<IpNet>,
 }
@@ -63,9 +65,17 @@ impl Ctx {
         deps: Arc<Deps>,
         reservations: Reservations,
         soldout: Arc<SoldOutCache>,
+        recovering: Arc<Recovering>,
     ) -> anyhow::Result<Self> {
         let settings = deps.settings.clone();
+        let recovery = Arc::new(Recovery::new(
+            &deps,
+            reservations.clone(),
+            soldout.clone(),
+            recovering,
+        ));
         Ok(Self {
+            recovery,
             auth: Auth::new(settings.secrets()?, settings.purchase_token_ttl),
             reservations,
             products: ProductCache::default(),

@@ -70,6 +70,8 @@ pub enum ApiError {
     RateLimited { retry_after_secs: u64 },
     #[error("reservations are paused while the product is rebuilt; retry shortly")]
     Paused,
+    #[error("the sale is being restored after a storage failure; retry shortly")]
+    Recovering,
     /// Redis did not answer; the source is logged (with its cause chain), never sent.
     #[error("the service is temporarily unavailable")]
     Unavailable(#[source] Unavailable),
@@ -111,6 +113,7 @@ impl ApiError {
             ApiError::NotStarted => (too_early(), "not_started", "Sale not started"),
             ApiError::RateLimited { .. } => (S::TOO_MANY_REQUESTS, "rate_limited", "Rate limited"),
             ApiError::Paused => (S::SERVICE_UNAVAILABLE, "paused", "Paused"),
+            ApiError::Recovering => (S::SERVICE_UNAVAILABLE, "recovering", "Recovering"),
             ApiError::Unavailable(_) | ApiError::NotReady { .. } => {
                 (S::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable")
             }
@@ -187,6 +190,8 @@ impl From<PreheatError> for ApiError {
         match e {
             PreheatError::NotFound => ApiError::ProductNotFound,
             PreheatError::AlreadyLive => ApiError::AlreadyLive,
+            PreheatError::Recovering => ApiError::Recovering,
+            PreheatError::Busy => ApiError::Paused,
             PreheatError::Unavailable(e) => ApiError::Unavailable(e),
             PreheatError::Unexpected(e) => ApiError::Unexpected(e),
         }
@@ -210,7 +215,7 @@ impl ResponseError for ApiError {
             ApiError::RateLimited { retry_after_secs } => {
                 response.insert_header((header::RETRY_AFTER, retry_after_secs.to_string()));
             }
-            ApiError::Paused | ApiError::Unavailable(_) => {
+            ApiError::Paused | ApiError::Recovering | ApiError::Unavailable(_) => {
                 response.insert_header((header::RETRY_AFTER, "1"));
             }
             ApiError::Unauthorized => {

@@ -42,6 +42,8 @@ pub enum SaleState {
     Live,
     SoldOut,
     Ended,
+    /// Redis lost the sale; it is being rebuilt from Postgres (purchases answer `503`).
+    Recovering,
 }
 
 /// A product as shoppers see it.
@@ -76,15 +78,20 @@ pub async fn product_view(
     let product = crate::products::find(&ctx.deps.db, id)
         .await?
         .ok_or(ApiError::ProductNotFound)?;
-    let remaining = match ctx.reservations.remaining(id).await? {
-        Some(r) => r,
-        None => i64::from(product.stock - product.sold),
+    let (remaining, lost) = match ctx.reservations.remaining(id).await? {
+        Some(r) => (r, false),
+        None => (
+            i64::from(product.stock - product.sold),
+            ctx.recovery.view_lost(&product),
+        ),
     };
     let now = Utc::now();
-    let state = if now < product.starts_at {
-        SaleState::Upcoming
-    } else if now >= product.ends_at {
+    let state = if now >= product.ends_at {
         SaleState::Ended
+    } else if lost {
+        SaleState::Recovering
+    } else if now < product.starts_at {
+        SaleState::Upcoming
     } else if remaining <= 0 {
         SaleState::SoldOut
     } else {
@@ -118,6 +125,7 @@ pub struct PurchaseToken {
         (status = 410, description = "`ended`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
         (status = 425, description = "`not_started`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
         (status = 429, description = "`rate_limited` (per IP)", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`recovering`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
     ),
     security(("user_jwt" = [])),
     tag = "shoppers"
@@ -140,6 +148,9 @@ pub async fn issue_token(
     }
     if now >= product.ends_at {
         return Err(ApiError::Ended);
+    }
+    if ctx.recovery.is_recovering(id) {
+        return Err(ApiError::Recovering);
     }
     let issued = ctx.auth.issue_purchase_token(user.0, id)?;
     Ok(HttpResponse::Ok().json(PurchaseToken {
@@ -220,7 +231,7 @@ pub fn decision_response(d: &Decision) -> HttpResponse {
         (status = 413, description = "`payload_too_large`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
         (status = 425, description = "`not_started`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
         (status = 429, description = "`rate_limited`, with `Retry-After`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`unavailable` or `paused`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`unavailable`, `paused` or `recovering`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
     ),
     security(("user_jwt" = [])),
     tag = "shoppers"
@@ -254,9 +265,15 @@ pub async fn reserve(
     if !ctx.auth.check_purchase_token(&body.token, user.0, id) {
         return Err(ApiError::InvalidToken);
     }
+    if ctx.recovery.is_recovering(id) {
+        return Err(ApiError::Recovering);
+    }
     let ticket = ctx.soldout.ticket();
     let decision = ctx.reservations.reserve(user.0, id).await?;
     metrics.decided(&decision.outcome);
+    if decision.outcome == Outcome::UnknownProduct && ctx.recovery.lost(id).await? {
+        return Err(ApiError::Recovering);
+    }
     match decision.outcome {
         Outcome::SoldOut | Outcome::Won { remaining: 0, .. } => ctx.soldout.mark(id, ticket),
         _ => {}
