@@ -30,6 +30,8 @@
 //! **Persist** (in `worker`):
 //! - [`worker`] — batches of winners into `orders`, idempotently, acked after commit; then
 //!   `confirmed` back into Redis through `status.lua`.
+//! - [`rejections`] — wins that could not become orders (only after Redis lost data): why, and
+//!   the `rejection` table.
 //!
 //! **Settle** (after an order exists):
 //! - [`orders`] — pay, cancel, and returning a closed order's unit exactly once.
@@ -64,6 +66,7 @@ pub mod orders;
 pub mod products;
 pub mod recovery;
 pub mod redis;
+pub mod rejections;
 pub mod relay;
 pub mod reservations;
 pub mod soldout;

@@ -136,6 +136,7 @@ pub async fn process_batch(
                 status: Status::Confirmed,
                 order_id: Some(o.order_id),
                 expires_at: Some(o.expires_at),
+                reason: None,
             };
             (o.product_id, o.user_id, view)
         })
