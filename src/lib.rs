@@ -32,6 +32,7 @@
 //!   `confirmed` back into Redis through `status.lua`.
 //! - [`rejections`] — wins that could not become orders (only after Redis lost data): why, and
 //!   the `rejection` table.
+//! - [`dlq`] — the dead-letter queue: dead-lettering with a reason, `seckill dlq list|replay`.
 //!
 //! **Settle** (after an order exists):
 //! - [`orders`] — pay, cancel, and returning a closed order's unit exactly once.
@@ -56,6 +57,7 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod deps;
+pub mod dlq;
 pub mod domain;
 pub mod events;
 pub mod http;
