@@ -162,8 +162,11 @@ async fn read_known(
     let of_products: Vec<i64> = batch.iter().map(|m| m.product_id.get()).collect();
     let existing = orders::Model::find_by_statement(Statement::from_sql_and_values(
         backend,
-        "select * from orders where reservation_id = any($1) \
-         or (user_id, product_id) in (select * from unnest($2::bigint[], $3::bigint[]))",
+        // Two index look-ups (an OR of both would scan the whole table).
+        "select o.* from orders o where o.reservation_id = any($1) \
+         union \
+         select o.* from unnest($2::bigint[], $3::bigint[]) as b (user_id, product_id) \
+         join orders o on o.user_id = b.user_id and o.product_id = b.product_id",
         [ids.clone().into(), users.into(), of_products.into()],
     ))
     .all(txn)
