@@ -58,6 +58,7 @@ fn bench_reserve(c: &mut Criterion) {
         live_orders: 0,
         buyers: vec![],
         pending: HashSet::new(),
+        closed: Vec::new(),
         starts_ms: now - 1_000,
         ends_ms: now + 86_400_000,
         force: false,
