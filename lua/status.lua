@@ -1,7 +1,8 @@
 --[[ status.lua — record new statuses of one product's reservations, never going back in a
-reservation's lifecycle (pending 0 < confirmed 1 < paid | cancelled | expired 2), and take each
-off the pending set once it is an order. Publishes a status event per change for the SSE
-streams. One call carries a whole worker batch for the product.
+reservation's lifecycle (pending 0 < confirmed 1 < paid | cancelled | expired | rejected 2),
+and take each off the pending set once the worker decided it (an order, or rejected). Publishes
+a status event per change for the SSE streams. One call carries a whole worker batch for the
+product.
 
 KEYS (the product's hash tag): 1 status hash  2 pending set
 ARGV: 1 pub/sub channel, then groups of 4:
@@ -9,7 +10,7 @@ ARGV: 1 pub/sub channel, then groups of 4:
 RETURNS the number of statuses that changed (the others already had an equal or later one;
 only the pending set changed for them)
 ]]
-local rank = { pending = 0, confirmed = 1, paid = 2, cancelled = 2, expired = 2 }
+local rank = { pending = 0, confirmed = 1, paid = 2, cancelled = 2, expired = 2, rejected = 2 }
 local changed = 0
 for i = 2, #ARGV, 4 do
   local rid, new_rank = ARGV[i], tonumber(ARGV[i + 2])

@@ -150,6 +150,11 @@ impl OrderMessage {
     }
 }
 
+/// The dead-letter queue of `queue`.
+pub fn dlq_name(queue: &str) -> String {
+    format!("{queue}.dlq")
+}
+
 /// Redeliveries before a message is dead-lettered.
 pub const DELIVERY_LIMIT: i32 = 5;
 
@@ -167,7 +172,7 @@ pub async fn declare_topology(
         durable: true,
         ..QueueDeclareOptions::default()
     };
-    let dlq = format!("{queue}.dlq");
+    let dlq = dlq_name(queue);
     let mut dlq_args = FieldTable::default();
     dlq_args.insert(
         "x-queue-type".into(),

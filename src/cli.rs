@@ -1,6 +1,6 @@
-//! Command line: one binary, four subcommands.
+//! Command line: one binary; the roles, migrations, the load test and the operators' DLQ tools.
 
-use std::process::ExitCode;
+use std::{io::Write, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
@@ -32,6 +32,27 @@ pub enum Command {
     Migrate,
     /// Run a whole flash sale against a running server and verify the guarantees.
     Loadtest(crate::loadtest::LoadtestArgs),
+    /// Inspect or replay the dead-letter queue (`<SECKILL_AMQP_QUEUE>.dlq`).
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// Print dead-lettered messages as JSON lines (`{"body": …, "reason": …}`), leaving them
+    /// in the queue.
+    List {
+        /// Print at most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Move dead-lettered messages back to the orders queue (each confirmed by the broker
+    /// before it leaves the DLQ) for the worker to try again.
+    Replay {
+        /// Move at most this many (default: every message the DLQ holds when it starts).
+        #[arg(long)]
+        limit: Option<usize>,
+    },
 }
 
 /// Runs the parsed command; the process exit code.
@@ -49,6 +70,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Worker => Some(Role::Worker),
         Command::Migrate => None,
         Command::Loadtest(args) => return loadtest(args, &settings),
+        Command::Dlq(command) => return dlq(command, &settings),
     };
     if role.is_some_and(|r| r.serves_http())
         && let Err(e) = settings.secrets()
@@ -117,6 +139,42 @@ fn loadtest(args: crate::loadtest::LoadtestArgs, settings: &Settings) -> ExitCod
         }
         Err(e) => {
             eprintln!("seckill loadtest: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `seckill dlq …`: JSON lines (or a summary) on stdout, errors on stderr.
+fn dlq(command: DlqCommand, settings: &Settings) -> ExitCode {
+    let runtime = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let (url, queue) = (settings.amqp_url.as_str(), settings.amqp_queue.as_str());
+    let result = runtime.block_on(async {
+        match command {
+            DlqCommand::List { limit } => {
+                let mut out = std::io::stdout().lock();
+                for dead in crate::dlq::list(url, queue, limit).await? {
+                    writeln!(out, "{}", serde_json::to_string(&dead)?)?;
+                }
+            }
+            DlqCommand::Replay { limit } => {
+                let moved = crate::dlq::replay(url, queue, limit).await?;
+                let dlq = crate::amqp::dlq_name(queue);
+                writeln!(
+                    std::io::stdout(),
+                    "replayed {moved} message(s) from {dlq} to {queue}"
+                )?;
+            }
+        }
+        anyhow::Ok(())
+    });
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("seckill dlq: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -28,8 +28,12 @@
 //! - [`amqp`] — the self-healing RabbitMQ connection, the queue topology, the order message.
 //!
 //! **Persist** (in `worker`):
-//! - [`worker`] — batches of winners into `orders`, idempotently, acked after commit; then
-//!   `confirmed` back into Redis through `status.lua`.
+//! - [`worker`] — batches of winners into `orders`, idempotently, within each product's stock,
+//!   acked after commit; then `confirmed` (or `rejected`) back into Redis through `status.lua`.
+//!   A batch Postgres refuses for good is split until the culprits are found.
+//! - [`rejections`] — wins that could not become orders (only after Redis lost data): why, and
+//!   the `rejection` table.
+//! - [`dlq`] — the dead-letter queue: dead-lettering with a reason, `seckill dlq list|replay`.
 //!
 //! **Settle** (after an order exists):
 //! - [`orders`] — pay, cancel, and returning a closed order's unit exactly once.
@@ -54,6 +58,7 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod deps;
+pub mod dlq;
 pub mod domain;
 pub mod events;
 pub mod http;
@@ -64,6 +69,7 @@ pub mod orders;
 pub mod products;
 pub mod recovery;
 pub mod redis;
+pub mod rejections;
 pub mod relay;
 pub mod reservations;
 pub mod soldout;

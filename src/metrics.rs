@@ -1,6 +1,6 @@
 //! Prometheus metrics an operator would page on, served at `/metrics` on the operators' listener.
 
-use crate::reservations::Outcome;
+use crate::{rejections::Cause, reservations::Outcome};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -24,6 +24,8 @@ pub struct Metrics {
     pub persist_latency: Histogram,
     pub orders_persisted: IntCounter,
     pub dead_lettered: IntCounter,
+    /// Wins the worker could not turn into orders, by [`Cause`] (only after Redis lost data).
+    pub rejected: IntCounterVec,
     pub expirations: IntCounter,
     pub releases: IntCounterVec,
     pub recovering: IntGauge,
@@ -123,6 +125,11 @@ impl Metrics {
                 "dead_lettered_total",
                 "Messages sent to the dead-letter queue",
             )?,
+            rejected: counter_vec(
+                "reservations_rejected_total",
+                "Wins that could not become orders (status rejected), by cause",
+                &["cause"],
+            )?,
             expirations: IntCounter::new(
                 "orders_expired_total",
                 "Unpaid orders expired by the sweeper",
@@ -164,6 +171,10 @@ impl Metrics {
         m.registry.register(Box::new(m.persist_latency.clone()))?;
         m.registry.register(Box::new(m.orders_persisted.clone()))?;
         m.registry.register(Box::new(m.dead_lettered.clone()))?;
+        m.registry.register(Box::new(m.rejected.clone()))?;
+        for cause in Cause::LABELS {
+            m.rejected.with_label_values(&[cause]); // exported at 0 before the first one
+        }
         m.registry.register(Box::new(m.expirations.clone()))?;
         m.registry.register(Box::new(m.releases.clone()))?;
         m.registry.register(Box::new(m.recovering.clone()))?;
@@ -175,6 +186,15 @@ impl Metrics {
     pub fn decided(&self, outcome: &Outcome) {
         if let Some(counter) = self.decision_counters.get(outcome.index()) {
             counter.inc();
+        }
+    }
+
+    /// Counts wins rejected for `cause`.
+    pub fn count_rejected(&self, cause: Cause, n: usize) {
+        if n > 0 {
+            self.rejected
+                .with_label_values(&[cause.label()])
+                .inc_by(n as u64);
         }
     }
 

@@ -31,6 +31,7 @@ impl From<&orders::Model> for ReservationView {
             status,
             order_id: Some(o.order_id),
             expires_at: (o.status == OrderStatus::PendingPayment).then_some(o.expires_at),
+            reason: None,
         }
     }
 }

@@ -17,6 +17,7 @@ use uuid::Uuid;
 use crate::{
     db::entities::{orders, product},
     domain::{ProductId, UserId},
+    rejections,
     reservations::{PreheatPlan, Preheated, ReservationView, Reservations, Unavailable},
 };
 
@@ -159,11 +160,18 @@ pub async fn live_orders(db: &impl ConnectionTrait, id: ProductId) -> anyhow::Re
     Ok(row.map_or(0, |r| r.n))
 }
 
-/// Every (user, reservation) in Postgres for this product, whatever the order's status.
+/// Every (user, reservation) in Postgres for this product, whatever the order's status, and
+/// every rejected win (so its shopper keeps seeing it). Rejections come first: a shopper who
+/// holds an order and also had a second win rejected is mapped to the order.
 pub async fn buyers(
     db: &impl ConnectionTrait,
     id: ProductId,
 ) -> anyhow::Result<Vec<(UserId, Uuid)>> {
+    let mut buyers: Vec<(UserId, Uuid)> = rejections::of_product(db, id)
+        .await?
+        .iter()
+        .map(|r| Ok((UserId::try_from(r.user_id)?, r.reservation_id)))
+        .collect::<anyhow::Result<_>>()?;
     let rows = Buyer::find_by_statement(Statement::from_sql_and_values(
         db.get_database_backend(),
         "select user_id, reservation_id from orders where product_id = $1",
@@ -172,9 +180,10 @@ pub async fn buyers(
     .all(db)
     .await
     .context("reading buyers")?;
-    rows.into_iter()
-        .map(|b| Ok((UserId::try_from(b.user_id)?, b.reservation_id)))
-        .collect()
+    for b in rows {
+        buyers.push((UserId::try_from(b.user_id)?, b.reservation_id));
+    }
+    Ok(buyers)
 }
 
 /// Why a preheat did not happen.
@@ -216,7 +225,8 @@ pub async fn closed_reservations(
     Ok(rows.into_iter().map(|r| r.reservation_id).collect())
 }
 
-/// What every persisted reservation of the product looks like to its shopper.
+/// What every persisted reservation of the product (order or rejected win) looks like to its
+/// shopper.
 pub async fn order_views(
     db: &impl ConnectionTrait,
     id: ProductId,
@@ -229,9 +239,14 @@ pub async fn order_views(
     .all(db)
     .await
     .context("reading the product's orders")?;
-    rows.iter()
-        .map(|o| Ok((UserId::try_from(o.user_id)?, ReservationView::from(o))))
-        .collect()
+    let rejected = rejections::of_product(db, id).await?;
+    let orders = rows
+        .iter()
+        .map(|o| Ok((UserId::try_from(o.user_id)?, ReservationView::from(o))));
+    let rejected = rejected
+        .iter()
+        .map(|r| Ok((UserId::try_from(r.user_id)?, ReservationView::from(r))));
+    orders.chain(rejected).collect()
 }
 
 /// Records that the product is (about to be) in Redis, so a later loss is told apart from

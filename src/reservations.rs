@@ -139,7 +139,8 @@ pub enum Unavailable {
 }
 
 /// Where a won reservation stands. It never goes backwards: [`Status::rank`] orders the
-/// lifecycle `pending → confirmed → paid | cancelled | expired` (the last three are final).
+/// lifecycle `pending → confirmed → paid | cancelled | expired`, or `pending → rejected` (a
+/// win that could not become an order); the last four are final.
 /// `lua/status.lua` keeps the same ranking (a unit test holds the two together).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -151,6 +152,8 @@ pub enum Status {
     Paid,
     Cancelled,
     Expired,
+    /// The win could not become an order (only after Redis lost data); `reason` says why.
+    Rejected,
 }
 
 impl Status {
@@ -159,7 +162,7 @@ impl Status {
         match self {
             Status::Pending => 0,
             Status::Confirmed => 1,
-            Status::Paid | Status::Cancelled | Status::Expired => 2,
+            Status::Paid | Status::Cancelled | Status::Expired | Status::Rejected => 2,
         }
     }
 
@@ -184,6 +187,9 @@ pub struct ReservationView {
     pub order_id: Option<Uuid>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<DateTime<Utc>>,
+    /// Why the reservation was `rejected`, in plain words.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 impl ReservationView {
@@ -193,6 +199,18 @@ impl ReservationView {
             status: Status::Pending,
             order_id: None,
             expires_at: None,
+            reason: None,
+        }
+    }
+
+    /// A win that could not become an order, and why.
+    pub fn rejected(reservation_id: Uuid, reason: impl Into<String>) -> Self {
+        Self {
+            reservation_id,
+            status: Status::Rejected,
+            order_id: None,
+            expires_at: None,
+            reason: Some(reason.into()),
         }
     }
 
@@ -783,12 +801,13 @@ mod tests {
         assert_eq!(labels, Outcome::LABELS);
     }
 
-    const ALL_STATUSES: [Status; 5] = [
+    const ALL_STATUSES: [Status; 6] = [
         Status::Pending,
         Status::Confirmed,
         Status::Paid,
         Status::Cancelled,
         Status::Expired,
+        Status::Rejected,
     ];
 
     /// The `local rank = { name = n, ... }` table of `status.lua`.
@@ -832,6 +851,7 @@ mod tests {
             status: Status::Confirmed,
             order_id: Some(Uuid::now_v7()),
             expires_at: Some(Utc::now()),
+            reason: None,
         };
         assert_eq!(
             ReservationView::from_redis(id, &v.to_json()),
@@ -841,5 +861,18 @@ mod tests {
         assert!(!v.is_terminal());
         assert!(ReservationView::from_redis(id, "garbage").is_none());
         assert!(ReservationView::from_redis(id, "paid").is_none());
+        assert!(!v.to_json().contains("reason"));
+
+        let rejected = ReservationView::rejected(id, "sold out");
+        assert!(rejected.is_terminal());
+        assert_eq!(
+            ReservationView::from_redis(id, &rejected.to_json()),
+            Some(rejected.clone())
+        );
+        let json: serde_json::Value = serde_json::from_str(&rejected.to_json()).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"reservation_id": id, "status": "rejected", "reason": "sold out"})
+        );
     }
 }

@@ -4,7 +4,7 @@
 //! claimed with `FOR UPDATE SKIP LOCKED` and the transition is guarded by status, and
 //! `release.lua` is idempotent per reservation.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use sea_orm::{ConnectionTrait, DatabaseConnection, FromQueryResult, Statement, TransactionTrait};
@@ -51,14 +51,16 @@ pub async fn sweep_once(
     .all(&txn)
     .await
     .context("expiring orders")?;
-    let mut per_product: HashMap<i64, i64> = HashMap::new();
+    // In product id order, like every writer of product rows (no deadlock with the worker),
+    // and never below zero.
+    let mut per_product: BTreeMap<i64, i64> = BTreeMap::new();
     for o in &expired {
         *per_product.entry(o.product_id).or_default() += 1;
     }
     for (product, n) in per_product {
         txn.execute_raw(Statement::from_sql_and_values(
             txn.get_database_backend(),
-            "update product set sold = sold - $2 where product_id = $1",
+            "update product set sold = greatest(sold - $2, 0) where product_id = $1",
             [product.into(), n.into()],
         ))
         .await

@@ -1,39 +1,58 @@
 //! The order worker: RabbitMQ → Postgres in batches, idempotently, acking only after commit.
 //!
-//! [`process_batch`] is one step (testable without a broker): one transaction inserts the
-//! batch with `ON CONFLICT DO NOTHING` (unique reservation and `(user_id, product_id)`), adds
-//! the newly inserted rows to `product.sold` (the `sold <= stock` CHECK guards it), commits,
-//! then records `confirmed` + `order_id` in Redis for the status endpoints. [`Worker::run`] is
-//! the loop around it: prefetch-bounded consumer, batching, dead-lettering of poison, backoff
-//! while Postgres or RabbitMQ is down (holding the batch: no ack/nack storms), reconnection.
+//! [`process_batch`] is one step (testable without a broker). One transaction locks the
+//! batch's products in id order, reads what Postgres already holds for the batch, and lets
+//! [`plan`] decide each winner, earliest win first: a new order while its product has units
+//! free (`stock - sold`); already decided (its order or rejection exists: a redelivery); or
+//! `rejected` — no unit left, or its shopper already holds an order for the product (both only
+//! possible after Redis lost data). It inserts the orders and the rejections, adds the orders
+//! to `product.sold`, commits, then records every status in Redis through `status.lua`.
+//!
+//! [`Worker::run`] is the loop around it: prefetch-bounded consumer, batching, backoff while
+//! Postgres, Redis or RabbitMQ is down (holding the batch: no ack/nack storms), reconnection.
+//! A batch refused for good ([`classify`]: SQLSTATE class 22 or 23) is split ([`bisect`])
+//! until the messages refused on their own are found; those, and unreadable messages, go to
+//! the dead-letter queue one by one with their reason ([`crate::dlq`]), and the rest of the
+//! batch is persisted: one bad message never wedges the queue.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use lapin::{
     Channel,
     message::Delivery,
     options::{
-        BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
+        BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+        ConfirmSelectOptions,
     },
     types::FieldTable,
 };
-use sea_orm::{ConnectionTrait, DatabaseConnection, FromQueryResult, Statement, TransactionTrait};
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DbErr, FromQueryResult, RuntimeErr, Statement,
+    TransactionTrait, sqlx,
+};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::{
-    amqp::{Broker, OrderMessage, declare_topology},
+    amqp::{Broker, OrderMessage, declare_topology, dlq_name},
     backoff::{Backoff, sleep_or_stop},
-    db::entities::orders,
+    db::entities::{orders, rejection},
     deps::Deps,
+    dlq,
+    domain::{ProductId, UserId},
     metrics::Metrics,
+    rejections::{self, Cause, NewRejection},
     reservations::{ReservationView, Reservations, Status},
 };
 
-/// Rows per INSERT statement (8 parameters each, far below Postgres' 65,535).
+/// Rows per INSERT statement (7 parameters each, far below Postgres' 65,535).
 const ROWS_PER_STATEMENT: usize = 1_000;
 
 /// What one batch did.
@@ -41,8 +60,65 @@ const ROWS_PER_STATEMENT: usize = 1_000;
 pub struct BatchOutcome {
     /// New orders.
     pub inserted: usize,
-    /// Messages whose order already existed (redeliveries).
+    /// Messages decided by an earlier attempt (their order or rejection exists: redeliveries),
+    /// or repeated within the batch.
     pub duplicates: usize,
+    /// Wins rejected now because no unit was left.
+    pub rejected_sold_out: usize,
+    /// Wins rejected now because their shopper already holds an order for the product.
+    pub rejected_holding: usize,
+}
+
+/// What becomes of one winner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    /// A new order.
+    Order,
+    /// Decided before (its order or rejection exists), or the same reservation again.
+    Decided,
+    /// Rejected now.
+    Rejected(Cause),
+}
+
+/// What Postgres already holds about a batch (read with the batch's products locked).
+#[derive(Debug, Clone, Default)]
+pub struct Known {
+    /// Units still free (`stock - sold`) of each product that exists.
+    pub free: HashMap<ProductId, i64>,
+    /// Reservations with an order or a rejection.
+    pub decided: HashSet<Uuid>,
+    /// Shoppers holding an order (whatever its status) for a product.
+    pub holders: HashSet<(UserId, ProductId)>,
+}
+
+/// Decides each winner of `batch` (the result is in `batch`'s order), earliest win first.
+/// A winner of a product that does not exist is planned as an order: its insert then fails on
+/// the foreign key, for good, and the worker dead-letters it.
+pub fn plan(batch: &[OrderMessage], mut known: Known) -> Vec<Fate> {
+    let mut by_time: Vec<usize> = (0..batch.len()).collect();
+    by_time.sort_by_key(|&i| (batch[i].reserved_at, i));
+    let mut fates = vec![Fate::Decided; batch.len()];
+    for i in by_time {
+        let m = &batch[i];
+        let holder = (m.user_id, m.product_id);
+        fates[i] = if !known.decided.insert(m.reservation_id) {
+            Fate::Decided
+        } else if known.holders.contains(&holder) {
+            Fate::Rejected(Cause::AlreadyHoldsOrder)
+        } else {
+            match known.free.get_mut(&m.product_id) {
+                Some(free) if *free <= 0 => Fate::Rejected(Cause::SoldOut),
+                free => {
+                    if let Some(free) = free {
+                        *free -= 1;
+                    }
+                    known.holders.insert(holder);
+                    Fate::Order
+                }
+            }
+        };
+    }
+    fates
 }
 
 #[derive(Debug, FromQueryResult)]
@@ -51,26 +127,86 @@ struct Inserted {
     reservation_id: Uuid,
     user_id: i64,
     product_id: i64,
-    expires_at: chrono::DateTime<Utc>,
+    expires_at: DateTime<Utc>,
 }
 
-/// Persists a batch of winners in one transaction, then records their status in Redis.
-pub async fn process_batch(
-    db: &DatabaseConnection,
-    reservations: &Reservations,
+#[derive(Debug, FromQueryResult)]
+struct Stock {
+    product_id: i64,
+    stock: i32,
+    sold: i32,
+}
+
+/// What Postgres holds about the batch: the products locked (in id order, like every writer of
+/// product rows, so consumers and sweepers never deadlock; this also serialises the batches of
+/// one product, so what is read here stays true until commit), the orders of the batch's
+/// reservations or shoppers, and the batch's rejections.
+async fn read_known(
+    txn: &impl ConnectionTrait,
     batch: &[OrderMessage],
-    payment_timeout: Duration,
-) -> anyhow::Result<BatchOutcome> {
-    if batch.is_empty() {
-        return Ok(BatchOutcome::default());
+) -> anyhow::Result<(Known, Vec<orders::Model>, Vec<rejection::Model>)> {
+    let backend = txn.get_database_backend();
+    let mut products: Vec<i64> = batch.iter().map(|m| m.product_id.get()).collect();
+    products.sort_unstable();
+    products.dedup();
+    let stocks = Stock::find_by_statement(Statement::from_sql_and_values(
+        backend,
+        "select product_id, stock, sold from product where product_id = any($1) order by product_id for update",
+        [products.into()],
+    ))
+    .all(txn)
+    .await
+    .context("locking the batch's products")?;
+    let ids: Vec<Uuid> = batch.iter().map(|m| m.reservation_id).collect();
+    let users: Vec<i64> = batch.iter().map(|m| m.user_id.get()).collect();
+    let of_products: Vec<i64> = batch.iter().map(|m| m.product_id.get()).collect();
+    let existing = orders::Model::find_by_statement(Statement::from_sql_and_values(
+        backend,
+        // Two index look-ups (an OR of both would scan the whole table).
+        "select o.* from orders o where o.reservation_id = any($1) \
+         union \
+         select o.* from unnest($2::bigint[], $3::bigint[]) as b (user_id, product_id) \
+         join orders o on o.user_id = b.user_id and o.product_id = b.product_id",
+        [ids.clone().into(), users.into(), of_products.into()],
+    ))
+    .all(txn)
+    .await
+    .context("reading the batch's orders")?;
+    let rejected = rejections::of_reservations(txn, ids).await?;
+
+    let mut known = Known::default();
+    for s in stocks {
+        let free = i64::from(s.stock) - i64::from(s.sold);
+        known.free.insert(ProductId::try_from(s.product_id)?, free);
     }
-    let now = Utc::now();
-    let expires_at = now + chrono::Duration::from_std(payment_timeout)?;
-    let txn = db.begin().await.context("beginning the batch")?;
-    let mut inserted_per_product: HashMap<i64, i64> = HashMap::new();
-    let mut new_orders: Vec<Inserted> = Vec::with_capacity(batch.len());
-    let mut inserted = 0;
-    for chunk in batch.chunks(ROWS_PER_STATEMENT) {
+    for o in &existing {
+        known.decided.insert(o.reservation_id);
+        known.holders.insert((
+            UserId::try_from(o.user_id)?,
+            ProductId::try_from(o.product_id)?,
+        ));
+    }
+    known
+        .decided
+        .extend(rejected.iter().map(|r| r.reservation_id));
+    let in_batch: HashSet<Uuid> = batch.iter().map(|m| m.reservation_id).collect();
+    let earlier = existing
+        .into_iter()
+        .filter(|o| in_batch.contains(&o.reservation_id))
+        .collect();
+    Ok((known, earlier, rejected))
+}
+
+/// Inserts the orders (`ON CONFLICT DO NOTHING`: a safety net, the plan already left out
+/// every order that exists); the new ones.
+async fn insert_orders(
+    txn: &impl ConnectionTrait,
+    orders: &[&OrderMessage],
+    now: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+) -> anyhow::Result<Vec<Inserted>> {
+    let mut inserted = Vec::with_capacity(orders.len());
+    for chunk in orders.chunks(ROWS_PER_STATEMENT) {
         let mut sql = String::from(
             "insert into orders (order_id, reservation_id, user_id, product_id, status, reserved_at, created_at, expires_at) values ",
         );
@@ -106,84 +242,241 @@ pub async fn process_batch(
             sql,
             values,
         ))
-        .all(&txn)
+        .all(txn)
         .await
         .context("inserting orders")?;
-        inserted += rows.len();
-        for r in rows {
-            *inserted_per_product.entry(r.product_id).or_default() += 1;
-            new_orders.push(r);
-        }
+        inserted.extend(rows);
     }
-    for (product, n) in &inserted_per_product {
+    Ok(inserted)
+}
+
+/// Adds the new orders to `product.sold`, in product id order (the lock order).
+async fn add_sold(txn: &impl ConnectionTrait, new_orders: &[Inserted]) -> anyhow::Result<()> {
+    let mut per_product: BTreeMap<i64, i64> = BTreeMap::new();
+    for o in new_orders {
+        *per_product.entry(o.product_id).or_default() += 1;
+    }
+    for (product, n) in per_product {
         txn.execute_raw(Statement::from_sql_and_values(
             txn.get_database_backend(),
             "update product set sold = sold + $2 where product_id = $1",
-            [(*product).into(), (*n).into()],
+            [product.into(), n.into()],
         ))
         .await
         .context("adding to product.sold")?;
     }
-    txn.commit().await.context("committing the batch")?;
+    Ok(())
+}
 
-    // Tell the status endpoints (and take the winners off the pending set). New orders are
-    // known from RETURNING; only redeliveries (orders made by an earlier attempt) are read back.
-    let mut views: Vec<(i64, i64, ReservationView)> = new_orders
-        .iter()
-        .map(|o| {
-            let view = ReservationView {
-                reservation_id: o.reservation_id,
-                status: Status::Confirmed,
-                order_id: Some(o.order_id),
-                expires_at: Some(o.expires_at),
-            };
-            (o.product_id, o.user_id, view)
-        })
-        .collect();
-    if new_orders.len() < batch.len() {
-        let fresh: std::collections::HashSet<Uuid> =
-            new_orders.iter().map(|o| o.reservation_id).collect();
-        let ids: Vec<Uuid> = batch
-            .iter()
-            .map(|m| m.reservation_id)
-            .filter(|r| !fresh.contains(r))
-            .collect();
-        let earlier = orders::Model::find_by_statement(Statement::from_sql_and_values(
-            db.get_database_backend(),
-            "select * from orders where reservation_id = any($1)",
-            [ids.into()],
-        ))
-        .all(db)
-        .await
-        .context("reading redelivered orders")?;
-        views.extend(
-            earlier
-                .iter()
-                .map(|o| (o.product_id, o.user_id, ReservationView::from(o))),
-        );
-    }
-    // One status script call per product in the batch (usually one).
-    let mut per_product: HashMap<i64, Vec<(crate::domain::UserId, &ReservationView)>> =
-        HashMap::new();
-    for (product, user, view) in &views {
-        if let Ok(user) = crate::domain::UserId::try_from(*user) {
-            per_product.entry(*product).or_default().push((user, view));
-        }
+/// Records the statuses in Redis: one `status.lua` call per product (usually one).
+async fn record(
+    reservations: &Reservations,
+    views: &[(ProductId, UserId, ReservationView)],
+) -> anyhow::Result<()> {
+    let mut per_product: BTreeMap<ProductId, Vec<(UserId, &ReservationView)>> = BTreeMap::new();
+    for (product, user, view) in views {
+        per_product.entry(*product).or_default().push((*user, view));
     }
     for (product, updates) in per_product {
-        let Ok(product) = crate::domain::ProductId::try_from(product) else {
-            continue;
-        };
         reservations
             .record_statuses(product, &updates)
             .await
             .map_err(|e| anyhow::anyhow!(e))
-            .context("recording order status in Redis")?;
+            .context("recording statuses in Redis")?;
     }
+    Ok(())
+}
+
+/// Persists a batch of winners in one transaction, then records their statuses in Redis.
+pub async fn process_batch(
+    db: &DatabaseConnection,
+    reservations: &Reservations,
+    batch: &[OrderMessage],
+    payment_timeout: Duration,
+) -> anyhow::Result<BatchOutcome> {
+    if batch.is_empty() {
+        return Ok(BatchOutcome::default());
+    }
+    let now = Utc::now();
+    let expires_at = now + chrono::Duration::from_std(payment_timeout)?;
+    let txn = db.begin().await.context("beginning the batch")?;
+    let (known, earlier_orders, earlier_rejections) = read_known(&txn, batch).await?;
+    let fates = plan(batch, known);
+    let planned: Vec<&OrderMessage> = batch
+        .iter()
+        .zip(&fates)
+        .filter(|(_, f)| **f == Fate::Order)
+        .map(|(m, _)| m)
+        .collect();
+    let new_orders = insert_orders(&txn, &planned, now, expires_at).await?;
+    let rejected: Vec<NewRejection> = batch
+        .iter()
+        .zip(&fates)
+        .filter_map(|(m, f)| match f {
+            Fate::Rejected(cause) => Some(NewRejection {
+                reservation_id: m.reservation_id,
+                user: m.user_id,
+                product: m.product_id,
+                cause: *cause,
+            }),
+            _ => None,
+        })
+        .collect();
+    rejections::insert(&txn, &rejected).await?;
+    add_sold(&txn, &new_orders).await?;
+    txn.commit().await.context("committing the batch")?;
+
+    // Tell the status endpoints (and take every decided winner off the pending set).
+    let mut views: Vec<(ProductId, UserId, ReservationView)> = Vec::with_capacity(batch.len());
+    for o in &new_orders {
+        let view = ReservationView {
+            reservation_id: o.reservation_id,
+            status: Status::Confirmed,
+            order_id: Some(o.order_id),
+            expires_at: Some(o.expires_at),
+            reason: None,
+        };
+        views.push((
+            ProductId::try_from(o.product_id)?,
+            UserId::try_from(o.user_id)?,
+            view,
+        ));
+    }
+    for r in &rejected {
+        let view = ReservationView::rejected(r.reservation_id, r.cause.reason());
+        views.push((r.product, r.user, view));
+    }
+    for r in &earlier_rejections {
+        views.push((
+            ProductId::try_from(r.product_id)?,
+            UserId::try_from(r.user_id)?,
+            ReservationView::from(r),
+        ));
+    }
+    let mut earlier_orders = earlier_orders;
+    if new_orders.len() < planned.len() {
+        // Cannot happen while every insert holds its product's lock; read back, to be sure.
+        let fresh: HashSet<Uuid> = new_orders.iter().map(|o| o.reservation_id).collect();
+        let lost: Vec<Uuid> = planned
+            .iter()
+            .map(|m| m.reservation_id)
+            .filter(|r| !fresh.contains(r))
+            .collect();
+        tracing::warn!(count = lost.len(), "planned orders already existed");
+        earlier_orders.extend(
+            orders::Model::find_by_statement(Statement::from_sql_and_values(
+                db.get_database_backend(),
+                "select * from orders where reservation_id = any($1)",
+                [lost.into()],
+            ))
+            .all(db)
+            .await
+            .context("reading orders made meanwhile")?,
+        );
+    }
+    for o in &earlier_orders {
+        views.push((
+            ProductId::try_from(o.product_id)?,
+            UserId::try_from(o.user_id)?,
+            ReservationView::from(o),
+        ));
+    }
+    record(reservations, &views).await?;
+
+    let count = |cause| {
+        fates
+            .iter()
+            .filter(|f| **f == Fate::Rejected(cause))
+            .count()
+    };
+    let (rejected_sold_out, rejected_holding) =
+        (count(Cause::SoldOut), count(Cause::AlreadyHoldsOrder));
     Ok(BatchOutcome {
-        inserted,
-        duplicates: batch.len() - inserted,
+        inserted: new_orders.len(),
+        duplicates: batch.len() - new_orders.len() - rejected_sold_out - rejected_holding,
+        rejected_sold_out,
+        rejected_holding,
     })
+}
+
+/// How a failed step is handled.
+#[derive(Debug)]
+pub enum Failure {
+    /// The data itself is refused: retrying cannot help. Why, in plain words.
+    Permanent(String),
+    /// Anything else (a lost connection, Redis down, a deadlock…): hold and retry.
+    Transient(anyhow::Error),
+}
+
+/// Whether a SQLSTATE means the data is refused for good: class 22 (data exception: a bad
+/// value) or 23 (integrity constraint violation: a check, a foreign key, a unique key).
+pub fn is_permanent_sqlstate(code: &str) -> bool {
+    code.starts_with("22") || code.starts_with("23")
+}
+
+/// Classifies an error of [`process_batch`] by the SQLSTATE Postgres answered, if any.
+pub fn classify(e: anyhow::Error) -> Failure {
+    let refused = e.chain().find_map(|cause| {
+        let (DbErr::Exec(RuntimeErr::SqlxError(sqlx_err))
+        | DbErr::Query(RuntimeErr::SqlxError(sqlx_err))
+        | DbErr::Conn(RuntimeErr::SqlxError(sqlx_err))) = cause.downcast_ref::<DbErr>()?
+        else {
+            return None;
+        };
+        let sqlx::Error::Database(db_err) = sqlx_err.as_ref() else {
+            return None;
+        };
+        let code = db_err.code()?;
+        is_permanent_sqlstate(&code)
+            .then(|| format!("permanent database error {code}: {}", db_err.message()))
+    });
+    match refused {
+        Some(reason) => Failure::Permanent(reason),
+        None => Failure::Transient(e),
+    }
+}
+
+/// A message that is refused for good on its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Poison {
+    /// Its position in the items given to [`bisect`].
+    pub index: usize,
+    pub reason: String,
+}
+
+/// Runs `attempt` on all of `items`; when that is refused for good, on each half (left first),
+/// and so on, until every item was either part of an attempt that succeeded or refused on its
+/// own: those are returned, in order. One attempt when nothing is wrong, about 2·k·log2(n) with
+/// k bad items of n. A transient failure stops the search: the caller retries later (attempts
+/// must be idempotent, as [`process_batch`] is).
+pub async fn bisect<'a, T, F, Fut>(items: &'a [T], mut attempt: F) -> anyhow::Result<Vec<Poison>>
+where
+    F: FnMut(&'a [T]) -> Fut,
+    Fut: Future<Output = Result<(), Failure>>,
+{
+    let mut poison = Vec::new();
+    // A stack of index ranges still to attempt (the top is the leftmost).
+    let mut todo: Vec<std::ops::Range<usize>> = Vec::new();
+    todo.push(0..items.len());
+    while let Some(range) = todo.pop() {
+        if range.is_empty() {
+            continue;
+        }
+        match attempt(&items[range.clone()]).await {
+            Ok(()) => {}
+            Err(Failure::Transient(e)) => return Err(e),
+            Err(Failure::Permanent(reason)) if range.len() == 1 => poison.push(Poison {
+                index: range.start,
+                reason,
+            }),
+            Err(Failure::Permanent(_)) => {
+                let mid = range.start + range.len() / 2;
+                todo.push(mid..range.end);
+                todo.push(range.start..mid);
+            }
+        }
+    }
+    Ok(poison)
 }
 
 /// The consumer loop around [`process_batch`].
@@ -253,6 +546,14 @@ impl Worker {
             .await
             .context("no RabbitMQ connection")?;
         let ch = conn.create_channel().await.context("opening a channel")?;
+        // Dead letters are published (with confirms) on a channel of their own.
+        let dead = conn
+            .create_channel()
+            .await
+            .context("opening the dead-letter channel")?;
+        dead.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .context("enabling publisher confirms")?;
         let prefetch = u16::try_from(self.batch_size * 2).unwrap_or(u16::MAX);
         ch.basic_qos(prefetch, BasicQosOptions::default())
             .await
@@ -297,10 +598,11 @@ impl Worker {
                     Err(_) => break,
                 }
             }
-            if !self.handle(&ch, batch, shutdown).await? {
+            if !self.handle(&ch, &dead, batch, shutdown).await? {
                 break;
             }
         }
+        let _ = dead.close(200, "worker stopping".into()).await;
         let _ = ch.close(200, "worker stopping".into()).await;
         Ok(())
     }
@@ -312,7 +614,7 @@ impl Worker {
             passive: true,
             ..QueueDeclareOptions::default()
         };
-        let dlq = format!("{}.dlq", self.queue);
+        let dlq = dlq_name(&self.queue);
         for (name, gauge) in [
             (self.queue.as_str(), &self.metrics.queue_depth),
             (dlq.as_str(), &self.metrics.dlq_depth),
@@ -331,61 +633,358 @@ impl Worker {
     async fn handle(
         &self,
         ch: &Channel,
+        dead: &Channel,
         batch: Vec<Delivery>,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<bool> {
-        let mut good = Vec::with_capacity(batch.len());
-        let mut last_good = None;
-        for d in &batch {
-            match OrderMessage::parse(&d.data) {
-                Ok(m) => {
-                    good.push(m);
-                    last_good = Some(d.delivery_tag);
-                }
-                Err(why) => {
-                    tracing::error!(delivery_tag = d.delivery_tag, %why, "poison message dead-lettered");
-                    ch.basic_reject(d.delivery_tag, BasicRejectOptions { requeue: false })
-                        .await
-                        .context("rejecting poison")?;
-                    self.metrics.dead_lettered.inc();
-                }
-            }
-        }
-        let Some(last_good) = last_good else {
+        let Some(last) = batch.iter().map(|d| d.delivery_tag).max() else {
             return Ok(true);
         };
+        let mut poison: Vec<(&Delivery, String)> = Vec::new();
+        let mut readable: Vec<(&Delivery, OrderMessage)> = Vec::with_capacity(batch.len());
+        for d in &batch {
+            match OrderMessage::parse(&d.data) {
+                Ok(m) => readable.push((d, m)),
+                Err(why) => poison.push((d, format!("unreadable message: {why}"))),
+            }
+        }
+        // In winning order, so that while a batch is split the earlier wins take free units first.
+        readable.sort_by_key(|(_, m)| m.reserved_at);
+        let messages: Vec<OrderMessage> = readable.iter().map(|(_, m)| m.clone()).collect();
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-        loop {
-            let started = std::time::Instant::now();
-            match process_batch(&self.db, &self.reservations, &good, self.payment_timeout).await {
-                Ok(outcome) => {
-                    self.metrics
-                        .persist_latency
-                        .observe(started.elapsed().as_secs_f64());
-                    self.metrics.worker_batch.observe(good.len() as f64);
-                    self.metrics
-                        .orders_persisted
-                        .inc_by(outcome.inserted as u64);
-                    break;
-                }
+        let refused = loop {
+            match self.persist(&messages).await {
+                Ok(refused) => break refused,
                 Err(e) => {
                     let delay = backoff.next_delay();
-                    tracing::warn!(error = %format!("{e:#}"), batch = good.len(), "persisting failed; holding the batch, retry in {delay:?}");
+                    tracing::warn!(error = %format!("{e:#}"), batch = messages.len(), "persisting failed; holding the batch, retry in {delay:?}");
                     tokio::select! {
                         _ = shutdown.cancelled() => {
-                            let _ = ch.basic_nack(last_good, BasicNackOptions { multiple: true, requeue: true }).await;
+                            let _ = ch.basic_nack(last, BasicNackOptions { multiple: true, requeue: true }).await;
                             return Ok(false);
                         }
                         _ = tokio::time::sleep(delay) => {}
                     }
                 }
             }
+        };
+        poison.extend(refused.into_iter().map(|p| (readable[p.index].0, p.reason)));
+        for (d, reason) in &poison {
+            tracing::error!(delivery_tag = d.delivery_tag, %reason, "message dead-lettered");
+            dlq::dead_letter(dead, &self.queue, &d.data, &d.properties, reason)
+                .await
+                .context("dead-lettering")?;
+            ch.basic_ack(d.delivery_tag, BasicAckOptions::default())
+                .await
+                .context("acking a dead-lettered message")?;
+            self.metrics.dead_lettered.inc();
         }
-        // Every earlier delivery on this channel is settled, so `multiple` acks exactly the
-        // good ones of this batch (poison was rejected one by one above).
-        ch.basic_ack(last_good, BasicAckOptions { multiple: true })
-            .await
-            .context("acking the batch")?;
+        // Every earlier delivery on this channel is settled (the poison one by one just above),
+        // so `multiple` acks exactly the rest of this batch.
+        let dead_tags: HashSet<u64> = poison.iter().map(|(d, _)| d.delivery_tag).collect();
+        if let Some(last_good) = batch
+            .iter()
+            .map(|d| d.delivery_tag)
+            .filter(|t| !dead_tags.contains(t))
+            .max()
+        {
+            ch.basic_ack(last_good, BasicAckOptions { multiple: true })
+                .await
+                .context("acking the batch")?;
+        }
         Ok(true)
+    }
+
+    /// Persists `messages`, splitting them when Postgres refuses them for good; the messages
+    /// refused on their own. An error is transient: hold the batch and retry.
+    async fn persist(&self, messages: &[OrderMessage]) -> anyhow::Result<Vec<Poison>> {
+        bisect(messages, |part| async move {
+            let started = Instant::now();
+            match process_batch(&self.db, &self.reservations, part, self.payment_timeout).await {
+                Ok(outcome) => {
+                    self.observe(part.len(), started, outcome);
+                    Ok(())
+                }
+                Err(e) => {
+                    let failure = classify(e);
+                    if let Failure::Permanent(reason) = &failure {
+                        tracing::warn!(batch = part.len(), %reason, "Postgres refused a batch for good; splitting it");
+                    }
+                    Err(failure)
+                }
+            }
+        })
+        .await
+    }
+
+    fn observe(&self, size: usize, started: Instant, outcome: BatchOutcome) {
+        let m = &self.metrics;
+        m.persist_latency.observe(started.elapsed().as_secs_f64());
+        m.worker_batch.observe(size as f64);
+        m.orders_persisted.inc_by(outcome.inserted as u64);
+        m.count_rejected(Cause::SoldOut, outcome.rejected_sold_out);
+        m.count_rejected(Cause::AlreadyHoldsOrder, outcome.rejected_holding);
+        if outcome.rejected_sold_out + outcome.rejected_holding > 0 {
+            tracing::warn!(
+                sold_out = outcome.rejected_sold_out,
+                already_holding = outcome.rejected_holding,
+                "wins rejected: they could not become orders"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{borrow::Cow, sync::Arc};
+
+    use super::*;
+
+    /// A database error as Postgres would answer it, with a SQLSTATE.
+    #[derive(Debug)]
+    struct PgError(&'static str);
+
+    impl std::fmt::Display for PgError {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "error {}", self.0)
+        }
+    }
+
+    impl std::error::Error for PgError {}
+
+    impl sqlx::error::DatabaseError for PgError {
+        fn message(&self) -> &str {
+            "insert or update on table \"orders\" violates foreign key constraint \"orders_product_fkey\""
+        }
+        fn code(&self) -> Option<Cow<'_, str>> {
+            Some(Cow::Borrowed(self.0))
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    fn failed(err: sqlx::Error, wrap: fn(RuntimeErr) -> DbErr) -> anyhow::Error {
+        let e: Result<(), DbErr> = Err(wrap(RuntimeErr::SqlxError(Arc::new(err))));
+        e.context("inserting orders").unwrap_err()
+    }
+
+    fn pg(code: &'static str) -> anyhow::Error {
+        failed(sqlx::Error::Database(Box::new(PgError(code))), DbErr::Query)
+    }
+
+    #[test]
+    fn sqlstate_classes_22_and_23_are_permanent_the_rest_transient() {
+        for code in [
+            "22001", "22003", "22008", "22P02", "23502", "23503", "23505", "23514",
+        ] {
+            assert!(is_permanent_sqlstate(code), "{code}");
+        }
+        for code in [
+            "08006", "40001", "40P01", "53300", "57P01", "42P01", "XX000", "",
+        ] {
+            assert!(!is_permanent_sqlstate(code), "{code}");
+        }
+    }
+
+    #[test]
+    fn a_refused_batch_is_permanent_with_a_reason_and_anything_else_is_transient() {
+        match classify(pg("23503")) {
+            Failure::Permanent(reason) => {
+                assert!(
+                    reason.starts_with("permanent database error 23503: "),
+                    "{reason}"
+                );
+                assert!(reason.contains("orders_product_fkey"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let exec = failed(
+            sqlx::Error::Database(Box::new(PgError("22008"))),
+            DbErr::Exec,
+        );
+        assert!(matches!(classify(exec), Failure::Permanent(_)));
+        for transient in [
+            pg("40P01"),
+            pg("57P01"),
+            failed(sqlx::Error::PoolTimedOut, DbErr::Conn),
+            failed(sqlx::Error::WorkerCrashed, DbErr::Exec),
+            anyhow::anyhow!("Redis did not answer").context("recording statuses in Redis"),
+        ] {
+            let text = format!("{transient:#}");
+            match classify(transient) {
+                Failure::Transient(e) => assert_eq!(format!("{e:#}"), text),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+    }
+
+    /// Attempts of `bisect` over numbers: `bad` ones are refused for good, and any other
+    /// attempt containing `flaky` fails transiently.
+    async fn run(
+        items: &[u32],
+        bad: &[u32],
+        flaky: Option<u32>,
+    ) -> (anyhow::Result<Vec<Poison>>, Vec<Vec<u32>>) {
+        let attempts = std::sync::Mutex::new(Vec::new());
+        let result = bisect(items, |part| {
+            attempts.lock().unwrap().push(part.to_vec());
+            let outcome = if let Some(b) = part.iter().find(|i| bad.contains(i)) {
+                Err(Failure::Permanent(format!("{b} is bad")))
+            } else if flaky.is_some_and(|f| part.contains(&f)) {
+                Err(Failure::Transient(anyhow::anyhow!("connection lost")))
+            } else {
+                Ok(())
+            };
+            async move { outcome }
+        })
+        .await;
+        (result, attempts.into_inner().unwrap())
+    }
+
+    #[tokio::test]
+    async fn bisecting_finds_each_bad_item_alone_and_attempts_everything_else() {
+        let items: Vec<u32> = (0..200).collect();
+        let (found, attempts) = run(&items, &[], None).await;
+        assert_eq!(found.unwrap(), vec![]);
+        assert_eq!(
+            attempts,
+            vec![items.clone()],
+            "one attempt when nothing is wrong"
+        );
+
+        let (found, attempts) = run(&items, &[7, 150], None).await;
+        let found = found.unwrap();
+        assert_eq!(
+            found,
+            vec![
+                Poison {
+                    index: 7,
+                    reason: "7 is bad".into()
+                },
+                Poison {
+                    index: 150,
+                    reason: "150 is bad".into()
+                },
+            ]
+        );
+        // Every good item was in exactly one successful attempt.
+        let mut persisted: Vec<u32> = attempts
+            .iter()
+            .filter(|a| !a.iter().any(|i| [7, 150].contains(i)))
+            .flatten()
+            .copied()
+            .collect();
+        persisted.sort_unstable();
+        let good: Vec<u32> = items
+            .iter()
+            .copied()
+            .filter(|i| ![7, 150].contains(i))
+            .collect();
+        assert_eq!(persisted, good);
+        assert!(
+            attempts.len() <= 2 * 2 * 8 + 1,
+            "{} attempts",
+            attempts.len()
+        );
+        // Left halves first: the earlier items are attempted first.
+        assert_eq!(attempts[1], items[..100].to_vec());
+
+        let (found, _) = run(&[1, 2, 3], &[1, 2, 3], None).await;
+        assert_eq!(found.unwrap().len(), 3);
+        let (found, _) = run(&[], &[], None).await;
+        assert_eq!(found.unwrap(), vec![]);
+    }
+
+    #[tokio::test]
+    async fn a_transient_failure_stops_the_search() {
+        let items: Vec<u32> = (0..10).collect();
+        // 2 is found on the left; the right half then loses the connection.
+        let (found, attempts) = run(&items, &[2], Some(8)).await;
+        assert_eq!(found.unwrap_err().to_string(), "connection lost");
+        assert!(attempts.contains(&vec![2]), "{attempts:?}");
+        assert_eq!(attempts.last().unwrap(), &(5..10).collect::<Vec<u32>>());
+    }
+
+    fn message(rid: u128, user: i64, product: i64, at_secs: i64) -> OrderMessage {
+        OrderMessage {
+            v: OrderMessage::VERSION,
+            reservation_id: Uuid::from_u128(rid),
+            user_id: UserId::try_from(user).unwrap(),
+            product_id: ProductId::try_from(product).unwrap(),
+            reserved_at: DateTime::from_timestamp(1_800_000_000 + at_secs, 0).unwrap(),
+        }
+    }
+
+    fn p(id: i64) -> ProductId {
+        ProductId::try_from(id).unwrap()
+    }
+
+    #[test]
+    fn the_plan_gives_free_units_to_the_earliest_wins_and_rejects_the_rest() {
+        // Product 1 has 2 units free; the batch arrives out of winning order.
+        let batch = [
+            message(1, 10, 1, 3),
+            message(2, 11, 1, 1),
+            message(3, 12, 1, 2),
+            message(4, 13, 1, 4),
+        ];
+        let known = Known {
+            free: HashMap::from([(p(1), 2)]),
+            ..Known::default()
+        };
+        assert_eq!(
+            plan(&batch, known),
+            [
+                Fate::Rejected(Cause::SoldOut),
+                Fate::Order,
+                Fate::Order,
+                Fate::Rejected(Cause::SoldOut),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_plan_knows_redeliveries_holders_repeats_and_unknown_products() {
+        let batch = [
+            message(1, 10, 1, 1), // its order exists: a redelivery, takes no unit
+            message(2, 11, 1, 2), // rejected before: stays decided
+            message(3, 12, 1, 3), // its shopper holds an order under another reservation
+            message(4, 13, 1, 4), // new
+            message(4, 13, 1, 4), // the same message twice in one batch
+            message(5, 13, 1, 5), // a second win of shopper 13 within the batch
+            message(6, 14, 9, 6), // product 9 does not exist: the foreign key decides
+            message(7, 15, 2, 7), // product 2 is sold out (sold > stock is refused as 0 free)
+        ];
+        let known = Known {
+            free: HashMap::from([(p(1), 1), (p(2), -1)]),
+            decided: HashSet::from([Uuid::from_u128(1), Uuid::from_u128(2)]),
+            holders: HashSet::from([
+                (UserId::try_from(10).unwrap(), p(1)),
+                (UserId::try_from(12).unwrap(), p(1)),
+            ]),
+        };
+        assert_eq!(
+            plan(&batch, known),
+            [
+                Fate::Decided,
+                Fate::Decided,
+                Fate::Rejected(Cause::AlreadyHoldsOrder),
+                Fate::Order,
+                Fate::Decided,
+                Fate::Rejected(Cause::AlreadyHoldsOrder),
+                Fate::Order,
+                Fate::Rejected(Cause::SoldOut),
+            ]
+        );
     }
 }

@@ -1,4 +1,4 @@
-//! sea-orm entities for the `product` and `orders` tables.
+//! sea-orm entities for the `product`, `orders` and `rejection` tables.
 
 pub mod product {
     use sea_orm::entity::prelude::*;
@@ -74,6 +74,28 @@ pub mod orders {
         pub paid_at: Option<ChronoDateTimeUtc>,
         pub closed_at: Option<ChronoDateTimeUtc>,
         pub released_at: Option<ChronoDateTimeUtc>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod rejection {
+    use sea_orm::entity::prelude::*;
+
+    /// A win that could not become an order (terminal; see `migrations/0003_rejection.sql`).
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "rejection")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub reservation_id: Uuid,
+        pub user_id: i64,
+        pub product_id: i64,
+        /// Why, in plain words, for the shopper.
+        pub reason: String,
+        pub created_at: ChronoDateTimeUtc,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

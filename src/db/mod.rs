@@ -122,6 +122,10 @@ impl MigratorTrait for Migrator {
                 name: "0002_preheated",
                 sql: include_str!("../../migrations/0002_preheated.sql"),
             }),
+            Box::new(SqlMigration {
+                name: "0003_rejection",
+                sql: include_str!("../../migrations/0003_rejection.sql"),
+            }),
         ]
     }
 }

@@ -22,7 +22,7 @@ use crate::{
         extract::{AuthUser, product_id},
         problem::ApiError,
     },
-    orders,
+    orders, rejections,
     reservations::{Decision, Outcome, RateWindow, ReservationView, Status, status_event},
 };
 
@@ -321,21 +321,35 @@ fn sold_out_response() -> HttpResponse {
         .body(body.clone())
 }
 
-/// The caller's current view of their reservation, from Redis (falling back to Postgres).
+/// The caller's current view of their reservation, from Redis (falling back to Postgres: their
+/// order, else their latest rejected win, so a rejection stays visible after Redis lost data).
 pub async fn reservation_view(
     ctx: &Ctx,
     user: crate::domain::UserId,
     id: ProductId,
 ) -> Result<Option<ReservationView>, ApiError> {
+    let mut cached = None;
     if let Some(rid) = ctx.reservations.reservation_of(id, user).await?
         && let Some(raw) = ctx.reservations.status_of(id, rid).await?
-        && let Some(view) = ReservationView::from_redis(rid, &raw)
     {
-        return Ok(Some(view));
+        cached = ReservationView::from_redis(rid, &raw);
     }
-    Ok(orders::find_for(&ctx.deps.db, user, id)
+    // A rejected win may be the second win of a shopper who holds an order: show the order.
+    if cached
+        .as_ref()
+        .is_some_and(|v| v.status != Status::Rejected)
+    {
+        return Ok(cached);
+    }
+    if let Some(order) = orders::find_for(&ctx.deps.db, user, id).await? {
+        return Ok(Some(ReservationView::from(&order)));
+    }
+    if cached.is_some() {
+        return Ok(cached);
+    }
+    Ok(rejections::find_for(&ctx.deps.db, user, id)
         .await?
-        .map(|o| ReservationView::from(&o)))
+        .map(|r| ReservationView::from(&r)))
 }
 
 /// The caller's reservation for this product.

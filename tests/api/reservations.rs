@@ -374,6 +374,7 @@ async fn statuses_recorded_in_one_call_never_go_back_and_leave_the_pending_set()
         status,
         order_id: Some(Uuid::now_v7()),
         expires_at: None,
+        reason: None,
     };
     // The first is already paid when a (late) confirmation of all three arrives.
     let paid = view(won[0].1, Status::Paid);
