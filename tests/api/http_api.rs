@@ -9,8 +9,8 @@ use seckill::{
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    ADMIN_TOKEN, JWT_SECRET, TestApp, assert_problem, at, free_port, http_sale, jwt, pg_count,
-    purchase_token, sign,
+    ADMIN_TOKEN, JWT_SECRET, TestApp, assert_problem, at, eventually, free_port, http_sale, jwt,
+    pg_count, purchase_token, sign,
 };
 
 fn generous() -> [(&'static str, &'static str); 1] {
