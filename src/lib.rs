@@ -44,7 +44,8 @@
 //!   [`startup`] — builds the application, one function per role (API, relay, worker,
 //!   sweeper); [`deps`] — the connections the components share; [`telemetry`] — logs;
 //!   [`metrics`] — Prometheus; [`redis`] and [`db`] — connecting (and migrating) Redis and
-//!   Postgres; [`backoff`] — retry delays; [`domain`] — ids valid by construction;
+//!   Postgres; [`durability`] — checking that Redis gives what `SECKILL_REDIS_DURABILITY`
+//!   asks (at start and for `/readyz`); [`backoff`] — retry delays; [`domain`] — ids valid by construction;
 //!   [`loadtest`] — `seckill loadtest`.
 
 pub mod amqp;
@@ -55,6 +56,7 @@ pub mod config;
 pub mod db;
 pub mod deps;
 pub mod domain;
+pub mod durability;
 pub mod events;
 pub mod http;
 pub mod keys;
