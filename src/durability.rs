@@ -3,21 +3,131 @@
 //! - `fsync`: every primary must run `appendonly yes` with `appendfsync always`. At start a
 //!   mismatch refuses to start ([`check_at_start`]), and `/readyz` turns `503` naming redis
 //!   once it no longer holds ([`ReadyCheck`], cached for a few seconds).
-//! - `replicas:N`: at start, a primary with fewer than N online replicas is only a warning
-//!   (replicas may attach later).
+//! - `replicas:N`: after every win, `WAIT N` on the connection that ran the script
+//!   ([`ReplicaWait`]). A wait that comes back short still answers `202` (the unit is taken
+//!   and the win recorded on the primary), counted and logged. At start, a primary with fewer
+//!   than N online replicas is only a warning (replicas may attach later).
 //! - `none`: nothing to check.
 //!
 //! The replies are decoded by pure functions; the IO only fetches them.
 
 use std::{
-    sync::Mutex,
+    num::NonZeroU16,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use anyhow::Context;
-use fred::{cmd, prelude::*, types::InfoKind};
+use fred::{
+    cmd,
+    prelude::*,
+    types::{ClusterHash, InfoKind},
+};
 
-use crate::config::{ConfigError, Durability};
+use crate::{
+    config::{ConfigError, Durability},
+    redis::COMMAND_TIMEOUT,
+};
+
+/// How long a win waits for its replicas (`replicas:N`): a quarter of the command timeout, so
+/// a missing replica delays a `202` but never turns it into a `503`.
+pub const REPLICA_WAIT: Duration = Duration::from_millis(500);
+const _: () = assert!(REPLICA_WAIT.as_millis() * 4 <= COMMAND_TIMEOUT.as_millis());
+
+/// After a wait came back short, wins skip the wait this long: the replicas are known to be
+/// missing, and a `WAIT` blocks every request pipelined behind it on its connection.
+pub const SKIP_AFTER_SHORT_WAIT: Duration = Duration::from_secs(1);
+
+/// What `replicas:N` got for one win.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Replication {
+    /// Nothing asked: not a win, or the setting is `fsync` or `none`.
+    #[default]
+    NotAsked,
+    /// N replicas acknowledged the win before its answer.
+    Confirmed,
+    /// The `WAIT` timed out (or failed) with fewer than N: only the primary holds the win yet.
+    TimedOut,
+    /// Not waited for: a wait came back short within [`SKIP_AFTER_SHORT_WAIT`], so the
+    /// replicas are known to be missing. Only the primary holds the win yet.
+    Skipped,
+}
+
+/// The `WAIT` after a win (`replicas:N`), with a short-circuit while replicas are missing.
+#[derive(Debug, Clone)]
+pub struct ReplicaWait {
+    replicas: i64,
+    /// Wins skip the wait until this many ms after `epoch` (0: never skipped yet).
+    skip_until_ms: Arc<AtomicU64>,
+    epoch: Instant,
+}
+
+impl ReplicaWait {
+    /// The wait `durability` asks for, if any.
+    pub fn for_setting(durability: Durability) -> Option<Self> {
+        match durability {
+            Durability::Replicas(n) => Some(Self::new(n)),
+            Durability::Fsync | Durability::None => None,
+        }
+    }
+
+    pub fn new(replicas: NonZeroU16) -> Self {
+        Self {
+            replicas: i64::from(replicas.get()),
+            skip_until_ms: Arc::new(AtomicU64::new(0)),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Waits until N replicas hold the writes of `client`'s connection to the node owning
+    /// `slot` — the connection that just ran the winning script, since `WAIT` covers only
+    /// the writes of the connection it is sent on.
+    pub async fn after_win(&self, client: &Client, slot: u16) -> Replication {
+        if self.now_ms() < self.skip_until_ms.load(Ordering::Relaxed) {
+            return Replication::Skipped;
+        }
+        let options = Options {
+            cluster_hash: Some(ClusterHash::Custom(slot)),
+            // A `WAIT` on a new connection sees none of the script's writes and answers at
+            // once: never retry it after a reconnect, nor send it while reconnecting.
+            max_attempts: Some(1),
+            fail_fast: true,
+            timeout: Some(REPLICA_WAIT * 2),
+            ..Options::default()
+        };
+        let wait_ms = i64::try_from(REPLICA_WAIT.as_millis()).unwrap_or(500);
+        let acked = client
+            .with_options(&options)
+            .wait::<i64>(self.replicas, wait_ms)
+            .await;
+        match acked {
+            Ok(acked) if acked >= self.replicas => return Replication::Confirmed,
+            Ok(acked) => tracing::warn!(
+                acked,
+                want = self.replicas,
+                "a win's WAIT timed out: answered 202 with the win on the primary only (as \
+                 durable as SECKILL_REDIS_DURABILITY=none until the replicas catch up)"
+            ),
+            Err(e) => tracing::warn!(
+                error = %e,
+                want = self.replicas,
+                "a win's WAIT failed: answered 202 with the win on the primary only"
+            ),
+        }
+        let until = self
+            .now_ms()
+            .saturating_add(u64::try_from(SKIP_AFTER_SHORT_WAIT.as_millis()).unwrap_or(u64::MAX));
+        self.skip_until_ms.fetch_max(until, Ordering::Relaxed);
+        Replication::TimedOut
+    }
+}
 
 /// How long `/readyz` trusts its last look at the Redis configuration.
 pub const READY_CACHE: Duration = Duration::from_secs(2);

@@ -271,6 +271,7 @@ pub async fn reserve(
     let ticket = ctx.soldout.ticket();
     let decision = ctx.reservations.reserve(user.0, id).await?;
     metrics.decided(&decision.outcome);
+    metrics.replicated(decision.replication);
     if decision.outcome == Outcome::UnknownProduct && ctx.recovery.lost(id).await? {
         return Err(ApiError::Recovering);
     }
