@@ -16,7 +16,9 @@
 //!   parses ids; [`http::problem`] turns every error into problem+json in one place.
 //! - [`auth`] — shoppers' JWTs and the short-lived purchase tokens.
 //! - [`reservations`] + `lua/` — the gate: `reserve.lua` decides an attempt (window, rate,
-//!   admission, dedup, stock, outbox) in one atomic step; the reservation lifecycle
+//!   admission, dedup, stock, outbox) in one atomic step (under
+//!   `SECKILL_REDIS_DURABILITY=replicas:N` a win then waits for its replicas,
+//!   [`durability::ReplicaWait`]); the reservation lifecycle
 //!   ([`reservations::Status`]) and pure decoders of the scripts' replies live here.
 //! - [`soldout`] — the in-memory sold-out answer (no Redis call once a product is gone).
 //! - [`events`] — Redis pub/sub: clears sold-out memory, wakes SSE streams.
