@@ -17,29 +17,33 @@ use std::{
 mod common;
 
 use actix_web::{App, test, web};
+use common::{ADMIN_TOKEN, JWT_SECRET, PG, SECRET_VARS, TOKEN_SECRET};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use seckill::{
+    amqp::Broker,
     auth::Auth,
     config::{Secrets, Settings},
+    deps::Deps,
     domain::{ProductId, UserId},
+    durability::ReadyCheck,
+    events::Events,
     http::{Ctx, configure_public},
     keys::Keys,
+    metrics::Metrics,
     products::{self, NewProduct},
     reservations::Reservations,
-    soldout::SoldOutCache,
+    soldout::{Recovering, SoldOutCache},
     startup::{Application, Role},
 };
 use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 
-const JWT: &str = "bench-jwt-secret-0123456789";
-
 fn secrets() -> Secrets {
     Secrets {
-        jwt_secret: SecretString::from(JWT),
-        admin_token: SecretString::from("bench-admin-token-0123456789"),
-        token_secret: SecretString::from("bench-token-secret-0123456789"),
+        jwt_secret: SecretString::from(JWT_SECRET),
+        admin_token: SecretString::from(ADMIN_TOKEN),
+        token_secret: SecretString::from(TOKEN_SECRET),
     }
 }
 
@@ -52,7 +56,7 @@ fn jwt(user: i64) -> String {
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
         &serde_json::json!({"sub": user.to_string(), "exp": exp}),
-        &EncodingKey::from_secret(JWT.as_bytes()),
+        &EncodingKey::from_secret(JWT_SECRET.as_bytes()),
     )
     .expect("jwt")
 }
@@ -87,26 +91,19 @@ fn bench_handler(c: &mut Criterion) {
     let vars = [
         ("SECKILL_HTTP_ADDR", "127.0.0.1:0".to_owned()),
         ("SECKILL_ADMIN_ADDR", "127.0.0.1:0".to_owned()),
-        (
-            "SECKILL_DATABASE_URL",
-            format!("postgres://postgres@127.0.0.1:5432/{database}"),
-        ),
+        ("SECKILL_DATABASE_URL", format!("{PG}/{database}")),
         ("SECKILL_REDIS_PREFIX", prefix.clone()),
         ("SECKILL_AMQP_QUEUE", format!("bench.{tag}")),
-        ("SECKILL_JWT_SECRET", JWT.to_owned()),
-        (
-            "SECKILL_ADMIN_TOKEN",
-            "bench-admin-token-0123456789".to_owned(),
-        ),
-        (
-            "SECKILL_TOKEN_SECRET",
-            "bench-token-secret-0123456789".to_owned(),
-        ),
         ("SECKILL_USER_RATE", "1000/1s".to_owned()),
         ("SECKILL_PRODUCT_RATE", "1000000000/1s".to_owned()),
     ];
-    let settings = Settings::from_vars(vars.iter().map(|(k, v)| (k.to_string(), v.clone())))
-        .expect("settings");
+    let secret_vars = SECRET_VARS.map(|(k, v)| (k, v.to_owned()));
+    let settings = Settings::from_vars(
+        vars.iter()
+            .chain(&secret_vars)
+            .map(|(k, v)| (k.to_string(), v.clone())),
+    )
+    .expect("settings");
     let shutdown = CancellationToken::new();
     let app = match rt.block_on(async {
         tokio::time::timeout(
@@ -125,9 +122,14 @@ fn bench_handler(c: &mut Criterion) {
             return;
         }
     };
-    let deps = app.deps();
+    // Pools of the bench's own (the app has created and migrated the database by now).
+    let (db, redis) = rt.block_on(async {
+        let db = seckill::db::connect(&settings.database_url, 16).await;
+        let redis = seckill::redis::connect(&settings.redis, 4, Duration::from_secs(5)).await;
+        (db.expect("Postgres pool"), redis.expect("Redis pool"))
+    });
     let reservations = Reservations::new(
-        deps.redis.clone(),
+        redis.clone(),
         Keys::new(prefix.clone()),
         settings.user_rate,
         settings.product_rate,
@@ -135,7 +137,7 @@ fn bench_handler(c: &mut Criterion) {
     let product = rt.block_on(async {
         let now = chrono::Utc::now();
         let p = products::create(
-            &deps.db,
+            &db,
             &NewProduct {
                 name: "bench".into(),
                 stock: 10_000_000,
@@ -146,20 +148,31 @@ fn bench_handler(c: &mut Criterion) {
         )
         .await
         .expect("product");
-        let id = ProductId::try_from(p.product_id).expect("id");
-        products::preheat(&deps.db, &reservations, id, false)
-            .await
-            .expect("preheat");
-        id
+        ProductId::try_from(p.product_id).expect("id")
+    });
+    // The handlers' context, as the app wires it, over the bench's own pools.
+    let deps = rt.block_on(async {
+        Deps {
+            settings: Arc::new(settings.clone()),
+            redis: redis.clone(),
+            db: db.clone(),
+            broker: Broker::start(&settings.amqp_url, shutdown.child_token()),
+            metrics: Arc::new(Metrics::new().expect("metrics")),
+            events: Events::new(),
+            durability: ReadyCheck::new(settings.redis_durability),
+        }
     });
     let ctx = web::Data::new(
         Ctx::new(
-            deps.clone(),
+            Arc::new(deps),
             reservations,
             Arc::new(SoldOutCache::default()),
+            Arc::new(Recovering::default()),
         )
         .expect("ctx"),
     );
+    rt.block_on(ctx.recovery.preheat(product, false))
+        .expect("preheat");
     let auth = Auth::new(&secrets(), Duration::from_secs(3_600));
     let service = rt.block_on(test::init_service(
         App::new().configure(configure_public(ctx)),
@@ -195,12 +208,11 @@ fn bench_handler(c: &mut Criterion) {
     rt.block_on(async {
         shutdown.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(10), app.run_until_stopped()).await;
+        db.close().await.ok();
         common::drop_database(&database).await;
-        common::delete_queues(&settings.amqp_url, &settings.amqp_queue).await;
-        if let Ok(pool) = seckill::redis::connect(&settings.redis, 1, Duration::from_secs(2)).await
-        {
-            common::delete_keys(&pool, &prefix).await;
-        }
+        common::delete_queues(&settings.amqp_queue).await;
+        common::delete_keys(&redis, &prefix).await;
+        let _ = fred::prelude::ClientLike::quit(&redis).await;
     });
 }
 

@@ -27,7 +27,7 @@ fn bench_persist(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let tag = std::process::id();
     let database = format!("seckill_benchp_{tag}");
-    let url = format!("postgres://postgres@127.0.0.1:5432/{database}");
+    let url = format!("{}/{database}", common::PG);
     let settings =
         Settings::from_vars([("SECKILL_REDIS_PREFIX".to_owned(), format!("benchp{tag}"))])
             .expect("settings");

@@ -104,12 +104,12 @@ impl Recovery {
     }
 
     /// Redis answered "unknown product" to a purchase: whether that is a loss (the product was
-    /// preheated), which marks it recovering.
+    /// preheated and its sale has not ended), which marks it recovering.
     pub async fn lost(&self, product: ProductId) -> anyhow::Result<bool> {
         let Some(model) = products::find(&self.db, product).await? else {
             return Ok(false);
         };
-        let lost = model.preheated_at.is_some();
+        let lost = model.preheated_at.is_some() && Utc::now() < model.ends_at;
         if lost {
             self.mark(product);
         }
@@ -124,7 +124,7 @@ impl Recovery {
         if self.recovering.contains(id) {
             return true;
         }
-        let lost = model.preheated_at.is_some();
+        let lost = model.preheated_at.is_some() && Utc::now() < model.ends_at;
         if lost {
             self.mark(id);
         }

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use fred::prelude::*;
+use fred::{prelude::*, types::config::UnresponsiveConfig};
 
 use crate::config::RedisSettings;
 
@@ -57,6 +57,12 @@ fn builder(settings: &RedisSettings) -> anyhow::Result<Builder> {
             // Shed load rather than queue without bound while disconnected.
             c.max_command_buffer_len = 50_000;
             c.tcp.nodelay = Some(true);
+            // A Redis that stops answering (packets dropped, not refused) is given up on and
+            // reconnected to, instead of queueing behind a connection that may never answer.
+            c.unresponsive = UnresponsiveConfig {
+                max_timeout: Some(COMMAND_TIMEOUT),
+                interval: Duration::from_millis(500),
+            };
         })
         .with_performance_config(|p| {
             p.default_command_timeout = COMMAND_TIMEOUT;

@@ -1,8 +1,14 @@
 //! Clean-up shared by the IO benches: each leaves nothing behind in Redis, Postgres or RabbitMQ.
+//! The local services, the secrets and the clean-up of a database and a queue are the tests'
+//! (`tests/api/services.rs`).
 
 #![allow(dead_code)] // each bench uses the parts it needs
 
-use sea_orm::ConnectionTrait;
+#[path = "../../tests/api/services.rs"]
+mod services;
+
+#[allow(unused_imports)] // the reserve bench needs none of it
+pub use services::*;
 
 /// Deletes every key under `prefix:` (single-node Redis: benches run against loopback).
 pub async fn delete_keys(pool: &fred::prelude::Pool, prefix: &str) {
@@ -15,36 +21,6 @@ pub async fn delete_keys(pool: &fred::prelude::Pool, prefix: &str) {
     .unwrap_or_default();
     if !keys.is_empty() {
         let _: Result<i64, _> = fred::prelude::KeysInterface::del(pool, keys).await;
-    }
-}
-
-/// Drops a scratch database.
-pub async fn drop_database(name: &str) {
-    if let Ok(admin) =
-        sea_orm::Database::connect("postgres://postgres@127.0.0.1:5432/postgres").await
-    {
-        let _ = admin
-            .execute_unprepared(&format!("drop database if exists \"{name}\" with (force)"))
-            .await;
-    }
-}
-
-/// Deletes a queue and its dead-letter queue.
-pub async fn delete_queues(amqp_url: &str, queue: &str) {
-    if let Ok(conn) =
-        lapin::Connection::connect(amqp_url, lapin::ConnectionProperties::default()).await
-    {
-        if let Ok(ch) = conn.create_channel().await {
-            for q in [queue.to_owned(), format!("{queue}.dlq")] {
-                let _ = ch
-                    .queue_delete(
-                        q.as_str().into(),
-                        lapin::options::QueueDeleteOptions::default(),
-                    )
-                    .await;
-            }
-        }
-        let _ = conn.close(200, "bench done".into()).await;
     }
 }
 

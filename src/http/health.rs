@@ -15,6 +15,23 @@ pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
 
+/// RabbitMQ is connected and answers: opening (and closing) a channel within a second. A broker
+/// that stopped answering keeps a connection "up" until heartbeats time out; this notices it.
+async fn rabbitmq_answers(broker: &crate::amqp::Broker) -> bool {
+    let Some(conn) = broker.current() else {
+        return false;
+    };
+    let opened = tokio::time::timeout(Duration::from_secs(1), conn.create_channel()).await;
+    match opened {
+        Ok(Ok(ch)) => {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), ch.close(200, "ready".into())).await;
+            true
+        }
+        _ => false,
+    }
+}
+
 /// Redis, RabbitMQ and Postgres are all reachable (and Redis gives the durability
 /// `SECKILL_REDIS_DURABILITY` asks for).
 #[utoipa::path(
@@ -43,7 +60,7 @@ pub async fn readyz(deps: web::Data<Deps>) -> Result<HttpResponse, ApiError> {
                 .map_err(anyhow::Error::from)
         }
     );
-    let rabbitmq = deps.broker.current().is_some();
+    let rabbitmq = rabbitmq_answers(&deps.broker).await;
     let state = |ok: bool| if ok { "ok" } else { "unreachable" };
     let checks = json!({
         "redis": redis.as_ref().map_or_else(|(state, _)| state.as_str(), |()| "ok"),

@@ -40,6 +40,11 @@ use crate::{
 /// Largest accepted request body.
 pub const MAX_BODY: usize = 16 * 1024;
 
+/// A shopper's request that has not been answered by then gets `503 unavailable`: a dependency
+/// that stops answering (Postgres has no query timeout of its own) costs a bounded wait.
+/// Longer than Redis' command timeout, so a Redis outage answers with its own `503` first.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(3);
+
 /// Everything handlers share (one instance per process).
 pub struct Ctx {
     pub deps: Arc<Deps>,
@@ -187,6 +192,22 @@ async fn limit_per_ip(
     Ok(next.call(req).await?.map_into_boxed_body())
 }
 
+/// Answers `503 unavailable` to a request still unanswered after [`REQUEST_DEADLINE`] (as an
+/// error, which actix turns into the problem response: the request itself is not cloned).
+async fn deadline(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let path = req.path().to_owned();
+    match tokio::time::timeout(REQUEST_DEADLINE, next.call(req)).await {
+        Ok(res) => res,
+        Err(_) => {
+            tracing::warn!(path, "request deadline passed: a dependency did not answer");
+            Err(ApiError::TimedOut.into())
+        }
+    }
+}
+
 async fn docs_redirect() -> HttpResponse {
     HttpResponse::PermanentRedirect()
         .insert_header((header::LOCATION, "/docs/"))
@@ -221,6 +242,7 @@ pub fn configure_public(ctx: web::Data<Ctx>) -> impl FnOnce(&mut web::ServiceCon
 pub fn public_server(listener: TcpListener, ctx: web::Data<Ctx>) -> anyhow::Result<Server> {
     let server = HttpServer::new(move || {
         App::new()
+            .wrap(from_fn(deadline))
             .wrap(from_fn(limit_per_ip))
             .wrap(from_fn(record_metrics))
             .wrap(TracingLogger::default())

@@ -8,6 +8,8 @@ use serde::Serialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use sea_orm::DbErr;
+
 use crate::{
     orders::{OrderError, OrderStatus},
     products::PreheatError,
@@ -75,6 +77,12 @@ pub enum ApiError {
     /// Redis did not answer; the source is logged (with its cause chain), never sent.
     #[error("the service is temporarily unavailable")]
     Unavailable(#[source] Unavailable),
+    /// Postgres did not answer (no connection, or the connection broke).
+    #[error("the service is temporarily unavailable")]
+    DatabaseUnavailable(#[source] anyhow::Error),
+    /// The request could not finish in time: a dependency stopped answering.
+    #[error("the service is temporarily unavailable")]
+    TimedOut,
     #[error("a dependency is not reachable: {failing}")]
     NotReady {
         failing: String,
@@ -83,7 +91,7 @@ pub enum ApiError {
     #[error("method not allowed")]
     MethodNotAllowed,
     #[error("internal error")]
-    Unexpected(#[from] anyhow::Error),
+    Unexpected(anyhow::Error),
 }
 
 impl ApiError {
@@ -114,7 +122,10 @@ impl ApiError {
             ApiError::RateLimited { .. } => (S::TOO_MANY_REQUESTS, "rate_limited", "Rate limited"),
             ApiError::Paused => (S::SERVICE_UNAVAILABLE, "paused", "Paused"),
             ApiError::Recovering => (S::SERVICE_UNAVAILABLE, "recovering", "Recovering"),
-            ApiError::Unavailable(_) | ApiError::NotReady { .. } => {
+            ApiError::Unavailable(_)
+            | ApiError::DatabaseUnavailable(_)
+            | ApiError::TimedOut
+            | ApiError::NotReady { .. } => {
                 (S::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable")
             }
             ApiError::MethodNotAllowed => (
@@ -169,6 +180,35 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
+/// Whether a Postgres error means "not reachable now" (answer `503`) rather than a bug.
+fn database_unreachable(e: &DbErr) -> bool {
+    use sea_orm::{RuntimeErr, sqlx::Error as Sqlx};
+    match e {
+        DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => true,
+        DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e)) => {
+            matches!(
+                **e,
+                Sqlx::Io(_) | Sqlx::PoolTimedOut | Sqlx::PoolClosed | Sqlx::WorkerCrashed
+            )
+        }
+        _ => false,
+    }
+}
+
+/// Anything unforeseen is a `500` — except Postgres being unreachable, which is a `503`.
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        let unreachable = e
+            .chain()
+            .any(|c| c.downcast_ref::<DbErr>().is_some_and(database_unreachable));
+        if unreachable {
+            ApiError::DatabaseUnavailable(e)
+        } else {
+            ApiError::Unexpected(e)
+        }
+    }
+}
+
 impl From<Unavailable> for ApiError {
     fn from(e: Unavailable) -> Self {
         ApiError::Unavailable(e)
@@ -180,7 +220,7 @@ impl From<OrderError> for ApiError {
         match e {
             OrderError::NotFound => ApiError::OrderNotFound,
             OrderError::Closed(status) => ApiError::OrderClosed(status),
-            OrderError::Unexpected(e) => ApiError::Unexpected(e),
+            OrderError::Unexpected(e) => e.into(),
         }
     }
 }
@@ -193,7 +233,7 @@ impl From<PreheatError> for ApiError {
             PreheatError::Recovering => ApiError::Recovering,
             PreheatError::Busy => ApiError::Paused,
             PreheatError::Unavailable(e) => ApiError::Unavailable(e),
-            PreheatError::Unexpected(e) => ApiError::Unexpected(e),
+            PreheatError::Unexpected(e) => e.into(),
         }
     }
 }
@@ -207,6 +247,9 @@ impl ResponseError for ApiError {
         match self {
             ApiError::Unexpected(e) => tracing::error!(error = %format!("{e:#}"), "request failed"),
             ApiError::Unavailable(e) => tracing::warn!(error = %chain(e), "Redis unavailable"),
+            ApiError::DatabaseUnavailable(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "Postgres unavailable")
+            }
             _ => {}
         }
         let mut response = HttpResponse::build(self.status_code());
@@ -215,7 +258,11 @@ impl ResponseError for ApiError {
             ApiError::RateLimited { retry_after_secs } => {
                 response.insert_header((header::RETRY_AFTER, retry_after_secs.to_string()));
             }
-            ApiError::Paused | ApiError::Recovering | ApiError::Unavailable(_) => {
+            ApiError::Paused
+            | ApiError::Recovering
+            | ApiError::Unavailable(_)
+            | ApiError::DatabaseUnavailable(_)
+            | ApiError::TimedOut => {
                 response.insert_header((header::RETRY_AFTER, "1"));
             }
             ApiError::Unauthorized => {
@@ -246,6 +293,15 @@ mod tests {
         let p = e.problem();
         assert_eq!((p.status, p.code), (503, "unavailable"));
         assert!(!p.detail.contains("99"));
+    }
+
+    #[test]
+    fn postgres_out_of_reach_is_503_and_other_database_errors_500() {
+        let gone = anyhow::Error::from(DbErr::ConnectionAcquire(sea_orm::ConnAcquireErr::Timeout))
+            .context("reading the product");
+        assert_eq!(ApiError::from(gone).problem().status, 503);
+        let bug = anyhow::Error::from(DbErr::RecordNotFound("x".into()));
+        assert_eq!(ApiError::from(bug).problem().status, 500);
     }
 
     #[test]

@@ -244,7 +244,8 @@ pub async fn reserve(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let id = product_id(&path)?;
-    ctx.products
+    let info = ctx
+        .products
         .get(&ctx.deps.db, id)
         .await?
         .ok_or(ApiError::ProductNotFound)?;
@@ -272,8 +273,13 @@ pub async fn reserve(
     let decision = ctx.reservations.reserve(user.0, id).await?;
     metrics.decided(&decision.outcome);
     metrics.replicated(decision.replication);
-    if decision.outcome == Outcome::UnknownProduct && ctx.recovery.lost(id).await? {
-        return Err(ApiError::Recovering);
+    if decision.outcome == Outcome::UnknownProduct {
+        if Utc::now() >= info.ends_at {
+            return Err(ApiError::Ended);
+        }
+        if ctx.recovery.lost(id).await? {
+            return Err(ApiError::Recovering);
+        }
     }
     match decision.outcome {
         Outcome::SoldOut | Outcome::Won { remaining: 0, .. } => ctx.soldout.mark(id, ticket),

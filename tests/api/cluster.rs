@@ -8,7 +8,7 @@ use seckill::{domain::ProductId, keys::Keys, reservations::Reservations, startup
 use serde_json::Value;
 
 use crate::{
-    helpers::{CLUSTER_URL, Isolation, TestApp, eventually, http_sale, pg_count},
+    helpers::{CLUSTER_URL, Isolation, TestApp, eventually, http_sale, pg_count, pg_rows},
     reservations::{
         check_concurrent_releases, check_five_thousand_attempts, check_one_user_wins_once, product,
         rate,
@@ -120,24 +120,26 @@ async fn on_the_cluster_a_whole_sale_becomes_orders_and_sold_out_memory_clears_o
     )
     .await;
     // Three products: ids 1, 2, 3 of this fresh database land on the three masters.
+    let api = &app.api;
     let mut products = Vec::new();
     for _ in 0..3 {
-        products.push(app.live_product(20).await);
+        products.push(api.live_product(20).await);
     }
     assert_eq!(products, [1, 2, 3]);
     for (i, p) in products.iter().enumerate() {
         let first = i as i64 * 1_000 + 1;
-        let (winners, statuses) =
-            http_sale(&app.http, &app.client, *p, first..=first + 199, 2).await;
+        let (winners, answers) = http_sale(api, *p, first..=first + 199, 2).await;
         assert_eq!(winners.len(), 20);
         assert!(
-            statuses.iter().all(|s| [202, 409, 410, 429].contains(s)),
-            "{statuses:?}"
+            answers
+                .iter()
+                .all(|(s, _)| [202, 409, 410, 429].contains(s)),
+            "{answers:?}"
         );
     }
     for p in &products {
         let all = eventually(Duration::from_secs(10), || async {
-            pg_count(&app.deps.db, &format!("select count(*) from orders where product_id = {p} and status = 'pending_payment'")).await
+            pg_count(&app.db, &format!("select count(*) from orders where product_id = {p} and status = 'pending_payment'")).await
                 == 20
         })
         .await;
@@ -146,45 +148,25 @@ async fn on_the_cluster_a_whole_sale_becomes_orders_and_sold_out_memory_clears_o
     // Sold out is cached; a cancel on another master's product clears it via cluster pub/sub.
     let p = products[1];
     let late = 9_999;
-    let token = app.fetch_token(late, p).await;
-    assert_eq!(app.reserve(late, p, &token).await.status(), 410);
-    let (user, order): (i64, String) = {
-        use sea_orm::{ConnectionTrait, Statement};
-        let row = app
-            .deps
-            .db
-            .query_one_raw(Statement::from_string(
-                app.deps.db.get_database_backend(),
-                format!(
-                    "select user_id, order_id::text as o from orders where product_id = {p} limit 1"
-                ),
-            ))
-            .await
-            .unwrap()
-            .unwrap();
-        (
-            row.try_get("", "user_id").unwrap(),
-            row.try_get("", "o").unwrap(),
-        )
-    };
-    assert_eq!(
-        app.user_post(user, &format!("/api/v1/orders/{order}/cancel"))
-            .await
-            .status(),
-        200
+    let token = api.fetch_token(late, p).await;
+    assert_eq!(api.reserve(late, p, &token).await.status(), 410);
+    let rows = pg_rows(
+        &app.db,
+        &format!("select user_id, order_id::text as o from orders where product_id = {p} limit 1"),
+    )
+    .await;
+    let (user, order): (i64, String) = (
+        rows[0].try_get("", "user_id").unwrap(),
+        rows[0].try_get("", "o").unwrap(),
     );
+    assert_eq!(api.cancel(user, order).await.status(), 200);
     let won = eventually(Duration::from_secs(5), || async {
-        let res = app.reserve(late, p, &token).await;
+        let res = api.reserve(late, p, &token).await;
         res.status() == 202
     })
     .await;
     assert!(won, "the returned unit was not sold again");
-    let me: Value = app
-        .user_get(late, &format!("/api/v1/products/{p}/reservations/me"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let me: Value = api.me(late, p).await.json().await.unwrap();
     assert!(me["reservation_id"].is_string());
     app.stop().await;
 }

@@ -7,7 +7,7 @@ use std::{process::Command, time::Duration};
 
 use seckill::startup::Role;
 
-use crate::helpers::{TestApp, eventually, http_sale, pg_count, queue_len};
+use crate::helpers::{TestApp, await_orders, http_sale, purchase_token, queue_len, sold_count};
 
 fn run(cmd: &str, args: &[&str]) {
     let status = Command::new(cmd)
@@ -28,35 +28,23 @@ fn postgres_cluster() -> String {
         .to_owned()
 }
 
-async fn orders(app: &TestApp, p: i64) -> i64 {
-    pg_count(
-        &app.deps.db,
-        &format!("select count(*) from orders where product_id = {p}"),
-    )
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "stops the shared RabbitMQ; run alone by scripts/test"]
 async fn rabbitmq_stopped_for_10_seconds_during_a_sale_loses_no_winner() {
     let app = TestApp::spawn_with(Role::All, &[]).await;
-    let p = app.live_product(300).await;
-    let (first, _) = http_sale(&app.http, &app.client, p, 1..=200, 1).await;
+    let p = app.api.live_product(300).await;
+    let (first, _) = http_sale(&app.api, p, 1..=200, 1).await;
 
     run("rabbitmqctl", &["-q", "stop_app"]);
-    let (during, _) = http_sale(&app.http, &app.client, p, 201..=400, 1).await;
+    let (during, _) = http_sale(&app.api, p, 201..=400, 1).await;
     tokio::time::sleep(Duration::from_secs(10)).await;
     run("rabbitmqctl", &["-q", "start_app"]);
     run("rabbitmqctl", &["-q", "await_startup"]);
 
-    let (after, _) = http_sale(&app.http, &app.client, p, 401..=600, 1).await;
+    let (after, _) = http_sale(&app.api, p, 401..=600, 1).await;
     let winners = (first.len() + during.len() + after.len()) as i64;
     assert_eq!(winners, 300, "sold out exactly");
-    let all = eventually(Duration::from_secs(60), || async {
-        orders(&app, p).await == winners
-    })
-    .await;
-    assert!(all, "orders {} != winners {winners}", orders(&app, p).await);
+    await_orders(&app.db, p, winners, Duration::from_secs(60)).await;
     assert_eq!(queue_len(&format!("{}.dlq", app.iso.queue)).await, 0);
     app.stop().await;
 }
@@ -65,9 +53,9 @@ async fn rabbitmq_stopped_for_10_seconds_during_a_sale_loses_no_winner() {
 #[ignore = "stops the shared Postgres; run alone by scripts/test"]
 async fn postgres_stopped_for_10_seconds_during_a_sale_loses_no_winner() {
     let app = TestApp::spawn_with(Role::All, &[]).await;
-    let p = app.live_product(300).await;
+    let p = app.api.live_product(300).await;
     // Tokens need Postgres (the product is cached afterwards); fetch them all first.
-    let (first, _) = http_sale(&app.http, &app.client, p, 1..=100, 1).await;
+    let (first, _) = http_sale(&app.api, p, 1..=100, 1).await;
     let cluster = postgres_cluster();
     run(
         "pg_ctlcluster",
@@ -83,8 +71,8 @@ async fn postgres_stopped_for_10_seconds_during_a_sale_loses_no_winner() {
     // Purchases keep working without Postgres: the decision is Redis' alone.
     let mut during = 0;
     for u in 101..=200 {
-        let token = crate::helpers::purchase_token(u, p);
-        if app.reserve(u, p, &token).await.status() == 202 {
+        let token = purchase_token(u, p);
+        if app.api.reserve(u, p, &token).await.status() == 202 {
             during += 1;
         }
     }
@@ -95,16 +83,8 @@ async fn postgres_stopped_for_10_seconds_during_a_sale_loses_no_winner() {
     );
     let winners = first.len() as i64 + during;
     assert_eq!(during, 100);
-    let all = eventually(Duration::from_secs(60), || async {
-        orders(&app, p).await == winners
-    })
-    .await;
-    assert!(all, "orders {} != winners {winners}", orders(&app, p).await);
-    let sold = pg_count(
-        &app.deps.db,
-        &format!("select sold::bigint from product where product_id = {p}"),
-    )
-    .await;
+    await_orders(&app.db, p, winners, Duration::from_secs(60)).await;
+    let sold = sold_count(&app.db, p).await;
     assert_eq!(sold, winners);
     assert_eq!(queue_len(&format!("{}.dlq", app.iso.queue)).await, 0);
     app.stop().await;

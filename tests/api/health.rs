@@ -1,11 +1,11 @@
 use seckill::startup::Role;
 
-use crate::helpers::{Isolation, TestApp};
+use crate::helpers::{Isolation, TestApp, pg_rows};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn healthz_answers_200() {
     let app = TestApp::spawn().await;
-    let res = app.get("/healthz").await;
+    let res = app.api.get("/healthz").await;
     assert_eq!(res.status(), 200);
     app.stop().await;
 }
@@ -16,7 +16,7 @@ async fn readyz_names_all_three_dependencies_when_they_answer() {
     // The AMQP connection is made in the background; give it a moment.
     let mut body = serde_json::Value::Null;
     for _ in 0..50 {
-        let res = app.get("/readyz").await;
+        let res = app.api.get("/readyz").await;
         let status = res.status();
         body = res.json().await.unwrap();
         if status == 200 {
@@ -38,7 +38,7 @@ async fn readyz_is_503_naming_rabbitmq_when_it_is_unreachable() {
         &[("SECKILL_AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f")],
     )
     .await;
-    let res = app.get("/readyz").await;
+    let res = app.api.get("/readyz").await;
     assert_eq!(res.status(), 503);
     assert_eq!(
         res.headers()["content-type"].to_str().unwrap(),
@@ -46,9 +46,13 @@ async fn readyz_is_503_naming_rabbitmq_when_it_is_unreachable() {
     );
     let body: serde_json::Value = res.json().await.unwrap();
     assert_eq!(body["code"], "unavailable");
-    assert_eq!(body["checks"]["rabbitmq"], "unreachable");
-    assert_eq!(body["checks"]["redis"], "ok");
-    assert_eq!(body["checks"]["postgres"], "ok");
+    for (dep, check) in [
+        ("rabbitmq", "unreachable"),
+        ("redis", "ok"),
+        ("postgres", "ok"),
+    ] {
+        assert_eq!(body["checks"][dep], check, "{body}");
+    }
     assert!(body["detail"].as_str().unwrap().contains("rabbitmq"));
     app.stop().await;
 }
@@ -56,7 +60,7 @@ async fn readyz_is_503_naming_rabbitmq_when_it_is_unreachable() {
 #[tokio::test(flavor = "multi_thread")]
 async fn unknown_paths_get_a_problem_404() {
     let app = TestApp::spawn().await;
-    let res = app.get("/no/such/thing").await;
+    let res = app.api.get("/no/such/thing").await;
     assert_eq!(res.status(), 404);
     let body: serde_json::Value = res.json().await.unwrap();
     assert_eq!(body["code"], "not_found");
@@ -64,15 +68,12 @@ async fn unknown_paths_get_a_problem_404() {
 }
 
 async fn table_names(url: &str) -> Vec<String> {
-    use sea_orm::{ConnectionTrait, Statement};
     let db = sea_orm::Database::connect(url).await.unwrap();
-    let rows = db
-        .query_all_raw(Statement::from_string(
-            db.get_database_backend(),
-            "select tablename from pg_tables where schemaname = 'public' order by 1",
-        ))
-        .await
-        .unwrap();
+    let rows = pg_rows(
+        &db,
+        "select tablename from pg_tables where schemaname = 'public' order by 1",
+    )
+    .await;
     let names = rows
         .iter()
         .map(|r| r.try_get::<String>("", "tablename").unwrap())

@@ -1,17 +1,26 @@
 //! Test harness: spawns the real app on port 0 against the local Redis, RabbitMQ and Postgres,
-#![allow(dead_code)] // each test module uses its own part of the harness
 //! isolated by its own database name, Redis key prefix and queue name; cleans up on drop.
+//! Every test talks to the app through one typed client, [`Api`].
+#![allow(dead_code)] // each test module uses its own part of the harness
 
-use std::{sync::Arc, time::Duration};
+use std::{fmt::Display, process::Stdio, time::Duration};
 
 use fred::prelude::*;
+use reqwest::{Method, RequestBuilder, Response};
+use sea_orm::{ConnectionTrait, DatabaseConnection};
 use seckill::{
     config::Settings,
-    startup::{Application, Deps, Role},
+    keys::Keys,
+    reservations::Reservations,
+    startup::{Application, Role},
 };
+use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-pub const PG: &str = "postgres://postgres@127.0.0.1:5432";
+pub use crate::services::{
+    ADMIN_TOKEN, JWT_SECRET, PG, SECRET_VARS, TOKEN_SECRET, amqp_channel, delete_queues,
+    drop_database,
+};
 
 /// Names unique to one test.
 #[derive(Debug)]
@@ -36,29 +45,25 @@ impl Isolation {
         format!("{PG}/{}", self.database)
     }
 
-    /// Settings for this test; `extra` overrides (e.g. `SECKILL_USER_RATE`).
-    pub fn settings(&self, extra: &[(&str, &str)]) -> Settings {
-        let mut vars: Vec<(String, String)> = vec![
-            ("SECKILL_HTTP_ADDR".into(), "127.0.0.1:0".into()),
-            ("SECKILL_ADMIN_ADDR".into(), "127.0.0.1:0".into()),
+    /// The `SECKILL_*` variables of this test's deployment, listening on `http` and `admin`.
+    pub fn vars(&self, http: &str, admin: &str) -> Vec<(String, String)> {
+        let mut vars = vec![
+            ("SECKILL_HTTP_ADDR".into(), http.into()),
+            ("SECKILL_ADMIN_ADDR".into(), admin.into()),
             ("SECKILL_DATABASE_URL".into(), self.database_url()),
             ("SECKILL_REDIS_PREFIX".into(), self.prefix.clone()),
             ("SECKILL_AMQP_QUEUE".into(), self.queue.clone()),
-            (
-                "SECKILL_JWT_SECRET".into(),
-                "test-jwt-secret-0123456789".into(),
-            ),
-            (
-                "SECKILL_ADMIN_TOKEN".into(),
-                "test-admin-token-0123456789".into(),
-            ),
-            (
-                "SECKILL_TOKEN_SECRET".into(),
-                "test-token-secret-0123456789".into(),
-            ),
-            // One loopback address stands for thousands of shoppers in these tests.
-            ("SECKILL_IP_RATE".into(), "1000000/1s".into()),
         ];
+        vars.extend(SECRET_VARS.map(|(k, v)| (k.into(), v.into())));
+        // One loopback address stands for thousands of shoppers in these tests.
+        vars.push(("SECKILL_IP_RATE".into(), "1000000/1s".into()));
+        vars
+    }
+
+    /// Settings for this test (ports chosen by the OS); `extra` overrides (e.g.
+    /// `SECKILL_USER_RATE`).
+    pub fn settings(&self, extra: &[(&str, &str)]) -> Settings {
+        let mut vars = self.vars("127.0.0.1:0", "127.0.0.1:0");
         for (k, v) in extra {
             vars.retain(|(key, _)| key != k);
             vars.push((k.to_string(), v.to_string()));
@@ -96,39 +101,14 @@ struct Names(String, String, String);
 impl Names {
     async fn cleanup(&self) {
         let Names(database, prefix, queue) = self;
-        if let Ok(admin) = sea_orm::Database::connect(format!("{PG}/postgres")).await {
-            use sea_orm::ConnectionTrait;
-            let _ = admin
-                .execute_unprepared(&format!(
-                    "drop database if exists \"{database}\" with (force)"
-                ))
-                .await;
-            let _ = admin.close().await;
-        }
+        drop_database(database).await;
         let client = Client::default();
         if client.init().await.is_ok() {
             let _ = delete_prefix(&client, prefix).await;
             let _ = client.quit().await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(5), delete_prefix_cluster(prefix)).await;
-        if let Ok(conn) = lapin::Connection::connect(
-            "amqp://guest:guest@127.0.0.1:5672/%2f",
-            lapin::ConnectionProperties::default(),
-        )
-        .await
-        {
-            if let Ok(ch) = conn.create_channel().await {
-                for q in [queue.clone(), format!("{queue}.dlq")] {
-                    let _ = ch
-                        .queue_delete(
-                            q.as_str().into(),
-                            lapin::options::QueueDeleteOptions::default(),
-                        )
-                        .await;
-                }
-            }
-            let _ = conn.close(200, "bye".into()).await;
-        }
+        delete_queues(queue).await;
     }
 }
 
@@ -214,14 +194,338 @@ impl RedisScope {
     }
 }
 
-/// A running app plus a client to talk to it.
-pub struct TestApp {
+fn epoch_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A shopper's JWT signed with the test secret.
+pub fn jwt(user: i64) -> String {
+    sign(
+        json!({"sub": user.to_string(), "exp": epoch_secs() + 600}),
+        JWT_SECRET,
+    )
+}
+
+/// Any claims, HS256 with `key`.
+pub fn sign(claims: Value, key: &str) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(key.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// A purchase token minted with the test secret (as the server would), for any product.
+pub fn purchase_token(user: i64, product: i64) -> String {
+    sign(
+        json!({"sub": user.to_string(), "pid": product, "exp": epoch_secs() + 60, "aud": "seckill:purchase"}),
+        TOKEN_SECRET,
+    )
+}
+
+/// An RFC 3339 time `secs` from now.
+pub fn at(secs: i64) -> String {
+    (chrono::Utc::now() + chrono::Duration::milliseconds(secs * 1_000)).to_rfc3339()
+}
+
+fn http_client(timeout: Duration) -> reqwest::Client {
+    reqwest::Client::builder().timeout(timeout).build().unwrap()
+}
+
+/// The HTTP API of one deployment, typed: `http` is the shoppers' listener and `admin` the
+/// operators' (`http://127.0.0.1:<port>` each). Shoppers are signed in with [`jwt`], operators
+/// with [`ADMIN_TOKEN`]. A request that gets no answer fails the test, except through
+/// [`Api::try_reserve`].
+#[derive(Clone)]
+pub struct Api {
+    pub client: reqwest::Client,
     pub http: String,
     pub admin: String,
-    pub client: reqwest::Client,
-    pub deps: Arc<Deps>,
-    pub shutdown: CancellationToken,
-    pub task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Api {
+    /// A client that waits 30 s at most for an answer.
+    pub fn new(http: impl Into<String>, admin: impl Into<String>) -> Self {
+        Self {
+            client: http_client(Duration::from_secs(30)),
+            http: http.into(),
+            admin: admin.into(),
+        }
+    }
+
+    /// The same API through a client that waits `limit` at most.
+    pub fn with_timeout(self, limit: Duration) -> Self {
+        Self {
+            client: http_client(limit),
+            ..self
+        }
+    }
+
+    /// A request to the shoppers' listener, signed in as `user` if there is one.
+    fn shopper(&self, method: Method, path: &str, user: Option<i64>) -> RequestBuilder {
+        let req = self.client.request(method, format!("{}{path}", self.http));
+        match user {
+            Some(user) => req.bearer_auth(jwt(user)),
+            None => req,
+        }
+    }
+
+    /// A request to the operators' listener, with the operators' token.
+    fn operator(&self, method: Method, path: &str) -> RequestBuilder {
+        self.client
+            .request(method, format!("{}{path}", self.admin))
+            .bearer_auth(ADMIN_TOKEN)
+    }
+
+    // Raw requests, for the tests whose requests are unusual.
+
+    /// GET on the shoppers' listener, signed in as nobody.
+    pub async fn get(&self, path: &str) -> Response {
+        send(self.shopper(Method::GET, path, None)).await
+    }
+
+    /// GET on the shoppers' listener as `user`.
+    pub async fn user_get(&self, user: i64, path: &str) -> Response {
+        send(self.shopper(Method::GET, path, Some(user))).await
+    }
+
+    /// POST without a body on the shoppers' listener as `user`.
+    pub async fn user_post(&self, user: i64, path: &str) -> Response {
+        send(self.shopper(Method::POST, path, Some(user))).await
+    }
+
+    /// GET on the operators' listener.
+    pub async fn get_admin(&self, path: &str) -> Response {
+        send(self.operator(Method::GET, path)).await
+    }
+
+    /// POST on the operators' listener, with a JSON body or none.
+    pub async fn post_admin(&self, path: &str, body: Option<Value>) -> Response {
+        let req = self.operator(Method::POST, path);
+        send(match body {
+            Some(body) => req.json(&body),
+            None => req,
+        })
+        .await
+    }
+
+    // The operators' API.
+
+    /// Creates a product on sale from `starts_in` to `ends_in` seconds from now; its id.
+    pub async fn create_product(&self, stock: i64, starts_in: i64, ends_in: i64) -> i64 {
+        let res = self
+            .post_admin(
+                "/api/v1/admin/products",
+                Some(
+                    json!({"name": "flash phone", "stock": stock, "price_cents": 19_900,
+                            "starts_at": at(starts_in), "ends_at": at(ends_in)}),
+                ),
+            )
+            .await;
+        assert_eq!(res.status(), 201);
+        let body: Value = res.json().await.unwrap();
+        body["product_id"].as_i64().unwrap()
+    }
+
+    pub async fn preheat(&self, product: i64, force: bool) -> Response {
+        self.post_admin(
+            &format!("/api/v1/admin/products/{product}/preheat"),
+            Some(json!({"force": force})),
+        )
+        .await
+    }
+
+    /// A product on sale now (started a second ago, ends in an hour), preheated.
+    pub async fn live_product(&self, stock: i64) -> i64 {
+        let id = self.create_product(stock, -1, 3_600).await;
+        assert_eq!(self.preheat(id, false).await.status(), 200);
+        id
+    }
+
+    /// The operators' view of a product (stock, remaining, pending, sold, ...).
+    pub async fn admin_product(&self, product: i64) -> Value {
+        let path = format!("/api/v1/admin/products/{product}");
+        json_of(self.operator(Method::GET, &path)).await
+    }
+
+    /// The value of one Prometheus sample line on the operators' `/metrics`.
+    pub async fn metric(&self, line_prefix: &str) -> f64 {
+        let text = self.get_admin("/metrics").await.text().await.unwrap();
+        text.lines()
+            .find(|l| l.starts_with(line_prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    // The shoppers' API.
+
+    /// The shoppers' view of a product (state, remaining, starts_at, ...).
+    pub async fn product(&self, product: i64) -> Value {
+        let path = format!("/api/v1/products/{product}");
+        json_of(self.shopper(Method::GET, &path, None)).await
+    }
+
+    pub async fn token(&self, user: i64, product: i64) -> Response {
+        self.user_post(user, &format!("/api/v1/products/{product}/token"))
+            .await
+    }
+
+    /// A purchase token fetched through the API.
+    pub async fn fetch_token(&self, user: i64, product: i64) -> String {
+        let res = self.token(user, product).await;
+        let status = res.status();
+        let body: Value = res.json().await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        body["token"].as_str().unwrap().to_owned()
+    }
+
+    /// A purchase attempt; an error when the server did not answer (e.g. it was killed).
+    pub async fn try_reserve(
+        &self,
+        user: i64,
+        product: i64,
+        token: &str,
+    ) -> reqwest::Result<Response> {
+        let path = format!("/api/v1/products/{product}/reservations");
+        self.shopper(Method::POST, &path, Some(user))
+            .json(&json!({"token": token}))
+            .send()
+            .await
+    }
+
+    pub async fn reserve(&self, user: i64, product: i64, token: &str) -> Response {
+        self.try_reserve(user, product, token).await.unwrap()
+    }
+
+    /// A purchase as a shopper makes it: a token first, then the attempt with it.
+    pub async fn buy(&self, user: i64, product: i64) -> Response {
+        let token = self.fetch_token(user, product).await;
+        self.reserve(user, product, &token).await
+    }
+
+    /// The shopper's reservation of a product.
+    pub async fn me(&self, user: i64, product: i64) -> Response {
+        self.user_get(user, &format!("/api/v1/products/{product}/reservations/me"))
+            .await
+    }
+
+    /// The shopper's reservation as a stream of server-sent events.
+    pub async fn me_events(&self, user: i64, product: i64) -> Response {
+        self.user_get(
+            user,
+            &format!("/api/v1/products/{product}/reservations/me/events"),
+        )
+        .await
+    }
+
+    pub async fn pay(&self, user: i64, order: impl Display) -> Response {
+        self.user_post(user, &format!("/api/v1/orders/{order}/pay"))
+            .await
+    }
+
+    pub async fn cancel(&self, user: i64, order: impl Display) -> Response {
+        self.user_post(user, &format!("/api/v1/orders/{order}/cancel"))
+            .await
+    }
+}
+
+async fn send(req: RequestBuilder) -> Response {
+    req.send().await.unwrap()
+}
+
+/// The answer's JSON body.
+async fn json_of(req: RequestBuilder) -> Value {
+    send(req).await.json().await.unwrap()
+}
+
+/// Asserts a problem+json answer: status, `code`, and the RFC 9457 fields.
+pub async fn assert_problem(
+    res: Response,
+    status: u16,
+    code: &str,
+) -> (reqwest::header::HeaderMap, Value) {
+    let url = res.url().clone();
+    assert_eq!(
+        res.status().as_u16(),
+        status,
+        "{url}: expected {status} {code}"
+    );
+    let headers = res.headers().clone();
+    assert_eq!(
+        headers.get("content-type").map(|v| v.to_str().unwrap()),
+        Some("application/problem+json"),
+        "{url}: {code}"
+    );
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["code"], code, "{url}: {body}");
+    assert_eq!(body["status"], status, "{url}: {body}");
+    assert!(
+        body["type"].as_str().unwrap().ends_with(code),
+        "{url}: {body}"
+    );
+    assert!(
+        body["title"].is_string() && body["detail"].is_string(),
+        "{url}: {body}"
+    );
+    (headers, body)
+}
+
+/// One component of a deployment running in process (`Application` on port 0); stopped on drop.
+pub struct Sibling {
+    pub api: Api,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Sibling {
+    /// Another component of the deployment `iso` (same database, prefix and queue).
+    pub async fn spawn(iso: &Isolation, role: Role, extra: &[(&str, &str)]) -> Self {
+        Self::start(iso.settings(extra), role).await
+    }
+
+    async fn start(settings: Settings, role: Role) -> Self {
+        let shutdown = CancellationToken::new();
+        let app = Application::build(settings, role, shutdown.clone())
+            .await
+            .expect("app builds");
+        let url = |port: Option<u16>| format!("http://127.0.0.1:{}", port.unwrap_or(0));
+        let api = Api::new(url(app.http_port()), url(app.admin_port()));
+        let task = tokio::spawn(app.run_until_stopped());
+        Self {
+            api,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    /// Stops it and waits (10 s at most) until it has drained.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+    }
+}
+
+impl Drop for Sibling {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A deployment of its own, running in process: its API, and pools of the test's own onto its
+/// Postgres database and Redis (under its prefix) to look behind the API.
+pub struct TestApp {
+    pub api: Api,
+    pub db: DatabaseConnection,
+    pub redis: Pool,
+    app: Sibling,
+    /// Dropped last: removes the database, the keys and the queues.
     pub iso: Isolation,
 }
 
@@ -240,306 +544,100 @@ impl TestApp {
             seckill::telemetry::init(true);
         }
         let settings = iso.settings(extra);
-        let shutdown = CancellationToken::new();
-        let app = Application::build(settings, role, shutdown.clone())
+        // The app creates and migrates the database: connect after it is built.
+        let app = Sibling::start(settings.clone(), role).await;
+        let db = seckill::db::connect(&settings.database_url, 4)
             .await
-            .expect("app builds");
-        let http = format!("http://127.0.0.1:{}", app.http_port().unwrap_or(0));
-        let admin = format!("http://127.0.0.1:{}", app.admin_port().unwrap_or(0));
-        let deps = app.deps();
-        let task = tokio::spawn(app.run_until_stopped());
+            .expect("Postgres on 127.0.0.1:5432");
+        let redis = seckill::redis::connect(&settings.redis, 4, Duration::from_secs(5))
+            .await
+            .expect("the app's Redis");
         TestApp {
-            http,
-            admin,
-            client: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()
-                .unwrap(),
-            deps,
-            shutdown,
-            task: Some(task),
+            api: app.api.clone(),
+            db,
+            redis,
+            app,
             iso,
         }
     }
 
-    /// Stops the app and waits for it.
-    pub async fn stop(mut self) {
-        self.shutdown.cancel();
-        if let Some(task) = self.task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
-        }
+    /// Stops the app and waits for it, then closes the test's pools.
+    pub async fn stop(self) {
+        self.app.stop().await;
+        // Bounded: a test may have stopped the Redis this pool talks to.
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            let _ = self.redis.quit().await;
+            let _ = self.db.close().await;
+        })
+        .await;
     }
 
-    pub async fn get(&self, path: &str) -> reqwest::Response {
-        self.client
-            .get(format!("{}{path}", self.http))
-            .send()
-            .await
-            .unwrap()
-    }
-}
-
-pub const JWT_SECRET: &str = "test-jwt-secret-0123456789";
-pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
-pub const TOKEN_SECRET: &str = "test-token-secret-0123456789";
-
-fn epoch_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-/// A shopper's JWT signed with the test secret.
-pub fn jwt(user: i64) -> String {
-    sign(
-        serde_json::json!({"sub": user.to_string(), "exp": epoch_secs() + 600}),
-        JWT_SECRET,
-    )
-}
-
-/// Any claims, HS256 with `key`.
-pub fn sign(claims: serde_json::Value, key: &str) -> String {
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(key.as_bytes()),
-    )
-    .unwrap()
-}
-
-/// A purchase token minted with the test secret (as the server would), for any product.
-pub fn purchase_token(user: i64, product: i64) -> String {
-    sign(
-        serde_json::json!({"sub": user.to_string(), "pid": product, "exp": epoch_secs() + 60, "aud": "seckill:purchase"}),
-        TOKEN_SECRET,
-    )
-}
-
-/// An RFC 3339 time `secs` from now.
-pub fn at(secs: i64) -> String {
-    (chrono::Utc::now() + chrono::Duration::milliseconds(secs * 1_000)).to_rfc3339()
-}
-
-impl TestApp {
-    pub async fn post_admin(&self, path: &str, body: serde_json::Value) -> reqwest::Response {
-        self.client
-            .post(format!("{}{path}", self.admin))
-            .bearer_auth(ADMIN_TOKEN)
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
+    /// This deployment's Redis keys.
+    pub fn keys(&self) -> Keys {
+        Keys::new(self.iso.prefix.clone())
     }
 
-    pub async fn get_admin(&self, path: &str) -> reqwest::Response {
-        self.client
-            .get(format!("{}{path}", self.admin))
-            .bearer_auth(ADMIN_TOKEN)
-            .send()
-            .await
-            .unwrap()
-    }
-
-    /// Creates a product on sale from `starts_in` to `ends_in` seconds from now; its id.
-    pub async fn create_product(&self, stock: i64, starts_in: i64, ends_in: i64) -> i64 {
-        let res = self
-            .post_admin(
-                "/api/v1/admin/products",
-                serde_json::json!({"name": "flash phone", "stock": stock, "price_cents": 19_900,
-                                   "starts_at": at(starts_in), "ends_at": at(ends_in)}),
-            )
-            .await;
-        assert_eq!(res.status(), 201);
-        let body: serde_json::Value = res.json().await.unwrap();
-        body["product_id"].as_i64().unwrap()
-    }
-
-    pub async fn preheat(&self, product: i64, force: bool) -> reqwest::Response {
-        self.post_admin(
-            &format!("/api/v1/admin/products/{product}/preheat"),
-            serde_json::json!({"force": force}),
+    /// The reservation scripts on this deployment's Redis, with limits the tests stay under.
+    pub fn reservations(&self) -> Reservations {
+        Reservations::new(
+            self.redis.clone(),
+            self.keys(),
+            "1000/1s".parse().unwrap(),
+            "100000000/1s".parse().unwrap(),
         )
-        .await
-    }
-
-    /// A product on sale now (started a second ago, ends in an hour), preheated.
-    pub async fn live_product(&self, stock: i64) -> i64 {
-        let id = self.create_product(stock, -1, 3_600).await;
-        assert_eq!(self.preheat(id, false).await.status(), 200);
-        id
-    }
-
-    pub async fn token(&self, user: i64, product: i64) -> reqwest::Response {
-        self.client
-            .post(format!("{}/api/v1/products/{product}/token", self.http))
-            .bearer_auth(jwt(user))
-            .send()
-            .await
-            .unwrap()
-    }
-
-    /// A purchase token fetched through the API.
-    pub async fn fetch_token(&self, user: i64, product: i64) -> String {
-        let res = self.token(user, product).await;
-        let status = res.status();
-        let body: serde_json::Value = res.json().await.unwrap();
-        assert_eq!(status, 200, "{body}");
-        body["token"].as_str().unwrap().to_owned()
-    }
-
-    pub async fn reserve(&self, user: i64, product: i64, token: &str) -> reqwest::Response {
-        self.client
-            .post(format!(
-                "{}/api/v1/products/{product}/reservations",
-                self.http
-            ))
-            .bearer_auth(jwt(user))
-            .json(&serde_json::json!({"token": token}))
-            .send()
-            .await
-            .unwrap()
-    }
-
-    pub async fn user_get(&self, user: i64, path: &str) -> reqwest::Response {
-        self.client
-            .get(format!("{}{path}", self.http))
-            .bearer_auth(jwt(user))
-            .send()
-            .await
-            .unwrap()
-    }
-
-    pub async fn user_post(&self, user: i64, path: &str) -> reqwest::Response {
-        self.client
-            .post(format!("{}{path}", self.http))
-            .bearer_auth(jwt(user))
-            .send()
-            .await
-            .unwrap()
-    }
-
-    /// The value of one Prometheus sample line on the operators' `/metrics`.
-    pub async fn metric(&self, line_prefix: &str) -> f64 {
-        let text = self.get_admin("/metrics").await.text().await.unwrap();
-        text.lines()
-            .find(|l| l.starts_with(line_prefix))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
     }
 }
 
-/// Asserts a problem+json answer: status, `code`, and the RFC 9457 fields.
-pub async fn assert_problem(
-    res: reqwest::Response,
-    status: u16,
-    code: &str,
-) -> (reqwest::header::HeaderMap, serde_json::Value) {
-    assert_eq!(res.status().as_u16(), status, "expected {status} {code}");
-    let headers = res.headers().clone();
-    assert_eq!(
-        headers.get("content-type").map(|v| v.to_str().unwrap()),
-        Some("application/problem+json"),
-        "{code}"
-    );
-    let body: serde_json::Value = res.json().await.unwrap();
-    assert_eq!(body["code"], code, "{body}");
-    assert_eq!(body["status"], status, "{body}");
-    assert!(body["type"].as_str().unwrap().ends_with(code), "{body}");
-    assert!(
-        body["title"].is_string() && body["detail"].is_string(),
-        "{body}"
-    );
-    (headers, body)
-}
-
-/// Another component of the same deployment (same database, prefix and queue), in process.
-pub struct Sibling {
-    pub http: String,
-    pub admin: String,
-    shutdown: CancellationToken,
-    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-}
-
-impl Sibling {
-    pub async fn spawn(iso: &Isolation, role: Role, extra: &[(&str, &str)]) -> Self {
-        let shutdown = CancellationToken::new();
-        let app = Application::build(iso.settings(extra), role, shutdown.clone())
-            .await
-            .expect("sibling builds");
-        let http = format!("http://127.0.0.1:{}", app.http_port().unwrap_or(0));
-        let admin = format!("http://127.0.0.1:{}", app.admin_port().unwrap_or(0));
-        let task = tokio::spawn(app.run_until_stopped());
-        Self {
-            http,
-            admin,
-            shutdown,
-            task: Some(task),
+/// The `seckill` binary, without the runner's `SECKILL_*` variables and with no stdin.
+pub fn seckill_command() -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_seckill"));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("SECKILL_") {
+            cmd.env_remove(key);
         }
     }
-
-    pub async fn stop(mut self) {
-        self.shutdown.cancel();
-        if let Some(task) = self.task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
-        }
-    }
-}
-
-impl Drop for Sibling {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
+    cmd.stdin(Stdio::null());
+    cmd
 }
 
 /// A real `seckill` process of this deployment; killed (SIGKILL) on drop.
 pub struct Proc {
     pub child: std::process::Child,
-    pub http: Option<String>,
-    pub admin: String,
+    /// `None` for a worker, which serves no API.
+    api: Option<Api>,
 }
 
 impl Proc {
     /// Starts `seckill <cmd>` with this isolation's settings (plus `extra`).
     pub fn start(iso: &Isolation, cmd: &str, extra: &[(&str, &str)]) -> Self {
-        let port = free_port();
-        let admin = free_port();
-        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_seckill"));
-        for (key, _) in std::env::vars() {
-            if key.starts_with("SECKILL_") {
-                c.env_remove(key);
-            }
-        }
-        c.arg(cmd)
-            .env("SECKILL_HTTP_ADDR", format!("127.0.0.1:{port}"))
-            .env("SECKILL_ADMIN_ADDR", format!("127.0.0.1:{admin}"))
-            .env("SECKILL_DATABASE_URL", iso.database_url())
-            .env("SECKILL_REDIS_PREFIX", &iso.prefix)
-            .env("SECKILL_AMQP_QUEUE", &iso.queue)
-            .env("SECKILL_JWT_SECRET", JWT_SECRET)
-            .env("SECKILL_ADMIN_TOKEN", ADMIN_TOKEN)
-            .env("SECKILL_TOKEN_SECRET", TOKEN_SECRET)
-            .env("SECKILL_IP_RATE", "1000000/1s")
+        let http = format!("127.0.0.1:{}", free_port());
+        let admin = format!("127.0.0.1:{}", free_port());
+        let child = seckill_command()
+            .arg(cmd)
+            .envs(iso.vars(&http, &admin))
             .env("RUST_LOG", "warn")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null());
-        for (k, v) in extra {
-            c.env(k, v);
-        }
-        let child = c.spawn().expect("seckill binary");
+            .envs(extra.iter().copied())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("seckill binary");
         Self {
             child,
-            http: (cmd != "worker").then(|| format!("http://127.0.0.1:{port}")),
-            admin: format!("http://127.0.0.1:{admin}"),
+            api: (cmd != "worker")
+                .then(|| Api::new(format!("http://{http}"), format!("http://{admin}"))),
         }
+    }
+
+    /// The API of a process that serves HTTP.
+    pub fn api(&self) -> &Api {
+        self.api.as_ref().expect("an HTTP role")
     }
 
     /// Waits until its shoppers' listener answers `/healthz`.
     pub async fn wait_healthy(&self) {
-        let url = format!("{}/healthz", self.http.as_deref().expect("an HTTP role"));
+        let api = self.api();
         for _ in 0..200 {
-            if reqwest::get(&url).await.is_ok_and(|r| r.status() == 200) {
+            let res = api.client.get(format!("{}/healthz", api.http)).send().await;
+            if res.is_ok_and(|r| r.status() == 200) {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -568,26 +666,23 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Messages ready in a queue (passive declare on a fresh connection).
-pub async fn queue_len(queue: &str) -> u32 {
-    let conn = lapin::Connection::connect(
-        "amqp://guest:guest@127.0.0.1:5672/%2f",
-        lapin::ConnectionProperties::default(),
+/// A passive declare: the queue as the broker has it, or an error if it does not exist.
+pub async fn passive_declare(ch: &lapin::Channel, queue: &str) -> lapin::Result<lapin::Queue> {
+    ch.queue_declare(
+        queue.into(),
+        lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        lapin::types::FieldTable::default(),
     )
     .await
-    .unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    let q = ch
-        .queue_declare(
-            queue.into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
-        .await
-        .unwrap();
+}
+
+/// Messages ready in a queue (on a fresh connection).
+pub async fn queue_len(queue: &str) -> u32 {
+    let (conn, ch) = amqp_channel().await.unwrap();
+    let q = passive_declare(&ch, queue).await.unwrap();
     let _ = conn.close(200, "bye".into()).await;
     q.message_count()
 }
@@ -610,38 +705,33 @@ where
     }
 }
 
+fn statement(db: &DatabaseConnection, sql: &str) -> sea_orm::Statement {
+    sea_orm::Statement::from_string(db.get_database_backend(), sql)
+}
+
 /// One number from Postgres.
-pub async fn pg_count(db: &sea_orm::DatabaseConnection, sql: &str) -> i64 {
-    use sea_orm::{ConnectionTrait, Statement};
-    let row = db
-        .query_one_raw(Statement::from_string(db.get_database_backend(), sql))
-        .await
-        .unwrap()
-        .unwrap();
+pub async fn pg_count(db: &DatabaseConnection, sql: &str) -> i64 {
+    let row = db.query_one_raw(statement(db, sql)).await.unwrap().unwrap();
     row.try_get_by_index::<i64>(0).unwrap()
 }
 
+/// Every row of a query.
+pub async fn pg_rows(db: &DatabaseConnection, sql: &str) -> Vec<sea_orm::QueryResult> {
+    db.query_all_raw(statement(db, sql)).await.unwrap()
+}
+
 /// A whole sale through HTTP: every user fetches a token, then makes `attempts` purchase
-/// attempts, all concurrently. Returns the winners (user → reservation id) and every status.
+/// attempts, all concurrently. Returns the winners (user → reservation id) and every answer
+/// (status, body).
 pub async fn http_sale(
-    http: &str,
-    client: &reqwest::Client,
+    api: &Api,
     product: i64,
     users: std::ops::RangeInclusive<i64>,
     attempts: usize,
-) -> (std::collections::HashMap<i64, String>, Vec<u16>) {
+) -> (std::collections::HashMap<i64, String>, Vec<(u16, Value)>) {
     use futures_util::{StreamExt, stream};
     let tokens: Vec<(i64, String)> = stream::iter(users)
-        .map(|u| async move {
-            let res = client
-                .post(format!("{http}/api/v1/products/{product}/token"))
-                .bearer_auth(jwt(u))
-                .send()
-                .await
-                .unwrap();
-            let body: serde_json::Value = res.json().await.unwrap();
-            (u, body["token"].as_str().expect("a token").to_owned())
-        })
+        .map(|u| async move { (u, api.fetch_token(u, product).await) })
         .buffer_unordered(64)
         .collect()
         .await;
@@ -649,27 +739,17 @@ pub async fn http_sale(
         .iter()
         .flat_map(|t| std::iter::repeat_n(t.clone(), attempts))
         .collect();
-    let results: Vec<(i64, u16, serde_json::Value)> = stream::iter(tries)
+    let results: Vec<(i64, u16, Value)> = stream::iter(tries)
         .map(|(u, token)| async move {
-            let res = client
-                .post(format!("{http}/api/v1/products/{product}/reservations"))
-                .bearer_auth(jwt(u))
-                .json(&serde_json::json!({"token": token}))
-                .send()
-                .await
-                .unwrap();
+            let res = api.reserve(u, product, &token).await;
             let status = res.status().as_u16();
-            (
-                u,
-                status,
-                res.json().await.unwrap_or(serde_json::Value::Null),
-            )
+            (u, status, res.json().await.unwrap_or(Value::Null))
         })
         .buffer_unordered(128)
         .collect()
         .await;
     let mut winners = std::collections::HashMap::new();
-    let mut statuses = Vec::new();
+    let mut answers = Vec::new();
     for (u, status, body) in results {
         if status == 202 {
             assert!(
@@ -679,13 +759,48 @@ pub async fn http_sale(
                 "user {u} won twice"
             );
         }
-        statuses.push(status);
+        answers.push((status, body));
     }
-    (winners, statuses)
+    (winners, answers)
 }
 
-impl Drop for TestApp {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
+/// A product's orders in Postgres, whatever their status.
+pub async fn order_count(db: &DatabaseConnection, product: i64) -> i64 {
+    pg_count(
+        db,
+        &format!("select count(*) from orders where product_id = {product}"),
+    )
+    .await
+}
+
+/// The shoppers with an order of a product.
+pub async fn buyer_count(db: &DatabaseConnection, product: i64) -> i64 {
+    pg_count(
+        db,
+        &format!("select count(distinct user_id) from orders where product_id = {product}"),
+    )
+    .await
+}
+
+/// A product's `sold` column.
+pub async fn sold_count(db: &DatabaseConnection, product: i64) -> i64 {
+    pg_count(
+        db,
+        &format!("select sold::bigint from product where product_id = {product}"),
+    )
+    .await
+}
+
+/// Waits (`limit` at most) until a product has `expected` orders; fails the test if it never
+/// gets there.
+pub async fn await_orders(db: &DatabaseConnection, product: i64, expected: i64, limit: Duration) {
+    let done = eventually(limit, || async {
+        order_count(db, product).await == expected
+    })
+    .await;
+    assert!(
+        done,
+        "{} orders, not {expected}, after {limit:?}",
+        order_count(db, product).await
+    );
 }

@@ -1,15 +1,17 @@
 //! The HTTP API, black-box: every status and `code` of DESIGN.md, bodies and headers checked.
 
-use std::{collections::HashSet, process::Stdio, time::Duration};
+use std::{process::Stdio, time::Duration};
 
-use futures_util::{StreamExt, stream};
 use seckill::{
     domain::{ProductId, UserId},
     startup::Role,
 };
 use serde_json::{Value, json};
 
-use crate::helpers::{ADMIN_TOKEN, TestApp, assert_problem, at, jwt, purchase_token, sign};
+use crate::helpers::{
+    ADMIN_TOKEN, JWT_SECRET, TestApp, assert_problem, at, free_port, http_sale, jwt, pg_count,
+    purchase_token, sign,
+};
 
 fn generous() -> [(&'static str, &'static str); 1] {
     [("SECKILL_USER_RATE", "1000/1s")]
@@ -18,10 +20,11 @@ fn generous() -> [(&'static str, &'static str); 1] {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_winner_gets_202_and_a_second_purchase_by_the_same_user_gets_409_with_the_earlier_id() {
     let app = TestApp::spawn_with(Role::Serve, &generous()).await;
-    let p = app.live_product(10).await;
-    let token = app.fetch_token(1, p).await;
+    let api = &app.api;
+    let p = api.live_product(10).await;
+    let token = api.fetch_token(1, p).await;
 
-    let res = app.reserve(1, p, &token).await;
+    let res = api.reserve(1, p, &token).await;
     assert_eq!(res.status(), 202);
     for h in ["ratelimit-limit", "ratelimit-remaining", "ratelimit-reset"] {
         assert!(res.headers().contains_key(h), "{h}");
@@ -32,37 +35,27 @@ async fn a_winner_gets_202_and_a_second_purchase_by_the_same_user_gets_409_with_
     let rid = won["reservation_id"].as_str().unwrap().to_owned();
 
     let (headers, body) =
-        assert_problem(app.reserve(1, p, &token).await, 409, "already_reserved").await;
+        assert_problem(api.reserve(1, p, &token).await, 409, "already_reserved").await;
     assert_eq!(body["reservation_id"], rid.as_str());
     assert!(headers.contains_key("ratelimit-remaining"));
 
-    let me: Value = app
-        .user_get(1, &format!("/api/v1/products/{p}/reservations/me"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let me: Value = api.me(1, p).await.json().await.unwrap();
     assert_eq!(me["reservation_id"], rid.as_str());
     assert_eq!(me["status"], "pending");
-    assert_problem(
-        app.user_get(2, &format!("/api/v1/products/{p}/reservations/me"))
-            .await,
-        404,
-        "no_reservation",
-    )
-    .await;
+    assert_problem(api.me(2, p).await, 404, "no_reservation").await;
     app.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sale_window_answers_425_before_and_410_after() {
     let app = TestApp::spawn_with(Role::Serve, &generous()).await;
-    let upcoming = app.create_product(5, 3_600, 7_200).await;
-    assert_eq!(app.preheat(upcoming, false).await.status(), 200);
-    assert_problem(app.token(1, upcoming).await, 425, "not_started").await;
+    let api = &app.api;
+    let upcoming = api.create_product(5, 3_600, 7_200).await;
+    assert_eq!(api.preheat(upcoming, false).await.status(), 200);
+    assert_problem(api.token(1, upcoming).await, 425, "not_started").await;
     // A (minted) token cannot buy early either: the script says not_started.
     let (headers, _) = assert_problem(
-        app.reserve(1, upcoming, &purchase_token(1, upcoming)).await,
+        api.reserve(1, upcoming, &purchase_token(1, upcoming)).await,
         425,
         "not_started",
     )
@@ -70,26 +63,15 @@ async fn sale_window_answers_425_before_and_410_after() {
     assert!(headers.contains_key("ratelimit-limit"));
 
     // A sale that ends a moment after it starts: the token from the live sale stops working.
-    let brief = app.create_product(5, -1, 2).await;
-    assert_eq!(app.preheat(brief, false).await.status(), 200);
-    let token = app.fetch_token(1, brief).await;
+    let brief = api.create_product(5, -1, 2).await;
+    assert_eq!(api.preheat(brief, false).await.status(), 200);
+    let token = api.fetch_token(1, brief).await;
     tokio::time::sleep(Duration::from_millis(2_200)).await;
-    assert_problem(app.token(2, brief).await, 410, "ended").await;
-    assert_problem(app.reserve(1, brief, &token).await, 410, "ended").await;
+    assert_problem(api.token(2, brief).await, 410, "ended").await;
+    assert_problem(api.reserve(1, brief, &token).await, 410, "ended").await;
 
-    let view: Value = app
-        .get(&format!("/api/v1/products/{brief}"))
-        .await
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(view["state"], "ended");
-    let view: Value = app
-        .get(&format!("/api/v1/products/{upcoming}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    assert_eq!(api.product(brief).await["state"], "ended");
+    let view = api.product(upcoming).await;
     assert_eq!(view["state"], "upcoming");
     assert_eq!(view["remaining"], 5);
     app.stop().await;
@@ -98,43 +80,28 @@ async fn sale_window_answers_425_before_and_410_after() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sold_out_is_410_and_then_answered_from_memory_without_redis() {
     let app = TestApp::spawn_with(Role::Serve, &generous()).await;
-    let p = app.live_product(1).await;
-    assert_eq!(
-        app.reserve(1, p, &app.fetch_token(1, p).await)
-            .await
-            .status(),
-        202
-    );
-    let view: Value = app
-        .get(&format!("/api/v1/products/{p}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let api = &app.api;
+    let p = api.live_product(1).await;
+    assert_eq!(api.buy(1, p).await.status(), 202);
+    let view = api.product(p).await;
     assert_eq!(
         (view["state"].as_str(), view["remaining"].as_i64()),
         (Some("sold_out"), Some(0))
     );
 
-    let hits_before = app.metric("seckill_soldout_cache_hits_total").await;
+    let hits_before = api.metric("seckill_soldout_cache_hits_total").await;
     for u in 2..=21 {
-        assert_problem(
-            app.reserve(u, p, &app.fetch_token(u, p).await).await,
-            410,
-            "sold_out",
-        )
-        .await;
+        assert_problem(api.buy(u, p).await, 410, "sold_out").await;
     }
     assert_eq!(
-        app.metric("seckill_soldout_cache_hits_total").await - hits_before,
+        api.metric("seckill_soldout_cache_hits_total").await - hits_before,
         20.0
     );
     // No script ran for them: none of these shoppers has a rate window in Redis.
-    let keys = seckill::keys::Keys::new(app.iso.prefix.clone());
-    let pk = keys.product(ProductId::try_from(p).unwrap());
+    let pk = app.keys().product(ProductId::try_from(p).unwrap());
     for u in 2..=21 {
         let exists: i64 = fred::prelude::KeysInterface::exists(
-            &app.deps.redis,
+            &app.redis,
             pk.user_rate(UserId::try_from(u).unwrap()),
         )
         .await
@@ -147,11 +114,12 @@ async fn sold_out_is_410_and_then_answered_from_memory_without_redis() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_user_rate_window_answers_429_with_retry_after_and_headers() {
     let app = TestApp::spawn_with(Role::Serve, &[("SECKILL_USER_RATE", "2/1m")]).await;
-    let q = app.live_product(5).await;
-    let tq = app.fetch_token(1, q).await;
-    assert_eq!(app.reserve(1, q, &tq).await.status(), 202);
-    assert_eq!(app.reserve(1, q, &tq).await.status(), 409);
-    let (headers, body) = assert_problem(app.reserve(1, q, &tq).await, 429, "rate_limited").await;
+    let api = &app.api;
+    let q = api.live_product(5).await;
+    let tq = api.fetch_token(1, q).await;
+    assert_eq!(api.reserve(1, q, &tq).await.status(), 202);
+    assert_eq!(api.reserve(1, q, &tq).await.status(), 409);
+    let (headers, body) = assert_problem(api.reserve(1, q, &tq).await, 429, "rate_limited").await;
     let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((1..=60).contains(&retry), "{retry}");
     assert_eq!(headers["ratelimit-limit"], "2");
@@ -163,37 +131,27 @@ async fn the_user_rate_window_answers_429_with_retry_after_and_headers() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_per_ip_limit_answers_429_with_retry_after() {
     let app = TestApp::spawn_with(Role::Serve, &[("SECKILL_IP_RATE", "3/1m")]).await;
+    let api = &app.api;
     for _ in 0..3 {
-        assert_eq!(app.get("/api/v1/products/1").await.status(), 404);
+        assert_eq!(api.get("/api/v1/products/1").await.status(), 404);
     }
     let (headers, _) =
-        assert_problem(app.get("/api/v1/products/1").await, 429, "rate_limited").await;
+        assert_problem(api.get("/api/v1/products/1").await, 429, "rate_limited").await;
     assert!(headers.contains_key("retry-after"));
     // Health checks are exempt.
-    assert_eq!(app.get("/healthz").await.status(), 200);
+    assert_eq!(api.get("/healthz").await.status(), 200);
     app.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_paused_product_answers_503_paused() {
     let app = TestApp::spawn_with(Role::Serve, &generous()).await;
-    let p = app.live_product(5).await;
-    let reservations = seckill::reservations::Reservations::new(
-        app.deps.redis.clone(),
-        seckill::keys::Keys::new(app.iso.prefix.clone()),
-        "1/1s".parse().unwrap(),
-        "1/1s".parse().unwrap(),
-    );
-    reservations
+    let p = app.api.live_product(5).await;
+    app.reservations()
         .set_paused(ProductId::try_from(p).unwrap(), true)
         .await
         .unwrap();
-    let (headers, _) = assert_problem(
-        app.reserve(1, p, &app.fetch_token(1, p).await).await,
-        503,
-        "paused",
-    )
-    .await;
+    let (headers, _) = assert_problem(app.api.buy(1, p).await, 503, "paused").await;
     assert!(headers.contains_key("retry-after"));
     app.stop().await;
 }
@@ -201,9 +159,10 @@ async fn a_paused_product_answers_503_paused() {
 #[tokio::test(flavor = "multi_thread")]
 async fn preheat_is_idempotent_before_the_start_and_refuses_a_live_sale_unless_forced() {
     let app = TestApp::spawn_with(Role::Serve, &generous()).await;
-    let later = app.create_product(7, 600, 1_200).await;
+    let api = &app.api;
+    let later = api.create_product(7, 600, 1_200).await;
     for _ in 0..2 {
-        let res = app.preheat(later, false).await;
+        let res = api.preheat(later, false).await;
         assert_eq!(res.status(), 200);
         let body: Value = res.json().await.unwrap();
         assert_eq!(
@@ -212,51 +171,33 @@ async fn preheat_is_idempotent_before_the_start_and_refuses_a_live_sale_unless_f
         );
     }
     // Empty body means force=false.
-    let res = app
-        .client
-        .post(format!(
-            "{}/api/v1/admin/products/{later}/preheat",
-            app.admin
-        ))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let res = api
+        .post_admin(&format!("/api/v1/admin/products/{later}/preheat"), None)
+        .await;
     assert_eq!(res.status(), 200);
 
-    let p = app.live_product(10).await;
+    let p = api.live_product(10).await;
     for u in 1..=3 {
-        assert_eq!(
-            app.reserve(u, p, &app.fetch_token(u, p).await)
-                .await
-                .status(),
-            202
-        );
+        assert_eq!(api.buy(u, p).await.status(), 202);
     }
-    assert_problem(app.preheat(p, false).await, 409, "already_live").await;
+    assert_problem(api.preheat(p, false).await, 409, "already_live").await;
     // Forced: nothing persisted yet, three units in flight: remaining stays 7, buyers stay.
-    let res = app.preheat(p, true).await;
+    let res = api.preheat(p, true).await;
     assert_eq!(res.status(), 200);
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["remaining"], 7);
-    assert_problem(
-        app.reserve(1, p, &app.fetch_token(1, p).await).await,
-        409,
-        "already_reserved",
-    )
-    .await;
+    assert_problem(api.buy(1, p).await, 409, "already_reserved").await;
 
-    let view: Value = app
-        .get_admin(&format!("/api/v1/admin/products/{p}"))
-        .await
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(view["stock"], 10);
-    assert_eq!(view["remaining"], 7);
-    assert_eq!(view["pending"], 3);
-    assert_eq!(view["preheated"], true);
-    assert_eq!(view["sold"], 0);
+    let view = api.admin_product(p).await;
+    for (field, value) in [
+        ("stock", json!(10)),
+        ("remaining", json!(7)),
+        ("pending", json!(3)),
+        ("preheated", json!(true)),
+        ("sold", json!(0)),
+    ] {
+        assert_eq!(view[field], value, "{field}: {view}");
+    }
     app.stop().await;
 }
 
@@ -264,10 +205,10 @@ async fn preheat_is_idempotent_before_the_start_and_refuses_a_live_sale_unless_f
 async fn orders_can_only_be_paid_or_cancelled_by_their_owner_while_open() {
     use sea_orm::ConnectionTrait;
     let app = TestApp::spawn_with(Role::Serve, &generous()).await;
-    let p = app.live_product(5).await;
-    let order = uuid::Uuid::now_v7();
-    app.deps
-        .db
+    let api = &app.api;
+    let p = api.live_product(5).await;
+    let order = uuid::Uuid::now_v7().to_string();
+    app.db
         .execute_unprepared(&format!(
             "insert into orders (order_id, reservation_id, user_id, product_id, status, reserved_at, expires_at, closed_at) \
              values ('{order}', '{}', 1, {p}, 'cancelled', now(), now() + interval '15 minutes', now())",
@@ -275,36 +216,21 @@ async fn orders_can_only_be_paid_or_cancelled_by_their_owner_while_open() {
         ))
         .await
         .unwrap();
-    assert_problem(
-        app.user_post(1, &format!("/api/v1/orders/{order}/pay"))
-            .await,
-        409,
-        "order_closed",
-    )
-    .await;
-    assert_problem(
-        app.user_post(2, &format!("/api/v1/orders/{order}/pay"))
-            .await,
-        404,
-        "order_not_found",
-    )
-    .await;
-    assert_problem(
-        app.user_post(2, &format!("/api/v1/orders/{order}/cancel"))
-            .await,
-        404,
-        "order_not_found",
-    )
-    .await;
-    assert_problem(
-        app.user_post(1, "/api/v1/orders/not-a-uuid/pay").await,
-        404,
-        "order_not_found",
-    )
-    .await;
-    let again = app
-        .user_post(1, &format!("/api/v1/orders/{order}/cancel"))
-        .await;
+    // (shopper, order, paying or cancelling) → the problem.
+    for (user, order, pay, status, code) in [
+        (1, order.as_str(), true, 409, "order_closed"),
+        (2, order.as_str(), true, 404, "order_not_found"),
+        (2, order.as_str(), false, 404, "order_not_found"),
+        (1, "not-a-uuid", true, 404, "order_not_found"),
+    ] {
+        let res = if pay {
+            api.pay(user, order).await
+        } else {
+            api.cancel(user, order).await
+        };
+        assert_problem(res, status, code).await;
+    }
+    let again = api.cancel(1, &order).await;
     assert_eq!(
         again.status(),
         200,
@@ -316,10 +242,7 @@ async fn orders_can_only_be_paid_or_cancelled_by_their_owner_while_open() {
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_unreachable_answers_503_unavailable() {
     // A private Redis for this test, so stopping it disturbs no one.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = free_port();
     let mut redis = std::process::Command::new("redis-server")
         .args([
             "--port",
@@ -352,39 +275,33 @@ async fn redis_unreachable_answers_503_unavailable() {
         ],
     )
     .await;
-    let p = app.live_product(5).await;
-    let token = app.fetch_token(1, p).await;
+    let api = &app.api;
+    let p = api.live_product(5).await;
+    let token = api.fetch_token(1, p).await;
     // An open order, so a cancel can be tried while Redis is down.
-    let won: Value = app
-        .reserve(2, p, &app.fetch_token(2, p).await)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let won: Value = api.buy(2, p).await.json().await.unwrap();
     let order = persist_as_worker(&app, 2, p, won["reservation_id"].as_str().unwrap(), 900).await;
     redis.kill().unwrap();
     redis.wait().unwrap();
     let started = std::time::Instant::now();
-    let (_, body) = assert_problem(app.reserve(1, p, &token).await, 503, "unavailable").await;
+    let (_, body) = assert_problem(api.reserve(1, p, &token).await, 503, "unavailable").await;
     assert!(started.elapsed() < Duration::from_secs(10));
     assert!(
         !body["detail"].as_str().unwrap().contains("127.0.0.1"),
         "internals leaked: {body}"
     );
-    let ready = app.get("/readyz").await;
+    let ready = api.get("/readyz").await;
     assert_eq!(ready.status(), 503);
     // The cancel is recorded in Postgres and answered; the unit goes back once Redis answers
     // (the sweeper's reconciler), not a 5xx now.
-    let cancelled = app
-        .user_post(2, &format!("/api/v1/orders/{order}/cancel"))
-        .await;
+    let cancelled = api.cancel(2, order).await;
     assert_eq!(cancelled.status(), 200);
     assert_eq!(
         cancelled.json::<Value>().await.unwrap()["status"],
         "cancelled"
     );
-    let unreleased = crate::helpers::pg_count(
-        &app.deps.db,
+    let unreleased = pg_count(
+        &app.db,
         &format!("select count(*) from orders where order_id = '{order}' and released_at is null"),
     )
     .await;
@@ -398,8 +315,9 @@ async fn redis_unreachable_answers_503_unavailable() {
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_input_is_always_a_4xx_with_the_right_code_and_the_server_keeps_serving() {
     let app = TestApp::spawn_with(Role::Serve, &generous()).await;
-    let p = app.live_product(5).await;
-    let good_token = app.fetch_token(1, p).await;
+    let api = &app.api;
+    let p = api.live_product(5).await;
+    let good_token = api.fetch_token(1, p).await;
     let now = chrono::Utc::now().timestamp();
     let alg_none = {
         // header {"alg":"none","typ":"JWT"}, payload {"sub":"1","exp":<future>}, no signature
@@ -415,15 +333,13 @@ async fn bad_input_is_always_a_4xx_with_the_right_code_and_the_server_keeps_serv
         json!({"sub": "1", "exp": now + 600}),
         "not-the-secret-0123456789",
     );
-    let expired = sign(
-        json!({"sub": "1", "exp": now - 600}),
-        crate::helpers::JWT_SECRET,
-    );
+    let expired = sign(json!({"sub": "1", "exp": now - 600}), JWT_SECRET);
     let future_nbf = sign(
         json!({"sub": "1", "exp": now + 600, "nbf": now + 300}),
-        crate::helpers::JWT_SECRET,
+        JWT_SECRET,
     );
-    let reserve_url = format!("{}/api/v1/products/{p}/reservations", app.http);
+    let (http, admin) = (&api.http, &api.admin);
+    let reserve_url = format!("{http}/api/v1/products/{p}/reservations");
     let huge = format!("{{\"token\":\"{}\"}}", "a".repeat(1 << 20));
 
     struct Case {
@@ -445,12 +361,12 @@ async fn bad_input_is_always_a_4xx_with_the_right_code_and_the_server_keeps_serv
         Case { name: "unknown field", url: reserve_url.clone(), method: post.clone(), auth: u1.clone(), body: Some((format!("{{\"token\":\"{good_token}\",\"qty\":2}}"), json_ct)), status: 400, code: "bad_request" },
         Case { name: "not JSON content type", url: reserve_url.clone(), method: post.clone(), auth: u1.clone(), body: Some((format!("{{\"token\":\"{good_token}\"}}"), "text/plain")), status: 400, code: "bad_request" },
         Case { name: "1 MiB body", url: reserve_url.clone(), method: post.clone(), auth: u1.clone(), body: Some((huge.clone(), json_ct)), status: 413, code: "payload_too_large" },
-        Case { name: "negative id", url: format!("{}/api/v1/products/-1", app.http), method: get.clone(), auth: None, body: None, status: 404, code: "product_not_found" },
-        Case { name: "overflowing id", url: format!("{}/api/v1/products/99999999999999999999999", app.http), method: get.clone(), auth: None, body: None, status: 404, code: "product_not_found" },
-        Case { name: "non-numeric id", url: format!("{}/api/v1/products/abc", app.http), method: get.clone(), auth: None, body: None, status: 404, code: "product_not_found" },
-        Case { name: "unknown product", url: format!("{}/api/v1/products/987654", app.http), method: get.clone(), auth: None, body: None, status: 404, code: "product_not_found" },
-        Case { name: "unknown product token", url: format!("{}/api/v1/products/987654/token", app.http), method: post.clone(), auth: u1.clone(), body: None, status: 404, code: "product_not_found" },
-        Case { name: "unknown product purchase", url: format!("{}/api/v1/products/987654/reservations", app.http), method: post.clone(), auth: u1.clone(), body: Some((format!("{{\"token\":\"{}\"}}", purchase_token(1, 987654)), json_ct)), status: 404, code: "product_not_found" },
+        Case { name: "negative id", url: format!("{http}/api/v1/products/-1"), method: get.clone(), auth: None, body: None, status: 404, code: "product_not_found" },
+        Case { name: "overflowing id", url: format!("{http}/api/v1/products/99999999999999999999999"), method: get.clone(), auth: None, body: None, status: 404, code: "product_not_found" },
+        Case { name: "non-numeric id", url: format!("{http}/api/v1/products/abc"), method: get.clone(), auth: None, body: None, status: 404, code: "product_not_found" },
+        Case { name: "unknown product", url: format!("{http}/api/v1/products/987654"), method: get.clone(), auth: None, body: None, status: 404, code: "product_not_found" },
+        Case { name: "unknown product token", url: format!("{http}/api/v1/products/987654/token"), method: post.clone(), auth: u1.clone(), body: None, status: 404, code: "product_not_found" },
+        Case { name: "unknown product purchase", url: format!("{http}/api/v1/products/987654/reservations"), method: post.clone(), auth: u1.clone(), body: Some((format!("{{\"token\":\"{}\"}}", purchase_token(1, 987654)), json_ct)), status: 404, code: "product_not_found" },
         Case { name: "no auth", url: reserve_url.clone(), method: post.clone(), auth: None, body: Some((format!("{{\"token\":\"{good_token}\"}}"), json_ct)), status: 401, code: "unauthorized" },
         Case { name: "alg none", url: reserve_url.clone(), method: post.clone(), auth: Some(alg_none), body: Some((format!("{{\"token\":\"{good_token}\"}}"), json_ct)), status: 401, code: "unauthorized" },
         Case { name: "wrong key JWT", url: reserve_url.clone(), method: post.clone(), auth: Some(wrong_key), body: Some((format!("{{\"token\":\"{good_token}\"}}"), json_ct)), status: 401, code: "unauthorized" },
@@ -460,20 +376,20 @@ async fn bad_input_is_always_a_4xx_with_the_right_code_and_the_server_keeps_serv
         Case { name: "another product's purchase token", url: reserve_url.clone(), method: post.clone(), auth: u1.clone(), body: Some((format!("{{\"token\":\"{}\"}}", purchase_token(1, p + 1)), json_ct)), status: 403, code: "invalid_token" },
         Case { name: "garbage purchase token", url: reserve_url.clone(), method: post.clone(), auth: u1.clone(), body: Some(("{\"token\":\"x.y.z\"}".into(), json_ct)), status: 403, code: "invalid_token" },
         Case { name: "user JWT as purchase token", url: reserve_url.clone(), method: post.clone(), auth: u1.clone(), body: Some((format!("{{\"token\":\"{}\"}}", jwt(1)), json_ct)), status: 403, code: "invalid_token" },
-        Case { name: "admin path on the shoppers' listener", url: format!("{}/api/v1/admin/products/{p}", app.http), method: get.clone(), auth: Some(ADMIN_TOKEN.into()), body: None, status: 404, code: "not_found" },
-        Case { name: "metrics on the shoppers' listener", url: format!("{}/metrics", app.http), method: get.clone(), auth: None, body: None, status: 404, code: "not_found" },
-        Case { name: "user JWT on the operators' listener", url: format!("{}/api/v1/admin/products/{p}", app.admin), method: get.clone(), auth: u1.clone(), body: None, status: 401, code: "unauthorized" },
-        Case { name: "no token on the operators' listener", url: format!("{}/api/v1/admin/products", app.admin), method: post.clone(), auth: None, body: Some(("{}".into(), json_ct)), status: 401, code: "unauthorized" },
-        Case { name: "bad product: stock", url: format!("{}/api/v1/admin/products", app.admin), method: post.clone(), auth: Some(ADMIN_TOKEN.into()), body: Some((json!({"name": "x", "stock": -1, "price_cents": 1, "starts_at": at(0), "ends_at": at(60)}).to_string(), json_ct)), status: 400, code: "bad_request" },
-        Case { name: "bad product: window", url: format!("{}/api/v1/admin/products", app.admin), method: post.clone(), auth: Some(ADMIN_TOKEN.into()), body: Some((json!({"name": "x", "stock": 1, "price_cents": 1, "starts_at": at(60), "ends_at": at(0)}).to_string(), json_ct)), status: 400, code: "bad_request" },
-        Case { name: "bad product: time format", url: format!("{}/api/v1/admin/products", app.admin), method: post.clone(), auth: Some(ADMIN_TOKEN.into()), body: Some((json!({"name": "x", "stock": 1, "price_cents": 1, "starts_at": "tomorrow", "ends_at": at(0)}).to_string(), json_ct)), status: 400, code: "bad_request" },
-        Case { name: "bad product: overflowing stock", url: format!("{}/api/v1/admin/products", app.admin), method: post.clone(), auth: Some(ADMIN_TOKEN.into()), body: Some((r#"{"name":"x","stock":1e400,"price_cents":1,"starts_at":"2030-01-01T00:00:00Z","ends_at":"2030-01-02T00:00:00Z"}"#.into(), json_ct)), status: 400, code: "bad_request" },
-        Case { name: "bad preheat body", url: format!("{}/api/v1/admin/products/{p}/preheat", app.admin), method: post.clone(), auth: Some(ADMIN_TOKEN.into()), body: Some(("{\"force\":\"yes\"}".into(), json_ct)), status: 400, code: "bad_request" },
-        Case { name: "preheat of an unknown product", url: format!("{}/api/v1/admin/products/424242/preheat", app.admin), method: post.clone(), auth: Some(ADMIN_TOKEN.into()), body: None, status: 404, code: "product_not_found" },
-        Case { name: "huge preheat body", url: format!("{}/api/v1/admin/products/{p}/preheat", app.admin), method: post.clone(), auth: Some(ADMIN_TOKEN.into()), body: Some((huge.clone(), json_ct)), status: 413, code: "payload_too_large" },
+        Case { name: "admin path on the shoppers' listener", url: format!("{http}/api/v1/admin/products/{p}"), method: get.clone(), auth: Some(ADMIN_TOKEN.into()), body: None, status: 404, code: "not_found" },
+        Case { name: "metrics on the shoppers' listener", url: format!("{http}/metrics"), method: get.clone(), auth: None, body: None, status: 404, code: "not_found" },
+        Case { name: "user JWT on the operators' listener", url: format!("{admin}/api/v1/admin/products/{p}"), method: get.clone(), auth: u1.clone(), body: None, status: 401, code: "unauthorized" },
+        Case { name: "no token on the operators' listener", url: format!("{admin}/api/v1/admin/products"), method: post.clone(), auth: None, body: Some(("{}".into(), json_ct)), status: 401, code: "unauthorized" },
+        Case { name: "bad product: stock", url: format!("{admin}/api/v1/admin/products"), method: post.clone(), auth: Some(ADMIN_TOKEN.into()), body: Some((json!({"name": "x", "stock": -1, "price_cents": 1, "starts_at": at(0), "ends_at": at(60)}).to_string(), json_ct)), status: 400, code: "bad_request" },
+        Case { name: "bad product: window", url: format!("{admin}/api/v1/admin/products"), method: post.clone(), auth: Some(ADMIN_TOKEN.into()), body: Some((json!({"name": "x", "stock": 1, "price_cents": 1, "starts_at": at(60), "ends_at": at(0)}).to_string(), json_ct)), status: 400, code: "bad_request" },
+        Case { name: "bad product: time format", url: format!("{admin}/api/v1/admin/products"), method: post.clone(), auth: Some(ADMIN_TOKEN.into()), body: Some((json!({"name": "x", "stock": 1, "price_cents": 1, "starts_at": "tomorrow", "ends_at": at(0)}).to_string(), json_ct)), status: 400, code: "bad_request" },
+        Case { name: "bad product: overflowing stock", url: format!("{admin}/api/v1/admin/products"), method: post.clone(), auth: Some(ADMIN_TOKEN.into()), body: Some((r#"{"name":"x","stock":1e400,"price_cents":1,"starts_at":"2030-01-01T00:00:00Z","ends_at":"2030-01-02T00:00:00Z"}"#.into(), json_ct)), status: 400, code: "bad_request" },
+        Case { name: "bad preheat body", url: format!("{admin}/api/v1/admin/products/{p}/preheat"), method: post.clone(), auth: Some(ADMIN_TOKEN.into()), body: Some(("{\"force\":\"yes\"}".into(), json_ct)), status: 400, code: "bad_request" },
+        Case { name: "preheat of an unknown product", url: format!("{admin}/api/v1/admin/products/424242/preheat"), method: post.clone(), auth: Some(ADMIN_TOKEN.into()), body: None, status: 404, code: "product_not_found" },
+        Case { name: "huge preheat body", url: format!("{admin}/api/v1/admin/products/{p}/preheat"), method: post.clone(), auth: Some(ADMIN_TOKEN.into()), body: Some((huge.clone(), json_ct)), status: 413, code: "payload_too_large" },
     ];
     for case in cases {
-        let mut req = app.client.request(case.method.clone(), &case.url);
+        let mut req = api.client.request(case.method.clone(), &case.url);
         if let Some(auth) = &case.auth {
             req = req.bearer_auth(auth);
         }
@@ -502,62 +418,31 @@ async fn bad_input_is_always_a_4xx_with_the_right_code_and_the_server_keeps_serv
         );
     }
     // Still serving, and the good token still works.
-    assert_eq!(app.get("/healthz").await.status(), 200);
-    assert_eq!(app.reserve(1, p, &good_token).await.status(), 202);
+    assert_eq!(api.get("/healthz").await.status(), 200);
+    assert_eq!(api.reserve(1, p, &good_token).await.status(), 202);
     app.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_flash_sale_through_http_makes_exactly_stock_winners() {
     let app = TestApp::spawn_with(Role::Serve, &[]).await;
-    let p = app.create_product(100, 3, 3_600).await;
-    assert_eq!(app.preheat(p, false).await.status(), 200);
-    assert_problem(app.token(1, p).await, 425, "not_started").await;
-    let starts = chrono::DateTime::parse_from_rfc3339(
-        app.get(&format!("/api/v1/products/{p}"))
-            .await
-            .json::<Value>()
-            .await
-            .unwrap()["starts_at"]
-            .as_str()
-            .unwrap(),
-    )
-    .unwrap();
+    let api = &app.api;
+    let p = api.create_product(100, 3, 3_600).await;
+    assert_eq!(api.preheat(p, false).await.status(), 200);
+    assert_problem(api.token(1, p).await, 425, "not_started").await;
+    let starts =
+        chrono::DateTime::parse_from_rfc3339(api.product(p).await["starts_at"].as_str().unwrap())
+            .unwrap();
     let wait = (starts.with_timezone(&chrono::Utc) - chrono::Utc::now())
         .to_std()
         .unwrap_or_default();
     tokio::time::sleep(wait + Duration::from_millis(50)).await;
 
-    let users: Vec<i64> = (1..=2_000).collect();
-    let tokens: Vec<(i64, String)> = stream::iter(users.clone())
-        .map(|u| {
-            let app = &app;
-            async move { (u, app.fetch_token(u, p).await) }
-        })
-        .buffer_unordered(64)
-        .collect()
-        .await;
-    // Three attempts each, all at once.
-    let attempts: Vec<(i64, String)> = tokens
-        .iter()
-        .flat_map(|t| std::iter::repeat_n(t.clone(), 3))
-        .collect();
-    let results: Vec<(i64, u16, Value)> = stream::iter(attempts)
-        .map(|(u, token)| {
-            let app = &app;
-            async move {
-                let res = app.reserve(u, p, &token).await;
-                let status = res.status().as_u16();
-                (u, status, res.json::<Value>().await.unwrap_or(Value::Null))
-            }
-        })
-        .buffer_unordered(128)
-        .collect()
-        .await;
-    let mut winners = HashSet::new();
-    for (u, status, body) in &results {
+    // 2,000 shoppers, three attempts each, all at once (no user wins twice).
+    let (winners, answers) = http_sale(api, p, 1..=2_000, 3).await;
+    for (status, body) in &answers {
         match status {
-            202 => assert!(winners.insert(*u), "user {u} won twice"),
+            202 => {}
             409 => assert_eq!(body["code"], "already_reserved"),
             410 => assert_eq!(body["code"], "sold_out"),
             429 => assert_eq!(body["code"], "rate_limited"),
@@ -565,12 +450,7 @@ async fn a_full_flash_sale_through_http_makes_exactly_stock_winners() {
         }
     }
     assert_eq!(winners.len(), 100);
-    let view: Value = app
-        .get_admin(&format!("/api/v1/admin/products/{p}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let view = api.admin_product(p).await;
     assert_eq!(view["remaining"], 0);
     assert_eq!(view["pending"], 100);
     app.stop().await;
@@ -580,6 +460,7 @@ async fn a_full_flash_sale_through_http_makes_exactly_stock_winners() {
 async fn the_openapi_document_is_openapi_3_and_lists_every_route() {
     let app = TestApp::spawn_with(Role::Serve, &[]).await;
     let doc: Value = app
+        .api
         .get("/api-docs/openapi.json")
         .await
         .json()
@@ -622,7 +503,7 @@ async fn the_openapi_document_is_openapi_3_and_lists_every_route() {
     ] {
         assert!(codes.contains(&code), "{code} undocumented");
     }
-    let ui = app.get("/docs/").await;
+    let ui = app.api.get("/docs/").await;
     assert_eq!(ui.status(), 200);
     assert!(ui.text().await.unwrap().contains("swagger"));
     app.stop().await;
@@ -631,26 +512,17 @@ async fn the_openapi_document_is_openapi_3_and_lists_every_route() {
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_count_decisions_and_requests_by_route() {
     let app = TestApp::spawn_with(Role::Serve, &generous()).await;
-    let p = app.live_product(3).await;
-    assert_eq!(
-        app.reserve(1, p, &app.fetch_token(1, p).await)
-            .await
-            .status(),
-        202
-    );
-    let text = app.get_admin("/metrics").await.text().await.unwrap();
-    assert!(
-        text.contains("seckill_reservation_decisions_total{outcome=\"won\"} 1"),
-        "{text}"
-    );
-    assert!(
-        text.contains("route=\"/api/v1/products/{id}/reservations\""),
-        "{text}"
-    );
-    assert!(
-        text.contains("seckill_http_request_duration_seconds_bucket"),
-        "{text}"
-    );
+    let api = &app.api;
+    let p = api.live_product(3).await;
+    assert_eq!(api.buy(1, p).await.status(), 202);
+    let text = api.get_admin("/metrics").await.text().await.unwrap();
+    for sample in [
+        "seckill_reservation_decisions_total{outcome=\"won\"} 1",
+        "route=\"/api/v1/products/{id}/reservations\"",
+        "seckill_http_request_duration_seconds_bucket",
+    ] {
+        assert!(text.contains(sample), "{sample} missing: {text}");
+    }
     app.stop().await;
 }
 
@@ -664,8 +536,7 @@ async fn persist_as_worker(
 ) -> uuid::Uuid {
     use sea_orm::ConnectionTrait;
     let order = uuid::Uuid::now_v7();
-    app.deps
-        .db
+    app.db
         .execute_unprepared(&format!(
             "insert into orders (order_id, reservation_id, user_id, product_id, reserved_at, expires_at) \
              values ('{order}', '{reservation}', {user}, {product}, now(), now() + interval '{expires_in_secs} seconds'); \
@@ -679,76 +550,36 @@ async fn persist_as_worker(
 #[tokio::test(flavor = "multi_thread")]
 async fn paying_an_open_order_gives_200_paid_and_cancelling_one_returns_its_unit() {
     let app = TestApp::spawn_with(Role::Serve, &generous()).await;
-    let p = app.live_product(2).await;
+    let api = &app.api;
+    let p = api.live_product(2).await;
     let mut orders = Vec::new();
     for u in [1, 2] {
-        let won: Value = app
-            .reserve(u, p, &app.fetch_token(u, p).await)
-            .await
-            .json()
-            .await
-            .unwrap();
+        let won: Value = api.buy(u, p).await.json().await.unwrap();
         orders.push(
             persist_as_worker(&app, u, p, won["reservation_id"].as_str().unwrap(), 900).await,
         );
     }
-    let paid = app
-        .user_post(1, &format!("/api/v1/orders/{}/pay", orders[0]))
-        .await;
+    let paid = api.pay(1, orders[0]).await;
     assert_eq!(paid.status(), 200);
     let paid: Value = paid.json().await.unwrap();
     assert_eq!(paid["status"], "paid");
     assert!(paid["paid_at"].is_string());
     // Paying twice is harmless; cancelling a paid order is refused.
-    assert_eq!(
-        app.user_post(1, &format!("/api/v1/orders/{}/pay", orders[0]))
-            .await
-            .status(),
-        200
-    );
-    assert_problem(
-        app.user_post(1, &format!("/api/v1/orders/{}/cancel", orders[0]))
-            .await,
-        409,
-        "order_closed",
-    )
-    .await;
-    let me: Value = app
-        .user_get(1, &format!("/api/v1/products/{p}/reservations/me"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    assert_eq!(api.pay(1, orders[0]).await.status(), 200);
+    assert_problem(api.cancel(1, orders[0]).await, 409, "order_closed").await;
+    let me: Value = api.me(1, p).await.json().await.unwrap();
     assert_eq!(me["status"], "paid");
 
     // Sold out now; a cancel puts the unit back on sale for someone else.
-    assert_problem(
-        app.reserve(3, p, &app.fetch_token(3, p).await).await,
-        410,
-        "sold_out",
-    )
-    .await;
-    let cancelled = app
-        .user_post(2, &format!("/api/v1/orders/{}/cancel", orders[1]))
-        .await;
+    assert_problem(api.buy(3, p).await, 410, "sold_out").await;
+    let cancelled = api.cancel(2, orders[1]).await;
     assert_eq!(cancelled.status(), 200);
     assert_eq!(
         cancelled.json::<Value>().await.unwrap()["status"],
         "cancelled"
     );
-    assert_problem(
-        app.user_post(2, &format!("/api/v1/orders/{}/pay", orders[1]))
-            .await,
-        409,
-        "order_closed",
-    )
-    .await;
-    let view: Value = app
-        .get_admin(&format!("/api/v1/admin/products/{p}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    assert_problem(api.pay(2, orders[1]).await, 409, "order_closed").await;
+    let view = api.admin_product(p).await;
     assert_eq!(
         (view["remaining"].as_i64(), view["sold"].as_i64()),
         (Some(1), Some(1))
@@ -756,11 +587,7 @@ async fn paying_an_open_order_gives_200_paid_and_cancelling_one_returns_its_unit
     // The sold-out memory was cleared by the release (pub/sub): user 3 now wins.
     let mut status = 0;
     for _ in 0..50 {
-        status = app
-            .reserve(3, p, &app.fetch_token(3, p).await)
-            .await
-            .status()
-            .as_u16();
+        status = api.buy(3, p).await.status().as_u16();
         if status == 202 {
             break;
         }

@@ -1,17 +1,15 @@
 //! `seckill loadtest` against a running server: it sells out, verifies, and exits 0.
 
-use std::process::Command;
-
 use seckill::startup::Role;
 
-use crate::helpers::{ADMIN_TOKEN, JWT_SECRET, TOKEN_SECRET, TestApp};
+use crate::helpers::{SECRET_VARS, TestApp, seckill_command};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_load_test_runs_a_sale_prints_figures_and_passes_its_checks() {
     let app = TestApp::spawn_with(Role::All, &[]).await;
-    let (http, admin) = (app.http.clone(), app.admin.clone());
+    let (http, admin) = (app.api.http.clone(), app.api.admin.clone());
     let out = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_seckill"))
+        seckill_command()
             .args(["loadtest", "--target", &http, "--admin", &admin])
             .args([
                 "--stock",
@@ -25,10 +23,7 @@ async fn the_load_test_runs_a_sale_prints_figures_and_passes_its_checks() {
                 "--starts-in",
                 "500ms",
             ])
-            .env("SECKILL_JWT_SECRET", JWT_SECRET)
-            .env("SECKILL_ADMIN_TOKEN", ADMIN_TOKEN)
-            .env("SECKILL_TOKEN_SECRET", TOKEN_SECRET)
-            .env_remove("SECKILL_DEV")
+            .envs(SECRET_VARS)
             .output()
             .unwrap()
     })

@@ -2,7 +2,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 mod helpers;
+mod services;
 
+mod blackhole;
 mod cluster;
 mod faults;
 mod health;
@@ -11,5 +13,7 @@ mod loadtest;
 mod pipeline;
 mod process;
 mod rate_limit;
+mod rebuild;
+mod recovery;
 mod reservations;
 mod scale;

@@ -6,37 +6,19 @@ use fred::prelude::*;
 use futures_util::{StreamExt, stream};
 use lapin::{
     BasicProperties,
-    options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions},
-    types::FieldTable,
+    options::{BasicGetOptions, BasicPublishOptions},
 };
 use seckill::{
     domain::{ProductId, UserId},
-    keys::Keys,
-    reservations::{Outcome, Reservations},
+    reservations::Outcome,
     startup::Role,
 };
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    Isolation, Proc, Sibling, TestApp, eventually, http_sale, jwt, pg_count, queue_len,
+    Isolation, Proc, Sibling, TestApp, amqp_channel, await_orders, buyer_count, eventually,
+    http_sale, order_count, passive_declare, pg_count, pg_rows, queue_len, sold_count,
 };
-
-fn reservations_of(app: &TestApp) -> Reservations {
-    Reservations::new(
-        app.deps.redis.clone(),
-        Keys::new(app.iso.prefix.clone()),
-        "1000/1s".parse().unwrap(),
-        "100000000/1s".parse().unwrap(),
-    )
-}
-
-async fn orders_of(app: &TestApp, product: i64) -> i64 {
-    pg_count(
-        &app.deps.db,
-        &format!("select count(*) from orders where product_id = {product}"),
-    )
-    .await
-}
 
 /// `count` winners straight through the script (fast), users `first..first+count`.
 async fn winners_via_script(
@@ -45,7 +27,7 @@ async fn winners_via_script(
     first: i64,
     count: i64,
 ) -> Vec<(i64, String)> {
-    let r = reservations_of(app);
+    let r = app.reservations();
     let p = ProductId::try_from(product).unwrap();
     stream::iter(first..first + count)
         .map(|u| {
@@ -67,17 +49,6 @@ async fn winners_via_script(
         .await
 }
 
-async fn amqp_channel() -> (lapin::Connection, lapin::Channel) {
-    let conn = lapin::Connection::connect(
-        "amqp://guest:guest@127.0.0.1:5672/%2f",
-        lapin::ConnectionProperties::default(),
-    )
-    .await
-    .unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    (conn, ch)
-}
-
 async fn publish_raw(ch: &lapin::Channel, queue: &str, body: &[u8]) {
     ch.basic_publish(
         "".into(),
@@ -94,48 +65,47 @@ async fn publish_raw(ch: &lapin::Channel, queue: &str, body: &[u8]) {
 
 /// Redis remaining + won-but-not-persisted + live orders, and the stock.
 async fn ledger(app: &TestApp, product: i64) -> (i64, i64, i64) {
-    let r = reservations_of(app);
+    let r = app.reservations();
     let p = ProductId::try_from(product).unwrap();
     let remaining = r.remaining(p).await.unwrap().unwrap();
     let pending = r.pending_count(p).await.unwrap();
     let live = pg_count(
-        &app.deps.db,
+        &app.db,
         &format!("select count(*) from orders where product_id = {product} and status in ('pending_payment', 'paid')"),
     )
     .await;
     (remaining, pending, live)
 }
 
+/// Waits (`limit` at most) until the ledger reads `expected`; fails the test if it never does.
+async fn await_ledger(app: &TestApp, product: i64, expected: (i64, i64, i64), limit: Duration) {
+    let done = eventually(limit, || async { ledger(app, product).await == expected }).await;
+    assert!(
+        done,
+        "ledger {:?}, not {expected:?}, after {limit:?}",
+        ledger(app, product).await
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn every_202_of_a_2000_shopper_sale_becomes_exactly_one_order_within_5_seconds() {
     let app = TestApp::spawn().await;
-    let p = app.live_product(100).await;
-    let (winners, statuses) = http_sale(&app.http, &app.client, p, 1..=2_000, 2).await;
+    let p = app.api.live_product(100).await;
+    let (winners, answers) = http_sale(&app.api, p, 1..=2_000, 2).await;
     assert!(
-        statuses.iter().all(|s| [202, 409, 410, 429].contains(s)),
-        "{statuses:?}"
+        answers
+            .iter()
+            .all(|(s, _)| [202, 409, 410, 429].contains(s)),
+        "{answers:?}"
     );
     assert_eq!(winners.len(), 100);
 
-    let done = eventually(Duration::from_secs(5), || async {
-        orders_of(&app, p).await == 100
-    })
-    .await;
-    assert!(done, "only {} orders after 5 s", orders_of(&app, p).await);
-    let persisted = pg_count(
-        &app.deps.db,
-        &format!("select count(distinct user_id) from orders where product_id = {p}"),
-    )
-    .await;
+    await_orders(&app.db, p, 100, Duration::from_secs(5)).await;
+    let persisted = buyer_count(&app.db, p).await;
     assert_eq!(persisted, 100);
     for (u, rid) in winners.iter().take(10) {
         let ok = eventually(Duration::from_secs(2), || async {
-            let me: Value = app
-                .user_get(*u, &format!("/api/v1/products/{p}/reservations/me"))
-                .await
-                .json()
-                .await
-                .unwrap();
+            let me: Value = app.api.me(*u, p).await.json().await.unwrap();
             me["status"] == "confirmed"
                 && me["order_id"].is_string()
                 && me["reservation_id"] == rid.as_str()
@@ -143,11 +113,7 @@ async fn every_202_of_a_2000_shopper_sale_becomes_exactly_one_order_within_5_sec
         .await;
         assert!(ok, "user {u} not confirmed");
     }
-    let sold = pg_count(
-        &app.deps.db,
-        &format!("select sold::bigint from product where product_id = {p}"),
-    )
-    .await;
+    let sold = sold_count(&app.db, p).await;
     assert_eq!(sold, 100);
     assert_eq!(ledger(&app, p).await, (0, 0, 100));
     app.stop().await;
@@ -179,16 +145,10 @@ async fn sse_until(mut res: reqwest::Response, until: impl Fn(&Value) -> bool) -
 async fn the_status_stream_pushes_pending_then_confirmed_then_paid_and_ends() {
     // The API alone first: the winner stays pending until a worker joins.
     let app = TestApp::spawn_with(Role::Serve, &[]).await;
-    let p = app.live_product(5).await;
-    let won: Value = app
-        .reserve(1, p, &app.fetch_token(1, p).await)
-        .await
-        .json()
-        .await
-        .unwrap();
-    let events = app
-        .user_get(1, &format!("/api/v1/products/{p}/reservations/me/events"))
-        .await;
+    let api = &app.api;
+    let p = api.live_product(5).await;
+    let won: Value = api.buy(1, p).await.json().await.unwrap();
+    let events = api.me_events(1, p).await;
     assert_eq!(events.status(), 200);
     assert_eq!(events.headers()["content-type"], "text/event-stream");
     let reader = tokio::spawn(sse_until(events, |v| v["status"] == "paid"));
@@ -196,23 +156,13 @@ async fn the_status_stream_pushes_pending_then_confirmed_then_paid_and_ends() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let worker = Sibling::spawn(&app.iso, Role::Worker, &[]).await;
     let order_id = loop {
-        let me: Value = app
-            .user_get(1, &format!("/api/v1/products/{p}/reservations/me"))
-            .await
-            .json()
-            .await
-            .unwrap();
+        let me: Value = api.me(1, p).await.json().await.unwrap();
         if me["status"] == "confirmed" {
             break me["order_id"].as_str().unwrap().to_owned();
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert_eq!(
-        app.user_post(1, &format!("/api/v1/orders/{order_id}/pay"))
-            .await
-            .status(),
-        200
-    );
+    assert_eq!(api.pay(1, &order_id).await.status(), 200);
     let seen = tokio::time::timeout(Duration::from_secs(15), reader)
         .await
         .unwrap()
@@ -221,12 +171,7 @@ async fn the_status_stream_pushes_pending_then_confirmed_then_paid_and_ends() {
     assert_eq!(statuses, ["pending", "confirmed", "paid"], "{seen:?}");
     assert_eq!(seen[1]["order_id"], order_id.as_str());
     assert_eq!(seen[0]["reservation_id"], won["reservation_id"]);
-    assert_eq!(
-        app.user_get(2, &format!("/api/v1/products/{p}/reservations/me/events"))
-            .await
-            .status(),
-        404
-    );
+    assert_eq!(api.me_events(2, p).await.status(), 404);
     worker.stop().await;
     app.stop().await;
 }
@@ -234,24 +179,14 @@ async fn the_status_stream_pushes_pending_then_confirmed_then_paid_and_ends() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_same_message_delivered_twice_makes_one_order() {
     let app = TestApp::spawn().await;
-    let p = app.live_product(5).await;
-    let won: Value = app
-        .reserve(1, p, &app.fetch_token(1, p).await)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let p = app.api.live_product(5).await;
+    let won: Value = app.api.buy(1, p).await.json().await.unwrap();
     let rid = won["reservation_id"].as_str().unwrap().to_owned();
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            orders_of(&app, p).await == 1
-        })
-        .await
-    );
+    await_orders(&app.db, p, 1, Duration::from_secs(5)).await;
 
     let message = json!({"v": 1, "reservation_id": rid, "user_id": 1, "product_id": p,
                          "reserved_at": chrono::Utc::now().to_rfc3339()});
-    let (_conn, ch) = amqp_channel().await;
+    let (_conn, ch) = amqp_channel().await.unwrap();
     for _ in 0..2 {
         publish_raw(&ch, &app.iso.queue, message.to_string().as_bytes()).await;
     }
@@ -263,12 +198,8 @@ async fn the_same_message_delivered_twice_makes_one_order() {
         .await
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(orders_of(&app, p).await, 1);
-    let sold = pg_count(
-        &app.deps.db,
-        &format!("select sold::bigint from product where product_id = {p}"),
-    )
-    .await;
+    assert_eq!(order_count(&app.db, p).await, 1);
+    let sold = sold_count(&app.db, p).await;
     assert_eq!(sold, 1);
     app.stop().await;
 }
@@ -276,35 +207,21 @@ async fn the_same_message_delivered_twice_makes_one_order() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_poison_message_lands_in_the_dlq_and_does_not_block_the_queue() {
     let app = TestApp::spawn().await;
-    let p = app.live_product(5).await;
-    let (_conn, ch) = amqp_channel().await;
+    let p = app.api.live_product(5).await;
+    let (_conn, ch) = amqp_channel().await.unwrap();
     // The queue exists once the relay or worker declared it.
     assert!(
         eventually(Duration::from_secs(5), || async {
-            ch.queue_declare(
-                app.iso.queue.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .is_ok()
+            passive_declare(&ch, &app.iso.queue).await.is_ok()
         })
         .await
     );
-    let (_conn, ch) = amqp_channel().await;
+    let (_conn, ch) = amqp_channel().await.unwrap();
     publish_raw(&ch, &app.iso.queue, b"{this is not an order").await;
     publish_raw(&ch, &app.iso.queue, br#"{"v":99,"anything":true}"#).await;
-    let won = app.reserve(2, p, &app.fetch_token(2, p).await).await;
+    let won = app.api.buy(2, p).await;
     assert_eq!(won.status(), 202);
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            orders_of(&app, p).await == 1
-        })
-        .await
-    );
+    await_orders(&app.db, p, 1, Duration::from_secs(5)).await;
     let dlq = format!("{}.dlq", app.iso.queue);
     assert!(
         eventually(Duration::from_secs(5), || async {
@@ -335,7 +252,7 @@ async fn a_poison_message_lands_in_the_dlq_and_does_not_block_the_queue() {
 async fn a_worker_killed_while_persisting_10000_winners_loses_and_doubles_nothing() {
     // API + relay in process; the worker is a real process we kill -9.
     let app = TestApp::spawn_with(Role::Serve, &[]).await;
-    let p = app.live_product(10_000).await;
+    let p = app.api.live_product(10_000).await;
     let winners = winners_via_script(&app, p, 1, 10_000).await;
     assert_eq!(winners.len(), 10_000);
     let small_batches = [
@@ -345,39 +262,27 @@ async fn a_worker_killed_while_persisting_10000_winners_loses_and_doubles_nothin
     let mut worker = Proc::start(&app.iso, "worker", &small_batches);
     assert!(
         eventually(Duration::from_secs(30), || async {
-            orders_of(&app, p).await >= 500
+            order_count(&app.db, p).await >= 500
         })
         .await,
         "the worker never started persisting"
     );
     worker.kill9();
-    let at_kill = orders_of(&app, p).await;
+    let at_kill = order_count(&app.db, p).await;
     assert!(
         at_kill < 10_000,
         "the worker finished before it could be killed ({at_kill})"
     );
 
     let _worker = Proc::start(&app.iso, "worker", &[]);
-    let all = eventually(Duration::from_secs(60), || async {
-        orders_of(&app, p).await == 10_000
-    })
-    .await;
-    assert!(all, "orders: {}", orders_of(&app, p).await);
-    let distinct = pg_count(
-        &app.deps.db,
-        &format!("select count(distinct user_id) from orders where product_id = {p}"),
-    )
-    .await;
+    await_orders(&app.db, p, 10_000, Duration::from_secs(60)).await;
+    let distinct = buyer_count(&app.db, p).await;
     assert_eq!(distinct, 10_000);
-    let sold = pg_count(
-        &app.deps.db,
-        &format!("select sold::bigint from product where product_id = {p}"),
-    )
-    .await;
+    let sold = sold_count(&app.db, p).await;
     assert_eq!(sold, 10_000);
     let rids: HashSet<String> = winners.into_iter().map(|(_, r)| r).collect();
     let persisted = pg_count(
-        &app.deps.db,
+        &app.db,
         &format!(
             "select count(*) from orders where reservation_id in ({})",
             rids.iter()
@@ -388,12 +293,7 @@ async fn a_worker_killed_while_persisting_10000_winners_loses_and_doubles_nothin
     )
     .await;
     assert_eq!(persisted, 10_000);
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            ledger(&app, p).await == (0, 0, 10_000)
-        })
-        .await
-    );
+    await_ledger(&app, p, (0, 0, 10_000), Duration::from_secs(10)).await;
     app.stop().await;
 }
 
@@ -408,8 +308,6 @@ async fn winners_recorded_by_a_serve_process_killed_before_relaying_are_publishe
         &[("SECKILL_AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f")],
     );
     a.wait_healthy().await;
-    let a_http = a.http.clone().unwrap();
-    let client = reqwest::Client::new();
     // The operators' API of this deployment, in process (no relay/worker of its own yet).
     let ops = TestApp::spawn_isolated(
         iso,
@@ -417,14 +315,13 @@ async fn winners_recorded_by_a_serve_process_killed_before_relaying_are_publishe
         &[("SECKILL_AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f")],
     )
     .await;
-    let p = ops.live_product(50).await;
-    let (winners, _) = http_sale(&a_http, &client, p, 1..=80, 1).await;
+    let p = ops.api.live_product(50).await;
+    let (winners, _) = http_sale(a.api(), p, 1..=80, 1).await;
     assert_eq!(winners.len(), 50);
 
     // A relay that read some entries and then died leaves them pending in the group.
-    let keys = Keys::new(ops.iso.prefix.clone());
-    let stream = keys.product(ProductId::try_from(p).unwrap()).outbox;
-    let pool = &ops.deps.redis;
+    let stream = ops.keys().product(ProductId::try_from(p).unwrap()).outbox;
+    let pool = &ops.redis;
     let _: Result<(), _> = pool
         .next()
         .xgroup_create(&stream, seckill::relay::GROUP, "0", true)
@@ -457,7 +354,7 @@ async fn winners_recorded_by_a_serve_process_killed_before_relaying_are_publishe
     );
     let mut a = a;
     a.kill9();
-    assert_eq!(orders_of(&ops, p).await, 0);
+    assert_eq!(order_count(&ops.db, p).await, 0);
 
     // Another serve process (and a worker) take over: every winner becomes an order, the
     // entries the dead relay held are reclaimed after the idle bound.
@@ -467,26 +364,15 @@ async fn winners_recorded_by_a_serve_process_killed_before_relaying_are_publishe
         &[("SECKILL_RELAY_CLAIM_IDLE_MS", "500")],
     )
     .await;
-    let all = eventually(Duration::from_secs(15), || async {
-        orders_of(&ops, p).await == 50
-    })
-    .await;
-    assert!(all, "orders: {}", orders_of(&ops, p).await);
-    let persisted: HashSet<String> = {
-        use sea_orm::{ConnectionTrait, Statement};
-        let rows = ops
-            .deps
-            .db
-            .query_all_raw(Statement::from_string(
-                ops.deps.db.get_database_backend(),
-                format!("select reservation_id::text as r from orders where product_id = {p}"),
-            ))
-            .await
-            .unwrap();
-        rows.iter()
-            .map(|r| r.try_get::<String>("", "r").unwrap())
-            .collect()
-    };
+    await_orders(&ops.db, p, 50, Duration::from_secs(15)).await;
+    let persisted: HashSet<String> = pg_rows(
+        &ops.db,
+        &format!("select reservation_id::text as r from orders where product_id = {p}"),
+    )
+    .await
+    .iter()
+    .map(|r| r.try_get::<String>("", "r").unwrap())
+    .collect();
     assert_eq!(persisted, winners.values().cloned().collect::<HashSet<_>>());
     let left: i64 = pool.xlen(&stream).await.unwrap();
     assert_eq!(left, 0, "relayed entries are deleted from the outbox");
@@ -511,58 +397,36 @@ async fn pay_and_two_sweepers_racing_over_1000_orders_end_each_exactly_once() {
         &[("SECKILL_SWEEP_INTERVAL_MS", "20")],
     )
     .await;
-    let p = app.live_product(1_000).await;
+    let p = app.api.live_product(1_000).await;
     let winners = winners_via_script(&app, p, 1, 1_000).await;
-    assert!(
-        eventually(Duration::from_secs(20), || async {
-            ledger(&app, p).await == (0, 0, 1_000)
-        })
-        .await
-    );
+    await_ledger(&app, p, (0, 0, 1_000), Duration::from_secs(20)).await;
 
     // Every order's deadline is now a moment away; shoppers pay while the sweeper expires.
     use sea_orm::ConnectionTrait;
-    app.deps
-        .db
+    app.db
         .execute_unprepared(&format!(
             "update orders set expires_at = now() + interval '300 milliseconds' where product_id = {p}"
         ))
         .await
         .unwrap();
-    let orders: Vec<(i64, String)> = {
-        use sea_orm::Statement;
-        let rows = app
-            .deps
-            .db
-            .query_all_raw(Statement::from_string(
-                app.deps.db.get_database_backend(),
-                format!("select user_id, order_id::text as o from orders where product_id = {p}"),
-            ))
-            .await
-            .unwrap();
-        rows.iter()
-            .map(|r| {
-                (
-                    r.try_get::<i64>("", "user_id").unwrap(),
-                    r.try_get::<String>("", "o").unwrap(),
-                )
-            })
-            .collect()
-    };
+    let orders: Vec<(i64, String)> = pg_rows(
+        &app.db,
+        &format!("select user_id, order_id::text as o from orders where product_id = {p}"),
+    )
+    .await
+    .iter()
+    .map(|r| {
+        (
+            r.try_get::<i64>("", "user_id").unwrap(),
+            r.try_get::<String>("", "o").unwrap(),
+        )
+    })
+    .collect();
     assert_eq!(orders.len(), 1_000);
     let answers: Vec<u16> = stream::iter(orders)
         .map(|(u, o)| {
-            let app = &app;
-            async move {
-                app.client
-                    .post(format!("{}/api/v1/orders/{o}/pay", app.http))
-                    .bearer_auth(jwt(u))
-                    .send()
-                    .await
-                    .unwrap()
-                    .status()
-                    .as_u16()
-            }
+            let api = &app.api;
+            async move { api.pay(u, o).await.status().as_u16() }
         })
         .buffer_unordered(32)
         .collect()
@@ -578,7 +442,7 @@ async fn pay_and_two_sweepers_racing_over_1000_orders_end_each_exactly_once() {
     assert!(
         eventually(Duration::from_secs(10), || async {
             pg_count(
-                &app.deps.db,
+                &app.db,
                 &format!(
                     "select count(*) from orders where product_id = {p} \
                      and (status = 'pending_payment' or (status = 'expired' and released_at is null))"
@@ -590,18 +454,18 @@ async fn pay_and_two_sweepers_racing_over_1000_orders_end_each_exactly_once() {
         .await
     );
     let paid = pg_count(
-        &app.deps.db,
+        &app.db,
         &format!("select count(*) from orders where product_id = {p} and status = 'paid'"),
     )
     .await;
     let expired = pg_count(
-        &app.deps.db,
+        &app.db,
         &format!("select count(*) from orders where product_id = {p} and status = 'expired'"),
     )
     .await;
     assert_eq!(paid + expired, 1_000);
     let paid_then_expired = pg_count(
-        &app.deps.db,
+        &app.db,
         &format!("select count(*) from orders where product_id = {p} and status = 'expired' and paid_at is not null"),
     )
     .await;
@@ -611,12 +475,11 @@ async fn pay_and_two_sweepers_racing_over_1000_orders_end_each_exactly_once() {
         "a 200 for every paid order, a 409 for every expired one"
     );
     // Units of the expired ones are back in Redis exactly once.
-    let keys = Keys::new(app.iso.prefix.clone());
-    let pk = keys.product(ProductId::try_from(p).unwrap());
-    let released: i64 = app.deps.redis.scard(&pk.released).await.unwrap();
+    let pk = app.keys().product(ProductId::try_from(p).unwrap());
+    let released: i64 = app.redis.scard(&pk.released).await.unwrap();
     assert_eq!(released, expired);
     let unreleased = pg_count(
-        &app.deps.db,
+        &app.db,
         &format!("select count(*) from orders where product_id = {p} and status = 'expired' and released_at is null"),
     )
     .await;
@@ -624,11 +487,7 @@ async fn pay_and_two_sweepers_racing_over_1000_orders_end_each_exactly_once() {
     let (remaining, pending, live) = ledger(&app, p).await;
     assert_eq!((remaining, pending, live), (expired, 0, paid));
     assert_eq!(remaining + pending + live, 1_000);
-    let sold = pg_count(
-        &app.deps.db,
-        &format!("select sold::bigint from product where product_id = {p}"),
-    )
-    .await;
+    let sold = sold_count(&app.db, p).await;
     assert_eq!(sold, paid);
     // The returned units sell again, to other shoppers.
     let more = winners_via_script(&app, p, 5_001, expired).await;
@@ -641,48 +500,27 @@ async fn pay_and_two_sweepers_racing_over_1000_orders_end_each_exactly_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_unit_left_unreturned_by_a_dead_process_is_reconciled_once() {
     let app = TestApp::spawn_with(Role::All, &[("SECKILL_SWEEP_INTERVAL_MS", "50")]).await;
-    let p = app.live_product(1).await;
-    let won: Value = app
-        .reserve(1, p, &app.fetch_token(1, p).await)
-        .await
-        .json()
-        .await
-        .unwrap();
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            ledger(&app, p).await == (0, 0, 1)
-        })
-        .await
-    );
+    let p = app.api.live_product(1).await;
+    let won: Value = app.api.buy(1, p).await.json().await.unwrap();
+    await_ledger(&app, p, (0, 0, 1), Duration::from_secs(5)).await;
     // As if a process cancelled in Postgres and died before release.lua ran.
     use sea_orm::ConnectionTrait;
-    app.deps
-        .db
+    app.db
         .execute_unprepared(&format!(
             "update orders set status = 'cancelled', closed_at = now() - interval '1 minute' where product_id = {p};              update product set sold = sold - 1 where product_id = {p}"
         ))
         .await
         .unwrap();
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            ledger(&app, p).await == (1, 0, 0)
-        })
-        .await
-    );
+    await_ledger(&app, p, (1, 0, 0), Duration::from_secs(5)).await;
     let released = pg_count(
-        &app.deps.db,
+        &app.db,
         &format!("select count(*) from orders where product_id = {p} and released_at is not null"),
     )
     .await;
     assert_eq!(released, 1);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(ledger(&app, p).await, (1, 0, 0), "released exactly once");
-    let me: Value = app
-        .user_get(1, &format!("/api/v1/products/{p}/reservations/me"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let me: Value = app.api.me(1, p).await.json().await.unwrap();
     assert_eq!(me["status"], "cancelled");
     assert_eq!(me["reservation_id"], won["reservation_id"]);
     app.stop().await;

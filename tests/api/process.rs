@@ -5,21 +5,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::helpers::Isolation;
-
-fn seckill() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_seckill"));
-    for (key, _) in std::env::vars() {
-        if key.starts_with("SECKILL_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.stdin(Stdio::null());
-    cmd
-}
+use crate::helpers::{Isolation, seckill_command};
 
 fn isolated(iso: &Isolation) -> Command {
-    let mut cmd = seckill();
+    let mut cmd = seckill_command();
     cmd.env("SECKILL_DEV", "1")
         .env("SECKILL_HTTP_ADDR", "127.0.0.1:0")
         .env("SECKILL_ADMIN_ADDR", "127.0.0.1:0")
@@ -54,7 +43,7 @@ fn wait_exit(child: &mut std::process::Child, limit: Duration) -> std::process::
 
 #[test]
 fn serve_without_a_jwt_secret_fails_with_one_line_naming_it() {
-    let out = seckill().arg("serve").output().unwrap();
+    let out = seckill_command().arg("serve").output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
@@ -64,7 +53,7 @@ fn serve_without_a_jwt_secret_fails_with_one_line_naming_it() {
 
 #[test]
 fn a_bad_value_fails_with_one_line_naming_the_variable() {
-    let out = seckill()
+    let out = seckill_command()
         .arg("serve")
         .env("SECKILL_DEV", "1")
         .env("SECKILL_PRODUCT_RATE", "lots")
@@ -78,7 +67,7 @@ fn a_bad_value_fails_with_one_line_naming_the_variable() {
 
 #[test]
 fn help_explains_every_subcommand() {
-    let out = seckill().arg("--help").output().unwrap();
+    let out = seckill_command().arg("--help").output().unwrap();
     let text = String::from_utf8(out.stdout).unwrap();
     for cmd in ["all", "serve", "worker", "migrate"] {
         assert!(text.contains(cmd), "{text}");

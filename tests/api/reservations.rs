@@ -41,6 +41,7 @@ pub fn live_plan(p: ProductId, stock: i64) -> PreheatPlan {
         live_orders: 0,
         buyers: vec![],
         pending: HashSet::new(),
+        closed: vec![],
         starts_ms: now_ms() - 3_600_000,
         ends_ms: now_ms() + 3_600_000,
         force: false,
@@ -355,7 +356,7 @@ async fn preheat_refuses_a_live_sale_unless_forced_and_the_forced_rebuild_counts
 
 #[tokio::test(flavor = "multi_thread")]
 async fn statuses_recorded_in_one_call_never_go_back_and_leave_the_pending_set() {
-    use seckill::orders::ReservationView;
+    use seckill::reservations::{ReservationView, Status};
     let (_scope, r) = setup("100/1s", "1000000/1s").await;
     let p = product(9);
     r.preheat(&live_plan(p, 10)).await.unwrap();
@@ -368,17 +369,19 @@ async fn statuses_recorded_in_one_call_never_go_back_and_leave_the_pending_set()
         won.push((u, reservation_id));
     }
     assert_eq!(r.pending_count(p).await.unwrap(), 3);
-    let view = |rid: Uuid, status: &str| ReservationView {
+    let view = |rid: Uuid, status: Status| ReservationView {
         reservation_id: rid,
-        status: status.into(),
+        status,
         order_id: Some(Uuid::now_v7()),
         expires_at: None,
     };
     // The first is already paid when a (late) confirmation of all three arrives.
-    let paid = view(won[0].1, "paid");
+    let paid = view(won[0].1, Status::Paid);
     assert!(r.record_status(p, user(won[0].0), &paid).await.unwrap());
-    let confirmed: Vec<ReservationView> =
-        won.iter().map(|(_, rid)| view(*rid, "confirmed")).collect();
+    let confirmed: Vec<ReservationView> = won
+        .iter()
+        .map(|(_, rid)| view(*rid, Status::Confirmed))
+        .collect();
     let updates: Vec<(UserId, &ReservationView)> = won
         .iter()
         .zip(&confirmed)
@@ -391,13 +394,13 @@ async fn statuses_recorded_in_one_call_never_go_back_and_leave_the_pending_set()
         ReservationView::from_redis(won[0].1, &first)
             .unwrap()
             .status,
-        "paid"
+        Status::Paid
     );
     let second = r.status_of(p, won[1].1).await.unwrap().unwrap();
     assert_eq!(
         ReservationView::from_redis(won[1].1, &second)
             .unwrap()
             .status,
-        "confirmed"
+        Status::Confirmed
     );
 }

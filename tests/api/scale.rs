@@ -6,25 +6,15 @@ use std::{collections::HashSet, time::Duration};
 use fred::prelude::*;
 use futures_util::{StreamExt, stream};
 use seckill::{domain::ProductId, keys::Keys};
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use crate::helpers::{ADMIN_TOKEN, CLUSTER_URL, Isolation, Proc, at, eventually, jwt, pg_count};
+use crate::helpers::{
+    Api, CLUSTER_URL, Isolation, Proc, await_orders, buyer_count, pg_count, sold_count,
+};
 
 /// One purchase attempt; `None` when the process did not answer (it was killed).
-async fn attempt(
-    client: &reqwest::Client,
-    http: &str,
-    product: i64,
-    user: i64,
-    token: &str,
-) -> Option<(u16, Value)> {
-    let res = client
-        .post(format!("{http}/api/v1/products/{product}/reservations"))
-        .bearer_auth(jwt(user))
-        .json(&json!({"token": token}))
-        .send()
-        .await
-        .ok()?;
+async fn attempt(api: &Api, product: i64, user: i64, token: &str) -> Option<(u16, Value)> {
+    let res = api.try_reserve(user, product, token).await.ok()?;
     let status = res.status().as_u16();
     Some((status, res.json().await.unwrap_or(Value::Null)))
 }
@@ -45,63 +35,22 @@ async fn sale_across_processes(redis_url: Option<&str>) {
     let _w2 = Proc::start(&iso, "worker", &extra);
     a.wait_healthy().await;
     b.wait_healthy().await;
-    let (a_http, b_http) = (a.http.clone().unwrap(), b.http.clone().unwrap());
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
-
-    let created: Value = client
-        .post(format!("{}/api/v1/admin/products", a.admin))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&json!({"name": "scale", "stock": 500, "price_cents": 1, "starts_at": at(-1), "ends_at": at(3_600)}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let p = created["product_id"].as_i64().unwrap();
-    let preheat = client
-        .post(format!("{}/api/v1/admin/products/{p}/preheat", a.admin))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(preheat.status(), 200);
+    // Owned clients (10 s a request at most), so that process B can be killed under its own.
+    let (a_api, b_api) = (
+        a.api().clone().with_timeout(Duration::from_secs(10)),
+        b.api().clone().with_timeout(Duration::from_secs(10)),
+    );
+    let api_of = |u: i64| if u % 2 == 0 { &a_api } else { &b_api };
+    let p = a_api.live_product(500).await;
 
     // 5,000 shoppers get tokens (from either process), then buy: half through each API.
     let tokens: Vec<(i64, String)> = stream::iter(1..=5_000_i64)
-        .map(|u| {
-            let (client, http) = (&client, if u % 2 == 0 { &a_http } else { &b_http });
-            async move {
-                let res: Value = client
-                    .post(format!("{http}/api/v1/products/{p}/token"))
-                    .bearer_auth(jwt(u))
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
-                (u, res["token"].as_str().unwrap().to_owned())
-            }
-        })
+        .map(|u| async move { (u, api_of(u).fetch_token(u, p).await) })
         .buffer_unordered(64)
         .collect()
         .await;
     let purchases = stream::iter(tokens.iter().flat_map(|t| [t.clone(), t.clone()]))
-        .map(|(u, token)| {
-            let (client, http) = (
-                &client,
-                if u % 2 == 0 {
-                    a_http.clone()
-                } else {
-                    b_http.clone()
-                },
-            );
-            async move { (u, attempt(client, &http, p, u, &token).await) }
-        })
+        .map(|(u, token)| async move { (u, attempt(api_of(u), p, u, &token).await) })
         .buffer_unordered(96)
         .collect::<Vec<_>>();
     let killer = async {
@@ -137,35 +86,10 @@ async fn sale_across_processes(redis_url: Option<&str>) {
     let buyers: i64 = pool.hlen(&keys.buyers).await.unwrap();
     assert_eq!(buyers, 500, "5,000 shoppers sell out 500 units exactly");
     let db = seckill::db::connect(&iso.database_url(), 2).await.unwrap();
-    let all = eventually(Duration::from_secs(30), || async {
-        pg_count(
-            &db,
-            &format!("select count(*) from orders where product_id = {p}"),
-        )
-        .await
-            == 500
-    })
-    .await;
-    assert!(
-        all,
-        "orders: {}",
-        pg_count(
-            &db,
-            &format!("select count(*) from orders where product_id = {p}")
-        )
-        .await
-    );
-    let distinct = pg_count(
-        &db,
-        &format!("select count(distinct user_id) from orders where product_id = {p}"),
-    )
-    .await;
+    await_orders(&db, p, 500, Duration::from_secs(30)).await;
+    let distinct = buyer_count(&db, p).await;
     assert_eq!(distinct, 500);
-    let sold = pg_count(
-        &db,
-        &format!("select sold::bigint from product where product_id = {p}"),
-    )
-    .await;
+    let sold = sold_count(&db, p).await;
     assert_eq!(sold, 500);
     for (_, rid) in &observed {
         let found = pg_count(

@@ -1,0 +1,242 @@
+//! A sale Redis lost: `recovering` (503, never a 404 or a stale 410) until every winner still
+//! in flight is an order, then rebuilt from Postgres by itself; no unit sold twice.
+
+use std::time::Duration;
+
+use seckill::startup::Role;
+use serde_json::Value;
+
+use crate::helpers::{
+    Sibling, TestApp, assert_problem, delete_prefix, eventually, http_sale, pg_count,
+    purchase_token, queue_len,
+};
+
+async fn state(app: &TestApp, product: i64) -> Value {
+    app.api
+        .get(&format!("/api/v1/products/{product}"))
+        .await
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sale_redis_lost_with_winners_in_the_queue_resumes_only_once_they_are_orders() {
+    // API + relay only: the worker is down, so the winners wait in RabbitMQ.
+    let app = TestApp::spawn_with(Role::Serve, &[]).await;
+    let product = app.api.live_product(100).await;
+    let (first, _) = http_sale(&app.api, product, 1..=60, 1).await;
+    assert_eq!(first.len(), 60);
+    let queue = app.iso.queue.clone();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let q = queue.clone();
+            async move { queue_len(&q).await == 60 }
+        })
+        .await,
+        "the relay hands the 60 winners to RabbitMQ"
+    );
+
+    // Redis loses everything of this deployment (as a restart without persistence would).
+    delete_prefix(app.redis.next(), &app.iso.prefix)
+        .await
+        .unwrap();
+
+    // Not a 404 (the product exists and was preheated), not a 202 from a rebuilt-from-Postgres
+    // stock that would sell the 60 units in the queue a second time.
+    let token = purchase_token(1_000, product);
+    assert_problem(
+        app.api.reserve(1_000, product, &token).await,
+        503,
+        "recovering",
+    )
+    .await;
+    assert_problem(app.api.token(1_001, product).await, 503, "recovering").await;
+    assert_eq!(state(&app, product).await["state"], "recovering");
+    assert!(app.api.metric("seckill_product_losses_total").await >= 1.0);
+    // An operator's preheat, plain or forced, is the same safe rebuild: not yet.
+    assert_problem(app.api.preheat(product, false).await, 503, "recovering").await;
+    assert_problem(app.api.preheat(product, true).await, 503, "recovering").await;
+    // It stays so while the winners wait for a worker.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let token = purchase_token(1_002, product);
+    assert_problem(
+        app.api.reserve(1_002, product, &token).await,
+        503,
+        "recovering",
+    )
+    .await;
+
+    // The worker comes back, persists the 60; the product is rebuilt without an operator.
+    let worker = Sibling::spawn(&app.iso, Role::Worker, &[]).await;
+    let rebuilt = eventually(Duration::from_secs(30), || async {
+        state(&app, product).await["state"] == "live"
+    })
+    .await;
+    assert!(rebuilt, "rebuilt by itself: {}", state(&app, product).await);
+    assert_eq!(state(&app, product).await["remaining"], 40);
+
+    // A past winner keeps their unit and gets it named, never a second one.
+    for (user, rid) in first.iter().take(5) {
+        let token = purchase_token(*user, product);
+        let (_, body) = assert_problem(
+            app.api.reserve(*user, product, &token).await,
+            409,
+            "already_reserved",
+        )
+        .await;
+        assert_eq!(body["reservation_id"], rid.as_str());
+        let me: Value = app
+            .api
+            .user_get(
+                *user,
+                &format!("/api/v1/products/{product}/reservations/me"),
+            )
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(me["status"], "confirmed", "{me}");
+    }
+
+    // The sale goes on: exactly the 40 units left are sold.
+    let (second, _) = http_sale(&app.api, product, 2_001..=2_100, 1).await;
+    assert_eq!(second.len(), 40);
+    assert!(second.keys().all(|u| !first.contains_key(u)));
+    let all_persisted = eventually(Duration::from_secs(20), || async {
+        pg_count(
+            &app.db,
+            &format!("select count(*) from orders where product_id = {product}"),
+        )
+        .await
+            == 100
+    })
+    .await;
+    assert!(all_persisted);
+    assert_eq!(
+        pg_count(
+            &app.db,
+            &format!("select count(distinct user_id) from orders where product_id = {product}"),
+        )
+        .await,
+        100
+    );
+    let r = app.reservations();
+    let p = seckill::domain::ProductId::try_from(product).unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let r = r.clone();
+            async move { r.pending_count(p).await.unwrap() == 0 }
+        })
+        .await
+    );
+    // remaining + pending + live == stock; the queue and its DLQ are empty.
+    assert_eq!(r.remaining(p).await.unwrap(), Some(0));
+    assert_eq!(queue_len(&queue).await, 0);
+    assert_eq!(queue_len(&format!("{queue}.dlq")).await, 0);
+    worker.stop().await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_sale_that_has_not_started_is_simply_loaded_again() {
+    let app = TestApp::spawn().await;
+    let product = app.api.create_product(10, 3_600, 7_200).await;
+    assert_eq!(app.api.preheat(product, false).await.status(), 200);
+    delete_prefix(app.redis.next(), &app.iso.prefix)
+        .await
+        .unwrap();
+    // Nothing can have been won yet: the watch loads it again at once.
+    let back = eventually(Duration::from_secs(10), || async {
+        app.reservations()
+            .is_preheated(seckill::domain::ProductId::try_from(product).unwrap())
+            .await
+            .unwrap()
+    })
+    .await;
+    assert!(back);
+    assert_eq!(state(&app, product).await["state"], "upcoming");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forced_preheats_racing_the_sweeper_return_each_expired_unit_exactly_once() {
+    let app = TestApp::spawn_with(
+        Role::All,
+        &[
+            ("SECKILL_PAYMENT_TIMEOUT_SECS", "8"),
+            ("SECKILL_SWEEP_INTERVAL_MS", "50"),
+        ],
+    )
+    .await;
+    let product = app.api.live_product(1_000).await;
+    let p = seckill::domain::ProductId::try_from(product).unwrap();
+    let r = app.reservations();
+    for u in 1..=1_000 {
+        let d = r
+            .reserve(seckill::domain::UserId::try_from(u).unwrap(), p)
+            .await
+            .unwrap();
+        assert!(
+            matches!(d.outcome, seckill::reservations::Outcome::Won { .. }),
+            "{d:?}"
+        );
+    }
+    let orders = format!("select count(*) from orders where product_id = {product}");
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            pg_count(&app.db, &orders).await == 1_000
+        })
+        .await
+    );
+    // Half are paid (they keep their units); the other half expire 8 s after they were made,
+    // and the sweeper returns their units one by one while forced preheats keep rebuilding.
+    let paid = pg_count(
+        &app.db,
+        &format!(
+            "with p as (update orders set status = 'paid', paid_at = now() where order_id in
+               (select order_id from orders where product_id = {product} and status = 'pending_payment'
+                and expires_at > now() order by user_id limit 500)
+             returning 1) select count(*) from p"
+        ),
+    )
+    .await;
+    assert_eq!(paid, 500);
+    let unreleased = format!(
+        "select count(*) from orders where product_id = {product} and (status = 'pending_payment' or released_at is null and status = 'expired')"
+    );
+    let mut rebuilds = 0;
+    let mut busy = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while pg_count(&app.db, &unreleased).await > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the sweeper finishes"
+        );
+        // Two forced preheats at once: each answers 200 or 503 paused (one rebuild at a time).
+        let (a, b) = tokio::join!(
+            app.api.preheat(product, true),
+            app.api.preheat(product, true)
+        );
+        for res in [a, b] {
+            match res.status().as_u16() {
+                200 => rebuilds += 1,
+                503 => {
+                    let body: Value = res.json().await.unwrap();
+                    assert_eq!(body["code"], "paused", "{body}");
+                    busy += 1;
+                }
+                other => panic!("forced preheat answered {other}"),
+            }
+        }
+    }
+    assert!(rebuilds > 0, "rebuilds {rebuilds}, refused {busy}");
+    // Exactly the 500 expired units are back on sale: none lost, none counted twice.
+    assert_eq!(r.remaining(p).await.unwrap(), Some(500));
+    let released: i64 =
+        fred::prelude::SetsInterface::scard(&app.redis, app.keys().product(p).released)
+            .await
+            .unwrap();
+    assert_eq!(released, 500);
+    app.stop().await;
+}
