@@ -6,6 +6,7 @@ mod services;
 
 mod blackhole;
 mod cluster;
+mod durability;
 mod faults;
 mod health;
 mod http_api;
