@@ -26,6 +26,7 @@ use seckill::{
     config::{Secrets, Settings},
     deps::Deps,
     domain::{ProductId, UserId},
+    durability::ReadyCheck,
     events::Events,
     http::{Ctx, configure_public},
     keys::Keys,
@@ -158,6 +159,7 @@ fn bench_handler(c: &mut Criterion) {
             broker: Broker::start(&settings.amqp_url, shutdown.child_token()),
             metrics: Arc::new(Metrics::new().expect("metrics")),
             events: Events::new(),
+            durability: ReadyCheck::new(settings.redis_durability),
         }
     });
     let ctx = web::Data::new(

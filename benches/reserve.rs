@@ -5,20 +5,16 @@
 //! `cargo bench --bench reserve`; compare with `scripts/bench-redis` (redis-benchmark running
 //! the same script) in the same session.
 
-use std::{
-    collections::HashSet,
-    sync::atomic::{AtomicI64, Ordering},
-    time::Duration,
-};
+use std::time::Duration;
 
 mod common;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use seckill::{
     config::{RedisSettings, Settings},
-    domain::{ProductId, UserId},
+    domain::ProductId,
     keys::Keys,
-    reservations::{PreheatPlan, Reservations},
+    reservations::Reservations,
 };
 
 fn bench_reserve(c: &mut Criterion) {
@@ -51,24 +47,12 @@ fn bench_reserve(c: &mut Criterion) {
         "1000000000/1s".parse().expect("rate"),
     );
     let product = ProductId::try_from(1_i64).expect("id");
-    let now = chrono::Utc::now().timestamp_millis();
-    let plan = PreheatPlan {
-        product,
-        stock: 1_000_000_000,
-        live_orders: 0,
-        buyers: vec![],
-        pending: HashSet::new(),
-        closed: Vec::new(),
-        starts_ms: now - 1_000,
-        ends_ms: now + 86_400_000,
-        force: false,
-    };
-    if let Err(e) = rt.block_on(r.preheat(&plan)) {
+    if let Err(e) = rt.block_on(common::ample_sale(&r, product)) {
         eprintln!("reserve bench skipped: preheat failed ({e})");
         return;
     }
-    let next_user = AtomicI64::new(1);
-    let user = || UserId::try_from(next_user.fetch_add(1, Ordering::Relaxed)).expect("id");
+    let users = common::FreshUsers::default();
+    let user = || users.next();
 
     let mut group = c.benchmark_group("reserve");
     group.throughput(Throughput::Elements(1));

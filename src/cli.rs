@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::Settings,
+    config::{ConfigError, Settings},
     startup::{Application, Role},
 };
 
@@ -111,6 +111,12 @@ pub fn run(cli: Cli) -> ExitCode {
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // A setting Redis does not honour (SECKILL_REDIS_DURABILITY) is bad configuration too.
+        Err(e) if e.downcast_ref::<ConfigError>().is_some() => {
+            tracing::error!(error = %e, "seckill refused to start");
+            eprintln!("seckill: configuration error: {e}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             tracing::error!(error = ?e, "seckill failed");
             eprintln!("seckill: {e:#}");

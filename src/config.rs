@@ -3,7 +3,10 @@
 //! Every variable has the documented default; a bad value fails start-up with one line that
 //! names the variable. Secrets are wrapped in [`SecretString`] so they never reach a log.
 
-use std::{collections::HashMap, fmt, net::IpAddr, net::SocketAddr, str::FromStr, time::Duration};
+use std::{
+    collections::HashMap, fmt, net::IpAddr, net::SocketAddr, num::NonZeroU16, str::FromStr,
+    time::Duration,
+};
 
 use secrecy::SecretString;
 
@@ -19,6 +22,7 @@ const KNOWN: &[&str] = &[
     "SECKILL_REDIS_URL",
     "SECKILL_REDIS_CLUSTER",
     "SECKILL_REDIS_PREFIX",
+    "SECKILL_REDIS_DURABILITY",
     "SECKILL_DATABASE_URL",
     "SECKILL_AMQP_URL",
     "SECKILL_AMQP_QUEUE",
@@ -49,7 +53,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(var: &str, message: impl Into<String>) -> Self {
+    pub fn new(var: &str, message: impl Into<String>) -> Self {
         Self {
             var: var.to_owned(),
             message: message.into(),
@@ -148,6 +152,52 @@ impl FromStr for IpNet {
     }
 }
 
+/// When a win is durable before its `202` (`SECKILL_REDIS_DURABILITY`; guarantee 3 of the
+/// design). Written `fsync` (the default), `replicas:N` or `none`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// Nothing is awaited: a Redis crash loses every win since its last persistence point.
+    None,
+    /// Redis fsyncs a script's writes before it answers: it must run `appendonly yes` with
+    /// `appendfsync always` (checked at start, where a mismatch refuses to start, and by
+    /// `/readyz`).
+    #[default]
+    Fsync,
+    /// After every win, `WAIT N` on the connection that ran the script: the `202` waits until
+    /// N replicas hold the win (or the wait times out; see `reservations`).
+    Replicas(NonZeroU16),
+}
+
+impl fmt::Display for Durability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Durability::None => f.write_str("none"),
+            Durability::Fsync => f.write_str("fsync"),
+            Durability::Replicas(n) => write!(f, "replicas:{n}"),
+        }
+    }
+}
+
+impl FromStr for Durability {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("expected fsync, replicas:N (N from 1 to 1000) or none, got {s:?}");
+        match s {
+            "none" => Ok(Durability::None),
+            "fsync" => Ok(Durability::Fsync),
+            _ => {
+                let n: NonZeroU16 = s
+                    .strip_prefix("replicas:")
+                    .and_then(|n| n.parse().ok())
+                    .filter(|n: &NonZeroU16| n.get() <= 1_000)
+                    .ok_or_else(bad)?;
+                Ok(Durability::Replicas(n))
+            }
+        }
+    }
+}
+
 /// Where Redis is and how keys are named.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
@@ -180,6 +230,8 @@ pub struct Settings {
     pub amqp_url: String,
     /// Orders queue; its dead-letter queue is `<queue>.dlq`.
     pub amqp_queue: String,
+    /// When a win is durable before its `202`.
+    pub redis_durability: Durability,
     /// `None` when unset (and not in development mode): `serve`/`all` refuse to start.
     secrets: Result<Secrets, ConfigError>,
     /// An unpaid order expires after this and its unit returns to stock.
@@ -216,6 +268,7 @@ impl fmt::Debug for Settings {
             .field("http_addr", &self.http_addr)
             .field("admin_addr", &self.admin_addr)
             .field("redis", &self.redis)
+            .field("redis_durability", &self.redis_durability)
             .field("amqp_queue", &self.amqp_queue)
             .field("dev", &self.dev)
             .finish_non_exhaustive()
@@ -328,6 +381,7 @@ impl Settings {
             database_url,
             amqp_url,
             amqp_queue,
+            redis_durability: env.parse("SECKILL_REDIS_DURABILITY", "fsync")?,
             secrets,
             payment_timeout: Duration::from_secs(env.ranged(
                 "SECKILL_PAYMENT_TIMEOUT_SECS",
@@ -466,6 +520,7 @@ mod tests {
         assert_eq!(s.database_url, "postgres://postgres@127.0.0.1:5432/seckill");
         assert_eq!(s.amqp_url, "amqp://guest:guest@127.0.0.1:5672/%2f");
         assert_eq!(s.amqp_queue, "seckill.orders");
+        assert_eq!(s.redis_durability, Durability::Fsync);
         assert_eq!(s.payment_timeout, Duration::from_secs(900));
         assert_eq!(s.user_rate, "1/1s".parse().unwrap());
         assert_eq!(s.product_rate.count, 20_000);
@@ -490,6 +545,7 @@ mod tests {
             ("SECKILL_REDIS_URL", "http://x"),
             ("SECKILL_TRUSTED_PROXIES", "10.0.0.0/99"),
             ("SECKILL_DEV", "yes"),
+            ("SECKILL_REDIS_DURABILITY", "always"),
             ("SECKILL_JWT_SECRE", "typo"),
         ] {
             let err = Settings::from_vars(vars(&[(var, value)])).err().unwrap();
@@ -521,6 +577,47 @@ mod tests {
         );
         assert!("x/1s".parse::<Rate>().is_err());
         assert!("5/0s".parse::<Rate>().is_err());
+    }
+
+    #[test]
+    fn durability_is_fsync_replicas_or_none() {
+        for (raw, want) in [
+            ("fsync", Durability::Fsync),
+            ("none", Durability::None),
+            (
+                " replicas:2 ",
+                Durability::Replicas(NonZeroU16::new(2).unwrap()),
+            ),
+            (
+                "replicas:1000",
+                Durability::Replicas(NonZeroU16::new(1000).unwrap()),
+            ),
+        ] {
+            let s = Settings::from_vars(vars(&[("SECKILL_REDIS_DURABILITY", raw)])).unwrap();
+            assert_eq!(s.redis_durability, want, "{raw}");
+            assert_eq!(want.to_string(), raw.trim());
+        }
+        for bad in [
+            "",
+            "FSYNC",
+            "always",
+            "replicas",
+            "replicas:",
+            "replicas:0",
+            "replicas:-1",
+            "replicas:1001",
+            "replicas:two",
+        ] {
+            let err = Settings::from_vars(vars(&[("SECKILL_REDIS_DURABILITY", bad)]))
+                .err()
+                .unwrap();
+            assert_eq!(err.var, "SECKILL_REDIS_DURABILITY", "{bad:?}");
+            let line = err.to_string();
+            assert!(
+                line.contains("replicas:N") && !line.contains('\n'),
+                "{line}"
+            );
+        }
     }
 
     #[test]

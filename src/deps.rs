@@ -3,11 +3,18 @@
 
 use std::{sync::Arc, time::Duration};
 
-use fred::prelude::Pool;
+use fred::prelude::{ClientLike, Pool};
 use sea_orm::DatabaseConnection;
 use tokio_util::sync::CancellationToken;
 
-use crate::{amqp::Broker, config::Settings, db, events::Events, metrics::Metrics};
+use crate::{
+    amqp::Broker,
+    config::Settings,
+    db,
+    durability::{self, ReadyCheck},
+    events::Events,
+    metrics::Metrics,
+};
 
 /// Postgres connections per process.
 const DB_POOL: u32 = 16;
@@ -22,21 +29,30 @@ pub struct Deps {
     pub broker: Broker,
     pub metrics: Arc<Metrics>,
     pub events: Events,
+    /// Whether Redis still gives what `SECKILL_REDIS_DURABILITY` asks (for `/readyz`).
+    pub durability: ReadyCheck,
 }
 
 impl Deps {
-    /// Applies migrations (creating the database if missing), connects to Postgres and Redis,
-    /// and starts the self-healing RabbitMQ connection (which may come up later).
+    /// Connects to Redis and checks that it gives the durability `SECKILL_REDIS_DURABILITY`
+    /// asks (failing before anything else is touched), applies migrations (creating the
+    /// database if missing), connects to Postgres, and starts the self-healing RabbitMQ
+    /// connection (which may come up later).
     pub async fn connect(
         settings: Arc<Settings>,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<Self> {
-        db::migrate(&settings.database_url).await?;
-        let db = db::connect(&settings.database_url, DB_POOL).await?;
         let redis =
             crate::redis::connect(&settings.redis, REDIS_POOL, Duration::from_secs(5)).await?;
+        if let Err(e) = durability::check_at_start(settings.redis_durability, &redis).await {
+            redis.quit().await.ok();
+            return Err(e);
+        }
+        db::migrate(&settings.database_url).await?;
+        let db = db::connect(&settings.database_url, DB_POOL).await?;
         let broker = Broker::start(&settings.amqp_url, shutdown.child_token());
         Ok(Self {
+            durability: ReadyCheck::new(settings.redis_durability),
             settings,
             redis,
             db,

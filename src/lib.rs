@@ -16,7 +16,9 @@
 //!   parses ids; [`http::problem`] turns every error into problem+json in one place.
 //! - [`auth`] — shoppers' JWTs and the short-lived purchase tokens.
 //! - [`reservations`] + `lua/` — the gate: `reserve.lua` decides an attempt (window, rate,
-//!   admission, dedup, stock, outbox) in one atomic step; the reservation lifecycle
+//!   admission, dedup, stock, outbox) in one atomic step (under
+//!   `SECKILL_REDIS_DURABILITY=replicas:N` a win then waits for its replicas,
+//!   [`durability::ReplicaWait`]); the reservation lifecycle
 //!   ([`reservations::Status`]) and pure decoders of the scripts' replies live here.
 //! - [`soldout`] — the in-memory sold-out answer (no Redis call once a product is gone).
 //! - [`events`] — Redis pub/sub: clears sold-out memory, wakes SSE streams.
@@ -48,7 +50,8 @@
 //!   [`startup`] — builds the application, one function per role (API, relay, worker,
 //!   sweeper); [`deps`] — the connections the components share; [`telemetry`] — logs;
 //!   [`metrics`] — Prometheus; [`redis`] and [`db`] — connecting (and migrating) Redis and
-//!   Postgres; [`backoff`] — retry delays; [`domain`] — ids valid by construction;
+//!   Postgres; [`durability`] — checking that Redis gives what `SECKILL_REDIS_DURABILITY`
+//!   asks (at start and for `/readyz`); [`backoff`] — retry delays; [`domain`] — ids valid by construction;
 //!   [`loadtest`] — `seckill loadtest`.
 
 pub mod amqp;
@@ -60,6 +63,7 @@ pub mod db;
 pub mod deps;
 pub mod dlq;
 pub mod domain;
+pub mod durability;
 pub mod events;
 pub mod http;
 pub mod keys;

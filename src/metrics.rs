@@ -1,6 +1,6 @@
 //! Prometheus metrics an operator would page on, served at `/metrics` on the operators' listener.
 
-use crate::{rejections::Cause, reservations::Outcome};
+use crate::{durability::Replication, rejections::Cause, reservations::Outcome};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -30,6 +30,8 @@ pub struct Metrics {
     pub releases: IntCounterVec,
     pub recovering: IntGauge,
     pub recoveries: IntCounter,
+    pub durability_wait_timeouts: IntCounter,
+    pub unreplicated_wins: IntCounter,
     /// `decisions` children resolved once, in [`Outcome::index`] order (the purchase path
     /// counts without a label lookup).
     decision_counters: Vec<IntCounter>,
@@ -147,6 +149,14 @@ impl Metrics {
                 "product_losses_total",
                 "Times this process found a preheated product missing from Redis",
             )?,
+            durability_wait_timeouts: IntCounter::new(
+                "durability_wait_timeouts_total",
+                "Wins whose WAIT for replicas (SECKILL_REDIS_DURABILITY=replicas:N) timed out or failed; answered 202 anyway",
+            )?,
+            unreplicated_wins: IntCounter::new(
+                "durability_unreplicated_wins_total",
+                "Wins answered 202 before N replicas took them (WAIT timed out, failed, or was skipped while replicas were missing)",
+            )?,
             decision_counters: Vec::new(),
             registry,
         };
@@ -179,6 +189,9 @@ impl Metrics {
         m.registry.register(Box::new(m.releases.clone()))?;
         m.registry.register(Box::new(m.recovering.clone()))?;
         m.registry.register(Box::new(m.recoveries.clone()))?;
+        m.registry
+            .register(Box::new(m.durability_wait_timeouts.clone()))?;
+        m.registry.register(Box::new(m.unreplicated_wins.clone()))?;
         Ok(m)
     }
 
@@ -195,6 +208,18 @@ impl Metrics {
             self.rejected
                 .with_label_values(&[cause.label()])
                 .inc_by(n as u64);
+        }
+    }
+
+    /// Counts a win that `replicas:N` could not confirm before its answer.
+    pub fn replicated(&self, replication: Replication) {
+        match replication {
+            Replication::NotAsked | Replication::Confirmed => {}
+            Replication::TimedOut => {
+                self.durability_wait_timeouts.inc();
+                self.unreplicated_wins.inc();
+            }
+            Replication::Skipped => self.unreplicated_wins.inc(),
         }
     }
 

@@ -4,6 +4,8 @@
 //! gate, dedup, stock, outbox) in one step; `release.lua` returns a unit exactly once;
 //! `preheat.lua` loads a sale; `pause.lua` pauses a product while a forced preheat rebuilds it.
 //! Scripts run by SHA and are reloaded on `NOSCRIPT` (empty script cache after a restart).
+//! Under `SECKILL_REDIS_DURABILITY=replicas:N` a win waits for its replicas before it is
+//! answered ([`crate::durability::ReplicaWait`]).
 
 use std::{
     collections::HashSet,
@@ -21,8 +23,9 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::{
-    config::Rate,
+    config::{Durability, Rate},
     domain::{ProductId, UserId},
+    durability::{ReplicaWait, Replication},
     keys::Keys,
 };
 
@@ -122,11 +125,13 @@ pub struct RateWindow {
     pub reset: Duration,
 }
 
-/// A decision: the outcome plus the user's window.
+/// A decision: the outcome plus the user's window (and, for a win under `replicas:N`, whether
+/// the replicas took it before the answer).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     pub outcome: Outcome,
     pub window: RateWindow,
+    pub replication: Replication,
 }
 
 /// Redis could not be reached (or answered nonsense): the caller answers `503`.
@@ -276,7 +281,11 @@ pub fn decode_reserve(reply: ReserveReply) -> Result<Decision, Unavailable> {
             )));
         }
     };
-    Ok(Decision { outcome, window })
+    Ok(Decision {
+        outcome,
+        window,
+        replication: Replication::NotAsked,
+    })
 }
 
 /// Decodes `release.lua`'s answer `{code, remaining}`; an unknown code is an error.
@@ -358,6 +367,8 @@ pub struct Reservations {
     user_rate: Rate,
     product_rate: Rate,
     clock: Clock,
+    /// `replicas:N`: the `WAIT` after each win.
+    replica_wait: Option<ReplicaWait>,
     reserve: Script,
     release: Script,
     preheat: Script,
@@ -374,6 +385,7 @@ impl Reservations {
             user_rate,
             product_rate,
             clock: Clock::Redis,
+            replica_wait: None,
             reserve: Script::from_lua(RESERVE),
             release: Script::from_lua(RELEASE),
             preheat: Script::from_lua(PREHEAT),
@@ -386,6 +398,13 @@ impl Reservations {
     /// Uses `clock` instead of Redis `TIME` in `reserve` (tests).
     pub fn with_clock(mut self, clock: Clock) -> Self {
         self.clock = clock;
+        self
+    }
+
+    /// Makes each win as durable as `durability` asks before it is answered (`replicas:N`:
+    /// `WAIT N` after the script; `fsync` is Redis's own doing and `none` asks nothing).
+    pub fn with_durability(mut self, durability: Durability) -> Self {
+        self.replica_wait = ReplicaWait::for_setting(durability);
         self
     }
 
@@ -414,7 +433,8 @@ impl Reservations {
         Ok(())
     }
 
-    /// Decides one purchase attempt.
+    /// Decides one purchase attempt; under `replicas:N` a win is answered only after its
+    /// replicas took it (or the wait ran out: see [`Replication`]).
     #[tracing::instrument(skip_all, fields(%user, %product))]
     pub async fn reserve(&self, user: UserId, product: ProductId) -> Result<Decision, Unavailable> {
         let k = self.keys.product(product);
@@ -438,11 +458,15 @@ impl Reservations {
             period_us.to_string(),
             self.clock.arg(),
         ];
-        let reply: ReserveReply = self
-            .reserve
-            .evalsha_with_reload(self.pool.next(), keys, args)
-            .await?;
-        decode_reserve(reply)
+        // One client for the script and the `WAIT`: it covers only its own connection's writes.
+        let client = self.pool.next();
+        let reply: ReserveReply = self.reserve.evalsha_with_reload(client, keys, args).await?;
+        let mut decision = decode_reserve(reply)?;
+        if let (Outcome::Won { .. }, Some(wait)) = (&decision.outcome, &self.replica_wait) {
+            let slot = fred::util::redis_keyslot(k.state.as_bytes());
+            decision.replication = wait.after_win(client, slot).await;
+        }
+        Ok(decision)
     }
 
     /// Returns the unit of `reservation` to stock, exactly once; records `status_json`.

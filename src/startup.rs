@@ -61,7 +61,9 @@ fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<(TcpListener, u16)> {
 }
 
 impl Application {
-    /// Migrates, connects, binds the listeners and spawns the components of `role`.
+    /// Connects (refusing to start when Redis does not give the durability
+    /// `SECKILL_REDIS_DURABILITY` asks: see [`Deps::connect`]), migrates, binds the listeners
+    /// and spawns the components of `role`.
     pub async fn build(
         settings: Settings,
         role: Role,
@@ -77,7 +79,8 @@ impl Application {
             Keys::new(settings.redis.prefix.clone()),
             settings.user_rate,
             settings.product_rate,
-        );
+        )
+        .with_durability(settings.redis_durability);
         reservations.load_scripts().await?;
         let mut app = Self {
             http_port: None,

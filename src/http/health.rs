@@ -1,4 +1,5 @@
-//! `GET /healthz` (process up) and `GET /readyz` (Redis, RabbitMQ and Postgres reachable).
+//! `GET /healthz` (process up) and `GET /readyz` (Redis, RabbitMQ and Postgres reachable; Redis
+//! durable as `SECKILL_REDIS_DURABILITY` asks).
 
 use std::time::Duration;
 
@@ -31,26 +32,38 @@ async fn rabbitmq_answers(broker: &crate::amqp::Broker) -> bool {
     }
 }
 
-/// Redis, RabbitMQ and Postgres are all reachable.
+/// Redis, RabbitMQ and Postgres are all reachable (and Redis gives the durability
+/// `SECKILL_REDIS_DURABILITY` asks for).
 #[utoipa::path(
     responses(
         (status = 200, description = "Every dependency answers"),
-        (status = 503, description = "A dependency is unreachable; `checks` names it", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "A dependency is unreachable, or Redis no longer gives the configured durability; `checks` names it", body = crate::http::problem::Problem, content_type = "application/problem+json"),
     ),
     tag = "service"
 )]
 #[get("/readyz")]
 pub async fn readyz(deps: web::Data<Deps>) -> Result<HttpResponse, ApiError> {
-    let (redis, postgres) = tokio::join!(crate::redis::ping(&deps.redis), async {
-        tokio::time::timeout(Duration::from_secs(1), deps.db.ping())
-            .await
-            .map_err(|_| anyhow::anyhow!("timed out"))?
-            .map_err(anyhow::Error::from)
-    });
+    let (redis, postgres) = tokio::join!(
+        async {
+            crate::redis::ping(&deps.redis)
+                .await
+                .map_err(|e| ("unreachable".to_owned(), e.to_string()))?;
+            deps.durability
+                .check(&deps.redis)
+                .await
+                .map_err(|why| (why.clone(), why))
+        },
+        async {
+            tokio::time::timeout(Duration::from_secs(1), deps.db.ping())
+                .await
+                .map_err(|_| anyhow::anyhow!("timed out"))?
+                .map_err(anyhow::Error::from)
+        }
+    );
     let rabbitmq = rabbitmq_answers(&deps.broker).await;
     let state = |ok: bool| if ok { "ok" } else { "unreachable" };
     let checks = json!({
-        "redis": state(redis.is_ok()),
+        "redis": redis.as_ref().map_or_else(|(state, _)| state.as_str(), |()| "ok"),
         "rabbitmq": state(rabbitmq),
         "postgres": state(postgres.is_ok()),
     });
@@ -66,7 +79,7 @@ pub async fn readyz(deps: web::Data<Deps>) -> Result<HttpResponse, ApiError> {
     if failing.is_empty() {
         Ok(HttpResponse::Ok().json(json!({"status": "ready", "checks": checks})))
     } else {
-        if let Err(e) = &redis {
+        if let Err((_, e)) = &redis {
             tracing::warn!(error = %e, "readiness: Redis");
         }
         if let Err(e) = &postgres {

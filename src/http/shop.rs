@@ -272,6 +272,7 @@ pub async fn reserve(
     let ticket = ctx.soldout.ticket();
     let decision = ctx.reservations.reserve(user.0, id).await?;
     metrics.decided(&decision.outcome);
+    metrics.replicated(decision.replication);
     if decision.outcome == Outcome::UnknownProduct {
         if Utc::now() >= info.ends_at {
             return Err(ApiError::Ended);

@@ -804,3 +804,98 @@ pub async fn await_orders(db: &DatabaseConnection, product: i64, expected: i64, 
         order_count(db, product).await
     );
 }
+
+/// A `redis-server` of one test; killed and its directory removed on drop.
+pub struct OwnRedis {
+    pub port: u16,
+    dir: std::path::PathBuf,
+    args: Vec<String>,
+    child: Option<std::process::Child>,
+}
+
+impl OwnRedis {
+    /// Starts `redis-server <args>` on a free port, in a directory of its own, and waits until
+    /// it answers.
+    pub async fn start(args: &[&str]) -> Self {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!(
+            "seckill-test-redis-{port}-{}",
+            uuid::Uuid::now_v7()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut redis = Self {
+            port,
+            dir,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            child: None,
+        };
+        redis.spawn().await;
+        redis
+    }
+
+    /// Runs the server (again: same port, same directory, same arguments).
+    pub async fn spawn(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &self.port.to_string(),
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(&self.dir)
+            .arg("--logfile")
+            .arg(self.dir.join("redis.log"))
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH");
+        self.child = Some(child);
+        let up = eventually(Duration::from_secs(20), || async {
+            self.cli(&["ping"]) == "PONG"
+        })
+        .await;
+        assert!(up, "redis-server on {} did not answer", self.port);
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// `redis-cli` against this server; its output, trimmed.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli on PATH");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// `kill -9`, then reaped.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Replicas this server sees online (as a primary).
+    pub fn online_replicas(&self) -> usize {
+        self.cli(&["info", "replication"])
+            .lines()
+            .filter(|l| l.starts_with("slave") && l.contains("state=online"))
+            .count()
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill9();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,6 +1,6 @@
 //! The HTTP API, black-box: every status and `code` of DESIGN.md, bodies and headers checked.
 
-use std::{process::Stdio, time::Duration};
+use std::time::Duration;
 
 use seckill::{
     domain::{ProductId, UserId},
@@ -9,7 +9,7 @@ use seckill::{
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    ADMIN_TOKEN, JWT_SECRET, TestApp, assert_problem, at, eventually, free_port, http_sale, jwt,
+    ADMIN_TOKEN, JWT_SECRET, OwnRedis, TestApp, assert_problem, at, eventually, http_sale, jwt,
     pg_count, purchase_token, sign,
 };
 
@@ -257,36 +257,15 @@ async fn orders_can_only_be_paid_or_cancelled_by_their_owner_while_open() {
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_unreachable_answers_503_unavailable() {
     // A private Redis for this test, so stopping it disturbs no one.
-    let port = free_port();
-    let mut redis = std::process::Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("redis-server");
-    let url = format!("redis://127.0.0.1:{port}");
-    let mut up = false;
-    for _ in 0..50 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(up, "private redis did not start");
+    let mut redis = OwnRedis::start(&["--appendonly", "no"]).await;
+    let url = redis.url();
     let app = TestApp::spawn_with(
         Role::Serve,
         &[
             ("SECKILL_REDIS_URL", url.as_str()),
             ("SECKILL_USER_RATE", "1000/1s"),
+            // What a Redis outage answers, whatever Redis keeps on disk.
+            ("SECKILL_REDIS_DURABILITY", "none"),
         ],
     )
     .await;
@@ -296,8 +275,7 @@ async fn redis_unreachable_answers_503_unavailable() {
     // An open order, so a cancel can be tried while Redis is down.
     let won: Value = api.buy(2, p).await.json().await.unwrap();
     let order = persist_as_worker(&app, 2, p, won["reservation_id"].as_str().unwrap(), 900).await;
-    redis.kill().unwrap();
-    redis.wait().unwrap();
+    redis.kill9();
     let started = std::time::Instant::now();
     let (_, body) = assert_problem(api.reserve(1, p, &token).await, 503, "unavailable").await;
     assert!(started.elapsed() < Duration::from_secs(10));

@@ -7,6 +7,7 @@ mod services;
 mod blackhole;
 mod cluster;
 mod dead_letter;
+mod durability;
 mod faults;
 mod health;
 mod http_api;
