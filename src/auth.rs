@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::{
@@ -37,7 +38,9 @@ struct PurchaseClaims {
 pub struct Auth {
     user_key: DecodingKey,
     user_validation: Validation,
-    admin_token: Vec<u8>,
+    /// SHA-256 of the operators' token: comparing digests takes the same time whatever the
+    /// length of the presented token.
+    admin_digest: [u8; 32],
     purchase_encoding: EncodingKey,
     purchase_decoding: DecodingKey,
     purchase_validation: Validation,
@@ -68,7 +71,7 @@ impl Auth {
         Self {
             user_key: DecodingKey::from_secret(secrets.jwt_secret.expose_secret().as_bytes()),
             user_validation,
-            admin_token: secrets.admin_token.expose_secret().as_bytes().to_vec(),
+            admin_digest: Sha256::digest(secrets.admin_token.expose_secret().as_bytes()).into(),
             purchase_encoding: EncodingKey::from_secret(token_secret),
             purchase_decoding: DecodingKey::from_secret(token_secret),
             purchase_validation,
@@ -84,9 +87,11 @@ impl Auth {
         UserId::try_from(data.claims.sub.as_str()).ok()
     }
 
-    /// Whether `token` is the operators' token (constant-time).
+    /// Whether `token` is the operators' token: fixed-length digests compared in constant
+    /// time, so neither the content nor the length of the real token leaks through timing.
     pub fn is_admin(&self, token: &str) -> bool {
-        bool::from(token.as_bytes().ct_eq(&self.admin_token))
+        let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        bool::from(presented.ct_eq(&self.admin_digest))
     }
 
     /// Issues a purchase token for `user` on `product`, expiring after the configured TTL.
@@ -283,5 +288,14 @@ mod tests {
         assert!(auth.is_admin("admin-token-0123456789"));
         assert!(!auth.is_admin("admin-token-012345678"));
         assert!(!auth.is_admin(""));
+        assert!(!auth.is_admin("admin-token-01234567890"));
+        assert!(!auth.is_admin("admin-token-0123456788"));
+        assert!(!auth.is_admin(&"admin-token-0123456789".repeat(100)));
+        assert!(!auth.is_admin("a"));
+        // Only fixed-length digests are kept and compared, never the token itself.
+        assert_eq!(
+            auth.admin_digest,
+            <[u8; 32]>::from(Sha256::digest(b"admin-token-0123456789"))
+        );
     }
 }
