@@ -79,6 +79,22 @@ impl Auth {
         }
     }
 
+    /// Requires shoppers' JWTs to carry this `aud` and/or `iss` (`None`: not checked).
+    pub fn with_user_claims(mut self, audience: Option<&str>, issuer: Option<&str>) -> Self {
+        let mut required = vec!["exp", "sub"];
+        if let Some(audience) = audience {
+            self.user_validation.set_audience(&[audience]);
+            self.user_validation.validate_aud = true;
+            required.push("aud");
+        }
+        if let Some(issuer) = issuer {
+            self.user_validation.set_issuer(&[issuer]);
+            required.push("iss");
+        }
+        self.user_validation.set_required_spec_claims(&required);
+        self
+    }
+
     /// The shopper a bearer JWT names, or `None` for anything not a valid, unexpired HS256
     /// token with a positive 64-bit `sub` (`alg: none`, other algorithms and keys included).
     pub fn user(&self, jwt: &str) -> Option<UserId> {
@@ -296,6 +312,75 @@ mod tests {
         assert_eq!(
             auth.admin_digest,
             <[u8; 32]>::from(Sha256::digest(b"admin-token-0123456789"))
+        );
+    }
+
+    #[test]
+    fn a_configured_audience_and_issuer_are_required() {
+        let key = "jwt-secret-0123456789";
+        let exp = now() + 60;
+        let user = Some(UserId::try_from(42_i64).unwrap());
+        let both = Auth::new(&secrets(), Duration::from_secs(60))
+            .with_user_claims(Some("shop"), Some("https://id.example"));
+        let right = json!({"sub": "42", "exp": exp, "aud": "shop", "iss": "https://id.example"});
+        assert_eq!(both.user(&jwt(right.clone(), key)), user);
+        let in_a_list =
+            json!({"sub": "42", "exp": exp, "aud": ["other", "shop"], "iss": "https://id.example"});
+        assert_eq!(both.user(&jwt(in_a_list, key)), user);
+        for (name, claims) in [
+            (
+                "no aud",
+                json!({"sub": "42", "exp": exp, "iss": "https://id.example"}),
+            ),
+            ("no iss", json!({"sub": "42", "exp": exp, "aud": "shop"})),
+            ("neither", json!({"sub": "42", "exp": exp})),
+            (
+                "other aud",
+                json!({"sub": "42", "exp": exp, "aud": "admin", "iss": "https://id.example"}),
+            ),
+            (
+                "other iss",
+                json!({"sub": "42", "exp": exp, "aud": "shop", "iss": "https://evil.example"}),
+            ),
+        ] {
+            assert_eq!(both.user(&jwt(claims, key)), None, "{name}");
+        }
+        let aud_only =
+            Auth::new(&secrets(), Duration::from_secs(60)).with_user_claims(Some("shop"), None);
+        assert_eq!(
+            aud_only.user(&jwt(json!({"sub": "42", "exp": exp, "aud": "shop"}), key)),
+            user
+        );
+        assert_eq!(
+            aud_only.user(&jwt(json!({"sub": "42", "exp": exp}), key)),
+            None
+        );
+        let iss_only = Auth::new(&secrets(), Duration::from_secs(60))
+            .with_user_claims(None, Some("https://id.example"));
+        assert_eq!(
+            iss_only.user(&jwt(
+                json!({"sub": "42", "exp": exp, "iss": "https://id.example"}),
+                key
+            )),
+            user
+        );
+        assert_eq!(
+            iss_only.user(&jwt(json!({"sub": "42", "exp": exp}), key)),
+            None
+        );
+        // Unset, neither claim is checked (as before).
+        let neither = Auth::new(&secrets(), Duration::from_secs(60)).with_user_claims(None, None);
+        assert_eq!(neither.user(&jwt(right, key)), user);
+        assert_eq!(
+            neither.user(&jwt(
+                json!({"sub": "42", "exp": exp, "aud": "x", "iss": "y"}),
+                key
+            )),
+            user
+        );
+        assert_eq!(
+            neither.user(&jwt(json!({"sub": "42", "exp": exp}), key)),
+            user
         );
     }
 }

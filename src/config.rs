@@ -31,6 +31,8 @@ const KNOWN: &[&str] = &[
     "SECKILL_JWT_SECRET",
     "SECKILL_ADMIN_TOKEN",
     "SECKILL_TOKEN_SECRET",
+    "SECKILL_JWT_AUDIENCE",
+    "SECKILL_JWT_ISSUER",
     "SECKILL_PAYMENT_TIMEOUT_SECS",
     "SECKILL_PURCHASE_TOKEN_TTL_SECS",
     "SECKILL_USER_RATE",
@@ -234,6 +236,10 @@ pub struct Settings {
     pub amqp_queue: String,
     /// When a win is durable before its `202`.
     pub redis_durability: Durability,
+    /// When set, shoppers' JWTs must carry this `aud` (unset: `aud` is not checked).
+    pub jwt_audience: Option<String>,
+    /// When set, shoppers' JWTs must carry this `iss` (unset: `iss` is not checked).
+    pub jwt_issuer: Option<String>,
     /// `None` when unset (and not in development mode): `serve`/`all` refuse to start.
     secrets: Result<Secrets, ConfigError>,
     /// An unpaid order expires after this and its unit returns to stock.
@@ -413,6 +419,8 @@ impl Settings {
             amqp_url,
             amqp_queue,
             redis_durability: env.parse("SECKILL_REDIS_DURABILITY", "fsync")?,
+            jwt_audience: env.optional("SECKILL_JWT_AUDIENCE")?,
+            jwt_issuer: env.optional("SECKILL_JWT_ISSUER")?,
             secrets,
             payment_timeout: Duration::from_secs(env.ranged(
                 "SECKILL_PAYMENT_TIMEOUT_SECS",
@@ -509,6 +517,18 @@ impl Env<'_> {
             ));
         }
         Ok(value)
+    }
+
+    /// An optional, non-empty string (unset is `None`).
+    fn optional(&self, var: &str) -> Result<Option<String>, ConfigError> {
+        match self.0.get(var) {
+            None => Ok(None),
+            Some(v) if v.trim().is_empty() => Err(ConfigError::new(
+                var,
+                "must not be empty (unset it to not check the claim)",
+            )),
+            Some(v) => Ok(Some(v.clone())),
+        }
     }
 
     fn flag(&self, var: &str) -> Result<bool, ConfigError> {
@@ -781,5 +801,22 @@ mod tests {
             err.to_string(),
             "SECKILL_TOKEN_SECRET: must differ from SECKILL_JWT_SECRET"
         );
+    }
+
+    #[test]
+    fn jwt_audience_and_issuer_are_optional() {
+        let s = Settings::from_vars(vars(&[])).unwrap();
+        assert_eq!((s.jwt_audience, s.jwt_issuer), (None, None));
+        let s = Settings::from_vars(vars(&[
+            ("SECKILL_JWT_AUDIENCE", "seckill-shop"),
+            ("SECKILL_JWT_ISSUER", "https://id.example"),
+        ]))
+        .unwrap();
+        assert_eq!(s.jwt_audience.as_deref(), Some("seckill-shop"));
+        assert_eq!(s.jwt_issuer.as_deref(), Some("https://id.example"));
+        for var in ["SECKILL_JWT_AUDIENCE", "SECKILL_JWT_ISSUER"] {
+            let err = Settings::from_vars(vars(&[(var, " ")])).err().unwrap();
+            assert_eq!(err.var, var);
+        }
     }
 }

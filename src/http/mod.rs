@@ -81,7 +81,10 @@ impl Ctx {
         ));
         Ok(Self {
             recovery,
-            auth: Auth::new(settings.secrets()?, settings.purchase_token_ttl),
+            auth: Auth::new(settings.secrets()?, settings.purchase_token_ttl).with_user_claims(
+                settings.jwt_audience.as_deref(),
+                settings.jwt_issuer.as_deref(),
+            ),
             reservations,
             products: ProductCache::default(),
             soldout,
