@@ -203,7 +203,7 @@ impl FromStr for Durability {
 }
 
 /// Where Redis is and how keys are named.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RedisSettings {
     /// `redis://host:port` or `redis-cluster://host:port,host:port,...`.
     pub url: String,
@@ -211,6 +211,40 @@ pub struct RedisSettings {
     pub cluster: bool,
     /// Every key starts with this (tests isolate by it).
     pub prefix: String,
+}
+
+impl RedisSettings {
+    /// The URL with its password replaced by `***`: the only form that may reach a log or an
+    /// error message.
+    pub fn redacted_url(&self) -> String {
+        redact_url(&self.url)
+    }
+}
+
+impl fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("url", &self.redacted_url())
+            .field("cluster", &self.cluster)
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+/// `scheme://user:secret@host...` → `scheme://user:***@host...`. Userinfo without a `:` may
+/// be a bare password (see `redis::fred_config`), so it becomes `***` whole; the last `@` ends
+/// the userinfo, as when the URL is parsed, so a password containing `@` is hidden whole too.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, hosts)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{hosts}"),
+        None => format!("{scheme}://***@{hosts}"),
+    }
 }
 
 /// Secrets the HTTP API needs; present unless the variable was unset (checked per command).
@@ -818,5 +852,33 @@ mod tests {
             let err = Settings::from_vars(vars(&[(var, " ")])).err().unwrap();
             assert_eq!(err.var, var);
         }
+    }
+
+    #[test]
+    fn redis_passwords_are_redacted() {
+        for (url, want) in [
+            (
+                "redis://user:secret@host:6379",
+                "redis://user:***@host:6379",
+            ),
+            ("redis://:secret@host:6379/0", "redis://:***@host:6379/0"),
+            ("redis://secret@host", "redis://***@host"),
+            ("redis://u:p@ss:w@rd@host:1", "redis://u:***@host:1"),
+            (
+                "redis-cluster://admin:hunter2@a:7000,b:7001",
+                "redis-cluster://admin:***@a:7000,b:7001",
+            ),
+            ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(redact_url(url), want, "{url}");
+        }
+        let s = Settings::from_vars(vars(&[(
+            "SECKILL_REDIS_URL",
+            "redis://user:hunter2@127.0.0.1:6379",
+        )]))
+        .unwrap();
+        assert!(!format!("{s:?}").contains("hunter2"), "{s:?}");
+        assert!(format!("{:?}", s.redis).contains("redis://user:***@127.0.0.1:6379"));
     }
 }
