@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::{
@@ -37,7 +38,9 @@ struct PurchaseClaims {
 pub struct Auth {
     user_key: DecodingKey,
     user_validation: Validation,
-    admin_token: Vec<u8>,
+    /// SHA-256 of the operators' token: comparing digests takes the same time whatever the
+    /// length of the presented token.
+    admin_digest: [u8; 32],
     purchase_encoding: EncodingKey,
     purchase_decoding: DecodingKey,
     purchase_validation: Validation,
@@ -68,12 +71,28 @@ impl Auth {
         Self {
             user_key: DecodingKey::from_secret(secrets.jwt_secret.expose_secret().as_bytes()),
             user_validation,
-            admin_token: secrets.admin_token.expose_secret().as_bytes().to_vec(),
+            admin_digest: Sha256::digest(secrets.admin_token.expose_secret().as_bytes()).into(),
             purchase_encoding: EncodingKey::from_secret(token_secret),
             purchase_decoding: DecodingKey::from_secret(token_secret),
             purchase_validation,
             purchase_ttl,
         }
+    }
+
+    /// Requires shoppers' JWTs to carry this `aud` and/or `iss` (`None`: not checked).
+    pub fn with_user_claims(mut self, audience: Option<&str>, issuer: Option<&str>) -> Self {
+        let mut required = vec!["exp", "sub"];
+        if let Some(audience) = audience {
+            self.user_validation.set_audience(&[audience]);
+            self.user_validation.validate_aud = true;
+            required.push("aud");
+        }
+        if let Some(issuer) = issuer {
+            self.user_validation.set_issuer(&[issuer]);
+            required.push("iss");
+        }
+        self.user_validation.set_required_spec_claims(&required);
+        self
     }
 
     /// The shopper a bearer JWT names, or `None` for anything not a valid, unexpired HS256
@@ -84,9 +103,11 @@ impl Auth {
         UserId::try_from(data.claims.sub.as_str()).ok()
     }
 
-    /// Whether `token` is the operators' token (constant-time).
+    /// Whether `token` is the operators' token: fixed-length digests compared in constant
+    /// time, so neither the content nor the length of the real token leaks through timing.
     pub fn is_admin(&self, token: &str) -> bool {
-        bool::from(token.as_bytes().ct_eq(&self.admin_token))
+        let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        bool::from(presented.ct_eq(&self.admin_digest))
     }
 
     /// Issues a purchase token for `user` on `product`, expiring after the configured TTL.
@@ -283,5 +304,83 @@ mod tests {
         assert!(auth.is_admin("admin-token-0123456789"));
         assert!(!auth.is_admin("admin-token-012345678"));
         assert!(!auth.is_admin(""));
+        assert!(!auth.is_admin("admin-token-01234567890"));
+        assert!(!auth.is_admin("admin-token-0123456788"));
+        assert!(!auth.is_admin(&"admin-token-0123456789".repeat(100)));
+        assert!(!auth.is_admin("a"));
+        // Only fixed-length digests are kept and compared, never the token itself.
+        assert_eq!(
+            auth.admin_digest,
+            <[u8; 32]>::from(Sha256::digest(b"admin-token-0123456789"))
+        );
+    }
+
+    #[test]
+    fn a_configured_audience_and_issuer_are_required() {
+        let key = "jwt-secret-0123456789";
+        let exp = now() + 60;
+        let user = Some(UserId::try_from(42_i64).unwrap());
+        let both = Auth::new(&secrets(), Duration::from_secs(60))
+            .with_user_claims(Some("shop"), Some("https://id.example"));
+        let right = json!({"sub": "42", "exp": exp, "aud": "shop", "iss": "https://id.example"});
+        assert_eq!(both.user(&jwt(right.clone(), key)), user);
+        let in_a_list =
+            json!({"sub": "42", "exp": exp, "aud": ["other", "shop"], "iss": "https://id.example"});
+        assert_eq!(both.user(&jwt(in_a_list, key)), user);
+        for (name, claims) in [
+            (
+                "no aud",
+                json!({"sub": "42", "exp": exp, "iss": "https://id.example"}),
+            ),
+            ("no iss", json!({"sub": "42", "exp": exp, "aud": "shop"})),
+            ("neither", json!({"sub": "42", "exp": exp})),
+            (
+                "other aud",
+                json!({"sub": "42", "exp": exp, "aud": "admin", "iss": "https://id.example"}),
+            ),
+            (
+                "other iss",
+                json!({"sub": "42", "exp": exp, "aud": "shop", "iss": "https://evil.example"}),
+            ),
+        ] {
+            assert_eq!(both.user(&jwt(claims, key)), None, "{name}");
+        }
+        let aud_only =
+            Auth::new(&secrets(), Duration::from_secs(60)).with_user_claims(Some("shop"), None);
+        assert_eq!(
+            aud_only.user(&jwt(json!({"sub": "42", "exp": exp, "aud": "shop"}), key)),
+            user
+        );
+        assert_eq!(
+            aud_only.user(&jwt(json!({"sub": "42", "exp": exp}), key)),
+            None
+        );
+        let iss_only = Auth::new(&secrets(), Duration::from_secs(60))
+            .with_user_claims(None, Some("https://id.example"));
+        assert_eq!(
+            iss_only.user(&jwt(
+                json!({"sub": "42", "exp": exp, "iss": "https://id.example"}),
+                key
+            )),
+            user
+        );
+        assert_eq!(
+            iss_only.user(&jwt(json!({"sub": "42", "exp": exp}), key)),
+            None
+        );
+        // Unset, neither claim is checked (as before).
+        let neither = Auth::new(&secrets(), Duration::from_secs(60)).with_user_claims(None, None);
+        assert_eq!(neither.user(&jwt(right, key)), user);
+        assert_eq!(
+            neither.user(&jwt(
+                json!({"sub": "42", "exp": exp, "aud": "x", "iss": "y"}),
+                key
+            )),
+            user
+        );
+        assert_eq!(
+            neither.user(&jwt(json!({"sub": "42", "exp": exp}), key)),
+            user
+        );
     }
 }

@@ -83,6 +83,12 @@ pub fn run(cli: Cli) -> ExitCode {
         tracing::warn!(
             "SECKILL_DEV=1: using fixed DEVELOPMENT secrets for any of SECKILL_JWT_SECRET, SECKILL_ADMIN_TOKEN, SECKILL_TOKEN_SECRET left unset — never run like this in production"
         );
+        for var in settings.dev_secrets_filled() {
+            tracing::warn!(
+                variable = var,
+                "SECKILL_DEV=1: {var} is unset, using its fixed DEVELOPMENT value"
+            );
+        }
     }
     let runtime = match runtime() {
         Ok(rt) => rt,

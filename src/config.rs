@@ -8,12 +8,14 @@ use std::{
     time::Duration,
 };
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
-/// Development secrets used only with `SECKILL_DEV=1` (and loudly logged as such).
+/// Development secrets used only with `SECKILL_DEV=1` (and loudly logged as such). They are
+/// public, so outside development mode they are refused as values.
 const DEV_JWT_SECRET: &str = "seckill-dev-jwt-secret-do-not-use-in-production";
 const DEV_ADMIN_TOKEN: &str = "seckill-dev-admin-token";
 const DEV_TOKEN_SECRET: &str = "seckill-dev-purchase-token-secret";
+const DEV_SECRETS: &[&str] = &[DEV_JWT_SECRET, DEV_ADMIN_TOKEN, DEV_TOKEN_SECRET];
 
 /// Every variable this service reads. Any other `SECKILL_*` variable is rejected as a typo.
 const KNOWN: &[&str] = &[
@@ -29,6 +31,8 @@ const KNOWN: &[&str] = &[
     "SECKILL_JWT_SECRET",
     "SECKILL_ADMIN_TOKEN",
     "SECKILL_TOKEN_SECRET",
+    "SECKILL_JWT_AUDIENCE",
+    "SECKILL_JWT_ISSUER",
     "SECKILL_PAYMENT_TIMEOUT_SECS",
     "SECKILL_PURCHASE_TOKEN_TTL_SECS",
     "SECKILL_USER_RATE",
@@ -199,7 +203,7 @@ impl FromStr for Durability {
 }
 
 /// Where Redis is and how keys are named.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RedisSettings {
     /// `redis://host:port` or `redis-cluster://host:port,host:port,...`.
     pub url: String,
@@ -207,6 +211,40 @@ pub struct RedisSettings {
     pub cluster: bool,
     /// Every key starts with this (tests isolate by it).
     pub prefix: String,
+}
+
+impl RedisSettings {
+    /// The URL with its password replaced by `***`: the only form that may reach a log or an
+    /// error message.
+    pub fn redacted_url(&self) -> String {
+        redact_url(&self.url)
+    }
+}
+
+impl fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("url", &self.redacted_url())
+            .field("cluster", &self.cluster)
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+/// `scheme://user:secret@host...` → `scheme://user:***@host...`. Userinfo without a `:` may
+/// be a bare password (see `redis::fred_config`), so it becomes `***` whole; the last `@` ends
+/// the userinfo, as when the URL is parsed, so a password containing `@` is hidden whole too.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, hosts)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{hosts}"),
+        None => format!("{scheme}://***@{hosts}"),
+    }
 }
 
 /// Secrets the HTTP API needs; present unless the variable was unset (checked per command).
@@ -232,6 +270,10 @@ pub struct Settings {
     pub amqp_queue: String,
     /// When a win is durable before its `202`.
     pub redis_durability: Durability,
+    /// When set, shoppers' JWTs must carry this `aud` (unset: `aud` is not checked).
+    pub jwt_audience: Option<String>,
+    /// When set, shoppers' JWTs must carry this `iss` (unset: `iss` is not checked).
+    pub jwt_issuer: Option<String>,
     /// `None` when unset (and not in development mode): `serve`/`all` refuse to start.
     secrets: Result<Secrets, ConfigError>,
     /// An unpaid order expires after this and its unit returns to stock.
@@ -258,8 +300,11 @@ pub struct Settings {
     pub relay_claim_idle: Duration,
     /// Log format: JSON unless `pretty` (the default in development).
     pub log_pretty: bool,
-    /// `SECKILL_DEV=1`: fixed development secrets.
+    /// `SECKILL_DEV=1`: fixed development secrets, loopback listeners only.
     pub dev: bool,
+    /// The secret variables development mode filled in because they were unset (each is
+    /// logged at start).
+    dev_filled: Vec<&'static str>,
 }
 
 impl fmt::Debug for Settings {
@@ -338,12 +383,35 @@ impl Settings {
             ));
         }
 
+        let mut dev_filled = Vec::new();
         let secrets = (|| {
-            Ok(Secrets {
-                jwt_secret: env.secret("SECKILL_JWT_SECRET", dev, DEV_JWT_SECRET)?,
-                admin_token: env.secret("SECKILL_ADMIN_TOKEN", dev, DEV_ADMIN_TOKEN)?,
-                token_secret: env.secret("SECKILL_TOKEN_SECRET", dev, DEV_TOKEN_SECRET)?,
-            })
+            let secrets = Secrets {
+                jwt_secret: env.secret(
+                    "SECKILL_JWT_SECRET",
+                    dev,
+                    DEV_JWT_SECRET,
+                    &mut dev_filled,
+                )?,
+                admin_token: env.secret(
+                    "SECKILL_ADMIN_TOKEN",
+                    dev,
+                    DEV_ADMIN_TOKEN,
+                    &mut dev_filled,
+                )?,
+                token_secret: env.secret(
+                    "SECKILL_TOKEN_SECRET",
+                    dev,
+                    DEV_TOKEN_SECRET,
+                    &mut dev_filled,
+                )?,
+            };
+            if secrets.token_secret.expose_secret() == secrets.jwt_secret.expose_secret() {
+                return Err(ConfigError::new(
+                    "SECKILL_TOKEN_SECRET",
+                    "must differ from SECKILL_JWT_SECRET",
+                ));
+            }
+            Ok(secrets)
         })();
 
         let trusted_proxies = match vars.get("SECKILL_TRUSTED_PROXIES") {
@@ -370,9 +438,12 @@ impl Settings {
             }
         };
 
+        let http_addr = env.listener("SECKILL_HTTP_ADDR", "127.0.0.1:8080", dev)?;
+        let admin_addr = env.listener("SECKILL_ADMIN_ADDR", "127.0.0.1:8081", dev)?;
+
         Ok(Settings {
-            http_addr: env.parse("SECKILL_HTTP_ADDR", "127.0.0.1:8080")?,
-            admin_addr: env.parse("SECKILL_ADMIN_ADDR", "127.0.0.1:8081")?,
+            http_addr,
+            admin_addr,
             redis: RedisSettings {
                 url: redis_url,
                 cluster,
@@ -382,6 +453,8 @@ impl Settings {
             amqp_url,
             amqp_queue,
             redis_durability: env.parse("SECKILL_REDIS_DURABILITY", "fsync")?,
+            jwt_audience: env.optional("SECKILL_JWT_AUDIENCE")?,
+            jwt_issuer: env.optional("SECKILL_JWT_ISSUER")?,
             secrets,
             payment_timeout: Duration::from_secs(env.ranged(
                 "SECKILL_PAYMENT_TIMEOUT_SECS",
@@ -428,7 +501,13 @@ impl Settings {
             )?),
             log_pretty,
             dev,
+            dev_filled,
         })
+    }
+
+    /// The secret variables development mode filled in with its fixed values (to be logged).
+    pub fn dev_secrets_filled(&self) -> &[&'static str] {
+        &self.dev_filled
     }
 
     /// The secrets, or the error naming the first one missing.
@@ -474,6 +553,18 @@ impl Env<'_> {
         Ok(value)
     }
 
+    /// An optional, non-empty string (unset is `None`).
+    fn optional(&self, var: &str) -> Result<Option<String>, ConfigError> {
+        match self.0.get(var) {
+            None => Ok(None),
+            Some(v) if v.trim().is_empty() => Err(ConfigError::new(
+                var,
+                "must not be empty (unset it to not check the claim)",
+            )),
+            Some(v) => Ok(Some(v.clone())),
+        }
+    }
+
     fn flag(&self, var: &str) -> Result<bool, ConfigError> {
         match self.0.get(var).map(|s| s.trim()) {
             None | Some("") | Some("0") | Some("false") => Ok(false),
@@ -485,11 +576,38 @@ impl Env<'_> {
         }
     }
 
-    fn secret(&self, var: &str, dev: bool, dev_value: &str) -> Result<SecretString, ConfigError> {
+    /// A listener address; in development mode it must be a loopback address.
+    fn listener(&self, var: &str, default: &str, dev: bool) -> Result<SocketAddr, ConfigError> {
+        let addr: SocketAddr = self.parse(var, default)?;
+        if dev && !addr.ip().is_loopback() {
+            return Err(ConfigError::new(
+                var,
+                format!("{addr} is not a loopback address; SECKILL_DEV=1 listens on loopback only"),
+            ));
+        }
+        Ok(addr)
+    }
+
+    /// A secret of at least 16 characters. Unset, development mode fills in `dev_value` and
+    /// records `var` in `filled`; outside it, the public development values are refused.
+    fn secret(
+        &self,
+        var: &'static str,
+        dev: bool,
+        dev_value: &str,
+        filled: &mut Vec<&'static str>,
+    ) -> Result<SecretString, ConfigError> {
         match self.0.get(var) {
+            Some(v) if !dev && DEV_SECRETS.contains(&v.as_str()) => Err(ConfigError::new(
+                var,
+                "is a public development secret; set a secret of your own",
+            )),
             Some(v) if v.len() >= 16 => Ok(SecretString::from(v.clone())),
             Some(_) => Err(ConfigError::new(var, "must be at least 16 characters")),
-            None if dev => Ok(SecretString::from(dev_value.to_owned())),
+            None if dev => {
+                filled.push(var);
+                Ok(SecretString::from(dev_value.to_owned()))
+            }
             None => Err(ConfigError::new(
                 var,
                 "required (set it, or SECKILL_DEV=1 for development secrets)",
@@ -628,5 +746,139 @@ mod tests {
         let one: IpNet = "127.0.0.1".parse().unwrap();
         assert!(one.contains("::ffff:127.0.0.1".parse().unwrap()));
         assert!(!one.contains("127.0.0.2".parse().unwrap()));
+    }
+
+    const OWN: [(&str, &str); 3] = [
+        ("SECKILL_JWT_SECRET", "own-jwt-secret-0123456789"),
+        ("SECKILL_ADMIN_TOKEN", "own-admin-token-0123456789"),
+        ("SECKILL_TOKEN_SECRET", "own-token-secret-0123456789"),
+    ];
+
+    #[test]
+    fn development_mode_listens_on_loopback_only() {
+        for var in ["SECKILL_HTTP_ADDR", "SECKILL_ADMIN_ADDR"] {
+            for addr in ["0.0.0.0:8080", "10.1.2.3:8080", "[::]:8080"] {
+                let err = Settings::from_vars(vars(&[("SECKILL_DEV", "1"), (var, addr)]))
+                    .err()
+                    .unwrap();
+                assert_eq!(err.var, var, "{addr}");
+                assert!(err.to_string().contains("loopback"), "{err}");
+                // Outside development mode the same address is fine.
+                assert!(Settings::from_vars(vars(&[(var, addr)])).is_ok(), "{addr}");
+            }
+            for addr in ["127.0.0.1:0", "127.5.5.5:8080", "[::1]:8080"] {
+                let s = Settings::from_vars(vars(&[("SECKILL_DEV", "1"), (var, addr)]));
+                assert!(s.is_ok(), "{var}={addr}");
+            }
+        }
+    }
+
+    #[test]
+    fn development_mode_fills_in_only_the_unset_secrets_and_says_which() {
+        let s = Settings::from_vars(vars(&[("SECKILL_DEV", "1")])).unwrap();
+        assert_eq!(
+            s.dev_secrets_filled(),
+            [
+                "SECKILL_JWT_SECRET",
+                "SECKILL_ADMIN_TOKEN",
+                "SECKILL_TOKEN_SECRET"
+            ]
+        );
+        let s = Settings::from_vars(vars(&[("SECKILL_DEV", "1"), OWN[1]])).unwrap();
+        assert_eq!(
+            s.dev_secrets_filled(),
+            ["SECKILL_JWT_SECRET", "SECKILL_TOKEN_SECRET"]
+        );
+        let secrets = s.secrets().unwrap();
+        assert_eq!(secrets.admin_token.expose_secret(), OWN[1].1);
+        assert_eq!(secrets.jwt_secret.expose_secret(), DEV_JWT_SECRET);
+        let mut all = OWN.to_vec();
+        all.push(("SECKILL_DEV", "1"));
+        let s = Settings::from_vars(vars(&all)).unwrap();
+        assert!(s.dev_secrets_filled().is_empty());
+        let s = Settings::from_vars(vars(&OWN)).unwrap();
+        assert!(s.dev_secrets_filled().is_empty());
+        assert!(s.secrets().is_ok());
+    }
+
+    #[test]
+    fn development_secrets_are_refused_outside_development_mode() {
+        for (i, (var, _)) in OWN.iter().enumerate() {
+            for dev_value in DEV_SECRETS {
+                let mut set = OWN.to_vec();
+                set[i] = (var, dev_value);
+                let s = Settings::from_vars(vars(&set)).unwrap();
+                let err = s.secrets().err().unwrap();
+                assert_eq!(err.var, *var, "{dev_value}");
+                assert_eq!(
+                    err.to_string(),
+                    format!("{var}: is a public development secret; set a secret of your own")
+                );
+                set.push(("SECKILL_DEV", "1"));
+                let s = Settings::from_vars(vars(&set)).unwrap();
+                assert!(s.secrets().is_ok(), "{var}={dev_value} in development");
+            }
+        }
+    }
+
+    #[test]
+    fn the_purchase_token_secret_must_differ_from_the_jwt_secret() {
+        let same = "the-same-secret-0123456789";
+        let s = Settings::from_vars(vars(&[
+            ("SECKILL_JWT_SECRET", same),
+            OWN[1],
+            ("SECKILL_TOKEN_SECRET", same),
+        ]))
+        .unwrap();
+        let err = s.secrets().err().unwrap();
+        assert_eq!(
+            err.to_string(),
+            "SECKILL_TOKEN_SECRET: must differ from SECKILL_JWT_SECRET"
+        );
+    }
+
+    #[test]
+    fn jwt_audience_and_issuer_are_optional() {
+        let s = Settings::from_vars(vars(&[])).unwrap();
+        assert_eq!((s.jwt_audience, s.jwt_issuer), (None, None));
+        let s = Settings::from_vars(vars(&[
+            ("SECKILL_JWT_AUDIENCE", "seckill-shop"),
+            ("SECKILL_JWT_ISSUER", "https://id.example"),
+        ]))
+        .unwrap();
+        assert_eq!(s.jwt_audience.as_deref(), Some("seckill-shop"));
+        assert_eq!(s.jwt_issuer.as_deref(), Some("https://id.example"));
+        for var in ["SECKILL_JWT_AUDIENCE", "SECKILL_JWT_ISSUER"] {
+            let err = Settings::from_vars(vars(&[(var, " ")])).err().unwrap();
+            assert_eq!(err.var, var);
+        }
+    }
+
+    #[test]
+    fn redis_passwords_are_redacted() {
+        for (url, want) in [
+            (
+                "redis://user:secret@host:6379",
+                "redis://user:***@host:6379",
+            ),
+            ("redis://:secret@host:6379/0", "redis://:***@host:6379/0"),
+            ("redis://secret@host", "redis://***@host"),
+            ("redis://u:p@ss:w@rd@host:1", "redis://u:***@host:1"),
+            (
+                "redis-cluster://admin:hunter2@a:7000,b:7001",
+                "redis-cluster://admin:***@a:7000,b:7001",
+            ),
+            ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(redact_url(url), want, "{url}");
+        }
+        let s = Settings::from_vars(vars(&[(
+            "SECKILL_REDIS_URL",
+            "redis://user:hunter2@127.0.0.1:6379",
+        )]))
+        .unwrap();
+        assert!(!format!("{s:?}").contains("hunter2"), "{s:?}");
+        assert!(format!("{:?}", s.redis).contains("redis://user:***@127.0.0.1:6379"));
     }
 }

@@ -83,7 +83,10 @@ async fn until_connected(
     let deadline = tokio::time::Instant::now() + wait;
     while !connected() {
         if tokio::time::Instant::now() >= deadline {
-            anyhow::bail!("Redis at {} did not answer within {wait:?}", settings.url);
+            anyhow::bail!(
+                "Redis at {} did not answer within {wait:?}",
+                settings.redacted_url()
+            );
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -157,5 +160,17 @@ mod tests {
         }
         let c = fred_config(&settings("redis://127.0.0.1:6379", false)).unwrap();
         assert!(matches!(c.server, ServerConfig::Centralized { .. }));
+    }
+
+    #[tokio::test]
+    async fn a_redis_that_does_not_answer_is_named_without_its_password() {
+        let s = settings("redis://user:hunter2@10.9.9.9:6379", false);
+        let err = until_connected(|| false, &s, Duration::ZERO)
+            .await
+            .err()
+            .unwrap();
+        let line = format!("{err:#}");
+        assert!(!line.contains("hunter2"), "{line}");
+        assert!(line.contains("redis://user:***@10.9.9.9:6379"), "{line}");
     }
 }

@@ -19,7 +19,7 @@ use actix_web::{
     App, HttpResponse, HttpServer, ResponseError,
     body::MessageBody,
     dev::{Server, ServiceRequest, ServiceResponse},
-    http::header,
+    http::{Method, header},
     middleware::{Next, from_fn},
     web,
 };
@@ -81,7 +81,10 @@ impl Ctx {
         ));
         Ok(Self {
             recovery,
-            auth: Auth::new(settings.secrets()?, settings.purchase_token_ttl),
+            auth: Auth::new(settings.secrets()?, settings.purchase_token_ttl).with_user_claims(
+                settings.jwt_audience.as_deref(),
+                settings.jwt_issuer.as_deref(),
+            ),
             reservations,
             products: ProductCache::default(),
             soldout,
@@ -147,7 +150,7 @@ async fn record_metrics(
     let metrics = req
         .app_data::<web::Data<Ctx>>()
         .map(|c| c.deps.metrics.clone());
-    let method = req.method().clone();
+    let method = method_label(req.method());
     let res = next.call(req).await?;
     if let Some(m) = metrics {
         let route = res
@@ -155,13 +158,28 @@ async fn record_metrics(
             .match_pattern()
             .unwrap_or_else(|| "unmatched".into());
         m.http_requests
-            .with_label_values(&[route.as_str(), method.as_str(), res.status().as_str()])
+            .with_label_values(&[route.as_str(), method, res.status().as_str()])
             .inc();
         m.http_latency
             .with_label_values(&[route.as_str()])
             .observe(started.elapsed().as_secs_f64());
     }
     Ok(res)
+}
+
+/// The `method` label: one of a fixed set, so a client cannot mint label values (any
+/// extension method, `FOO` or a 64-character token, is `other`).
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
 }
 
 /// Per client IP, in process (`SECKILL_IP_RATE`); health checks are exempt.
@@ -322,6 +340,18 @@ mod tests {
             if burst < 5_000 {
                 assert_eq!(allowed as u32, burst, "{rate}");
             }
+        }
+    }
+
+    #[test]
+    fn method_labels_are_a_fixed_set() {
+        for known in ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"] {
+            let method = Method::from_bytes(known.as_bytes()).unwrap();
+            assert_eq!(method_label(&method), known);
+        }
+        for made_up in ["BREW", "get", "CONNECT", "TRACE", "X-0123456789abcdef"] {
+            let method = Method::from_bytes(made_up.as_bytes()).unwrap();
+            assert_eq!(method_label(&method), "other", "{made_up}");
         }
     }
 }

@@ -519,6 +519,47 @@ async fn metrics_count_decisions_and_requests_by_route() {
     app.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn made_up_methods_are_counted_as_other() {
+    let app = TestApp::spawn_with(Role::Serve, &generous()).await;
+    let api = &app.api;
+    for made_up in ["BREW", "XYZZY", "PROPFIND-0123456789"] {
+        let method = reqwest::Method::from_bytes(made_up.as_bytes()).unwrap();
+        let res = api
+            .client
+            .request(method, format!("{}/healthz", api.http))
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            res.status().is_client_error(),
+            "{made_up}: {}",
+            res.status()
+        );
+    }
+    let text = api.get_admin("/metrics").await.text().await.unwrap();
+    let methods: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("seckill_http_requests_total{"))
+        .filter_map(|l| l.split("method=\"").nth(1)?.split('"').next())
+        .collect();
+    assert!(methods.contains("other"), "{text}");
+    for made_up in ["BREW", "XYZZY", "PROPFIND-0123456789"] {
+        assert!(
+            !text.contains(made_up),
+            "{made_up} leaked into a label: {text}"
+        );
+    }
+    assert!(
+        methods.iter().all(|m| [
+            "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "other"
+        ]
+        .contains(m)),
+        "{methods:?}"
+    );
+    app.stop().await;
+}
+
 /// Persists a won reservation as the worker would (order row + `sold`), returning the order id.
 async fn persist_as_worker(
     app: &TestApp,

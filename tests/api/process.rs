@@ -66,6 +66,23 @@ fn a_bad_value_fails_with_one_line_naming_the_variable() {
 }
 
 #[test]
+fn development_mode_on_a_public_address_exits_2_naming_the_variable() {
+    let out = seckill_command()
+        .arg("serve")
+        .env("SECKILL_DEV", "1")
+        .env("SECKILL_HTTP_ADDR", "0.0.0.0:0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("SECKILL_HTTP_ADDR: 0.0.0.0:0 is not a loopback address"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn help_explains_every_subcommand() {
     let out = seckill_command().arg("--help").output().unwrap();
     let text = String::from_utf8(out.stdout).unwrap();
