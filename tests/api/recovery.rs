@@ -189,7 +189,7 @@ async fn forced_preheats_racing_the_sweeper_return_each_expired_unit_exactly_onc
         })
         .await
     );
-    // Half are paid (they keep their units); the other half expire 8 s after they were made,
+    // About half are paid (they keep their units); the rest expire 8 s after they were made,
     // and the sweeper returns their units one by one while forced preheats keep rebuilding.
     let paid = pg_count(
         &app.db,
@@ -201,7 +201,9 @@ async fn forced_preheats_racing_the_sweeper_return_each_expired_unit_exactly_onc
         ),
     )
     .await;
-    assert_eq!(paid, 500);
+    // On a slow machine a few may have expired already: they are returned like the rest.
+    assert!(paid > 0, "some orders are still open to pay");
+    let expiring = 1_000 - paid;
     let unreleased = format!(
         "select count(*) from orders where product_id = {product} and (status = 'pending_payment' or released_at is null and status = 'expired')"
     );
@@ -231,12 +233,12 @@ async fn forced_preheats_racing_the_sweeper_return_each_expired_unit_exactly_onc
         }
     }
     assert!(rebuilds > 0, "rebuilds {rebuilds}, refused {busy}");
-    // Exactly the 500 expired units are back on sale: none lost, none counted twice.
-    assert_eq!(r.remaining(p).await.unwrap(), Some(500));
+    // Exactly the expired units are back on sale: none lost, none counted twice.
+    assert_eq!(r.remaining(p).await.unwrap(), Some(expiring));
     let released: i64 =
         fred::prelude::SetsInterface::scard(&app.redis, app.keys().product(p).released)
             .await
             .unwrap();
-    assert_eq!(released, 500);
+    assert_eq!(released, expiring);
     app.stop().await;
 }
