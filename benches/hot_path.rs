@@ -26,8 +26,6 @@ use seckill::{
     config::{Secrets, Settings},
     deps::Deps,
     domain::{ProductId, UserId},
-    durability::ReadyCheck,
-    events::Events,
     http::{Ctx, configure_public},
     keys::Keys,
     metrics::Metrics,
@@ -152,15 +150,13 @@ fn bench_handler(c: &mut Criterion) {
     });
     // The handlers' context, as the app wires it, over the bench's own pools.
     let deps = rt.block_on(async {
-        Deps {
-            settings: Arc::new(settings.clone()),
-            redis: redis.clone(),
-            db: db.clone(),
-            broker: Broker::start(&settings.amqp_url, shutdown.child_token()),
-            metrics: Arc::new(Metrics::new().expect("metrics")),
-            events: Events::new(),
-            durability: ReadyCheck::new(settings.redis_durability),
-        }
+        Deps::assemble(
+            Arc::new(settings.clone()),
+            redis.clone(),
+            db.clone(),
+            Broker::start(&settings.amqp_url, shutdown.child_token()),
+            Arc::new(Metrics::new().expect("metrics")),
+        )
     });
     let ctx = web::Data::new(
         Ctx::new(

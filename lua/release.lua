@@ -6,6 +6,7 @@ KEYS (the product's hash tag):
   3 status    hash: reservation_id -> "pending" | JSON
 ARGV:
   1 reservation_id  2 status JSON to record  3 product_id  4 pub/sub channel
+A retired sale's keys expire (retire.lua): a key this call creates expires with the state hash.
 RETURNS {code, remaining}
   code: 1 returned now, 0 returned before (no-op), -1 product not preheated (no-op: the next
         preheat rebuilds remaining from Postgres)
@@ -24,6 +25,14 @@ if remaining < stock then
   remaining = redis.call("HINCRBY", KEYS[1], "remaining", 1)
 end
 redis.call("HSET", KEYS[3], rid, ARGV[2])
+local ttl = redis.call("PTTL", KEYS[1])
+if ttl > 0 then
+  for i = 2, 3 do
+    if redis.call("PTTL", KEYS[i]) == -1 then
+      redis.call("PEXPIRE", KEYS[i], ttl)
+    end
+  end
+end
 -- Tell every API process that this product is no longer sold out.
 redis.call("PUBLISH", ARGV[4], "stock:" .. ARGV[3])
 return {1, remaining}

@@ -4,11 +4,13 @@ and take each off the pending set once the worker decided it (an order, or rejec
 a status event per change for the SSE streams. One call carries a whole worker batch for the
 product.
 
-KEYS (the product's hash tag): 1 status hash  2 pending set
+KEYS (the product's hash tag): 1 status hash  2 pending set  3 state hash
 ARGV: 1 pub/sub channel, then groups of 4:
   reservation_id, status JSON, its rank (1 or 2), event message
 RETURNS the number of statuses that changed (the others already had an equal or later one;
 only the pending set changed for them)
+A retired sale's keys expire (retire.lua): a status hash this call creates for one expires with
+the state hash, so a late write never leaves a key behind for good.
 ]]
 local rank = { pending = 0, confirmed = 1, paid = 2, cancelled = 2, expired = 2, rejected = 2 }
 local changed = 0
@@ -29,6 +31,12 @@ for i = 2, #ARGV, 4 do
     redis.call("HSET", KEYS[1], rid, ARGV[i + 1])
     redis.call("PUBLISH", ARGV[1], ARGV[i + 3])
     changed = changed + 1
+  end
+end
+if changed > 0 then
+  local ttl = redis.call("PTTL", KEYS[3])
+  if ttl > 0 and redis.call("PTTL", KEYS[1]) == -1 then
+    redis.call("PEXPIRE", KEYS[1], ttl)
   end
 end
 return changed

@@ -1,5 +1,6 @@
-//! Who is asking: shoppers (HS256 JWTs), operators (a bearer token), and purchase tokens (the
-//! hidden purchase path, bound to user, product and expiry). Pure functions over secrets; the
+//! Who is asking: shoppers (HS256 JWTs), operators (a bearer token), purchase tokens (the
+//! hidden purchase path) and stream tokens (a browser's `EventSource`, which cannot send
+//! `Authorization`), both bound to user, product and expiry. Pure functions over secrets; the
 //! actix extractors live in `http::extract`.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -20,14 +21,19 @@ use crate::{
 const LEEWAY_SECS: u64 = 5;
 /// The audience of purchase tokens: a shopper's JWT can never pass as one (other key too).
 const PURCHASE_AUDIENCE: &str = "seckill:purchase";
+/// The audience of stream tokens: same key as purchase tokens, so neither passes as the other.
+const STREAM_AUDIENCE: &str = "seckill:stream";
+/// How long a stream token opens streams (a stream it opened lives on to its own lifetime).
+pub const STREAM_TOKEN_TTL: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Deserialize)]
 struct UserClaims {
     sub: String,
 }
 
+/// The claims of purchase and stream tokens (told apart by `aud`).
 #[derive(Debug, Serialize, Deserialize)]
-struct PurchaseClaims {
+struct TokenClaims {
     sub: String,
     pid: i64,
     exp: u64,
@@ -41,9 +47,11 @@ pub struct Auth {
     /// SHA-256 of the operators' token: comparing digests takes the same time whatever the
     /// length of the presented token.
     admin_digest: [u8; 32],
-    purchase_encoding: EncodingKey,
-    purchase_decoding: DecodingKey,
+    /// `SECKILL_TOKEN_SECRET`: signs purchase and stream tokens.
+    token_encoding: EncodingKey,
+    token_decoding: DecodingKey,
     purchase_validation: Validation,
+    stream_validation: Validation,
     purchase_ttl: Duration,
 }
 
@@ -62,19 +70,23 @@ impl Auth {
         user_validation.validate_aud = false;
         user_validation.set_required_spec_claims(&["exp", "sub"]);
 
-        let mut purchase_validation = Validation::new(Algorithm::HS256);
-        purchase_validation.leeway = 0;
-        purchase_validation.set_audience(&[PURCHASE_AUDIENCE]);
-        purchase_validation.set_required_spec_claims(&["exp", "sub", "aud"]);
+        let token_validation = |audience: &str| {
+            let mut v = Validation::new(Algorithm::HS256);
+            v.leeway = 0;
+            v.set_audience(&[audience]);
+            v.set_required_spec_claims(&["exp", "sub", "aud"]);
+            v
+        };
 
         let token_secret = secrets.token_secret.expose_secret().as_bytes();
         Self {
             user_key: DecodingKey::from_secret(secrets.jwt_secret.expose_secret().as_bytes()),
             user_validation,
             admin_digest: Sha256::digest(secrets.admin_token.expose_secret().as_bytes()).into(),
-            purchase_encoding: EncodingKey::from_secret(token_secret),
-            purchase_decoding: DecodingKey::from_secret(token_secret),
-            purchase_validation,
+            token_encoding: EncodingKey::from_secret(token_secret),
+            token_decoding: DecodingKey::from_secret(token_secret),
+            purchase_validation: token_validation(PURCHASE_AUDIENCE),
+            stream_validation: token_validation(STREAM_AUDIENCE),
             purchase_ttl,
         }
     }
@@ -110,41 +122,103 @@ impl Auth {
         bool::from(presented.ct_eq(&self.admin_digest))
     }
 
+    /// Signs a token for `user` on `product` with `audience`, expiring after `ttl`.
+    fn sign(
+        &self,
+        user: UserId,
+        product: ProductId,
+        audience: &str,
+        ttl: Duration,
+    ) -> anyhow::Result<IssuedToken> {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH)?;
+        let exp = (now + ttl).as_secs();
+        let claims = TokenClaims {
+            sub: user.to_string(),
+            pid: product.get(),
+            exp,
+            aud: audience.to_owned(),
+        };
+        let token = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &self.token_encoding,
+        )?;
+        let expires_at = DateTime::from_timestamp(i64::try_from(exp)?, 0).unwrap_or_else(Utc::now);
+        Ok(IssuedToken { token, expires_at })
+    }
+
+    /// The user a valid, unexpired token of `validation`'s audience names for `product`.
+    /// The signature is checked in constant time (HMAC verification).
+    fn verify(&self, token: &str, validation: &Validation, product: ProductId) -> Option<UserId> {
+        let data =
+            jsonwebtoken::decode::<TokenClaims>(token, &self.token_decoding, validation).ok()?;
+        if data.claims.pid != product.get() {
+            return None;
+        }
+        UserId::try_from(data.claims.sub.as_str()).ok()
+    }
+
     /// Issues a purchase token for `user` on `product`, expiring after the configured TTL.
     pub fn issue_purchase_token(
         &self,
         user: UserId,
         product: ProductId,
     ) -> anyhow::Result<IssuedToken> {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH)?;
-        let exp = (now + self.purchase_ttl).as_secs();
-        let claims = PurchaseClaims {
-            sub: user.to_string(),
-            pid: product.get(),
-            exp,
-            aud: PURCHASE_AUDIENCE.to_owned(),
-        };
-        let token = jsonwebtoken::encode(
-            &Header::new(Algorithm::HS256),
-            &claims,
-            &self.purchase_encoding,
-        )?;
-        let expires_at = DateTime::from_timestamp(i64::try_from(exp)?, 0).unwrap_or_else(Utc::now);
-        Ok(IssuedToken { token, expires_at })
+        self.sign(user, product, PURCHASE_AUDIENCE, self.purchase_ttl)
     }
 
     /// Whether `token` is a valid, unexpired purchase token for this user and product.
-    /// The signature is checked in constant time (HMAC verification).
     pub fn check_purchase_token(&self, token: &str, user: UserId, product: ProductId) -> bool {
-        match jsonwebtoken::decode::<PurchaseClaims>(
-            token,
-            &self.purchase_decoding,
-            &self.purchase_validation,
-        ) {
-            Ok(data) => data.claims.sub == user.to_string() && data.claims.pid == product.get(),
-            Err(_) => false,
-        }
+        self.verify(token, &self.purchase_validation, product) == Some(user)
     }
+
+    /// Issues a stream token for `user` on `product` ([`STREAM_TOKEN_TTL`]).
+    pub fn issue_stream_token(
+        &self,
+        user: UserId,
+        product: ProductId,
+    ) -> anyhow::Result<IssuedToken> {
+        self.sign(user, product, STREAM_AUDIENCE, STREAM_TOKEN_TTL)
+    }
+
+    /// The user a valid, unexpired stream token for `product` names. A shopper's JWT (other
+    /// key) or a purchase token (other audience) is not one.
+    pub fn stream_token_user(&self, token: &str, product: ProductId) -> Option<UserId> {
+        self.verify(token, &self.stream_validation, product)
+    }
+}
+
+/// Signs a shopper's JWT (HS256) with `secret`, as a storefront's login would: for the tools
+/// (`seckill dev-token`, the load test). The server itself only verifies these.
+pub fn sign_user_jwt(secret: &str, claims: &serde_json::Value) -> anyhow::Result<String> {
+    Ok(jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )?)
+}
+
+/// The claims of a shopper's JWT for `user`, valid for `ttl` from now, carrying the `aud` and
+/// `iss` this deployment checks (if any).
+pub fn user_claims(
+    user: UserId,
+    ttl: Duration,
+    audience: Option<&str>,
+    issuer: Option<&str>,
+) -> serde_json::Value {
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .saturating_add(ttl)
+        .as_secs();
+    let mut claims = serde_json::json!({"sub": user.to_string(), "exp": exp});
+    if let Some(aud) = audience {
+        claims["aud"] = aud.into();
+    }
+    if let Some(iss) = issuer {
+        claims["iss"] = iss.into();
+    }
+    claims
 }
 
 #[cfg(test)]
@@ -194,6 +268,41 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn a_signed_user_jwt_passes_the_checks_it_was_made_for() {
+        let user = UserId::try_from(42).unwrap();
+        let plain = sign_user_jwt(
+            "jwt-secret-0123456789",
+            &user_claims(user, Duration::from_secs(60), None, None),
+        )
+        .unwrap();
+        assert_eq!(
+            Auth::new(&secrets(), Duration::from_secs(60)).user(&plain),
+            Some(user)
+        );
+        let strict = Auth::new(&secrets(), Duration::from_secs(60))
+            .with_user_claims(Some("shop"), Some("https://id.example"));
+        assert_eq!(
+            strict.user(&plain),
+            None,
+            "aud and iss are required when set"
+        );
+        let claims = user_claims(
+            user,
+            Duration::from_secs(60),
+            Some("shop"),
+            Some("https://id.example"),
+        );
+        let full = sign_user_jwt("jwt-secret-0123456789", &claims).unwrap();
+        assert_eq!(strict.user(&full), Some(user));
+        let expired = sign_user_jwt(
+            "jwt-secret-0123456789",
+            &json!({"sub": "42", "exp": now() - 60}),
+        )
+        .unwrap();
+        assert_eq!(strict.user(&expired), None);
     }
 
     #[test]
@@ -277,9 +386,36 @@ mod tests {
     }
 
     #[test]
+    fn stream_tokens_name_their_user_for_their_product_only() {
+        let auth = Auth::new(&secrets(), Duration::from_secs(60));
+        let (u, p) = (
+            UserId::try_from(1_i64).unwrap(),
+            ProductId::try_from(9_i64).unwrap(),
+        );
+        let other = ProductId::try_from(8_i64).unwrap();
+        let stream = auth.issue_stream_token(u, p).unwrap();
+        assert_eq!(auth.stream_token_user(&stream.token, p), Some(u));
+        assert_eq!(auth.stream_token_user(&stream.token, other), None);
+        // Neither kind of token passes as the other, and a shopper's JWT is neither.
+        let purchase = auth.issue_purchase_token(u, p).unwrap();
+        assert_eq!(auth.stream_token_user(&purchase.token, p), None);
+        assert!(!auth.check_purchase_token(&stream.token, u, p));
+        let user_jwt = jwt(
+            json!({"sub": "1", "exp": now() + 60, "pid": 9, "aud": STREAM_AUDIENCE}),
+            "jwt-secret-0123456789",
+        );
+        assert_eq!(auth.stream_token_user(&user_jwt, p), None);
+        let expired = jwt(
+            json!({"sub": "1", "exp": now() - 1, "pid": 9, "aud": STREAM_AUDIENCE}),
+            "token-secret-0123456789",
+        );
+        assert_eq!(auth.stream_token_user(&expired, p), None);
+    }
+
+    #[test]
     fn an_expired_purchase_token_is_refused() {
         let auth = Auth::new(&secrets(), Duration::from_secs(60));
-        let claims = PurchaseClaims {
+        let claims = TokenClaims {
             sub: "1".into(),
             pid: 9,
             exp: now() - 1,
@@ -288,7 +424,7 @@ mod tests {
         let token = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
             &claims,
-            &auth.purchase_encoding,
+            &auth.token_encoding,
         )
         .unwrap();
         assert!(!auth.check_purchase_token(

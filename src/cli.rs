@@ -3,10 +3,12 @@
 use std::{io::Write, process::ExitCode};
 
 use clap::{Parser, Subcommand};
+use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::{ConfigError, Settings},
+    domain::UserId,
     startup::{Application, Role},
 };
 
@@ -32,6 +34,16 @@ pub enum Command {
     Migrate,
     /// Run a whole flash sale against a running server and verify the guarantees.
     Loadtest(crate::loadtest::LoadtestArgs),
+    /// Print a shopper's JWT signed with SECKILL_JWT_SECRET, to try a sale by hand
+    /// (development mode only, SECKILL_DEV=1: in production the storefront's login issues them).
+    DevToken {
+        /// The shopper's user id (a positive integer).
+        #[arg(long, value_parser = parse_user)]
+        user: UserId,
+        /// How long the token stays valid, in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: u64,
+    },
     /// Inspect or replay the dead-letter queue (`<SECKILL_AMQP_QUEUE>.dlq`).
     #[command(subcommand)]
     Dlq(DlqCommand),
@@ -71,6 +83,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Migrate => None,
         Command::Loadtest(args) => return loadtest(args, &settings),
         Command::Dlq(command) => return dlq(command, &settings),
+        Command::DevToken { user, ttl_secs } => return dev_token(user, ttl_secs, &settings),
     };
     if role.is_some_and(|r| r.serves_http())
         && let Err(e) = settings.secrets()
@@ -151,6 +164,43 @@ fn loadtest(args: crate::loadtest::LoadtestArgs, settings: &Settings) -> ExitCod
         }
         Err(e) => {
             eprintln!("seckill loadtest: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn parse_user(s: &str) -> Result<UserId, String> {
+    UserId::try_from(s).map_err(|e| e.to_string())
+}
+
+/// `seckill dev-token`: the JWT on stdout; refused (exit 2) outside development mode.
+fn dev_token(user: UserId, ttl_secs: u64, settings: &Settings) -> ExitCode {
+    if !settings.dev {
+        eprintln!(
+            "seckill dev-token: only in development mode (SECKILL_DEV=1); in production shoppers' JWTs come from the storefront's login"
+        );
+        return ExitCode::from(2);
+    }
+    let secrets = match settings.secrets() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("seckill: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let claims = crate::auth::user_claims(
+        user,
+        std::time::Duration::from_secs(ttl_secs),
+        settings.jwt_audience.as_deref(),
+        settings.jwt_issuer.as_deref(),
+    );
+    match crate::auth::sign_user_jwt(secrets.jwt_secret.expose_secret(), &claims) {
+        Ok(jwt) => {
+            println!("{jwt}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("seckill dev-token: {e:#}");
             ExitCode::FAILURE
         }
     }

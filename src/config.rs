@@ -39,11 +39,23 @@ const KNOWN: &[&str] = &[
     "SECKILL_PRODUCT_RATE",
     "SECKILL_IP_RATE",
     "SECKILL_TRUSTED_PROXIES",
+    "SECKILL_ADMIN_IP_RATE",
+    "SECKILL_BODY_TIMEOUT_MS",
+    "SECKILL_MAX_CONNECTIONS_PER_IP",
+    "SECKILL_MAX_CONNECTIONS",
     "SECKILL_WORKER_BATCH_SIZE",
     "SECKILL_WORKER_BATCH_WAIT_MS",
     "SECKILL_WORKER_CONSUMERS",
     "SECKILL_SWEEP_INTERVAL_MS",
     "SECKILL_RELAY_CLAIM_IDLE_MS",
+    "SECKILL_PG_POOL",
+    "SECKILL_REDIS_POOL",
+    "SECKILL_SSE_PER_USER",
+    "SECKILL_SSE_MAX",
+    "SECKILL_SSE_LIFETIME_SECS",
+    "SECKILL_SSE_HEARTBEAT_SECS",
+    "SECKILL_RELAY_POLL_MS",
+    "SECKILL_KEY_GRACE_SECS",
     "SECKILL_LOG_FORMAT",
     "SECKILL_DEV",
 ];
@@ -247,6 +259,19 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// Bounds on the shoppers' event streams (`SECKILL_SSE_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SseLimits {
+    /// Streams one user may hold open at once in one process (beyond: `429 too_many_streams`).
+    pub per_user: usize,
+    /// Streams one process holds open at once (beyond: `503 streams_exhausted`).
+    pub max: usize,
+    /// A stream ends (with a `retry:` hint) after at most this long.
+    pub lifetime: Duration,
+    /// An idle stream gets a keep-alive comment this often.
+    pub heartbeat: Duration,
+}
+
 /// Secrets the HTTP API needs; present unless the variable was unset (checked per command).
 #[derive(Clone)]
 pub struct Secrets {
@@ -288,6 +313,15 @@ pub struct Settings {
     pub ip_rate: Rate,
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<IpNet>,
+    /// Per client IP on the operators' listener, in process.
+    pub admin_ip_rate: Rate,
+    /// A request body must have arrived whole this long after its head (both listeners).
+    pub body_timeout: Duration,
+    /// Open connections one client address (an IPv6 /64) may hold on the shoppers' listener;
+    /// trusted proxies are exempt.
+    pub max_connections_per_ip: u32,
+    /// Open connections on the shoppers' listener, over all its workers.
+    pub max_connections: u32,
     /// Worker: most deliveries persisted in one transaction.
     pub worker_batch_size: usize,
     /// Worker: how long a batch waits to fill.
@@ -298,6 +332,18 @@ pub struct Settings {
     pub sweep_interval: Duration,
     /// Outbox entries pending this long on a relay are taken over by another.
     pub relay_claim_idle: Duration,
+    /// Most Postgres connections this process opens.
+    pub pg_pool: u32,
+    /// Redis connections of this process's pool (each pipelines every task's commands).
+    pub redis_pool: usize,
+    /// Event streams: how many one user may hold open at once, how many the process holds,
+    /// how long one lives and how often an idle one gets a keep-alive comment.
+    pub sse: SseLimits,
+    /// The longest an idle relay waits before it looks again: the blocking read's timeout on a
+    /// single Redis, the poll for other processes' winners on a cluster.
+    pub relay_poll: Duration,
+    /// How long a retired sale's keys stay in Redis (ended and drained) before they expire.
+    pub key_grace: Duration,
     /// Log format: JSON unless `pretty` (the default in development).
     pub log_pretty: bool,
     /// `SECKILL_DEV=1`: fixed development secrets, loopback listeners only.
@@ -472,13 +518,21 @@ impl Settings {
             product_rate: env.parse("SECKILL_PRODUCT_RATE", "20000/1s")?,
             ip_rate: env.parse("SECKILL_IP_RATE", "50/1s")?,
             trusted_proxies,
-            worker_batch_size: usize::try_from(env.ranged(
-                "SECKILL_WORKER_BATCH_SIZE",
-                200,
+            admin_ip_rate: env.parse("SECKILL_ADMIN_IP_RATE", "100/1s")?,
+            body_timeout: Duration::from_millis(env.ranged(
+                "SECKILL_BODY_TIMEOUT_MS",
+                2_000,
+                100,
+                60_000,
+            )?),
+            max_connections_per_ip: env.ranged_as(
+                "SECKILL_MAX_CONNECTIONS_PER_IP",
+                256,
                 1,
-                5_000,
-            )?)
-            .unwrap_or(200),
+                1_000_000,
+            )?,
+            max_connections: env.ranged_as("SECKILL_MAX_CONNECTIONS", 10_000, 1, 1_000_000)?,
+            worker_batch_size: env.ranged_as("SECKILL_WORKER_BATCH_SIZE", 200, 1, 5_000)?,
             worker_batch_wait: Duration::from_millis(env.ranged(
                 "SECKILL_WORKER_BATCH_WAIT_MS",
                 20,
@@ -491,13 +545,42 @@ impl Settings {
                 10,
                 3_600_000,
             )?),
-            worker_consumers: usize::try_from(env.ranged("SECKILL_WORKER_CONSUMERS", 4, 1, 64)?)
-                .unwrap_or(4),
+            worker_consumers: env.ranged_as("SECKILL_WORKER_CONSUMERS", 4, 1, 64)?,
             relay_claim_idle: Duration::from_millis(env.ranged(
                 "SECKILL_RELAY_CLAIM_IDLE_MS",
                 5_000,
                 100,
                 3_600_000,
+            )?),
+            pg_pool: env.ranged_as("SECKILL_PG_POOL", 16, 1, 1_000)?,
+            redis_pool: env.ranged_as("SECKILL_REDIS_POOL", 4, 1, 256)?,
+            sse: SseLimits {
+                per_user: env.ranged_as("SECKILL_SSE_PER_USER", 4, 1, 1_000)?,
+                max: env.ranged_as("SECKILL_SSE_MAX", 10_000, 1, 1_000_000)?,
+                lifetime: Duration::from_secs(env.ranged(
+                    "SECKILL_SSE_LIFETIME_SECS",
+                    300,
+                    1,
+                    86_400,
+                )?),
+                heartbeat: Duration::from_secs(env.ranged(
+                    "SECKILL_SSE_HEARTBEAT_SECS",
+                    15,
+                    1,
+                    3_600,
+                )?),
+            },
+            relay_poll: Duration::from_millis(env.ranged(
+                "SECKILL_RELAY_POLL_MS",
+                1_000,
+                10,
+                10_000,
+            )?),
+            key_grace: Duration::from_secs(env.ranged(
+                "SECKILL_KEY_GRACE_SECS",
+                86_400,
+                1,
+                30 * 86_400,
             )?),
             log_pretty,
             dev,
@@ -551,6 +634,18 @@ impl Env<'_> {
             ));
         }
         Ok(value)
+    }
+
+    /// [`Self::ranged`], as the integer type the setting is used as (its range fits the type).
+    fn ranged_as<T: TryFrom<u64>>(
+        &self,
+        var: &str,
+        default: u64,
+        min: u64,
+        max: u64,
+    ) -> Result<T, ConfigError> {
+        T::try_from(self.ranged(var, default, min, max)?)
+            .map_err(|_| ConfigError::new(var, format!("must be between {min} and {max}")))
     }
 
     /// An optional, non-empty string (unset is `None`).
@@ -643,6 +738,22 @@ mod tests {
         assert_eq!(s.user_rate, "1/1s".parse().unwrap());
         assert_eq!(s.product_rate.count, 20_000);
         assert_eq!(s.ip_rate.count, 50);
+        assert_eq!((s.pg_pool, s.redis_pool), (16, 4));
+        assert_eq!(
+            s.sse,
+            SseLimits {
+                per_user: 4,
+                max: 10_000,
+                lifetime: Duration::from_secs(300),
+                heartbeat: Duration::from_secs(15),
+            }
+        );
+        assert_eq!(s.admin_ip_rate, "100/1s".parse().unwrap());
+        assert_eq!(s.body_timeout, Duration::from_secs(2));
+        assert_eq!(s.max_connections_per_ip, 256);
+        assert_eq!(s.max_connections, 10_000);
+        assert_eq!(s.relay_poll, Duration::from_secs(1));
+        assert_eq!(s.key_grace, Duration::from_secs(86_400));
         assert!(s.secrets().is_ok());
     }
 
@@ -663,12 +774,35 @@ mod tests {
             ("SECKILL_REDIS_URL", "http://x"),
             ("SECKILL_TRUSTED_PROXIES", "10.0.0.0/99"),
             ("SECKILL_DEV", "yes"),
+            ("SECKILL_ADMIN_IP_RATE", "lots"),
+            ("SECKILL_BODY_TIMEOUT_MS", "10"),
+            ("SECKILL_MAX_CONNECTIONS_PER_IP", "0"),
+            ("SECKILL_MAX_CONNECTIONS", "-1"),
             ("SECKILL_REDIS_DURABILITY", "always"),
+            ("SECKILL_SSE_PER_USER", "0"),
+            ("SECKILL_SSE_MAX", "many"),
+            ("SECKILL_SSE_LIFETIME_SECS", "0"),
+            ("SECKILL_SSE_HEARTBEAT_SECS", "-1"),
+            ("SECKILL_RELAY_POLL_MS", "5"),
+            ("SECKILL_KEY_GRACE_SECS", "0"),
             ("SECKILL_JWT_SECRE", "typo"),
+            ("SECKILL_PG_POOL", "0"),
+            ("SECKILL_REDIS_POOL", "many"),
+            ("SECKILL_REDIS_POOL", "257"),
         ] {
             let err = Settings::from_vars(vars(&[(var, value)])).err().unwrap();
             assert_eq!(err.var, var, "{value}");
         }
+    }
+
+    #[test]
+    fn pool_sizes_are_settings() {
+        let s = Settings::from_vars(vars(&[
+            ("SECKILL_PG_POOL", "40"),
+            ("SECKILL_REDIS_POOL", "8"),
+        ]))
+        .unwrap();
+        assert_eq!((s.pg_pool, s.redis_pool), (40, 8));
     }
 
     #[test]

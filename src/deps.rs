@@ -9,17 +9,41 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     amqp::Broker,
+    cache::TtlCache,
     config::Settings,
     db,
     durability::{self, ReadyCheck},
-    events::Events,
     metrics::Metrics,
+    streams::Streams,
 };
 
-/// Postgres connections per process.
-const DB_POOL: u32 = 16;
-/// Redis connections per process.
-const REDIS_POOL: usize = 4;
+/// How long a readiness answer is reused: whatever the rate of `/readyz`, a process checks its
+/// dependencies at most once per this period (concurrent requests share one check).
+pub const READY_TTL: Duration = Duration::from_secs(1);
+
+/// What `/readyz` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Readiness {
+    /// `ok`, `unreachable`, or why Redis is not as durable as `SECKILL_REDIS_DURABILITY` asks.
+    pub redis: String,
+    pub rabbitmq: bool,
+    pub postgres: bool,
+}
+
+impl Readiness {
+    /// The dependencies that are not ready, by name.
+    pub fn failing(&self) -> Vec<&'static str> {
+        [
+            ("redis", self.redis == "ok"),
+            ("rabbitmq", self.rabbitmq),
+            ("postgres", self.postgres),
+        ]
+        .into_iter()
+        .filter(|(_, ok)| !ok)
+        .map(|(name, _)| name)
+        .collect()
+    }
+}
 
 /// The connections every component shares.
 pub struct Deps {
@@ -28,9 +52,12 @@ pub struct Deps {
     pub db: DatabaseConnection,
     pub broker: Broker,
     pub metrics: Arc<Metrics>,
-    pub events: Events,
+    /// The shoppers' open event streams (caps and wake-ups).
+    pub streams: Arc<Streams>,
     /// Whether Redis still gives what `SECKILL_REDIS_DURABILITY` asks (for `/readyz`).
-    pub durability: ReadyCheck,
+    pub durability: Arc<ReadyCheck>,
+    /// The last readiness answer, reused for [`READY_TTL`].
+    ready: TtlCache<(), Readiness>,
 }
 
 impl Deps {
@@ -43,22 +70,112 @@ impl Deps {
         shutdown: &CancellationToken,
     ) -> anyhow::Result<Self> {
         let redis =
-            crate::redis::connect(&settings.redis, REDIS_POOL, Duration::from_secs(5)).await?;
+            crate::redis::connect(&settings.redis, settings.redis_pool, Duration::from_secs(5))
+                .await?;
         if let Err(e) = durability::check_at_start(settings.redis_durability, &redis).await {
             redis.quit().await.ok();
             return Err(e);
         }
         db::migrate(&settings.database_url).await?;
-        let db = db::connect(&settings.database_url, DB_POOL).await?;
+        let mut db = db::connect(&settings.database_url, settings.pg_pool).await?;
+        let metrics = Arc::new(Metrics::new()?);
+        let counted = metrics.clone();
+        db.set_metric_callback(move |info| counted.db_query(&info.statement.sql));
         let broker = Broker::start(&settings.amqp_url, shutdown.child_token());
-        Ok(Self {
-            durability: ReadyCheck::new(settings.redis_durability),
+        Ok(Self::assemble(settings, redis, db, broker, metrics))
+    }
+
+    /// The shared state over connections made elsewhere (`connect`, benches).
+    pub fn assemble(
+        settings: Arc<Settings>,
+        redis: Pool,
+        db: DatabaseConnection,
+        broker: Broker,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            durability: Arc::new(ReadyCheck::new(settings.redis_durability)),
+            ready: TtlCache::new(1, READY_TTL),
+            streams: Arc::new(Streams::new(settings.sse, metrics.clone())),
             settings,
             redis,
             db,
             broker,
-            metrics: Arc::new(Metrics::new()?),
-            events: Events::new(),
+            metrics,
+        }
+    }
+
+    /// Whether Redis, RabbitMQ and Postgres answer (and Redis is as durable as asked): checked
+    /// at most once per [`READY_TTL`], the answer shared by every request meanwhile.
+    pub async fn readiness(&self) -> Readiness {
+        let (redis, db, broker) = (self.redis.clone(), self.db.clone(), self.broker.clone());
+        let (durability, metrics) = (self.durability.clone(), self.metrics.clone());
+        let checked = self.ready.get((), move || async move {
+            metrics.readiness_checks.inc();
+            Ok(check_readiness(&redis, &db, &broker, &durability).await)
+        });
+        checked.await.unwrap_or_else(|e| {
+            tracing::warn!(error = %format!("{e:#}"), "readiness could not be checked");
+            Readiness {
+                redis: "unreachable".into(),
+                rabbitmq: false,
+                postgres: false,
+            }
         })
+    }
+}
+
+/// One round of readiness checks, each bounded by a second.
+async fn check_readiness(
+    redis: &Pool,
+    db: &DatabaseConnection,
+    broker: &Broker,
+    durability: &ReadyCheck,
+) -> Readiness {
+    let (redis, postgres, rabbitmq) = tokio::join!(
+        async {
+            crate::redis::ping(redis)
+                .await
+                .map_err(|e| ("unreachable".to_owned(), e.to_string()))?;
+            durability
+                .check(redis)
+                .await
+                .map_err(|why| (why.clone(), why))
+        },
+        async {
+            tokio::time::timeout(Duration::from_secs(1), db.ping())
+                .await
+                .map_err(|_| anyhow::anyhow!("timed out"))?
+                .map_err(anyhow::Error::from)
+        },
+        rabbitmq_answers(broker),
+    );
+    if let Err((_, e)) = &redis {
+        tracing::warn!(error = %e, "readiness: Redis");
+    }
+    if let Err(e) = &postgres {
+        tracing::warn!(error = %e, "readiness: Postgres");
+    }
+    Readiness {
+        redis: redis.map_or_else(|(state, _)| state, |()| "ok".to_owned()),
+        rabbitmq,
+        postgres: postgres.is_ok(),
+    }
+}
+
+/// RabbitMQ is connected and answers: opening (and closing) a channel within a second. A broker
+/// that stopped answering keeps a connection "up" until heartbeats time out; this notices it.
+async fn rabbitmq_answers(broker: &Broker) -> bool {
+    let Some(conn) = broker.current() else {
+        return false;
+    };
+    let opened = tokio::time::timeout(Duration::from_secs(1), conn.create_channel()).await;
+    match opened {
+        Ok(Ok(ch)) => {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), ch.close(200, "ready".into())).await;
+            true
+        }
+        _ => false,
     }
 }

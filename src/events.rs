@@ -13,33 +13,20 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::RedisSettings,
+    domain::{ProductId, UserId},
     keys::Keys,
     soldout::{Recovering, SoldOutCache},
+    streams::{RESYNC_SPREAD, Streams},
 };
 
-/// Fans pub/sub messages out inside this process.
-#[derive(Clone)]
-pub struct Events {
-    tx: broadcast::Sender<Arc<str>>,
-}
-
-impl Events {
-    pub fn new() -> Self {
-        Self {
-            tx: broadcast::channel(4_096).0,
-        }
-    }
-
-    /// Every message received from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<str>> {
-        self.tx.subscribe()
-    }
-}
-
-impl Default for Events {
-    fn default() -> Self {
-        Self::new()
-    }
+/// The `(product, user)` a `status:<product>:<user>` message is about (`None` for any other
+/// message, or one whose ids are not valid).
+pub fn status_target(message: &str) -> Option<(ProductId, UserId)> {
+    let (product, user) = message.strip_prefix("status:")?.split_once(':')?;
+    Some((
+        ProductId::try_from(product).ok()?,
+        UserId::try_from(user).ok()?,
+    ))
 }
 
 /// A live subscription, ready to be driven by [`Listener::run`].
@@ -51,7 +38,7 @@ pub struct Listener {
     resubscribe: tokio::task::JoinHandle<()>,
     soldout: Arc<SoldOutCache>,
     recovering: Arc<Recovering>,
-    events: Events,
+    streams: Arc<Streams>,
 }
 
 /// Subscribes before returning, so the process starts with its sold-out cache live.
@@ -60,7 +47,7 @@ pub async fn listen(
     keys: &Keys,
     soldout: Arc<SoldOutCache>,
     recovering: Arc<Recovering>,
-    events: Events,
+    streams: Arc<Streams>,
 ) -> anyhow::Result<Listener> {
     let client = crate::redis::subscriber(settings, Duration::from_secs(5)).await?;
     let messages = client.message_rx();
@@ -77,13 +64,15 @@ pub async fn listen(
         resubscribe,
         soldout,
         recovering,
-        events,
+        streams,
     })
 }
 
 impl Listener {
-    /// Dispatches until shutdown. The sold-out cache is trusted only while the subscription is
-    /// up; after a reconnect (or a lagging receiver) it starts empty.
+    /// Dispatches until shutdown: `stock:` messages to the sold-out memory, each `status:`
+    /// message to the streams of its product and user only. The sold-out cache is trusted only
+    /// while the subscription is up; after a reconnect (or a lagging receiver, both of which may
+    /// have lost messages) it starts empty and every stream is woken once, spread over time.
     pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let soldout = &self.soldout;
         loop {
@@ -92,14 +81,18 @@ impl Listener {
                 msg = self.messages.recv() => match msg {
                     Ok(m) => {
                         if let Some(text) = m.value.as_str() {
-                            soldout.on_event(&text);
-                            self.recovering.on_event(&text);
-                            let _ = self.events.tx.send(Arc::from(text.as_ref()));
+                            if let Some((product, user)) = status_target(&text) {
+                                self.streams.wake(product, user);
+                            } else {
+                                soldout.on_event(&text);
+                                self.recovering.on_event(&text);
+                            }
                         }
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => {
                         soldout.set_listening(false);
                         soldout.set_listening(true);
+                        self.streams.resync(RESYNC_SPREAD);
                     }
                     Err(broadcast::error::RecvError::Closed) => break,
                 },
@@ -108,6 +101,7 @@ impl Listener {
                     // Anything published while we were away is lost: forget, then trust again.
                     soldout.set_listening(false);
                     soldout.set_listening(true);
+                    self.streams.resync(RESYNC_SPREAD);
                 }
             }
         }
@@ -115,5 +109,33 @@ impl Listener {
         self.resubscribe.abort();
         self.client.quit().await.ok();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_messages_name_their_product_and_user() {
+        let p = ProductId::try_from(12_i64).unwrap();
+        let u = UserId::try_from(34_i64).unwrap();
+        assert_eq!(
+            status_target(&crate::reservations::status_event(p, u)),
+            Some((p, u))
+        );
+        for other in [
+            "stock:12",
+            "status:12",
+            "status:12:",
+            "status::34",
+            "status:0:34",
+            "status:12:-1",
+            "status:x:34",
+            "status:12:34:56",
+            "",
+        ] {
+            assert_eq!(status_target(other), None, "{other:?}");
+        }
     }
 }

@@ -12,8 +12,14 @@
 //! | `<prefix>:{p<id>}:rl:<user>` | string | the user's attempts in the current window (expires) |
 //! | `<prefix>:{p<id>}:gate` | string | the product's admission gate (GCRA arrival time, µs) |
 //! | `<prefix>:{p<id>}:rebuild` | string | the per-product rebuild lock (holder's token, expires) |
-//! | `<prefix>:products` | set | product ids ever preheated (the relay's list of outboxes) |
+//! | `<prefix>:products` | set | product ids preheated and not yet retired (the relay's list of outboxes) |
 //! | `<prefix>:events` | pub/sub channel | `stock:<id>` (a unit returned / product preheated), `status:<id>:<user>` |
+//!
+//! Nothing grows without end: the per-user rate windows, the gate and the rebuild lock expire
+//! by themselves (every write sets one), and once a sale has ended and drained (every winner relayed and persisted, no
+//! order left that could still change Redis) `retire.lua` gives every other key of the product
+//! ([`ProductKeys::lasting`]) an expiry of `SECKILL_KEY_GRACE_SECS` and the product leaves
+//! `<prefix>:products` (see `sweeper`).
 
 use crate::domain::{ProductId, UserId};
 
@@ -38,6 +44,19 @@ pub struct ProductKeys {
 }
 
 impl ProductKeys {
+    /// The keys that live as long as the sale does (every key without an expiry of its own),
+    /// in the order `retire.lua` takes them.
+    pub fn lasting(&self) -> Vec<String> {
+        vec![
+            self.state.clone(),
+            self.outbox.clone(),
+            self.pending.clone(),
+            self.buyers.clone(),
+            self.status.clone(),
+            self.released.clone(),
+        ]
+    }
+
     /// The per-user rate window key.
     pub fn user_rate(&self, user: UserId) -> String {
         format!("{}:rl:{user}", self.tag)
@@ -70,7 +89,7 @@ impl Keys {
         }
     }
 
-    /// Product ids ever preheated.
+    /// Product ids preheated and not yet retired.
     pub fn products(&self) -> String {
         format!("{}:products", self.prefix)
     }
@@ -110,5 +129,18 @@ mod tests {
             assert!(key.starts_with("shop:"), "{key}");
             assert_eq!(slot_tag(key), "p42", "{key}");
         }
+    }
+
+    #[test]
+    fn retirement_covers_every_key_without_an_expiry_of_its_own() {
+        let p = Keys::new("shop").product(ProductId::try_from(42_i64).unwrap());
+        let lasting = p.lasting();
+        // The state hash first: retire.lua checks the sale through it.
+        assert_eq!(lasting[0], p.state);
+        for key in [&p.buyers, &p.pending, &p.released, &p.status, &p.outbox] {
+            assert!(lasting.contains(key), "{key}");
+        }
+        // The gate, the rebuild lock and the rate windows expire by themselves.
+        assert!(!lasting.contains(&p.rebuild) && !lasting.contains(&p.gate));
     }
 }

@@ -12,9 +12,13 @@
 //!
 //! **Decide** (in every `serve` process, one Redis script call per attempt):
 //! - [`http::shop`] — the shoppers' routes: product view, purchase token, the purchase itself,
-//!   the reservation status and its SSE stream. [`http::extract`] authenticates the caller and
-//!   parses ids; [`http::problem`] turns every error into problem+json in one place.
-//! - [`auth`] — shoppers' JWTs and the short-lived purchase tokens.
+//!   the reservation status and its SSE stream. [`http::extract`] authenticates the caller,
+//!   parses ids and says who the client is; [`http::limits`] bounds connections and request
+//!   bodies at the door, and [`http::extract::ClientSpan`] is what each request's log lines
+//!   carry (the client by that rule, the path, never the query); [`http::problem`] turns every
+//!   error into problem+json in one place; [`http::fallback`] answers what no route takes
+//!   (`405` with `Allow` for a known path, read from the OpenAPI document, else `404`).
+//! - [`auth`] — shoppers' JWTs and the short-lived purchase and stream tokens.
 //! - [`reservations`] + `lua/` — the gate: `reserve.lua` decides an attempt (window, rate,
 //!   admission, dedup, stock, outbox) in one atomic step (under
 //!   `SECKILL_REDIS_DURABILITY=replicas:N` a win then waits for its replicas,
@@ -22,11 +26,15 @@
 //!   ([`reservations::Status`]) and pure decoders of the scripts' replies live here.
 //! - [`soldout`] — the in-memory sold-out answer (no Redis call once a product is gone).
 //! - [`events`] — Redis pub/sub: clears sold-out memory, wakes SSE streams.
+//! - [`streams`] — the open SSE streams: caps per user and process, wake-ups routed by
+//!   product and shopper.
 //! - [`keys`] — the Redis key schema (one hash tag per product, so scripts run on a cluster).
 //!
 //! **Relay** (in every `serve` process):
-//! - [`relay`] — reads each product's outbox stream, publishes winners with confirms, and
-//!   acknowledges an entry only after the broker took it.
+//! - [`relay`] — reads the outbox streams of the products whose sale is live or still draining
+//!   (a blocking read, woken by Redis; [`outbox`] wakes it on a cluster), publishes winners with
+//!   confirms, and acknowledges an entry only after the broker took it; a product that fails is
+//!   backed off alone.
 //! - [`amqp`] — the self-healing RabbitMQ connection, the queue topology, the order message.
 //!
 //! **Persist** (in `worker`):
@@ -39,7 +47,8 @@
 //!
 //! **Settle** (after an order exists):
 //! - [`orders`] — pay, cancel, and returning a closed order's unit exactly once.
-//! - [`sweeper`] — expires unpaid orders and reconciles units a dead process left unreturned.
+//! - [`sweeper`] — expires unpaid orders and reconciles units a dead process left unreturned;
+//!   retires ended, drained sales from Redis (their keys expire, `lua/retire.lua`).
 //! - [`products`] — creating products and loading (or rebuilding) a sale into Redis from
 //!   Postgres; [`recovery`] — the preheat's rules, and the watch in every `serve` process that
 //!   finds a product Redis lost, keeps it `recovering` until no winner is in flight, and
@@ -51,12 +60,14 @@
 //!   sweeper); [`deps`] — the connections the components share; [`telemetry`] — logs;
 //!   [`metrics`] — Prometheus; [`redis`] and [`db`] — connecting (and migrating) Redis and
 //!   Postgres; [`durability`] — checking that Redis gives what `SECKILL_REDIS_DURABILITY`
-//!   asks (at start and for `/readyz`); [`backoff`] — retry delays; [`domain`] — ids valid by construction;
+//!   asks (at start and for `/readyz`); [`backoff`] — retry delays; [`cache`] — short-lived,
+//!   bounded, single-flight answers (product views, misses, readiness); [`domain`] — ids valid by construction;
 //!   [`loadtest`] — `seckill loadtest`.
 
 pub mod amqp;
 pub mod auth;
 pub mod backoff;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod db;
@@ -70,6 +81,7 @@ pub mod keys;
 pub mod loadtest;
 pub mod metrics;
 pub mod orders;
+pub mod outbox;
 pub mod products;
 pub mod recovery;
 pub mod redis;
@@ -78,6 +90,7 @@ pub mod relay;
 pub mod reservations;
 pub mod soldout;
 pub mod startup;
+pub mod streams;
 pub mod sweeper;
 pub mod telemetry;
 pub mod worker;

@@ -21,7 +21,6 @@ use std::{
 
 use anyhow::Context;
 use chrono::Utc;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 
@@ -92,12 +91,10 @@ struct WorkerResult {
 }
 
 fn bearer(secret: &str, claims: Value) -> anyhow::Result<String> {
-    let token = jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(secret.as_bytes()),
-    )?;
-    Ok(format!("Bearer {token}"))
+    Ok(format!(
+        "Bearer {}",
+        crate::auth::sign_user_jwt(secret, &claims)?
+    ))
 }
 
 fn percentile(sorted: &[u32], p: f64) -> f64 {

@@ -14,10 +14,26 @@ pub struct Metrics {
     pub decisions: IntCounterVec,
     pub soldout_cache_hits: IntCounter,
     pub ip_limited: IntCounter,
+    /// Open connections on the shoppers' listener.
+    pub connections_open: IntGauge,
+    /// Connections refused over a cap, by `reason`: `per_ip` or `total`.
+    pub connections_refused: IntCounterVec,
+    pub body_timeouts: IntCounter,
     pub relay_published: IntCounter,
     pub relay_batch: Histogram,
     pub relay_lag: Histogram,
     pub outbox_length: IntGaugeVec,
+    /// Products the relay tracks (preheated, not retired) and the ones it reads (live or
+    /// draining).
+    pub relay_products: IntGauge,
+    pub relay_reading: IntGauge,
+    /// Read, claim or acknowledge steps of one product's outbox that failed (that product is
+    /// backed off alone).
+    pub relay_product_errors: IntCounter,
+    /// Products whose outbox the relay is backing off from.
+    pub relay_products_failing: IntGauge,
+    /// Sales retired from Redis (their keys expire).
+    pub retired: IntCounter,
     pub queue_depth: IntGauge,
     pub dlq_depth: IntGauge,
     pub worker_batch: Histogram,
@@ -32,6 +48,19 @@ pub struct Metrics {
     pub recoveries: IntCounter,
     pub durability_wait_timeouts: IntCounter,
     pub unreplicated_wins: IntCounter,
+    /// Statements sent to Postgres by the application pool, by [`classify_sql`].
+    pub db_queries: IntCounterVec,
+    /// Rounds of `/readyz` dependency checks actually made (the rest were answered from memory).
+    pub readiness_checks: IntCounter,
+    /// Event streams open in this process (exact: counted by the streams' guards).
+    pub sse_open: IntGauge,
+    /// Event streams refused, by the limit that refused them (`per_user`, `process`).
+    pub sse_refused: IntCounterVec,
+    /// Times an open event stream woke to read its reservation again (its own status event,
+    /// or a resync after the pub/sub subscription lost messages).
+    pub sse_wakeups: IntCounter,
+    /// Resyncs: every open stream woken (spread over time) after the subscription lost messages.
+    pub sse_resyncs: IntCounter,
     /// `decisions` children resolved once, in [`Outcome::index`] order (the purchase path
     /// counts without a label lookup).
     decision_counters: Vec<IntCounter>,
@@ -86,6 +115,19 @@ impl Metrics {
                 "ip_rate_limited_total",
                 "Requests refused by the per-IP limit",
             )?,
+            connections_open: IntGauge::new(
+                "connections_open",
+                "Open connections on the shoppers' listener",
+            )?,
+            connections_refused: counter_vec(
+                "connections_refused_total",
+                "Connections answered 429/503 and closed because a connection cap was reached",
+                &["reason"],
+            )?,
+            body_timeouts: IntCounter::new(
+                "body_timeouts_total",
+                "Requests answered 408 because their body did not arrive in time",
+            )?,
             relay_published: IntCounter::new(
                 "relay_published_total",
                 "Winners confirmed by RabbitMQ and acknowledged in the outbox",
@@ -106,6 +148,26 @@ impl Metrics {
                     "Outbox entries not yet relayed, by product",
                 ),
                 &["product"],
+            )?,
+            relay_products: IntGauge::new(
+                "relay_products",
+                "Products the relay tracks: preheated and not retired",
+            )?,
+            relay_reading: IntGauge::new(
+                "relay_products_read",
+                "Products whose outbox the relay reads: sale live, or winners not yet relayed",
+            )?,
+            relay_product_errors: IntCounter::new(
+                "relay_product_errors_total",
+                "Failed reads, claims or acknowledgements of one product's outbox (that product is backed off alone)",
+            )?,
+            relay_products_failing: IntGauge::new(
+                "relay_products_failing",
+                "Products whose outbox the relay is backing off from after an error",
+            )?,
+            retired: IntCounter::new(
+                "products_retired_total",
+                "Ended, drained sales whose Redis keys were given an expiry",
             )?,
             dlq_depth: IntGauge::new("dlq_depth", "Messages in the dead-letter queue (last seen)")?,
             queue_depth: IntGauge::new(
@@ -157,6 +219,29 @@ impl Metrics {
                 "durability_unreplicated_wins_total",
                 "Wins answered 202 before N replicas took them (WAIT timed out, failed, or was skipped while replicas were missing)",
             )?,
+            db_queries: counter_vec(
+                "db_queries_total",
+                "Statements run on Postgres by this process's pool, by verb and first table",
+                &["verb", "table"],
+            )?,
+            readiness_checks: IntCounter::new(
+                "readiness_checks_total",
+                "Rounds of readiness checks of Redis, RabbitMQ and Postgres (at most one a second)",
+            )?,
+            sse_open: IntGauge::new("sse_streams_open", "Event streams open in this process")?,
+            sse_refused: counter_vec(
+                "sse_streams_refused_total",
+                "Event streams refused, by limit (per_user: 429, process: 503)",
+                &["limit"],
+            )?,
+            sse_wakeups: IntCounter::new(
+                "sse_wakeups_total",
+                "Times an open event stream woke to read its reservation again",
+            )?,
+            sse_resyncs: IntCounter::new(
+                "sse_resyncs_total",
+                "Times every open event stream was woken (spread) after pub/sub lost messages",
+            )?,
             decision_counters: Vec::new(),
             registry,
         };
@@ -171,10 +256,24 @@ impl Metrics {
         m.registry
             .register(Box::new(m.soldout_cache_hits.clone()))?;
         m.registry.register(Box::new(m.ip_limited.clone()))?;
+        m.registry.register(Box::new(m.connections_open.clone()))?;
+        m.registry
+            .register(Box::new(m.connections_refused.clone()))?;
+        for reason in ["per_ip", "total"] {
+            m.connections_refused.with_label_values(&[reason]); // exported at 0 from the start
+        }
+        m.registry.register(Box::new(m.body_timeouts.clone()))?;
         m.registry.register(Box::new(m.relay_published.clone()))?;
         m.registry.register(Box::new(m.relay_batch.clone()))?;
         m.registry.register(Box::new(m.relay_lag.clone()))?;
         m.registry.register(Box::new(m.outbox_length.clone()))?;
+        m.registry.register(Box::new(m.relay_products.clone()))?;
+        m.registry.register(Box::new(m.relay_reading.clone()))?;
+        m.registry
+            .register(Box::new(m.relay_product_errors.clone()))?;
+        m.registry
+            .register(Box::new(m.relay_products_failing.clone()))?;
+        m.registry.register(Box::new(m.retired.clone()))?;
         m.registry.register(Box::new(m.queue_depth.clone()))?;
         m.registry.register(Box::new(m.dlq_depth.clone()))?;
         m.registry.register(Box::new(m.worker_batch.clone()))?;
@@ -192,6 +291,15 @@ impl Metrics {
         m.registry
             .register(Box::new(m.durability_wait_timeouts.clone()))?;
         m.registry.register(Box::new(m.unreplicated_wins.clone()))?;
+        m.registry.register(Box::new(m.db_queries.clone()))?;
+        m.registry.register(Box::new(m.readiness_checks.clone()))?;
+        m.registry.register(Box::new(m.sse_open.clone()))?;
+        m.registry.register(Box::new(m.sse_refused.clone()))?;
+        for limit in ["per_user", "process"] {
+            m.sse_refused.with_label_values(&[limit]);
+        }
+        m.registry.register(Box::new(m.sse_wakeups.clone()))?;
+        m.registry.register(Box::new(m.sse_resyncs.clone()))?;
         Ok(m)
     }
 
@@ -223,6 +331,12 @@ impl Metrics {
         }
     }
 
+    /// Counts one statement run on Postgres.
+    pub fn db_query(&self, sql: &str) {
+        let (verb, table) = classify_sql(sql);
+        self.db_queries.with_label_values(&[verb, table]).inc();
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
@@ -233,5 +347,74 @@ impl Metrics {
             return String::new();
         }
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// The labels of a statement: its verb and the first table it names, each from a fixed set
+/// (`other` beyond it), so the series stay few whatever SQL runs.
+pub fn classify_sql(sql: &str) -> (&'static str, &'static str) {
+    const VERBS: [&str; 4] = ["select", "insert", "update", "delete"];
+    const TABLES: [&str; 3] = ["product", "orders", "rejection"];
+    let known = |set: &[&'static str], word: &str| {
+        let word = word.trim_matches(|c: char| c == '"' || c == '(' || c == ',' || c == ';');
+        let word = word.rsplit('.').next().unwrap_or(word).trim_matches('"');
+        set.iter()
+            .find(|k| k.eq_ignore_ascii_case(word))
+            .copied()
+            .unwrap_or("other")
+    };
+    let mut words = sql.split_whitespace();
+    let verb = words.next().map_or("other", |w| known(&VERBS, w));
+    let mut table = "other";
+    if verb == "update" {
+        table = words.next().map_or("other", |w| known(&TABLES, w));
+    } else {
+        let mut words = words
+            .skip_while(|w| !(w.eq_ignore_ascii_case("from") || w.eq_ignore_ascii_case("into")));
+        if words.next().is_some() {
+            table = words.next().map_or("other", |w| known(&TABLES, w));
+        }
+    }
+    (verb, table)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statements_are_labelled_by_verb_and_first_table_from_fixed_sets() {
+        for (sql, want) in [
+            (
+                r#"SELECT "product"."product_id", "product"."name" FROM "product" WHERE "product"."product_id" = $1 LIMIT $2"#,
+                ("select", "product"),
+            ),
+            (
+                "select count(*) as n from orders where product_id = $1",
+                ("select", "orders"),
+            ),
+            (
+                r#"INSERT INTO "orders" ("order_id") VALUES ($1) ON CONFLICT DO NOTHING"#,
+                ("insert", "orders"),
+            ),
+            (
+                "update product set preheated_at = now() where product_id = $1",
+                ("update", "product"),
+            ),
+            (
+                "select * from rejection where user_id = $1",
+                ("select", "rejection"),
+            ),
+            (
+                "select max(product_id) from public.product",
+                ("select", "product"),
+            ),
+            ("select 1", ("select", "other")),
+            ("with x as (select 1) select * from x", ("other", "other")),
+            ("delete from somewhere_else", ("delete", "other")),
+            ("", ("other", "other")),
+        ] {
+            assert_eq!(classify_sql(sql), want, "{sql}");
+        }
     }
 }

@@ -1,9 +1,12 @@
-//! Products: creation, look-up (with an in-process cache of the fields that never change),
-//! live figures, and the preheat that loads a sale into Redis.
+//! Products: creation, look-up (with an in-process cache of the fields that never change, and
+//! brief, bounded, single-flight caches of the row, of unknown ids and of Redis' remaining
+//! figure), live figures, the preheat that loads a sale into Redis, and what Postgres says
+//! about a sale's place in Redis (loaded, or retired once it ended and drained).
 
 use std::{
     collections::HashMap,
     sync::{Arc, RwLock},
+    time::Duration,
 };
 
 use anyhow::Context;
@@ -15,6 +18,7 @@ use sea_orm::{
 use uuid::Uuid;
 
 use crate::{
+    cache::TtlCache,
     db::entities::{orders, product},
     domain::{ProductId, UserId},
     rejections,
@@ -109,10 +113,41 @@ impl TryFrom<&product::Model> for ProductInfo {
     }
 }
 
-/// Caches [`ProductInfo`] so the purchase path needs no Postgres round trip.
-#[derive(Default)]
+/// How long a product's row — or the absence of one — is answered from memory. Within one
+/// process a change made through it (create, preheat) is seen at once; other processes see it
+/// within this time (twice it for a product created elsewhere: see [`ProductCache::row`]).
+pub const ROW_TTL: Duration = Duration::from_secs(1);
+
+/// How long Redis' `remaining` figure of a product is reused by the product view.
+pub const REMAINING_TTL: Duration = Duration::from_millis(500);
+
+/// Most product ids each brief cache holds; beyond it the least recently used goes first, so a
+/// flood of random ids cannot grow memory.
+pub const CACHED_IDS: usize = 10_000;
+
+/// Caches [`ProductInfo`] so the purchase path needs no Postgres round trip, and answers the
+/// product view and unknown ids from memory for a moment: whatever the request rate, one
+/// process asks Postgres at most once per id per [`ROW_TTL`] (ids above the highest product id
+/// cost one query per [`ROW_TTL`] in all), and Redis once per id per [`REMAINING_TTL`].
 pub struct ProductCache {
-    map: RwLock<HashMap<ProductId, Arc<ProductInfo>>>,
+    info: RwLock<HashMap<ProductId, Arc<ProductInfo>>>,
+    /// The row, or `None` for an id Postgres does not have.
+    rows: TtlCache<ProductId, Option<Arc<product::Model>>>,
+    /// The highest product id (ids are a sequence: anything above it does not exist yet).
+    highest: TtlCache<(), i64>,
+    /// Redis' units left (`None`: Redis does not have the product).
+    remaining: TtlCache<ProductId, Option<i64>>,
+}
+
+impl Default for ProductCache {
+    fn default() -> Self {
+        Self {
+            info: RwLock::default(),
+            rows: TtlCache::new(CACHED_IDS, ROW_TTL),
+            highest: TtlCache::new(1, ROW_TTL),
+            remaining: TtlCache::new(CACHED_IDS, REMAINING_TTL),
+        }
+    }
 }
 
 impl ProductCache {
@@ -122,18 +157,81 @@ impl ProductCache {
         db: &DatabaseConnection,
         id: ProductId,
     ) -> anyhow::Result<Option<Arc<ProductInfo>>> {
-        if let Some(info) = self.map.read().ok().and_then(|m| m.get(&id).cloned()) {
+        if let Some(info) = self.info.read().ok().and_then(|m| m.get(&id).cloned()) {
             return Ok(Some(info));
         }
-        let Some(model) = find(db, id).await? else {
+        let Some(model) = self.row(db, id).await? else {
             return Ok(None);
         };
-        let info = Arc::new(ProductInfo::try_from(&model)?);
-        if let Ok(mut m) = self.map.write() {
+        let info = Arc::new(ProductInfo::try_from(&*model)?);
+        if let Ok(mut m) = self.info.write() {
             m.insert(id, info.clone());
         }
         Ok(Some(info))
     }
+
+    /// The product's row (`sold` and `preheated_at` at most [`ROW_TTL`] old), or `None`. An id
+    /// above the highest one is answered without asking for it; an unknown id below it is
+    /// remembered as unknown for [`ROW_TTL`].
+    pub async fn row(
+        &self,
+        db: &DatabaseConnection,
+        id: ProductId,
+    ) -> anyhow::Result<Option<Arc<product::Model>>> {
+        let conn = db.clone();
+        let highest = self
+            .highest
+            .get((), move || async move { highest_id(&conn).await })
+            .await?;
+        if id.get() > highest {
+            return Ok(None);
+        }
+        let conn = db.clone();
+        self.rows
+            .get(id, move || async move {
+                Ok(find(&conn, id).await?.map(Arc::new))
+            })
+            .await
+    }
+
+    /// Units left on sale in Redis (at most [`REMAINING_TTL`] old), `None` if Redis does not
+    /// have the product. "Not in Redis" is never remembered: the caller may conclude from it
+    /// that Redis lost the product (and mark it recovering), which must not outlive a rebuild.
+    pub async fn remaining(
+        &self,
+        reservations: &Reservations,
+        id: ProductId,
+    ) -> anyhow::Result<Option<i64>> {
+        let redis = reservations.clone();
+        let remaining = self
+            .remaining
+            .get(id, move || async move { Ok(redis.remaining(id).await?) })
+            .await?;
+        if remaining.is_none() {
+            self.remaining.invalidate(&id);
+        }
+        Ok(remaining)
+    }
+
+    /// Forgets what this process remembers of `id` (created or preheated here), so its next
+    /// answer is current.
+    pub fn changed(&self, id: ProductId) {
+        self.highest.invalidate(&());
+        self.rows.invalidate(&id);
+        self.remaining.invalidate(&id);
+    }
+}
+
+/// The highest product id, 0 when there is none.
+async fn highest_id(db: &DatabaseConnection) -> anyhow::Result<i64> {
+    let row = Count::find_by_statement(Statement::from_string(
+        db.get_database_backend(),
+        "select coalesce(max(product_id), 0) as n from product",
+    ))
+    .one(db)
+    .await
+    .context("reading the highest product id")?;
+    Ok(row.map_or(0, |r| r.n))
 }
 
 #[derive(Debug, FromQueryResult)]
@@ -147,17 +245,26 @@ struct Count {
     n: i64,
 }
 
-/// Orders holding a unit (`pending_payment` or `paid`).
-pub async fn live_orders(db: &impl ConnectionTrait, id: ProductId) -> anyhow::Result<i64> {
+/// The product's orders matching `condition` (SQL over `orders`, after `product_id = $1`).
+async fn count_orders(
+    db: &impl ConnectionTrait,
+    id: ProductId,
+    condition: &str,
+) -> anyhow::Result<i64> {
     let row = Count::find_by_statement(Statement::from_sql_and_values(
         db.get_database_backend(),
-        "select count(*) as n from orders where product_id = $1 and status in ('pending_payment', 'paid')",
+        format!("select count(*) as n from orders where product_id = $1 and ({condition})"),
         [id.get().into()],
     ))
     .one(db)
     .await
-    .context("counting live orders")?;
+    .with_context(|| format!("counting orders where {condition}"))?;
     Ok(row.map_or(0, |r| r.n))
+}
+
+/// Orders holding a unit (`pending_payment` or `paid`).
+pub async fn live_orders(db: &impl ConnectionTrait, id: ProductId) -> anyhow::Result<i64> {
+    count_orders(db, id, "status in ('pending_payment', 'paid')").await
 }
 
 /// Every (user, reservation) in Postgres for this product, whatever the order's status, and
@@ -249,12 +356,19 @@ pub async fn order_views(
     orders.chain(rejected).collect()
 }
 
+/// Whether Redis should hold the product's sale, from Postgres alone: it was preheated, has
+/// not been retired (an ended, drained sale whose keys were let expire on purpose) and its
+/// sale has not ended. A product for which this holds but Redis has nothing is **lost**.
+pub fn expected_in_redis(model: &product::Model, now: DateTime<Utc>) -> bool {
+    model.preheated_at.is_some() && model.retired_at.is_none() && now < model.ends_at
+}
+
 /// Records that the product is (about to be) in Redis, so a later loss is told apart from
-/// "never preheated".
+/// "never preheated"; a product preheated again is no longer retired.
 async fn mark_preheated(db: &DatabaseConnection, id: ProductId) -> anyhow::Result<()> {
     db.execute_raw(Statement::from_sql_and_values(
         db.get_database_backend(),
-        "update product set preheated_at = now() where product_id = $1",
+        "update product set preheated_at = now(), retired_at = null where product_id = $1",
         [id.get().into()],
     ))
     .await
@@ -328,10 +442,58 @@ async fn load(
 pub async fn preheated_unended(db: &DatabaseConnection) -> anyhow::Result<Vec<product::Model>> {
     product::Entity::find()
         .filter(product::Column::PreheatedAt.is_not_null())
+        .filter(product::Column::RetiredAt.is_null())
         .filter(product::Column::EndsAt.gt(Utc::now()))
         .all(db)
         .await
         .context("listing preheated products")
+}
+
+/// Most products one retirement pass looks at.
+const RETIRE_BATCH: u64 = 100;
+
+/// Preheated products whose sale has ended and that are not retired yet, earliest end first.
+pub async fn retire_candidates(db: &DatabaseConnection) -> anyhow::Result<Vec<product::Model>> {
+    use sea_orm::{QueryOrder, QuerySelect};
+    product::Entity::find()
+        .filter(product::Column::PreheatedAt.is_not_null())
+        .filter(product::Column::RetiredAt.is_null())
+        .filter(product::Column::EndsAt.lte(Utc::now()))
+        .order_by_asc(product::Column::EndsAt)
+        .limit(RETIRE_BATCH)
+        .all(db)
+        .await
+        .context("listing ended products to retire")
+}
+
+/// Orders of the product that can still change its keys in Redis: awaiting payment (paid,
+/// cancelled or expired later), or closed with their unit not yet returned (`release.lua`).
+pub async fn unsettled_orders(db: &impl ConnectionTrait, id: ProductId) -> anyhow::Result<i64> {
+    count_orders(
+        db,
+        id,
+        "status = 'pending_payment' or status in ('cancelled', 'expired') and released_at is null",
+    )
+    .await
+}
+
+/// Records that the product's sale was retired from Redis (unless a preheat brought it back
+/// meanwhile: only a product still marked preheated before `since` is retired).
+pub async fn mark_retired(
+    db: &DatabaseConnection,
+    id: ProductId,
+    since: DateTime<Utc>,
+) -> anyhow::Result<bool> {
+    let done = db
+        .execute_raw(Statement::from_sql_and_values(
+            db.get_database_backend(),
+            "update product set retired_at = now()
+             where product_id = $1 and retired_at is null and preheated_at <= $2",
+            [id.get().into(), since.into()],
+        ))
+        .await
+        .context("recording the retirement")?;
+    Ok(done.rows_affected() == 1)
 }
 
 #[cfg(test)]
@@ -359,5 +521,34 @@ mod tests {
         assert!(new("p", MAX_STOCK + 1, 1, 60).validate().is_err());
         assert!(new("p", 1, -1, 60).validate().is_err());
         assert!(new("p", 1, 1, 0).validate().is_err());
+    }
+
+    fn model(preheated: bool, retired: bool, ends_in_secs: i64) -> product::Model {
+        let now = Utc::now();
+        product::Model {
+            product_id: 1,
+            name: "p".into(),
+            stock: 1,
+            sold: 0,
+            price_cents: 1,
+            starts_at: now - chrono::Duration::hours(1),
+            ends_at: now + chrono::Duration::seconds(ends_in_secs),
+            created_at: now,
+            preheated_at: preheated.then_some(now),
+            retired_at: retired.then_some(now),
+        }
+    }
+
+    #[test]
+    fn only_a_preheated_unretired_unended_sale_belongs_in_redis() {
+        let now = Utc::now();
+        assert!(expected_in_redis(&model(true, false, 60), now));
+        // Never loaded: Redis not knowing it is no loss.
+        assert!(!expected_in_redis(&model(false, false, 60), now));
+        // Ended: nothing more can be sold, whether or not it was retired yet.
+        assert!(!expected_in_redis(&model(true, false, -60), now));
+        // Retired: its keys expired on purpose.
+        assert!(!expected_in_redis(&model(true, true, -60), now));
+        assert!(!expected_in_redis(&model(true, true, 60), now));
     }
 }

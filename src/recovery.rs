@@ -10,6 +10,11 @@
 //! process watches its preheated, unended products and starts the rebuild itself; a
 //! per-product lock in Redis lets only one rebuild run, and an operator's plain or forced
 //! preheat of a recovering product goes through the same checks.
+//!
+//! A sale that ended and drained is **retired** on purpose (`sweeper`): its keys expire and
+//! Postgres records `product.retired_at`. Redis not knowing a retired product is expected,
+//! never a loss ([`products::expected_in_redis`]): its view says `ended`, shoppers' reads fall
+//! back to Postgres, and a preheat of it simply loads it again.
 
 use std::{sync::Arc, time::Duration};
 
@@ -103,32 +108,32 @@ impl Recovery {
         self.metrics.recovering.set(self.recovering.len() as i64);
     }
 
-    /// Redis answered "unknown product" to a purchase: whether that is a loss (the product was
-    /// preheated and its sale has not ended), which marks it recovering.
+    /// Redis answered "unknown product" to a purchase: whether that is a loss, see
+    /// [`Recovery::check_lost`].
     pub async fn lost(&self, product: ProductId) -> anyhow::Result<bool> {
-        let Some(model) = products::find(&self.db, product).await? else {
-            return Ok(false);
-        };
-        let lost = model.preheated_at.is_some() && Utc::now() < model.ends_at;
-        if lost {
-            self.mark(product);
+        match products::find(&self.db, product).await? {
+            Some(model) => self.check_lost(&model).await,
+            None => Ok(false),
         }
-        Ok(lost)
     }
 
-    /// Whether the product view should say `recovering` (Redis has no figures for it).
-    pub fn view_lost(&self, model: &product::Model) -> bool {
-        let Ok(id) = ProductId::try_from(model.product_id) else {
-            return false;
-        };
+    /// Redis does not know `model`'s product: whether that means Redis lost it (Postgres says
+    /// Redis should hold it, [`products::expected_in_redis`], and no preheat is loading it right
+    /// now — the first preheat records `preheated_at` just before it loads Redis). A loss marks
+    /// it recovering.
+    pub async fn check_lost(&self, model: &product::Model) -> anyhow::Result<bool> {
+        let id = ProductId::try_from(model.product_id)?;
         if self.recovering.contains(id) {
-            return true;
+            return Ok(true);
         }
-        let lost = model.preheated_at.is_some() && Utc::now() < model.ends_at;
-        if lost {
-            self.mark(id);
+        if !products::expected_in_redis(model, Utc::now()) {
+            return Ok(false);
         }
-        lost
+        if self.reservations.being_rebuilt(id).await? {
+            return Ok(false);
+        }
+        self.mark(id);
+        Ok(true)
     }
 
     /// Loads a product's sale into Redis (the operators' preheat, and the automatic recovery).
@@ -149,7 +154,14 @@ impl Recovery {
         if known && started && !force {
             return Err(PreheatError::AlreadyLive);
         }
-        if !known && started && model.preheated_at.is_some() {
+        // Preheated and not retired, yet unknown to Redis: lost (a retired one just loads
+        // again) — unless a preheat is loading it right now (it holds the rebuild lock).
+        if !known
+            && started
+            && model.preheated_at.is_some()
+            && model.retired_at.is_none()
+            && !self.reservations.being_rebuilt(product).await?
+        {
             self.mark(product);
             if !self.drained(product).await? {
                 return Err(PreheatError::Recovering);

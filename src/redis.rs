@@ -112,12 +112,18 @@ pub async fn connect(
     Ok(pool)
 }
 
+/// Messages a subscriber buffers for its listener. fred's default (32) lags whenever one
+/// script publishes a worker batch's statuses (200 at once) while the listener is busy, and a
+/// lag costs a resync (every stream woken, the sold-out memory dropped).
+const SUBSCRIBER_BUFFER: usize = 4_096;
+
 /// Builds a pub/sub client (fred's `Pool` does not do pub/sub).
 pub async fn subscriber(
     settings: &RedisSettings,
     wait: Duration,
 ) -> anyhow::Result<fred::clients::SubscriberClient> {
     let client = builder(settings)?
+        .with_performance_config(|p| p.broadcast_channel_capacity = SUBSCRIBER_BUFFER)
         .build_subscriber_client()
         .context("building the Redis subscriber")?;
     client.connect();

@@ -27,6 +27,7 @@ use crate::{
     domain::{ProductId, UserId},
     durability::{ReplicaWait, Replication},
     keys::Keys,
+    outbox::OutboxWake,
 };
 
 static RESERVE: &str = include_str!("../lua/reserve.lua");
@@ -35,6 +36,7 @@ static PREHEAT: &str = include_str!("../lua/preheat.lua");
 static PAUSE: &str = include_str!("../lua/pause.lua");
 static STATUS: &str = include_str!("../lua/status.lua");
 static UNLOCK: &str = include_str!("../lua/unlock.lua");
+static RETIRE: &str = include_str!("../lua/retire.lua");
 
 /// How long a rebuild lock lives if its holder dies.
 const REBUILD_LOCK_TTL_MS: u64 = 60_000;
@@ -345,6 +347,31 @@ impl PreheatPlan {
     }
 }
 
+/// What a retirement attempt did (`retire.lua`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retired {
+    /// The sale's keys expire in `ttl` (set now, or by an earlier attempt).
+    Expiring { ttl: Duration },
+    /// Not yet: the sale has not ended by Redis time, or winners are still in flight.
+    NotYet,
+    /// The product is not in Redis: nothing to expire.
+    NotInRedis,
+}
+
+/// Decodes `retire.lua`'s answer `{code, ttl_ms}`; an unknown code is an error.
+pub fn decode_retire((code, ttl_ms): (i64, i64)) -> Result<Retired, Unavailable> {
+    match code {
+        1 => Ok(Retired::Expiring {
+            ttl: millis(ttl_ms),
+        }),
+        0 => Ok(Retired::NotYet),
+        -1 => Ok(Retired::NotInRedis),
+        other => Err(Unavailable::BadReply(format!(
+            "retire.lua answered code {other}"
+        ))),
+    }
+}
+
 /// What a preheat did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Preheated {
@@ -369,12 +396,15 @@ pub struct Reservations {
     clock: Clock,
     /// `replicas:N`: the `WAIT` after each win.
     replica_wait: Option<ReplicaWait>,
+    /// This process's outbox relay, told of every win (`serve`).
+    wake: Option<Arc<OutboxWake>>,
     reserve: Script,
     release: Script,
     preheat: Script,
     pause: Script,
     status: Script,
     unlock: Script,
+    retire: Script,
 }
 
 impl Reservations {
@@ -386,12 +416,14 @@ impl Reservations {
             product_rate,
             clock: Clock::Redis,
             replica_wait: None,
+            wake: None,
             reserve: Script::from_lua(RESERVE),
             release: Script::from_lua(RELEASE),
             preheat: Script::from_lua(PREHEAT),
             pause: Script::from_lua(PAUSE),
             status: Script::from_lua(STATUS),
             unlock: Script::from_lua(UNLOCK),
+            retire: Script::from_lua(RETIRE),
         }
     }
 
@@ -405,6 +437,12 @@ impl Reservations {
     /// `WAIT N` after the script; `fsync` is Redis's own doing and `none` asks nothing).
     pub fn with_durability(mut self, durability: Durability) -> Self {
         self.replica_wait = ReplicaWait::for_setting(durability);
+        self
+    }
+
+    /// Tells `wake` of every win (this process's outbox relay).
+    pub fn with_wake(mut self, wake: Arc<OutboxWake>) -> Self {
+        self.wake = Some(wake);
         self
     }
 
@@ -425,6 +463,7 @@ impl Reservations {
             &self.pause,
             &self.status,
             &self.unlock,
+            &self.retire,
         ] {
             for client in self.pool.clients() {
                 script.load(client).await?;
@@ -462,6 +501,9 @@ impl Reservations {
         let client = self.pool.next();
         let reply: ReserveReply = self.reserve.evalsha_with_reload(client, keys, args).await?;
         let mut decision = decode_reserve(reply)?;
+        if let (Outcome::Won { .. }, Some(wake)) = (&decision.outcome, &self.wake) {
+            wake.won(product);
+        }
         if let (Outcome::Won { .. }, Some(wait)) = (&decision.outcome, &self.replica_wait) {
             let slot = fred::util::redis_keyslot(k.state.as_bytes());
             decision.replication = wait.after_win(client, slot).await;
@@ -527,7 +569,7 @@ impl Reservations {
                 .status
                 .evalsha_with_reload(
                     self.pool.next(),
-                    vec![k.status.clone(), k.pending.clone()],
+                    vec![k.status.clone(), k.pending.clone(), k.state.clone()],
                     args,
                 )
                 .await?;
@@ -635,9 +677,40 @@ impl Reservations {
         Ok(())
     }
 
+    /// Whether a preheat or rebuild of the product holds its rebuild lock right now.
+    pub async fn being_rebuilt(&self, product: ProductId) -> Result<bool, Unavailable> {
+        Ok(self.pool.exists(self.keys.product(product).rebuild).await?)
+    }
+
     /// Entries of the product's outbox not yet relayed to RabbitMQ.
     pub async fn outbox_len(&self, product: ProductId) -> Result<i64, Unavailable> {
         Ok(self.pool.xlen(self.keys.product(product).outbox).await?)
+    }
+
+    /// Gives an ended, drained sale's keys an expiry of `grace` (see `lua/retire.lua`). The
+    /// caller has checked, after seeing the outbox and the pending set empty, that no order of
+    /// the product can still change them.
+    pub async fn retire(
+        &self,
+        product: ProductId,
+        grace: Duration,
+    ) -> Result<Retired, Unavailable> {
+        let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
+        let reply: (i64, i64) = self
+            .retire
+            .evalsha_with_reload(
+                self.pool.next(),
+                self.keys.product(product).lasting(),
+                vec![grace_ms.to_string()],
+            )
+            .await?;
+        decode_retire(reply)
+    }
+
+    /// Takes a retired product off the relay's list.
+    pub async fn forget(&self, product: ProductId) -> Result<(), Unavailable> {
+        let _: i64 = self.pool.srem(self.keys.products(), product.get()).await?;
+        Ok(())
     }
 
     /// Units left on sale, or `None` if the product is not in Redis.
@@ -660,6 +733,19 @@ impl Reservations {
             .pool
             .hexists(self.keys.product(product).state, "stock")
             .await?)
+    }
+
+    /// Whether Redis holds the product's whole buyer list: the product is loaded (its state
+    /// has `stock`; a preheat or rebuild writes it after every buyer Postgres knows) and its
+    /// buyers hash exists. A shopper not in that list never won the product. (Before the first
+    /// win there is no buyers hash, and after a loss no state: then Redis cannot say.)
+    pub async fn knows_every_buyer(&self, product: ProductId) -> Result<bool, Unavailable> {
+        let k = self.keys.product(product);
+        let (loaded, buyers): (bool, i64) = tokio::try_join!(
+            self.pool.hexists(k.state, "stock"),
+            self.pool.exists(k.buyers)
+        )?;
+        Ok(loaded && buyers > 0)
     }
 
     /// The user's reservation id for `product`, if they won one.
@@ -800,6 +886,19 @@ mod tests {
         for bad in [2, -2, 99] {
             assert!(decode_release((bad, 0)).is_err(), "code {bad}");
         }
+    }
+
+    #[test]
+    fn every_retire_code_decodes_and_an_unknown_one_is_an_error() {
+        assert_eq!(
+            decode_retire((1, 86_400_000)).unwrap(),
+            Retired::Expiring {
+                ttl: Duration::from_secs(86_400)
+            }
+        );
+        assert_eq!(decode_retire((0, -1)).unwrap(), Retired::NotYet);
+        assert_eq!(decode_retire((-1, -1)).unwrap(), Retired::NotInRedis);
+        assert!(decode_retire((2, 0)).is_err());
     }
 
     #[test]

@@ -17,6 +17,7 @@ use crate::{
     deps::Deps,
     events, http,
     keys::Keys,
+    outbox::OutboxWake,
     relay::Relay,
     reservations::Reservations,
     soldout::{Recovering, SoldOutCache},
@@ -81,6 +82,13 @@ impl Application {
             settings.product_rate,
         )
         .with_durability(settings.redis_durability);
+        // This process's wins wake its relay (which matters on a cluster; see `relay`).
+        let wake = Arc::new(OutboxWake::default());
+        let reservations = if role.serves_http() {
+            reservations.with_wake(wake.clone())
+        } else {
+            reservations
+        };
         reservations.load_scripts().await?;
         let mut app = Self {
             http_port: None,
@@ -92,7 +100,7 @@ impl Application {
         };
         if role.serves_http() {
             app.start_api(&reservations).await?;
-            app.start_relay(&reservations);
+            app.start_relay(&reservations, wake);
         }
         if role.runs_worker() {
             if role == Role::Worker {
@@ -117,7 +125,7 @@ impl Application {
             reservations.keys(),
             soldout.clone(),
             recovering.clone(),
-            self.deps.events.clone(),
+            self.deps.streams.clone(),
         )
         .await?;
         self.tasks.spawn(listener.run(self.shutdown.child_token()));
@@ -141,8 +149,8 @@ impl Application {
     }
 
     /// The outbox relay: winners from Redis to RabbitMQ.
-    fn start_relay(&mut self, reservations: &Reservations) {
-        let relay = Relay::new(&self.deps, reservations.keys().clone());
+    fn start_relay(&mut self, reservations: &Reservations, wake: Arc<OutboxWake>) {
+        let relay = Relay::new(&self.deps, reservations.keys().clone(), wake);
         self.tasks.spawn(relay.run(self.shutdown.child_token()));
     }
 

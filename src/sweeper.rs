@@ -3,8 +3,19 @@
 //! between the Postgres update and `release.lua`). Several sweepers at once are safe: rows are
 //! claimed with `FOR UPDATE SKIP LOCKED` and the transition is guarded by status, and
 //! `release.lua` is idempotent per reservation.
+//!
+//! It also **retires** sales from Redis so its memory does not grow with every sale ever held:
+//! once a sale has ended, its outbox and pending set are empty (every winner relayed and
+//! persisted) and Postgres has no order of it left that could still change Redis (none awaits
+//! payment, every closed one had its unit returned), `retire.lua` gives the product's keys an
+//! expiry of `SECKILL_KEY_GRACE_SECS`, the product leaves the relay's list and Postgres
+//! records `product.retired_at` (so the recovery watch never takes it for lost).
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context;
 use sea_orm::{ConnectionTrait, DatabaseConnection, FromQueryResult, Statement, TransactionTrait};
@@ -13,15 +24,20 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     db::entities::orders,
     deps::Deps,
+    domain::ProductId,
     metrics::Metrics,
     orders::{OrderStatus, return_unit},
-    reservations::Reservations,
+    products,
+    reservations::{Reservations, Retired},
 };
 
 /// Orders handled per sweep.
 const SWEEP_LIMIT: i64 = 500;
 /// A closed order whose unit is still out after this long is released by the reconciler.
 const RECONCILE_AFTER_SECS: i64 = 5;
+
+/// How often the sweeper looks for sales to retire.
+const RETIRE_EVERY: Duration = Duration::from_secs(5);
 
 /// What one sweep did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -96,12 +112,74 @@ pub async fn sweep_once(
     })
 }
 
-/// The sweeper loop around [`sweep_once`].
+/// Retires every ended, drained sale (see the module's doc); returns how many were retired.
+/// A product that fails is logged and left for the next pass.
+pub async fn retire_once(
+    db: &DatabaseConnection,
+    reservations: &Reservations,
+    grace: Duration,
+) -> anyhow::Result<usize> {
+    let mut retired = 0;
+    for model in products::retire_candidates(db).await? {
+        let id = ProductId::try_from(model.product_id)?;
+        match retire(db, reservations, &model, id, grace).await {
+            Ok(true) => retired += 1,
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(product_id = id.get(), error = %format!("{e:#}"), "could not retire an ended sale yet")
+            }
+        }
+    }
+    Ok(retired)
+}
+
+async fn retire(
+    db: &DatabaseConnection,
+    reservations: &Reservations,
+    model: &crate::db::entities::product::Model,
+    id: ProductId,
+    grace: Duration,
+) -> anyhow::Result<bool> {
+    // Redis first: with the outbox and the pending set empty every winner is in Postgres, so
+    // the count of unsettled orders read after it misses none.
+    if reservations.outbox_len(id).await? > 0 || reservations.pending_count(id).await? > 0 {
+        return Ok(false);
+    }
+    if products::unsettled_orders(db, id).await? > 0 {
+        return Ok(false);
+    }
+    let ttl = match reservations.retire(id, grace).await? {
+        Retired::NotYet => return Ok(false),
+        Retired::Expiring { ttl } => Some(ttl),
+        // Lost by Redis before it was retired: winners of it may still wait in RabbitMQ, so it
+        // is recorded only once its grace has passed too.
+        Retired::NotInRedis
+            if chrono::Utc::now()
+                < model.ends_at + chrono::Duration::from_std(grace).unwrap_or_default() =>
+        {
+            return Ok(false);
+        }
+        Retired::NotInRedis => None,
+    };
+    reservations.forget(id).await?;
+    let Some(since) = model.preheated_at else {
+        return Ok(false);
+    };
+    let marked = products::mark_retired(db, id, since).await?;
+    if marked {
+        tracing::info!(product_id = id.get(), expires_in = ?ttl, "retired an ended sale from Redis");
+    }
+    Ok(marked)
+}
+
+/// The sweeper loop around [`sweep_once`] (and, every few seconds, [`retire_once`]).
 pub struct Sweeper {
     pub db: DatabaseConnection,
     pub reservations: Reservations,
     pub metrics: Arc<Metrics>,
     pub interval: Duration,
+    /// How long a retired sale's keys stay in Redis.
+    pub key_grace: Duration,
 }
 
 impl Sweeper {
@@ -111,12 +189,21 @@ impl Sweeper {
             reservations,
             metrics: deps.metrics.clone(),
             interval: deps.settings.sweep_interval,
+            key_grace: deps.settings.key_grace,
         }
     }
 
     /// Sweeps every `interval` until shutdown; errors are logged and retried next time.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let mut last_retire: Option<Instant> = None;
         loop {
+            if last_retire.is_none_or(|t| t.elapsed() >= RETIRE_EVERY) {
+                last_retire = Some(Instant::now());
+                match retire_once(&self.db, &self.reservations, self.key_grace).await {
+                    Ok(n) => self.metrics.retired.inc_by(n as u64),
+                    Err(e) => tracing::warn!(error = %format!("{e:#}"), "retirement pass failed"),
+                }
+            }
             match sweep_once(&self.db, &self.reservations).await {
                 Ok(s) => {
                     if s.expired > 0 {

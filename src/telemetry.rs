@@ -3,8 +3,19 @@
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 /// Installs the global subscriber once; `RUST_LOG` is respected (default `info`).
+/// The log directive that silences actix's per-connection errors caused by clients.
+const QUIET_CLIENT_ERRORS: &str = "actix_http::h1::dispatcher=off";
+
 pub fn init(pretty: bool) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // actix logs every malformed request (a bad header, a broken body) at ERROR: a client must
+    // not be able to flood the logs with error lines, and actix answers them 400 itself.
+    // `RUST_LOG=actix_http=…` brings them back.
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("actix_http"))
+        && let Ok(directive) = QUIET_CLIENT_ERRORS.parse()
+    {
+        filter = filter.add_directive(directive);
+    }
     let registry = tracing_subscriber::registry().with(filter);
     let result = if pretty {
         registry.with(fmt::layer().with_target(false)).try_init()

@@ -17,6 +17,9 @@ pub mod product {
         pub created_at: ChronoDateTimeUtc,
         /// Set when the product is first loaded into Redis (and at every preheat since).
         pub preheated_at: Option<ChronoDateTimeUtc>,
+        /// Set when the ended, drained sale was retired from Redis (its keys expire); cleared
+        /// by a new preheat.
+        pub retired_at: Option<ChronoDateTimeUtc>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

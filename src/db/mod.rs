@@ -126,6 +126,10 @@ impl MigratorTrait for Migrator {
                 name: "0003_rejection",
                 sql: include_str!("../../migrations/0003_rejection.sql"),
             }),
+            Box::new(SqlMigration {
+                name: "0004_retired",
+                sql: include_str!("../../migrations/0004_retired.sql"),
+            }),
         ]
     }
 }

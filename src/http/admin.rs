@@ -27,11 +27,16 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateProduct {
+    /// 1 to 200 characters, not all spaces (trimmed).
+    #[schema(min_length = 1, max_length = 200, pattern = r"\S")]
     pub name: String,
     /// Units on sale, 0 to 10,000,000.
+    #[schema(minimum = 0, maximum = 10_000_000)]
     pub stock: i64,
+    #[schema(minimum = 0)]
     pub price_cents: i64,
     pub starts_at: DateTime<Utc>,
+    /// After `starts_at` (else `400 bad_request`).
     pub ends_at: DateTime<Utc>,
 }
 
@@ -82,6 +87,8 @@ impl From<&product::Model> for AdminProduct {
         (status = 201, description = "OK", body = AdminProduct),
         (status = 400, description = "`bad_request`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited` (per client address, `SECKILL_ADMIN_IP_RATE`), with `Retry-After`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 408, description = "`body_timeout`: the body did not arrive within `SECKILL_BODY_TIMEOUT_MS`; the connection is closed", body = crate::http::problem::Problem, content_type = "application/problem+json"),
         (status = 413, description = "`payload_too_large`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
     ),
     security(("admin_token" = [])),
@@ -103,6 +110,10 @@ pub async fn create_product(
     };
     new.validate().map_err(ApiError::BadRequest)?;
     let created = products::create(&ctx.deps.db, &new).await?;
+    if let Ok(id) = crate::domain::ProductId::try_from(created.product_id) {
+        // This process may remember the id as unknown: shoppers see the product at once.
+        ctx.products.changed(id);
+    }
     tracing::info!(
         product_id = created.product_id,
         stock = created.stock,
@@ -117,6 +128,7 @@ pub async fn create_product(
     responses(
         (status = 200, description = "OK", body = AdminProduct),
         (status = 401, description = "`unauthorized`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited` (per client address, `SECKILL_ADMIN_IP_RATE`), with `Retry-After`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
         (status = 404, description = "`product_not_found`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
         (status = 503, description = "`unavailable`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
     ),
@@ -162,12 +174,14 @@ pub struct PreheatResult {
 /// Loads stock, sale window, known buyers and the scripts into Redis. Idempotent.
 #[utoipa::path(
     params(("id" = String, Path, description = "product id")),
-    request_body(content = Option<PreheatRequest>, description = "optional; `{}` or no body means `force: false`"),
+    request_body(content = Option<PreheatRequest>, description = "optional; no body, `null` or `{}` means `force: false`"),
     responses(
         (status = 200, description = "OK", body = PreheatResult),
         (status = 400, description = "`bad_request`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited` (per client address, `SECKILL_ADMIN_IP_RATE`), with `Retry-After`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
         (status = 404, description = "`product_not_found`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 408, description = "`body_timeout`: the body did not arrive within `SECKILL_BODY_TIMEOUT_MS`; the connection is closed", body = crate::http::problem::Problem, content_type = "application/problem+json"),
         (status = 409, description = "`already_live`: the sale started; pass `force`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
         (status = 503, description = "`unavailable`; `recovering`: Redis lost the sale and winners are still in flight (it is rebuilt by itself once they are persisted); `paused`: another rebuild is running", body = crate::http::problem::Problem, content_type = "application/problem+json"),
     ),
@@ -187,14 +201,17 @@ pub async fn preheat(
         .await
         .map_err(|_| ApiError::PayloadTooLarge(MAX_BODY))?
         .map_err(|_| ApiError::BadRequest("could not read the request body".into()))?;
+    // No body, `null` and `{}` all mean the defaults.
     let request: PreheatRequest = if body.iter().all(u8::is_ascii_whitespace) {
         PreheatRequest::default()
     } else {
-        serde_json::from_slice(&body)
+        serde_json::from_slice::<Option<PreheatRequest>>(&body)
             .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?
+            .unwrap_or_default()
     };
     let (Preheated::Loaded { remaining, buyers } | Preheated::AlreadyLive { remaining, buyers }) =
         ctx.recovery.preheat(id, request.force).await?;
+    ctx.products.changed(id);
     tracing::info!(
         product_id = id.get(),
         remaining,

@@ -4,7 +4,7 @@
 use actix_web::{HttpResponse, get};
 use utoipa::{
     Modify, OpenApi,
-    openapi::security::{Http, HttpAuthScheme, SecurityScheme},
+    openapi::security::{ApiKey, ApiKeyValue, Http, HttpAuthScheme, SecurityScheme},
 };
 use utoipa_swagger_ui::SwaggerUi;
 
@@ -25,6 +25,15 @@ impl Modify for Security {
             ),
         );
         components.add_security_scheme(
+            "stream_token",
+            SecurityScheme::ApiKey(ApiKey::Query(ApiKeyValue::with_description(
+                "token",
+                "A stream token from POST /api/v1/products/{id}/reservations/me/stream-token \
+                 (60 s, this shopper and product only), for EventSource, which cannot send \
+                 Authorization. Shoppers' JWTs are refused in the URL.",
+            ))),
+        );
+        components.add_security_scheme(
             "admin_token",
             SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
         );
@@ -35,7 +44,7 @@ impl Modify for Security {
 #[openapi(
     info(title = "seckill", description = "Flash-sale reservation service. Errors are application/problem+json with a stable `code`."),
     paths(
-        shop::product_view, shop::issue_token, shop::reserve, shop::my_reservation, shop::my_reservation_events,
+        shop::product_view, shop::issue_token, shop::reserve, shop::my_reservation, shop::my_reservation_events, shop::issue_stream_token,
         orders::pay, orders::cancel,
         admin::create_product, admin::get_product, admin::preheat, admin::metrics,
         health::healthz, health::readyz,

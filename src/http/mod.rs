@@ -3,7 +3,9 @@
 pub mod admin;
 pub mod docs;
 pub mod extract;
+pub mod fallback;
 pub mod health;
+pub mod limits;
 pub mod orders;
 pub mod problem;
 pub mod shop;
@@ -28,9 +30,14 @@ use tracing_actix_web::TracingLogger;
 
 use crate::{
     auth::Auth,
-    config::{IpNet, Rate},
+    config::Rate,
     deps::Deps,
-    http::problem::ApiError,
+    http::{
+        extract::{ClientSpan, TrustedProxies},
+        fallback::{KnownPaths, fallback},
+        limits::{BodyTimeout, Connections},
+        problem::ApiError,
+    },
     products::ProductCache,
     recovery::Recovery,
     reservations::Reservations,
@@ -53,8 +60,13 @@ pub struct Ctx {
     pub products: ProductCache,
     pub soldout: Arc<SoldOutCache>,
     pub recovery: Arc<Recovery>,
+    /// Requests per client ([`extract::client_key`]) on the shoppers' listener.
     pub ip_limiter: DefaultKeyedRateLimiter<IpAddr>,
-    pub trusted_proxies: Vec<IpNet>,
+    /// Requests per client on the operators' listener (`SECKILL_ADMIN_IP_RATE`).
+    pub admin_ip_limiter: DefaultKeyedRateLimiter<IpAddr>,
+    pub trusted_proxies: TrustedProxies,
+    /// Open connections of the shoppers' listener.
+    pub connections: Arc<Connections>,
 }
 
 fn quota(rate: Rate) -> Quota {
@@ -73,6 +85,7 @@ impl Ctx {
         recovering: Arc<Recovering>,
     ) -> anyhow::Result<Self> {
         let settings = deps.settings.clone();
+        let trusted = TrustedProxies(settings.trusted_proxies.clone().into());
         let recovery = Arc::new(Recovery::new(
             &deps,
             reservations.clone(),
@@ -89,7 +102,16 @@ impl Ctx {
             products: ProductCache::default(),
             soldout,
             ip_limiter: RateLimiter::keyed(quota(settings.ip_rate)),
-            trusted_proxies: settings.trusted_proxies.clone(),
+            admin_ip_limiter: RateLimiter::keyed(quota(settings.admin_ip_rate)),
+            trusted_proxies: trusted.clone(),
+            connections: Arc::new(
+                Connections::new(
+                    settings.max_connections_per_ip,
+                    settings.max_connections,
+                    trusted,
+                )
+                .with_metrics(deps.metrics.clone()),
+            ),
             deps,
         })
     }
@@ -104,15 +126,13 @@ pub async fn forget_idle_ips(
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = tokio::time::sleep(Duration::from_secs(30)) => {
-                ctx.ip_limiter.retain_recent();
-                ctx.ip_limiter.shrink_to_fit();
+                for limiter in [&ctx.ip_limiter, &ctx.admin_ip_limiter] {
+                    limiter.retain_recent();
+                    limiter.shrink_to_fit();
+                }
             }
         }
     }
-}
-
-async fn not_found() -> Result<HttpResponse, ApiError> {
-    Err(ApiError::NotFound)
 }
 
 fn json_config() -> web::JsonConfig {
@@ -182,30 +202,40 @@ fn method_label(method: &Method) -> &'static str {
     }
 }
 
-/// Per client IP, in process (`SECKILL_IP_RATE`); health checks are exempt.
+/// Per client ([`extract::client_key`]: an IPv4 address or an IPv6 /64), in process
+/// (`SECKILL_IP_RATE`); health checks are exempt.
 async fn limit_per_ip(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
+    limit_requests(req, next, |ctx| &ctx.ip_limiter).await
+}
+
+/// The operators' listener's own per-client limit (`SECKILL_ADMIN_IP_RATE`).
+async fn limit_admin_per_ip(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
+    limit_requests(req, next, |ctx| &ctx.admin_ip_limiter).await
+}
+
+async fn limit_requests(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+    limiter: fn(&Ctx) -> &DefaultKeyedRateLimiter<IpAddr>,
+) -> Result<ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
     if let Some(ctx) = req.app_data::<web::Data<Ctx>>().cloned()
         && !matches!(req.path(), "/healthz" | "/readyz")
+        && let Some(ip) = ctx.trusted_proxies.client_ip(req.request())
+        && let Err(not_until) = limiter(&ctx).check_key(&extract::client_key(ip))
     {
-        let forwarded = req
-            .headers()
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok());
-        let peer = req.peer_addr().map(|a| a.ip());
-        if let Some(ip) = extract::client_ip(peer, forwarded, &ctx.trusted_proxies)
-            && let Err(not_until) = ctx.ip_limiter.check_key(&ip)
-        {
-            ctx.deps.metrics.ip_limited.inc();
-            let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
-            let err = ApiError::RateLimited {
-                retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
-            };
-            let (req, _) = req.into_parts();
-            return Ok(ServiceResponse::new(req, err.error_response()));
-        }
+        ctx.deps.metrics.ip_limited.inc();
+        let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+        let err = ApiError::RateLimited {
+            retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+        };
+        let (req, _) = req.into_parts();
+        return Ok(ServiceResponse::new(req, err.error_response()));
     }
     Ok(next.call(req).await?.map_into_boxed_body())
 }
@@ -256,23 +286,57 @@ pub fn configure_public(ctx: web::Data<Ctx>) -> impl FnOnce(&mut web::ServiceCon
     }
 }
 
+/// Actix's own cap on a worker's connections, a backstop on sockets: twice the process's share
+/// of `SECKILL_MAX_CONNECTIONS` (past the total, connections still get a fast `503 at_capacity`
+/// from [`limits::limit_connections`]; past the backstop, the worker stops accepting).
+fn connections_per_worker(total: u32, workers: usize) -> usize {
+    usize::try_from(total)
+        .unwrap_or(usize::MAX)
+        .saturating_mul(2)
+        .div_ceil(workers.max(1))
+}
+
 /// The shoppers' server.
 pub fn public_server(listener: TcpListener, ctx: web::Data<Ctx>) -> anyhow::Result<Server> {
+    let known = web::Data::new(KnownPaths::from_doc(
+        &["shoppers", "orders", "service"],
+        &["/metrics"],
+    ));
+    let settings = &ctx.deps.settings;
+    let body_timeout = BodyTimeout {
+        limit: settings.body_timeout,
+        metrics: ctx.deps.metrics.clone(),
+    };
+    let workers = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let max_per_worker = connections_per_worker(settings.max_connections, workers);
+    let conns = ctx.connections.clone();
     let server = HttpServer::new(move || {
         App::new()
             .wrap(from_fn(deadline))
             .wrap(from_fn(limit_per_ip))
+            .wrap(from_fn(limits::limit_connections))
+            .wrap(from_fn(limits::body_deadline))
             .wrap(from_fn(record_metrics))
-            .wrap(TracingLogger::default())
+            .wrap(TracingLogger::<ClientSpan>::new())
+            .app_data(body_timeout.clone())
+            .app_data(ctx.trusted_proxies.clone())
             .configure(configure_public(ctx.clone()))
-            .default_service(web::to(not_found))
+            .app_data(known.clone())
+            .default_service(web::to(fallback))
     })
+    .on_connect(move |io, data| limits::on_connect(&conns, io, data))
+    .workers(workers)
+    .max_connections(max_per_worker)
     .listen(listener)?
     .backlog(4096)
     .max_connection_rate(1024)
     .client_request_timeout(Duration::from_secs(5))
     .client_disconnect_timeout(Duration::from_secs(1))
     .keep_alive(Duration::from_secs(30))
+    // A client that closes its side is gone: drop what it was being sent at once. With
+    // half-closed connections allowed (actix's default), an event stream whose shopper went
+    // away would stay open, and counted against the caps, until its next write failed.
+    .h1_allow_half_closed(false)
     .shutdown_timeout(5)
     .disable_signals()
     .run();
@@ -282,19 +346,30 @@ pub fn public_server(listener: TcpListener, ctx: web::Data<Ctx>) -> anyhow::Resu
 /// The operators' server (admin API and metrics live only here).
 pub fn admin_server(listener: TcpListener, ctx: web::Data<Ctx>) -> anyhow::Result<Server> {
     let deps = web::Data::from(ctx.deps.clone());
+    let known = web::Data::new(KnownPaths::from_doc(&["operators", "service"], &[]));
+    let body_timeout = BodyTimeout {
+        limit: ctx.deps.settings.body_timeout,
+        metrics: ctx.deps.metrics.clone(),
+    };
     let server = HttpServer::new(move || {
         App::new()
+            .wrap(from_fn(limit_admin_per_ip))
+            .wrap(from_fn(limits::body_deadline))
             .wrap(from_fn(record_metrics))
-            .wrap(TracingLogger::default())
+            .wrap(TracingLogger::<ClientSpan>::new())
+            .app_data(body_timeout.clone())
+            .app_data(ctx.trusted_proxies.clone())
             .app_data(ctx.clone())
             .app_data(deps.clone())
             .configure(common)
             .configure(admin::routes)
-            .default_service(web::to(not_found))
+            .app_data(known.clone())
+            .default_service(web::to(fallback))
     })
     .workers(1)
     .listen(listener)?
     .client_request_timeout(Duration::from_secs(5))
+    .client_disconnect_timeout(Duration::from_secs(1))
     .shutdown_timeout(5)
     .disable_signals()
     .run();
@@ -304,15 +379,17 @@ pub fn admin_server(listener: TcpListener, ctx: web::Data<Ctx>) -> anyhow::Resul
 /// A `worker` process's operators' listener: `/metrics`, `/healthz`, `/readyz`.
 pub fn worker_ops_server(listener: TcpListener, deps: Arc<Deps>) -> anyhow::Result<Server> {
     let deps = web::Data::from(deps);
+    let known = web::Data::new(KnownPaths::from_doc(&["service"], &[]));
     let server = HttpServer::new(move || {
         App::new()
             .wrap(from_fn(record_metrics))
-            .wrap(TracingLogger::default())
+            .wrap(TracingLogger::<ClientSpan>::new())
             .app_data(deps.clone())
             .service(health::healthz)
             .service(health::readyz)
             .service(admin::metrics)
-            .default_service(web::to(not_found))
+            .app_data(known.clone())
+            .default_service(web::to(fallback))
     })
     .workers(1)
     .listen(listener)?
@@ -341,6 +418,14 @@ mod tests {
                 assert_eq!(allowed as u32, burst, "{rate}");
             }
         }
+    }
+
+    #[test]
+    fn actix_caps_each_worker_at_twice_its_share_of_the_total() {
+        assert_eq!(connections_per_worker(10_000, 2), 10_000);
+        assert_eq!(connections_per_worker(10_000, 3), 6_667);
+        assert_eq!(connections_per_worker(1, 4), 1);
+        assert_eq!(connections_per_worker(5, 0), 10);
     }
 
     #[test]

@@ -42,6 +42,9 @@ pub enum ApiError {
     BadRequest(String),
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
+    /// The body did not arrive whole within `SECKILL_BODY_TIMEOUT_MS` of the request's head.
+    #[error("the request body did not arrive in time")]
+    BodyTimeout,
     #[error("missing or invalid credentials")]
     Unauthorized,
     #[error("{0}")]
@@ -70,6 +73,16 @@ pub enum ApiError {
     NotStarted,
     #[error("too many attempts; retry after {retry_after_secs} s")]
     RateLimited { retry_after_secs: u64 },
+    #[error("you already hold {0} open event streams; close one first")]
+    TooManyStreams(usize),
+    #[error("this server holds as many event streams as it may; retry shortly")]
+    StreamsExhausted,
+    /// This client address holds `SECKILL_MAX_CONNECTIONS_PER_IP` connections already.
+    #[error("too many open connections from your address; reuse one or close some")]
+    TooManyConnections,
+    /// The process holds `SECKILL_MAX_CONNECTIONS` connections already.
+    #[error("the server holds as many connections as it takes; retry shortly")]
+    AtCapacity,
     #[error("reservations are paused while the product is rebuilt; retry shortly")]
     Paused,
     #[error("the sale is being restored after a storage failure; retry shortly")]
@@ -77,7 +90,8 @@ pub enum ApiError {
     /// Redis did not answer; the source is logged (with its cause chain), never sent.
     #[error("the service is temporarily unavailable")]
     Unavailable(#[source] Unavailable),
-    /// Postgres did not answer (no connection, or the connection broke).
+    /// Postgres did not answer (no connection, or the connection broke), or Redis did not
+    /// answer a load shared by several requests.
     #[error("the service is temporarily unavailable")]
     DatabaseUnavailable(#[source] anyhow::Error),
     /// The request could not finish in time: a dependency stopped answering.
@@ -88,8 +102,8 @@ pub enum ApiError {
         failing: String,
         checks: serde_json::Value,
     },
-    #[error("method not allowed")]
-    MethodNotAllowed,
+    #[error("this path does not take that method (it takes {allow})")]
+    MethodNotAllowed { allow: String },
     #[error("internal error")]
     Unexpected(anyhow::Error),
 }
@@ -106,6 +120,7 @@ impl ApiError {
                 "payload_too_large",
                 "Payload too large",
             ),
+            ApiError::BodyTimeout => (S::REQUEST_TIMEOUT, "body_timeout", "Request body timeout"),
             ApiError::Unauthorized => (S::UNAUTHORIZED, "unauthorized", "Unauthorized"),
             ApiError::Forbidden(_) => (S::FORBIDDEN, "forbidden", "Forbidden"),
             ApiError::InvalidToken => (S::FORBIDDEN, "invalid_token", "Invalid purchase token"),
@@ -120,6 +135,22 @@ impl ApiError {
             ApiError::Ended => (S::GONE, "ended", "Sale ended"),
             ApiError::NotStarted => (too_early(), "not_started", "Sale not started"),
             ApiError::RateLimited { .. } => (S::TOO_MANY_REQUESTS, "rate_limited", "Rate limited"),
+            ApiError::TooManyStreams(_) => (
+                S::TOO_MANY_REQUESTS,
+                "too_many_streams",
+                "Too many event streams",
+            ),
+            ApiError::StreamsExhausted => (
+                S::SERVICE_UNAVAILABLE,
+                "streams_exhausted",
+                "No event stream available",
+            ),
+            ApiError::TooManyConnections => (
+                S::TOO_MANY_REQUESTS,
+                "too_many_connections",
+                "Too many connections",
+            ),
+            ApiError::AtCapacity => (S::SERVICE_UNAVAILABLE, "at_capacity", "At capacity"),
             ApiError::Paused => (S::SERVICE_UNAVAILABLE, "paused", "Paused"),
             ApiError::Recovering => (S::SERVICE_UNAVAILABLE, "recovering", "Recovering"),
             ApiError::Unavailable(_)
@@ -128,7 +159,7 @@ impl ApiError {
             | ApiError::NotReady { .. } => {
                 (S::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable")
             }
-            ApiError::MethodNotAllowed => (
+            ApiError::MethodNotAllowed { .. } => (
                 S::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
                 "Method not allowed",
@@ -163,6 +194,10 @@ impl ApiError {
     }
 }
 
+/// When to try again for an event stream on a server that holds as many as it may (streams
+/// end by themselves within `SECKILL_SSE_LIFETIME_SECS`, so slots free up steadily).
+const STREAMS_RETRY_AFTER_SECS: u64 = 5;
+
 /// `425 Too Early` (not among actix's named codes).
 fn too_early() -> StatusCode {
     StatusCode::from_u16(425).unwrap_or(StatusCode::BAD_REQUEST)
@@ -195,12 +230,13 @@ fn database_unreachable(e: &DbErr) -> bool {
     }
 }
 
-/// Anything unforeseen is a `500` — except Postgres being unreachable, which is a `503`.
+/// Anything unforeseen is a `500` — except Postgres being unreachable, or Redis not answering
+/// (in a load shared through `cache::TtlCache`), which are a `503`.
 impl From<anyhow::Error> for ApiError {
     fn from(e: anyhow::Error) -> Self {
-        let unreachable = e
-            .chain()
-            .any(|c| c.downcast_ref::<DbErr>().is_some_and(database_unreachable));
+        let unreachable = e.chain().any(|c| {
+            c.downcast_ref::<DbErr>().is_some_and(database_unreachable) || c.is::<Unavailable>()
+        });
         if unreachable {
             ApiError::DatabaseUnavailable(e)
         } else {
@@ -258,6 +294,9 @@ impl ResponseError for ApiError {
             ApiError::RateLimited { retry_after_secs } => {
                 response.insert_header((header::RETRY_AFTER, retry_after_secs.to_string()));
             }
+            ApiError::StreamsExhausted => {
+                response.insert_header((header::RETRY_AFTER, STREAMS_RETRY_AFTER_SECS.to_string()));
+            }
             ApiError::Paused
             | ApiError::Recovering
             | ApiError::Unavailable(_)
@@ -265,8 +304,19 @@ impl ResponseError for ApiError {
             | ApiError::TimedOut => {
                 response.insert_header((header::RETRY_AFTER, "1"));
             }
+            // The connection itself is the problem: answer, then close it.
+            ApiError::TooManyConnections | ApiError::AtCapacity => {
+                response.insert_header((header::RETRY_AFTER, "1"));
+                response.force_close();
+            }
+            ApiError::BodyTimeout => {
+                response.force_close();
+            }
             ApiError::Unauthorized => {
                 response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+            }
+            ApiError::MethodNotAllowed { allow } => {
+                response.insert_header((header::ALLOW, allow.as_str()));
             }
             _ => {}
         }
@@ -302,6 +352,28 @@ mod tests {
         assert_eq!(ApiError::from(gone).problem().status, 503);
         let bug = anyhow::Error::from(DbErr::RecordNotFound("x".into()));
         assert_eq!(ApiError::from(bug).problem().status, 500);
+    }
+
+    #[tokio::test]
+    async fn an_error_shared_by_a_cached_load_keeps_its_status() {
+        let cache: crate::cache::TtlCache<u8, u8> =
+            crate::cache::TtlCache::new(4, std::time::Duration::from_secs(1));
+        let status = |e: anyhow::Error| ApiError::from(e).problem().status;
+        let gone = cache.get(1, || async {
+            Err(
+                anyhow::Error::from(DbErr::ConnectionAcquire(sea_orm::ConnAcquireErr::Timeout))
+                    .context("reading the product"),
+            )
+        });
+        assert_eq!(status(gone.await.unwrap_err()), 503);
+        let redis = cache.get(2, || async {
+            Err(anyhow::Error::from(Unavailable::BadReply("x".into())))
+        });
+        assert_eq!(status(redis.await.unwrap_err()), 503);
+        let bug = cache.get(3, || async {
+            Err(anyhow::Error::from(DbErr::RecordNotFound("x".into())))
+        });
+        assert_eq!(status(bug.await.unwrap_err()), 500);
     }
 
     #[test]

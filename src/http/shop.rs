@@ -1,8 +1,9 @@
-//! The shoppers' API: product view, purchase tokens, the purchase decision, reservation status.
+//! The shoppers' API: product view, purchase tokens, the purchase decision, reservation status
+//! and its event stream.
 
 use actix_web::{
-    HttpResponse, ResponseError, get,
-    http::header::{HeaderName, HeaderValue},
+    FromRequest, HttpRequest, HttpResponse, ResponseError, get,
+    http::header::{self, HeaderName, HeaderValue},
     post, web,
 };
 use chrono::{DateTime, Utc};
@@ -10,12 +11,12 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use actix_web::web::Bytes;
-use tokio::sync::broadcast;
 
 use crate::{
+    auth::STREAM_TOKEN_TTL,
     domain::{ProductId, UserId},
     http::{
         Ctx,
@@ -23,7 +24,8 @@ use crate::{
         problem::ApiError,
     },
     orders, rejections,
-    reservations::{Decision, Outcome, RateWindow, ReservationView, Status, status_event},
+    reservations::{Decision, Outcome, RateWindow, ReservationView, Status},
+    streams::{Refused, Stream},
 };
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -31,7 +33,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(issue_token)
         .service(reserve)
         .service(my_reservation)
-        .service(my_reservation_events);
+        .service(my_reservation_events)
+        .service(issue_stream_token);
 }
 
 /// Where a sale stands.
@@ -75,14 +78,18 @@ pub async fn product_view(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let id = product_id(&path)?;
-    let product = crate::products::find(&ctx.deps.db, id)
+    // Both from memory for a moment (see `ProductCache`): a flood of views, or of unknown
+    // ids, costs Postgres and Redis at most one look per id per process per period.
+    let product = ctx
+        .products
+        .row(&ctx.deps.db, id)
         .await?
         .ok_or(ApiError::ProductNotFound)?;
-    let (remaining, lost) = match ctx.reservations.remaining(id).await? {
+    let (remaining, lost) = match ctx.products.remaining(&ctx.reservations, id).await? {
         Some(r) => (r, false),
         None => (
             i64::from(product.stock - product.sold),
-            ctx.recovery.view_lost(&product),
+            ctx.recovery.check_lost(&product).await?,
         ),
     };
     let now = Utc::now();
@@ -99,7 +106,7 @@ pub async fn product_view(
     };
     Ok(HttpResponse::Ok().json(PublicProduct {
         product_id: product.product_id,
-        name: product.name,
+        name: product.name.clone(),
         price_cents: product.price_cents,
         starts_at: product.starts_at,
         ends_at: product.ends_at,
@@ -228,10 +235,11 @@ pub fn decision_response(d: &Decision) -> HttpResponse {
         (status = 404, description = "`product_not_found`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
         (status = 409, description = "`already_reserved` (with the earlier `reservation_id`)", body = crate::http::problem::Problem, content_type = "application/problem+json"),
         (status = 410, description = "`sold_out` or `ended`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 408, description = "`body_timeout`: the body did not arrive within `SECKILL_BODY_TIMEOUT_MS` of the head; the connection is closed", body = crate::http::problem::Problem, content_type = "application/problem+json"),
         (status = 413, description = "`payload_too_large`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
         (status = 425, description = "`not_started`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
-        (status = 429, description = "`rate_limited`, with `Retry-After`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`unavailable`, `paused` or `recovering`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited`, with `Retry-After`; `too_many_connections` (per client address, the connection is closed)", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`unavailable`, `paused` or `recovering`; `at_capacity` (the process holds `SECKILL_MAX_CONNECTIONS`, the connection is closed)", body = crate::http::problem::Problem, content_type = "application/problem+json"),
     ),
     security(("user_jwt" = [])),
     tag = "shoppers"
@@ -244,23 +252,25 @@ pub async fn reserve(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let id = product_id(&path)?;
+    // Who is asking comes before the body: a stranger's body is never read (a huge or
+    // trickled one costs nothing; the connection is closed after the `401`).
+    let user = <AuthUser as actix_web::FromRequest>::extract(&req).await?;
     let info = ctx
         .products
         .get(&ctx.deps.db, id)
         .await?
         .ok_or(ApiError::ProductNotFound)?;
-    // Read the body first, whatever the answer: a response that leaves it unread cannot keep
-    // the connection alive (measured: sold-out answers fell to a third).
+    // Then the body, whatever the answer: a response that leaves it unread cannot keep the
+    // connection alive (measured: sold-out answers fell to a third).
     let body = read_body(&req, payload).await?;
     let metrics = &ctx.deps.metrics;
-    // Sold out is public (the product view says so) and answered from memory before anything
-    // else costs CPU: no identity or token can buy a unit that is not there.
+    // Sold out is public (the product view says so) and answered from memory before the token
+    // costs CPU: no token can buy a unit that is not there.
     if ctx.soldout.is_sold_out(id) {
         metrics.soldout_cache_hits.inc();
         metrics.decided(&Outcome::SoldOut);
         return Ok(sold_out_response());
     }
-    let user = <AuthUser as actix_web::FromRequest>::extract(&req).await?;
     let body: PurchaseRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
     if !ctx.auth.check_purchase_token(&body.token, user.0, id) {
@@ -288,7 +298,8 @@ pub async fn reserve(
     Ok(decision_response(&decision))
 }
 
-/// Reads a JSON request body (at most 16 KiB, `application/json`), unparsed.
+/// Reads a JSON request body (at most 16 KiB, `application/json`), unparsed. A body that does
+/// not arrive in time fails here, and [`crate::http::limits::body_deadline`] answers `408`.
 async fn read_body(req: &actix_web::HttpRequest, payload: web::Payload) -> Result<Bytes, ApiError> {
     let json = req
         .headers()
@@ -324,17 +335,28 @@ fn sold_out_response() -> HttpResponse {
 
 /// The caller's current view of their reservation, from Redis (falling back to Postgres: their
 /// order, else their latest rejected win, so a rejection stays visible after Redis lost data).
+/// A shopper Redis knows did not win — the product is loaded with its whole buyer list and
+/// they are not on it — is answered without asking Postgres.
 pub async fn reservation_view(
     ctx: &Ctx,
     user: crate::domain::UserId,
     id: ProductId,
 ) -> Result<Option<ReservationView>, ApiError> {
-    let mut cached = None;
-    if let Some(rid) = ctx.reservations.reservation_of(id, user).await?
-        && let Some(raw) = ctx.reservations.status_of(id, rid).await?
-    {
-        cached = ReservationView::from_redis(rid, &raw);
-    }
+    let (won, knows_every_buyer) = tokio::try_join!(
+        ctx.reservations.reservation_of(id, user),
+        ctx.reservations.knows_every_buyer(id),
+    )?;
+    let Some(rid) = won else {
+        if knows_every_buyer && !ctx.recovery.is_recovering(id) {
+            return Ok(None);
+        }
+        return persisted_view(ctx, user, id, None).await;
+    };
+    let cached = ctx
+        .reservations
+        .status_of(id, rid)
+        .await?
+        .and_then(|raw| ReservationView::from_redis(rid, &raw));
     // A rejected win may be the second win of a shopper who holds an order: show the order.
     if cached
         .as_ref()
@@ -342,6 +364,17 @@ pub async fn reservation_view(
     {
         return Ok(cached);
     }
+    persisted_view(ctx, user, id, cached).await
+}
+
+/// The shopper's order in Postgres, else `cached` (a rejected win Redis has), else their
+/// latest rejected win in Postgres.
+async fn persisted_view(
+    ctx: &Ctx,
+    user: UserId,
+    id: ProductId,
+    cached: Option<ReservationView>,
+) -> Result<Option<ReservationView>, ApiError> {
     if let Some(order) = orders::find_for(&ctx.deps.db, user, id).await? {
         return Ok(Some(ReservationView::from(&order)));
     }
@@ -377,23 +410,68 @@ pub async fn my_reservation(
     Ok(HttpResponse::Ok().json(view))
 }
 
-/// How often an idle event stream gets a keep-alive comment (and a fresh look at the status,
-/// in case a notification was lost).
-const SSE_HEARTBEAT: Duration = Duration::from_secs(15);
-
 fn sse_frame(view: &ReservationView) -> Bytes {
     Bytes::from(format!("event: status\ndata: {}\n\n", view.to_json()))
+}
+
+const KEEP_ALIVE: &[u8] = b": keep-alive\n\n";
+
+/// The last frame of a stream that reached its lifetime: an `EventSource` reconnects after
+/// `retry` milliseconds, picked between 1 and 5 s so streams that end together do not all
+/// come back in the same instant.
+fn lifetime_frame() -> Bytes {
+    let retry_ms = fastrand::u64(1_000..=5_000);
+    Bytes::from(format!(
+        ": stream lifetime reached, reconnect\nretry: {retry_ms}\n\n"
+    ))
+}
+
+/// When a stream opened now ends: between 90% and 100% of the configured lifetime, so
+/// streams opened together (a sale's start) do not all end together.
+fn stream_deadline(lifetime: Duration) -> tokio::time::Instant {
+    let spread = lifetime.mul_f64(fastrand::f64() * 0.1);
+    tokio::time::Instant::now() + lifetime.saturating_sub(spread)
 }
 
 struct SseState {
     ctx: web::Data<Ctx>,
     user: UserId,
     product: ProductId,
-    topic: String,
-    rx: broadcast::Receiver<Arc<str>>,
+    /// Counted (caps, gauge) and woken by this shopper's status events until dropped, which
+    /// happens when the response ends or the client goes away.
+    stream: Stream,
+    /// This stream's own keep-alive clock: nothing else resets it.
+    heartbeat: tokio::time::Interval,
+    ends_at: tokio::time::Instant,
     last: Option<ReservationView>,
     first: Option<ReservationView>,
+    /// A read failed after a wake-up: read again at the next heartbeat.
+    stale: bool,
     done: bool,
+}
+
+impl SseState {
+    /// Reads the reservation again; a frame if it changed.
+    async fn reread(&mut self) -> Option<Bytes> {
+        match reservation_view(&self.ctx, self.user, self.product).await {
+            Ok(view) => {
+                self.stale = false;
+                let view = view.filter(|v| self.last.as_ref() != Some(v))?;
+                Some(self.show(view))
+            }
+            Err(_) => {
+                self.stale = true;
+                None
+            }
+        }
+    }
+
+    fn show(&mut self, view: ReservationView) -> Bytes {
+        self.done = view.is_terminal();
+        let frame = sse_frame(&view);
+        self.last = Some(view);
+        frame
+    }
 }
 
 async fn next_frame(mut st: SseState) -> Option<(Result<Bytes, actix_web::Error>, SseState)> {
@@ -401,70 +479,111 @@ async fn next_frame(mut st: SseState) -> Option<(Result<Bytes, actix_web::Error>
         return None;
     }
     if let Some(view) = st.first.take() {
-        st.done = view.is_terminal();
-        let frame = sse_frame(&view);
-        st.last = Some(view);
+        let frame = st.show(view);
         return Some((Ok(frame), st));
     }
     loop {
-        let heartbeat = tokio::select! {
-            msg = st.rx.recv() => match msg {
-                Ok(m) if *m == *st.topic => false,
-                Ok(_) => continue,
-                Err(broadcast::error::RecvError::Lagged(_)) => false,
-                Err(broadcast::error::RecvError::Closed) => return None,
-            },
-            _ = tokio::time::sleep(SSE_HEARTBEAT) => true,
-        };
-        let view = reservation_view(&st.ctx, st.user, st.product)
-            .await
-            .ok()
-            .flatten();
-        match view {
-            Some(view) if st.last.as_ref() != Some(&view) => {
-                st.done = view.is_terminal();
-                let frame = sse_frame(&view);
-                st.last = Some(view);
-                return Some((Ok(frame), st));
+        tokio::select! {
+            biased;
+            _ = tokio::time::sleep_until(st.ends_at) => {
+                st.done = true;
+                return Some((Ok(lifetime_frame()), st));
             }
-            _ if heartbeat => return Some((Ok(Bytes::from_static(b": keep-alive\n\n")), st)),
-            _ => {}
+            _ = st.stream.woken() => {
+                st.ctx.deps.metrics.sse_wakeups.inc();
+                if let Some(frame) = st.reread().await {
+                    return Some((Ok(frame), st));
+                }
+            }
+            _ = st.heartbeat.tick() => {
+                if st.stale && let Some(frame) = st.reread().await {
+                    return Some((Ok(frame), st));
+                }
+                return Some((Ok(Bytes::from_static(KEEP_ALIVE)), st));
+            }
         }
     }
 }
 
+/// How an event stream's caller may sign in.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct StreamQuery {
+    /// A stream token from `POST …/reservations/me/stream-token`, for clients that cannot send
+    /// `Authorization` (a browser's `EventSource`). Never a shopper's JWT: that is refused here.
+    pub token: Option<String>,
+}
+
+/// The shopper of an event stream: `Authorization: Bearer <JWT>` when the header is there,
+/// else a stream token for this product in `?token=`.
+async fn stream_user(
+    ctx: &Ctx,
+    req: &HttpRequest,
+    product: ProductId,
+    token: Option<&str>,
+) -> Result<UserId, ApiError> {
+    match token {
+        Some(token) if !req.headers().contains_key(header::AUTHORIZATION) => ctx
+            .auth
+            .stream_token_user(token, product)
+            .ok_or(ApiError::Unauthorized),
+        _ => Ok(AuthUser::extract(req).await?.0),
+    }
+}
+
 /// The caller's reservation as Server-Sent Events: a `status` event now and at every change
-/// (pushed through Redis pub/sub, not polled), ending after a terminal state.
+/// (pushed through Redis pub/sub, not polled), ending after a terminal state, or after the
+/// stream's lifetime (`SECKILL_SSE_LIFETIME_SECS`) with a `retry:` hint. An idle stream gets a
+/// `: keep-alive` comment every `SECKILL_SSE_HEARTBEAT_SECS`.
 #[utoipa::path(
-    params(("id" = String, Path, description = "product id")),
+    params(("id" = String, Path, description = "product id"), StreamQuery),
     responses(
         (status = 200, description = "`text/event-stream` of `status` events whose data is a ReservationView", content_type = "text/event-stream", body = ReservationView),
-        (status = 401, description = "`unauthorized`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "`bad_request`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized` (also an expired stream token, another product's, or a JWT in `?token=`)", body = crate::http::problem::Problem, content_type = "application/problem+json"),
         (status = 404, description = "`no_reservation` or `product_not_found`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`too_many_streams`: this shopper holds `SECKILL_SSE_PER_USER` streams already (or `rate_limited` per IP)", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`streams_exhausted` (with `Retry-After`): the process holds `SECKILL_SSE_MAX` streams; or `unavailable`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
     ),
-    security(("user_jwt" = [])),
+    security(("user_jwt" = []), ("stream_token" = [])),
     tag = "shoppers"
 )]
 #[get("/api/v1/products/{id}/reservations/me/events")]
 pub async fn my_reservation_events(
     ctx: web::Data<Ctx>,
-    user: AuthUser,
+    req: HttpRequest,
     path: web::Path<String>,
+    query: web::Query<StreamQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let id = product_id(&path)?;
-    // Subscribe before the first read, so no change between the two is missed.
-    let rx = ctx.deps.events.subscribe();
-    let first = reservation_view(&ctx, user.0, id)
+    let user = stream_user(&ctx, &req, id, query.token.as_deref()).await?;
+    // Registered before the first read, so no change between the two is missed.
+    let limits = ctx.deps.streams.limits();
+    let stream = ctx
+        .deps
+        .streams
+        .open(id, user)
+        .map_err(|refused| match refused {
+            Refused::PerUser => ApiError::TooManyStreams(limits.per_user),
+            Refused::Process => ApiError::StreamsExhausted,
+        })?;
+    let first = reservation_view(&ctx, user, id)
         .await?
         .ok_or(ApiError::NoReservation)?;
+    tracing::debug!(product = %id, user = %user, "event stream opened");
+    let start = tokio::time::Instant::now();
+    let mut heartbeat = tokio::time::interval_at(start + limits.heartbeat, limits.heartbeat);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let state = SseState {
-        topic: status_event(id, user.0),
         ctx,
-        user: user.0,
+        user,
         product: id,
-        rx,
+        stream,
+        heartbeat,
+        ends_at: stream_deadline(limits.lifetime),
         last: None,
         first: Some(first),
+        stale: false,
         done: false,
     };
     Ok(HttpResponse::Ok()
@@ -472,6 +591,47 @@ pub async fn my_reservation_events(
         .insert_header(("cache-control", "no-cache"))
         .insert_header(("x-accel-buffering", "no"))
         .streaming(futures_util::stream::unfold(state, next_frame)))
+}
+
+/// A stream token: opens this shopper's event stream of one product (`?token=`) until it
+/// expires.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct StreamToken {
+    pub token: String,
+    /// Seconds the token stays valid for opening a stream.
+    pub expires_in: u64,
+}
+
+/// A short-lived token that opens the caller's event stream of this product, for browsers
+/// (`new EventSource(".../events?token=...")`) which cannot send `Authorization`.
+#[utoipa::path(
+    params(("id" = String, Path, description = "product id")),
+    responses(
+        (status = 200, description = "OK", body = StreamToken),
+        (status = 401, description = "`unauthorized`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`product_not_found`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited` (per IP)", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`unavailable`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+    ),
+    security(("user_jwt" = [])),
+    tag = "shoppers"
+)]
+#[post("/api/v1/products/{id}/reservations/me/stream-token")]
+pub async fn issue_stream_token(
+    ctx: web::Data<Ctx>,
+    user: AuthUser,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = product_id(&path)?;
+    ctx.products
+        .get(&ctx.deps.db, id)
+        .await?
+        .ok_or(ApiError::ProductNotFound)?;
+    let issued = ctx.auth.issue_stream_token(user.0, id)?;
+    Ok(HttpResponse::Ok().json(StreamToken {
+        token: issued.token,
+        expires_in: STREAM_TOKEN_TTL.as_secs(),
+    }))
 }
 
 #[cfg(test)]

@@ -33,29 +33,38 @@ fn winner(user: i64, product: i64, reserved_at: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// Publishes each body to `queue` (persistent), every one confirmed by the broker.
+/// Publishes each body to `queue` (persistent), every one confirmed by the broker. A nack (a
+/// quorum queue declared a moment ago may not take messages yet on a loaded machine) is
+/// published again, as the relay does.
 async fn publish(queue: &str, bodies: &[Vec<u8>]) {
     let (conn, ch) = amqp_channel().await.unwrap();
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
     declare_topology(&ch, queue).await.unwrap();
-    let mut confirms = Vec::new();
     for body in bodies {
-        let confirm = ch
-            .basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions::default(),
-                body,
-                BasicProperties::default().with_delivery_mode(2),
-            )
-            .await
-            .unwrap();
-        confirms.push(confirm);
-    }
-    for confirm in confirms {
-        assert!(confirm.await.unwrap().is_ack());
+        let mut attempts = 0;
+        loop {
+            let confirm = ch
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions::default(),
+                    body,
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .unwrap();
+            if confirm.await.unwrap().is_ack() {
+                break;
+            }
+            attempts += 1;
+            assert!(
+                attempts < 20,
+                "the broker kept refusing a message to {queue}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
     }
     let _ = conn.close(200, "bye".into()).await;
 }

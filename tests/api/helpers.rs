@@ -57,6 +57,8 @@ impl Isolation {
         vars.extend(SECRET_VARS.map(|(k, v)| (k.into(), v.into())));
         // One loopback address stands for thousands of shoppers in these tests.
         vars.push(("SECKILL_IP_RATE".into(), "1000000/1s".into()));
+        vars.push(("SECKILL_ADMIN_IP_RATE".into(), "1000000/1s".into()));
+        vars.push(("SECKILL_MAX_CONNECTIONS_PER_IP".into(), "100000".into()));
         vars
     }
 
@@ -194,7 +196,7 @@ impl RedisScope {
     }
 }
 
-fn epoch_secs() -> u64 {
+pub fn epoch_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -379,8 +381,9 @@ impl Api {
     pub async fn fetch_token(&self, user: i64, product: i64) -> String {
         let res = self.token(user, product).await;
         let status = res.status();
-        let body: Value = res.json().await.unwrap();
-        assert_eq!(status, 200, "{body}");
+        let text = res.text().await.unwrap_or_default();
+        assert_eq!(status, 200, "token for user {user}: {text:?}");
+        let body: Value = serde_json::from_str(&text).unwrap();
         body["token"].as_str().unwrap().to_owned()
     }
 
@@ -421,6 +424,23 @@ impl Api {
             &format!("/api/v1/products/{product}/reservations/me/events"),
         )
         .await
+    }
+
+    /// A stream token for the shopper's event stream of a product.
+    pub async fn stream_token(&self, user: i64, product: i64) -> Response {
+        self.user_post(
+            user,
+            &format!("/api/v1/products/{product}/reservations/me/stream-token"),
+        )
+        .await
+    }
+
+    /// The event stream as a browser's `EventSource` opens it: no `Authorization`, the
+    /// `token` in the query string.
+    pub async fn me_events_with_token(&self, product: i64, token: &str) -> Response {
+        // Tokens and JWTs are base64url and dots: nothing to escape.
+        let path = format!("/api/v1/products/{product}/reservations/me/events?token={token}");
+        send(self.shopper(Method::GET, &path, None)).await
     }
 
     pub async fn pay(&self, user: i64, order: impl Display) -> Response {
@@ -610,6 +630,16 @@ pub struct Proc {
 impl Proc {
     /// Starts `seckill <cmd>` with this isolation's settings (plus `extra`).
     pub fn start(iso: &Isolation, cmd: &str, extra: &[(&str, &str)]) -> Self {
+        Self::start_logging(iso, cmd, extra, Stdio::null())
+    }
+
+    /// [`Proc::start`], its log (stdout, `RUST_LOG=warn` unless `extra` says) going to `log`.
+    pub fn start_logging(
+        iso: &Isolation,
+        cmd: &str,
+        extra: &[(&str, &str)],
+        log: impl Into<Stdio>,
+    ) -> Self {
         let http = format!("127.0.0.1:{}", free_port());
         let admin = format!("127.0.0.1:{}", free_port());
         let child = seckill_command()
@@ -617,7 +647,7 @@ impl Proc {
             .envs(iso.vars(&http, &admin))
             .env("RUST_LOG", "warn")
             .envs(extra.iter().copied())
-            .stdout(Stdio::null())
+            .stdout(log)
             .spawn()
             .expect("seckill binary");
         Self {

@@ -379,6 +379,7 @@ async fn bad_input_is_always_a_4xx_with_the_right_code_and_the_server_keeps_serv
         Case { name: "bad product: overflowing stock", url: format!("{admin}/api/v1/admin/products"), method: post.clone(), auth: Some(ADMIN_TOKEN.into()), body: Some((r#"{"name":"x","stock":1e400,"price_cents":1,"starts_at":"2030-01-01T00:00:00Z","ends_at":"2030-01-02T00:00:00Z"}"#.into(), json_ct)), status: 400, code: "bad_request" },
         Case { name: "bad preheat body", url: format!("{admin}/api/v1/admin/products/{p}/preheat"), method: post.clone(), auth: Some(ADMIN_TOKEN.into()), body: Some(("{\"force\":\"yes\"}".into(), json_ct)), status: 400, code: "bad_request" },
         Case { name: "preheat of an unknown product", url: format!("{admin}/api/v1/admin/products/424242/preheat"), method: post.clone(), auth: Some(ADMIN_TOKEN.into()), body: None, status: 404, code: "product_not_found" },
+        Case { name: "bad product: blank name", url: format!("{admin}/api/v1/admin/products"), method: post.clone(), auth: Some(ADMIN_TOKEN.into()), body: Some((json!({"name": "   ", "stock": 1, "price_cents": 1, "starts_at": at(0), "ends_at": at(60)}).to_string(), json_ct)), status: 400, code: "bad_request" },
         Case { name: "huge preheat body", url: format!("{admin}/api/v1/admin/products/{p}/preheat"), method: post.clone(), auth: Some(ADMIN_TOKEN.into()), body: Some((huge.clone(), json_ct)), status: 413, code: "payload_too_large" },
     ];
     for case in cases {
@@ -413,6 +414,85 @@ async fn bad_input_is_always_a_4xx_with_the_right_code_and_the_server_keeps_serv
     // Still serving, and the good token still works.
     assert_eq!(api.get("/healthz").await.status(), 200);
     assert_eq!(api.reserve(1, p, &good_token).await.status(), 202);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_known_path_under_another_method_is_405_with_allow_and_an_unknown_path_404() {
+    let app = TestApp::spawn_with(Role::Serve, &generous()).await;
+    let api = &app.api;
+    let p = api.live_product(5).await;
+    let (http, admin) = (&api.http, &api.admin);
+    let cases = [
+        ("TRACE", format!("{http}/healthz"), 405, Some("GET")),
+        (
+            "DELETE",
+            format!("{http}/api/v1/products/{p}"),
+            405,
+            Some("GET"),
+        ),
+        (
+            "GET",
+            format!("{http}/api/v1/products/{p}/reservations"),
+            405,
+            Some("POST"),
+        ),
+        (
+            "PUT",
+            format!("{http}/api/v1/orders/{}/pay", uuid::Uuid::nil()),
+            405,
+            Some("POST"),
+        ),
+        (
+            "GET",
+            format!("{http}/api/v1/products/{p}/nothing"),
+            404,
+            None,
+        ),
+        ("POST", format!("{http}/api/v1/admin/products"), 404, None),
+        (
+            "DELETE",
+            format!("{admin}/api/v1/admin/products"),
+            405,
+            Some("POST"),
+        ),
+        ("POST", format!("{admin}/metrics"), 405, Some("GET")),
+        ("GET", format!("{admin}/api/v1/products/{p}"), 404, None),
+    ];
+    for (method, url, status, allow) in cases {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let res = api
+            .client
+            .request(method.clone(), &url)
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        let allowed = res
+            .headers()
+            .get("allow")
+            .map(|v| v.to_str().unwrap().to_owned());
+        assert_eq!(allowed.as_deref(), allow, "{method} {url}");
+        let code = if status == 405 {
+            "method_not_allowed"
+        } else {
+            "not_found"
+        };
+        assert_problem(res, status, code).await;
+    }
+    // An empty, `null` or `{}` preheat body are all the defaults.
+    for body in ["", "null", "{}"] {
+        let res = api
+            .client
+            .post(format!("{admin}/api/v1/admin/products/{p}/preheat"))
+            .bearer_auth(ADMIN_TOKEN)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_problem(res, 409, "already_live").await;
+    }
     app.stop().await;
 }
 
@@ -471,6 +551,7 @@ async fn the_openapi_document_is_openapi_3_and_lists_every_route() {
         ("/api/v1/products/{id}/reservations", "post"),
         ("/api/v1/products/{id}/reservations/me", "get"),
         ("/api/v1/products/{id}/reservations/me/events", "get"),
+        ("/api/v1/products/{id}/reservations/me/stream-token", "post"),
         ("/api/v1/orders/{order_id}/pay", "post"),
         ("/api/v1/orders/{order_id}/cancel", "post"),
         ("/api/v1/admin/products", "post"),
@@ -492,10 +573,19 @@ async fn the_openapi_document_is_openapi_3_and_lists_every_route() {
         .map(String::as_str)
         .collect();
     for code in [
-        "202", "400", "401", "403", "404", "409", "410", "413", "425", "429", "503",
+        "202", "400", "401", "403", "404", "408", "409", "410", "413", "425", "429", "503",
     ] {
         assert!(codes.contains(&code), "{code} undocumented");
     }
+    let events = &paths["/api/v1/products/{id}/reservations/me/events"]["get"];
+    for code in ["200", "401", "404", "429", "503"] {
+        assert!(events["responses"].get(code).is_some(), "events: {code}");
+    }
+    let query = &doc["components"]["securitySchemes"]["stream_token"];
+    assert_eq!(
+        (&query["in"], &query["name"]),
+        (&json!("query"), &json!("token"))
+    );
     let ui = app.api.get("/docs/").await;
     assert_eq!(ui.status(), 200);
     assert!(ui.text().await.unwrap().contains("swagger"));

@@ -5,7 +5,9 @@ mod helpers;
 mod services;
 
 mod blackhole;
+mod cheap;
 mod cluster;
+mod connections;
 mod dead_letter;
 mod durability;
 mod faults;
@@ -17,5 +19,8 @@ mod process;
 mod rate_limit;
 mod rebuild;
 mod recovery;
+mod relay;
 mod reservations;
+mod retire;
 mod scale;
+mod streams;

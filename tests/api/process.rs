@@ -131,7 +131,10 @@ fn sigterm_during_start_up_exits_zero_within_5_seconds() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(60));
+    // Past exec and the runtime's start (a loaded machine needs more than a few ms for that;
+    // a SIGTERM before the handler exists kills the process by the signal), well before the
+    // database is created and migrated.
+    std::thread::sleep(Duration::from_millis(200));
     let t0 = Instant::now();
     sigterm(child.id());
     let status = wait_exit(&mut child, Duration::from_secs(5));
@@ -150,4 +153,49 @@ fn migrate_exits_zero_and_can_run_twice() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+#[test]
+fn dev_token_is_refused_outside_development_mode() {
+    let out = seckill_command()
+        .args(["dev-token", "--user", "42"])
+        .env("SECKILL_JWT_SECRET", crate::helpers::JWT_SECRET)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stdout.is_empty());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("SECKILL_DEV=1"), "{stderr}");
+}
+
+#[tokio::test]
+async fn dev_token_signs_a_jwt_the_server_accepts_for_that_user() {
+    let app = crate::helpers::TestApp::spawn().await;
+    let product = app.api.live_product(5).await;
+    let out = seckill_command()
+        .args(["dev-token", "--user", "4242"])
+        .env("SECKILL_DEV", "1")
+        .env("SECKILL_JWT_SECRET", crate::helpers::JWT_SECRET)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let jwt = String::from_utf8(out.stdout).unwrap();
+    let me = |token: String| {
+        app.api
+            .client
+            .get(format!(
+                "{}/api/v1/products/{product}/reservations/me",
+                app.api.http
+            ))
+            .bearer_auth(token)
+            .send()
+    };
+    // Known as user 4242, who has no reservation (not 401).
+    let res = me(jwt.trim().to_owned()).await.unwrap();
+    assert_eq!(res.status(), 404);
+    let won = app.api.buy(4242, product).await;
+    assert_eq!(won.status(), 202);
+    let res = me(jwt.trim().to_owned()).await.unwrap();
+    assert_eq!(res.status(), 200, "the token names user 4242");
+    app.stop().await;
 }

@@ -242,3 +242,46 @@ async fn forced_preheats_racing_the_sweeper_return_each_expired_unit_exactly_onc
     assert_eq!(released, expiring);
     app.stop().await;
 }
+
+/// The first preheat records `preheated_at` in Postgres just before it loads Redis (so that a
+/// crash in between is still told apart from "never preheated"). While it loads, the product
+/// is not lost: no `recovering`, no loss counted, no error logged.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_product_being_preheated_is_not_taken_for_one_redis_lost() {
+    let app = TestApp::spawn().await;
+    let product = app.api.create_product(10, -60, 3_600).await;
+    // A preheat in progress, frozen between its two steps: Postgres marked, the rebuild lock
+    // held, Redis not yet loaded.
+    pg_count(
+        &app.db,
+        &format!(
+            "with marked as (update product set preheated_at = now() \
+             where product_id = {product} returning 1) select count(*) from marked"
+        ),
+    )
+    .await;
+    let lock = app
+        .keys()
+        .product(seckill::domain::ProductId::try_from(product).unwrap())
+        .rebuild;
+    let _: () = fred::interfaces::KeysInterface::set(
+        app.redis.next(),
+        lock.as_str(),
+        "a-preheat-in-progress",
+        Some(fred::types::Expiration::EX(30)),
+        None,
+        false,
+    )
+    .await
+    .unwrap();
+
+    let token = purchase_token(1, product);
+    let res = app.api.reserve(1, product, &token).await;
+    assert_ne!(res.status(), 503, "{:?}", res.text().await);
+    assert_ne!(state(&app, product).await["state"], "recovering");
+    // Longer than the recovery watch's period: it must not take it for a loss either.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_ne!(state(&app, product).await["state"], "recovering");
+    assert_eq!(app.api.metric("seckill_product_losses_total").await, 0.0);
+    app.stop().await;
+}

@@ -12,10 +12,15 @@ use crate::helpers::{
     Api, CLUSTER_URL, Isolation, Proc, await_orders, buyer_count, pg_count, sold_count,
 };
 
-/// One purchase attempt; `None` when the process did not answer (it was killed).
+/// One purchase attempt; `None` when the process did not answer (it was killed) or did not
+/// take the request at all (actix's own plain `408`: the request's head was not read within
+/// 5 s on an overloaded machine, so nothing was decided).
 async fn attempt(api: &Api, product: i64, user: i64, token: &str) -> Option<(u16, Value)> {
     let res = api.try_reserve(user, product, token).await.ok()?;
     let status = res.status().as_u16();
+    if status == 408 {
+        return None;
+    }
     Some((status, res.json().await.unwrap_or(Value::Null)))
 }
 

@@ -1,0 +1,84 @@
+# shellcheck shell=bash
+# Shared by the scripts that run a seckill of their own (bench, fuzz-api, soak): its own
+# database, Redis key prefix and queues, development mode on loopback ports; every process it
+# starts is stopped by pid, and everything it created is removed, when the script exits.
+#
+#   source scripts/lib/instance.sh
+#   instance_init TAG          # exports the SECKILL_* settings; sets $bin, $http_port, $admin_port
+#   instance_start LOG ROLE    # starts `seckill ROLE` in the background (pid kept)
+#   instance_wait_ready PORT   # until /readyz answers 200 (fails after 30 s)
+#   admin METHOD PATH [JSON]   # the operators' API with the development admin token
+#   dev_jwt USER               # a shopper's JWT from `seckill dev-token`
+
+instance_pids=()
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# instance_init TAG [PROFILE]: PROFILE is debug (default) or release; builds the binary.
+instance_init() {
+    instance_tag=$1
+    local profile=${2:-debug} target=${CARGO_TARGET_DIR:-target}
+    if [ "$profile" = release ]; then
+        cargo build --release --quiet --bin seckill
+    else
+        cargo build --quiet --bin seckill
+    fi
+    bin="$target/$profile/seckill"
+    http_port=$(free_port)
+    admin_port=$(free_port)
+    export SECKILL_DEV=1 RUST_LOG="${RUST_LOG:-warn}" SECKILL_LOG_FORMAT=json \
+        SECKILL_DATABASE_URL="postgres://postgres@127.0.0.1:5432/seckill_$instance_tag" \
+        SECKILL_REDIS_PREFIX="$instance_tag" SECKILL_AMQP_QUEUE="$instance_tag.orders" \
+        SECKILL_HTTP_ADDR="127.0.0.1:$http_port" SECKILL_ADMIN_ADDR="127.0.0.1:$admin_port"
+    trap instance_cleanup EXIT
+}
+
+instance_start() { # LOG ROLE [ENV=VALUE...]
+    local log=$1 role=$2
+    shift 2
+    env "$@" "$bin" "$role" >"$log" 2>&1 &
+    instance_pids+=($!)
+}
+
+instance_wait_ready() { # PORT
+    local _
+    for _ in $(seq 1 300); do
+        curl -fs -o /dev/null "http://127.0.0.1:$1/readyz" && return 0
+        sleep 0.1
+    done
+    echo "seckill on port $1 did not become ready" >&2
+    return 1
+}
+
+instance_cleanup() {
+    local pid
+    for pid in "${instance_pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${instance_pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    psql -q -h 127.0.0.1 -U postgres -d postgres \
+        -c "drop database if exists seckill_$instance_tag with (force)" >/dev/null 2>&1 || true
+    redis-cli --scan --pattern "$instance_tag:*" | xargs -r -n 500 redis-cli del >/dev/null || true
+    local q
+    for q in "$instance_tag.orders" "$instance_tag.orders.dlq"; do
+        rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true
+    done
+}
+
+admin() { # METHOD PATH [JSON]
+    local args=(-fsS -X "$1" -H "authorization: Bearer seckill-dev-admin-token")
+    if [ $# -ge 3 ]; then args+=(-H 'content-type: application/json' -d "$3"); fi
+    curl "${args[@]}" "http://127.0.0.1:$admin_port$2"
+}
+
+# admin_create_product NAME STOCK STARTS_IN ENDS_IN: the new product's id (offsets like "-1 min").
+admin_create_product() {
+    local body
+    body=$(printf '{"name":"%s","stock":%d,"price_cents":100,"starts_at":"%s","ends_at":"%s"}' \
+        "$1" "$2" "$(date -u -d "$3" +%FT%TZ)" "$(date -u -d "$4" +%FT%TZ)")
+    admin POST /api/v1/admin/products "$body" | python3 -c 'import json,sys; print(json.load(sys.stdin)["product_id"])'
+}
+
+dev_jwt() { # USER
+    "$bin" dev-token --user "$1"
+}

@@ -1,0 +1,138 @@
+//! Sales retired from Redis once they ended and drained: their keys expire, they leave the
+//! relay's list, and Redis no longer having them is never taken for a loss (`recovering`).
+
+use std::time::Duration;
+
+use fred::prelude::*;
+use seckill::{domain::ProductId, startup::Role};
+use serde_json::Value;
+
+use crate::helpers::{TestApp, assert_problem, await_orders, eventually, pg_count};
+
+/// `PTTL` of every key the retirement expires (-2: gone, -1: no expiry).
+async fn ttls(app: &TestApp, product: i64) -> Vec<(String, i64)> {
+    let keys = app.keys().product(ProductId::try_from(product).unwrap());
+    let mut out = Vec::new();
+    for key in keys.lasting() {
+        let ttl: i64 = app.redis.pttl(&key).await.unwrap();
+        out.push((key, ttl));
+    }
+    out
+}
+
+async fn in_products_set(app: &TestApp, product: i64) -> bool {
+    app.redis
+        .sismember(app.keys().products(), product)
+        .await
+        .unwrap()
+}
+
+async fn me(app: &TestApp, user: i64, product: i64) -> Value {
+    let res = app.api.me(user, product).await;
+    assert_eq!(res.status(), 200, "user {user}");
+    res.json().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_ended_drained_sale_expires_from_redis_and_is_never_taken_for_lost() {
+    let app = TestApp::spawn_with(
+        Role::All,
+        &[
+            ("SECKILL_KEY_GRACE_SECS", "3"),
+            ("SECKILL_PAYMENT_TIMEOUT_SECS", "5"),
+            ("SECKILL_SWEEP_INTERVAL_MS", "100"),
+        ],
+    )
+    .await;
+    let api = &app.api;
+    let product = api.create_product(5, -1, 6).await;
+    assert_eq!(api.preheat(product, false).await.status(), 200);
+    // A sale still on is left alone.
+    let other = api.live_product(3).await;
+    for user in 1..=3 {
+        assert_eq!(api.buy(user, product).await.status(), 202);
+    }
+    await_orders(&app.db, product, 3, Duration::from_secs(20)).await;
+    // One winner pays, one cancels, one lets the order expire.
+    let paid = me(&app, 1, product).await["order_id"].clone();
+    assert_eq!(api.pay(1, paid.as_str().unwrap()).await.status(), 200);
+    let cancelled = me(&app, 2, product).await["order_id"].clone();
+    assert_eq!(
+        api.cancel(2, cancelled.as_str().unwrap()).await.status(),
+        200
+    );
+    // While the sale is on, nothing of it expires.
+    assert!(
+        ttls(&app, product)
+            .await
+            .iter()
+            .all(|(_, t)| *t == -1 || *t == -2),
+        "{:?}",
+        ttls(&app, product).await
+    );
+
+    // Ended, every winner relayed and persisted, every order settled (the third expired and
+    // its unit came back): retired.
+    let retired = eventually(Duration::from_secs(40), || async {
+        ttls(&app, product).await.iter().any(|(_, t)| *t > 0)
+    })
+    .await;
+    assert!(retired, "{:?}", ttls(&app, product).await);
+    for (key, ttl) in ttls(&app, product).await {
+        assert!(ttl == -2 || (ttl > 0 && ttl <= 3_000), "{key}: {ttl}");
+    }
+    // Recorded in Postgres right after (the expiry comes first, so a crash in between only
+    // repeats the retirement).
+    let retired_at = format!(
+        "select count(*) from product where product_id = {product} and retired_at is not null"
+    );
+    let recorded = eventually(Duration::from_secs(5), || async {
+        pg_count(&app.db, &retired_at).await == 1
+    })
+    .await;
+    assert!(recorded);
+    assert!(!in_products_set(&app, product).await);
+    assert!(in_products_set(&app, other).await);
+    assert!(api.metric("seckill_products_retired_total").await >= 1.0);
+    assert!(
+        ttls(&app, other).await.iter().all(|(_, t)| *t < 0),
+        "the live sale keeps its keys"
+    );
+    // The relay no longer tracks it: only the live sale is left, and its gauge is gone.
+    let dropped = eventually(Duration::from_secs(10), || async {
+        api.metric("seckill_relay_products ").await == 1.0
+    })
+    .await;
+    assert!(dropped, "{}", api.metric("seckill_relay_products ").await);
+    let metrics = api.get_admin("/metrics").await.text().await.unwrap();
+    assert!(
+        !metrics.contains(&format!("seckill_outbox_length{{product=\"{product}\"}}")),
+        "{metrics}"
+    );
+
+    // The grace passes: Redis has nothing of it any more.
+    let gone = eventually(Duration::from_secs(10), || async {
+        ttls(&app, product).await.iter().all(|(_, t)| *t == -2)
+    })
+    .await;
+    assert!(gone, "{:?}", ttls(&app, product).await);
+
+    // Not a loss: the view says ended, shoppers' reads answer from Postgres.
+    let view = api.product(product).await;
+    assert_eq!(view["state"], "ended", "{view}");
+    assert_eq!(me(&app, 1, product).await["status"], "paid");
+    assert_eq!(me(&app, 2, product).await["status"], "cancelled");
+    assert_eq!(me(&app, 3, product).await["status"], "expired");
+    let again = api.pay(1, paid.as_str().unwrap()).await;
+    assert_eq!(again.status(), 200, "paying a paid order is still a no-op");
+    assert_problem(api.token(4, product).await, 410, "ended").await;
+    // Give the recovery watch a few rounds to be wrong.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(api.metric("seckill_product_losses_total").await, 0.0);
+    assert_eq!(api.metric("seckill_products_recovering").await, 0.0);
+    // An operator's preheat of it loads it again, as a preheat, not as a recovery.
+    assert_eq!(api.preheat(product, false).await.status(), 200);
+    assert_eq!(api.metric("seckill_product_losses_total").await, 0.0);
+    assert_eq!(api.product(product).await["state"], "ended");
+    app.stop().await;
+}
