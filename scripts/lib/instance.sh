@@ -23,7 +23,10 @@ instance_init() {
     if [ "$profile" = release ]; then
         cargo build --release --quiet --bin seckill
     else
-        cargo build --quiet --bin seckill
+        # With the tests, so the dependencies keep the features the test suite unified
+        # (dev-dependencies included): the binary scripts/test built is reused as it is, instead
+        # of rebuilding some 50 crates into a second copy on disk.
+        cargo build --quiet --bin seckill --tests
     fi
     bin="$target/$profile/seckill"
     http_port=$(free_port)
