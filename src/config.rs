@@ -1,4 +1,4 @@
-//! Typed settings read once from the environment (DESIGN.md's configuration table).
+//! Typed settings read once from the environment (the README's configuration table).
 //!
 //! Every variable has the documented default; a bad value fails start-up with one line that
 //! names the variable. Secrets are wrapped in [`SecretString`] so they never reach a log.

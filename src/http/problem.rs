@@ -47,8 +47,6 @@ pub enum ApiError {
     BodyTimeout,
     #[error("missing or invalid credentials")]
     Unauthorized,
-    #[error("{0}")]
-    Forbidden(&'static str),
     #[error("the purchase token is invalid, expired, or not for this user and product")]
     InvalidToken,
     #[error("no such product")]
@@ -122,7 +120,6 @@ impl ApiError {
             ),
             ApiError::BodyTimeout => (S::REQUEST_TIMEOUT, "body_timeout", "Request body timeout"),
             ApiError::Unauthorized => (S::UNAUTHORIZED, "unauthorized", "Unauthorized"),
-            ApiError::Forbidden(_) => (S::FORBIDDEN, "forbidden", "Forbidden"),
             ApiError::InvalidToken => (S::FORBIDDEN, "invalid_token", "Invalid purchase token"),
             ApiError::ProductNotFound => (S::NOT_FOUND, "product_not_found", "Product not found"),
             ApiError::OrderNotFound => (S::NOT_FOUND, "order_not_found", "Order not found"),
@@ -327,6 +324,93 @@ impl ResponseError for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One value of every variant. The match fails to compile when a variant is added, so
+    /// whoever adds one is sent here, and the documentation test below sees it.
+    fn one_of_each() -> Vec<ApiError> {
+        let all = vec![
+            ApiError::BadRequest("x".into()),
+            ApiError::PayloadTooLarge(16),
+            ApiError::BodyTimeout,
+            ApiError::Unauthorized,
+            ApiError::InvalidToken,
+            ApiError::ProductNotFound,
+            ApiError::OrderNotFound,
+            ApiError::NoReservation,
+            ApiError::NotFound,
+            ApiError::AlreadyReserved(Uuid::nil()),
+            ApiError::AlreadyLive,
+            ApiError::OrderClosed(OrderStatus::Paid),
+            ApiError::SoldOut,
+            ApiError::Ended,
+            ApiError::NotStarted,
+            ApiError::RateLimited {
+                retry_after_secs: 1,
+            },
+            ApiError::TooManyStreams(4),
+            ApiError::StreamsExhausted,
+            ApiError::TooManyConnections,
+            ApiError::AtCapacity,
+            ApiError::Paused,
+            ApiError::Recovering,
+            ApiError::Unavailable(Unavailable::BadReply("x".into())),
+            ApiError::DatabaseUnavailable(anyhow::anyhow!("x")),
+            ApiError::TimedOut,
+            ApiError::NotReady {
+                failing: "redis".into(),
+                checks: serde_json::Value::Null,
+            },
+            ApiError::MethodNotAllowed {
+                allow: "GET".into(),
+            },
+            ApiError::Unexpected(anyhow::anyhow!("x")),
+        ];
+        for e in &all {
+            match e {
+                ApiError::BadRequest(_)
+                | ApiError::PayloadTooLarge(_)
+                | ApiError::BodyTimeout
+                | ApiError::Unauthorized
+                | ApiError::InvalidToken
+                | ApiError::ProductNotFound
+                | ApiError::OrderNotFound
+                | ApiError::NoReservation
+                | ApiError::NotFound
+                | ApiError::AlreadyReserved(_)
+                | ApiError::AlreadyLive
+                | ApiError::OrderClosed(_)
+                | ApiError::SoldOut
+                | ApiError::Ended
+                | ApiError::NotStarted
+                | ApiError::RateLimited { .. }
+                | ApiError::TooManyStreams(_)
+                | ApiError::StreamsExhausted
+                | ApiError::TooManyConnections
+                | ApiError::AtCapacity
+                | ApiError::Paused
+                | ApiError::Recovering
+                | ApiError::Unavailable(_)
+                | ApiError::DatabaseUnavailable(_)
+                | ApiError::TimedOut
+                | ApiError::NotReady { .. }
+                | ApiError::MethodNotAllowed { .. }
+                | ApiError::Unexpected(_) => {}
+            }
+        }
+        all
+    }
+
+    /// docs/api.md is the contract clients code against: every `code` the service can answer
+    /// has its row there, with the status it comes with.
+    #[test]
+    fn every_error_code_is_documented_with_its_status() {
+        let doc = include_str!("../../docs/api.md");
+        for e in one_of_each() {
+            let (status, code, _) = e.shape();
+            let row = format!("| `{code}` | {} |", status.as_u16());
+            assert!(doc.contains(&row), "docs/api.md has no row starting {row}");
+        }
+    }
 
     #[test]
     fn unexpected_errors_leak_nothing() {

@@ -1,4 +1,4 @@
-//! The HTTP API, black-box: every status and `code` of DESIGN.md, bodies and headers checked.
+//! The HTTP API, black-box: every status and `code` of docs/api.md, bodies and headers checked.
 
 use std::time::Duration;
 
