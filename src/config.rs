@@ -389,14 +389,23 @@ impl Settings {
 
         let dev = env.flag("SECKILL_DEV")?;
         let redis_url = env.string("SECKILL_REDIS_URL", "redis://127.0.0.1:6379");
-        if !(redis_url.starts_with("redis://") || redis_url.starts_with("redis-cluster://")) {
+        if ![
+            "redis://",
+            "rediss://",
+            "redis-cluster://",
+            "rediss-cluster://",
+        ]
+        .iter()
+        .any(|scheme| redis_url.starts_with(scheme))
+        {
             return Err(ConfigError::new(
                 "SECKILL_REDIS_URL",
-                "must start with redis:// or redis-cluster://",
+                "must start with redis://, rediss:// (TLS), redis-cluster:// or rediss-cluster://",
             ));
         }
-        let cluster =
-            redis_url.starts_with("redis-cluster://") || env.flag("SECKILL_REDIS_CLUSTER")?;
+        let cluster = redis_url.starts_with("redis-cluster://")
+            || redis_url.starts_with("rediss-cluster://")
+            || env.flag("SECKILL_REDIS_CLUSTER")?;
         let prefix = env.string("SECKILL_REDIS_PREFIX", "seckill");
         if prefix.is_empty() || prefix.contains(['{', '}', ' ']) {
             return Err(ConfigError::new(
@@ -812,6 +821,12 @@ mod tests {
         assert!(s.redis.cluster);
         let s = Settings::from_vars(vars(&[("SECKILL_REDIS_CLUSTER", "1")])).unwrap();
         assert!(s.redis.cluster);
+        let s = Settings::from_vars(vars(&[("SECKILL_REDIS_URL", "rediss-cluster://a:1,b:2")]))
+            .unwrap();
+        assert!(s.redis.cluster);
+        let s = Settings::from_vars(vars(&[("SECKILL_REDIS_URL", "rediss://a:1")])).unwrap();
+        assert!(!s.redis.cluster);
+        assert!(Settings::from_vars(vars(&[("SECKILL_REDIS_URL", "http://a:1")])).is_err());
     }
 
     #[test]

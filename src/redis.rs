@@ -10,10 +10,19 @@ use crate::config::RedisSettings;
 /// Commands give up after this, so a dead Redis answers `503` instead of hanging a request.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Turns our URL forms into a fred config: `redis://h:p` or `redis-cluster://h:p,h:p,...`.
+/// Turns our URL forms into a fred config: `redis://h:p` or `redis-cluster://h:p,h:p,...`, and
+/// the same with TLS as `rediss://` / `rediss-cluster://` (rustls, the system's roots, which
+/// `SSL_CERT_FILE` replaces).
 pub fn fred_config(settings: &RedisSettings) -> anyhow::Result<Config> {
     let url = settings.url.as_str();
-    if let Some(rest) = url.strip_prefix("redis-cluster://") {
+    let cluster_list = url
+        .strip_prefix("redis-cluster://")
+        .map(|rest| (rest, false))
+        .or_else(|| {
+            url.strip_prefix("rediss-cluster://")
+                .map(|rest| (rest, true))
+        });
+    if let Some((rest, tls)) = cluster_list {
         let (auth, hosts) = match rest.rsplit_once('@') {
             Some((a, h)) => (Some(a), h),
             None => (None, rest),
@@ -33,6 +42,13 @@ pub fn fred_config(settings: &RedisSettings) -> anyhow::Result<Config> {
             server: ServerConfig::new_clustered(nodes),
             ..Config::default()
         };
+        if tls {
+            config.tls = Some(
+                fred::types::config::TlsConnector::default_rustls()
+                    .context("loading the system's TLS roots for SECKILL_REDIS_URL")?
+                    .into(),
+            );
+        }
         if let Some(auth) = auth {
             let (user, pass) = auth.split_once(':').unwrap_or(("", auth));
             config.username = (!user.is_empty()).then(|| user.to_owned());
@@ -166,6 +182,28 @@ mod tests {
         }
         let c = fred_config(&settings("redis://127.0.0.1:6379", false)).unwrap();
         assert!(matches!(c.server, ServerConfig::Centralized { .. }));
+    }
+
+    #[test]
+    fn the_rediss_schemes_turn_tls_on() {
+        for (url, cluster) in [
+            ("redis://127.0.0.1:6379", false),
+            ("redis-cluster://127.0.0.1:7000,127.0.0.1:7001", true),
+        ] {
+            assert!(
+                fred_config(&settings(url, cluster)).unwrap().tls.is_none(),
+                "{url}"
+            );
+        }
+        for (url, cluster) in [
+            ("rediss://127.0.0.1:6379", false),
+            ("rediss-cluster://127.0.0.1:7000,127.0.0.1:7001", true),
+        ] {
+            assert!(
+                fred_config(&settings(url, cluster)).unwrap().tls.is_some(),
+                "{url}"
+            );
+        }
     }
 
     #[tokio::test]

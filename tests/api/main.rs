@@ -24,3 +24,4 @@ mod reservations;
 mod retire;
 mod scale;
 mod streams;
+mod tls;
