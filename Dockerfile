@@ -19,7 +19,9 @@ COPY Cargo.toml Cargo.lock ./
 RUN mkdir -p src benches \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \
-    && for bench in reserve hot_path persist durability; do echo 'fn main() {}' > "benches/$bench.rs"; done \
+    && for bench in $(awk '/^\[\[bench\]\]/ {b = 1; next} /^\[/ {b = 0} b && /^name *=/ {gsub(/^name *= *"|"$/, ""); print}' Cargo.toml); do \
+           echo 'fn main() {}' > "benches/$bench.rs"; \
+       done \
     && cargo build --release --locked --bin seckill \
     && cargo clean --release --package seckill \
     && rm -rf src
