@@ -112,7 +112,10 @@ impl Deps {
         let (durability, metrics) = (self.durability.clone(), self.metrics.clone());
         let checked = self.ready.get((), move || async move {
             metrics.readiness_checks.inc();
-            Ok(check_readiness(&redis, &db, &broker, &durability).await)
+            let ready = check_readiness(&redis, &db, &broker, &durability).await;
+            let failing = ready.failing();
+            metrics.readiness(|dependency| !failing.contains(&dependency));
+            Ok(ready)
         });
         checked.await.unwrap_or_else(|e| {
             tracing::warn!(error = %format!("{e:#}"), "readiness could not be checked");

@@ -58,7 +58,8 @@
 //! - [`cli`] — the `seckill` subcommands; [`config`] — typed settings from the environment;
 //!   [`startup`] — builds the application, one function per role (API, relay, worker,
 //!   sweeper); [`deps`] — the connections the components share; [`telemetry`] — logs;
-//!   [`metrics`] — Prometheus; [`redis`] and [`db`] — connecting (and migrating) Redis and
+//!   [`metrics`] — Prometheus (with the process's CPU, memory and fds, and [`build_info`]:
+//!   the version and git commit built); [`redis`] and [`db`] — connecting (and migrating) Redis and
 //!   Postgres; [`durability`] — checking that Redis gives what `SECKILL_REDIS_DURABILITY`
 //!   asks (at start and for `/readyz`); [`backoff`] — retry delays; [`cache`] — short-lived,
 //!   bounded, single-flight answers (product views, misses, readiness); [`domain`] — ids valid by construction;
@@ -67,6 +68,7 @@
 pub mod amqp;
 pub mod auth;
 pub mod backoff;
+pub mod build_info;
 pub mod cache;
 pub mod cli;
 pub mod config;

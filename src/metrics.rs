@@ -1,14 +1,30 @@
 //! Prometheus metrics an operator would page on, served at `/metrics` on the operators' listener.
+//!
+//! Ours are named `seckill_*`; the process's own (`process_cpu_seconds_total`,
+//! `process_resident_memory_bytes`, `process_open_fds`, `process_start_time_seconds`, …) keep
+//! the names every exporter gives them, so the usual dashboards and alerts apply unchanged.
 
-use crate::{durability::Replication, rejections::Cause, reservations::Outcome};
+use crate::{build_info, durability::Replication, rejections::Cause, reservations::Outcome};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+/// The dependencies `/readyz` checks, as the `dependency` label of
+/// [`Metrics::dependency_ready`].
+pub const DEPENDENCIES: [&str; 3] = ["redis", "rabbitmq", "postgres"];
+
 /// Every metric of one process.
 pub struct Metrics {
+    /// Ours, each name prefixed `seckill_`.
     registry: Registry,
+    /// The process collector's, unprefixed (`process_*`).
+    process: Registry,
+    /// Always 1, labelled with the version and git commit built ([`build_info`]).
+    pub build_info: IntGaugeVec,
+    /// 1 while a dependency passes its readiness check, else 0, by `dependency`
+    /// ([`DEPENDENCIES`]); Redis must also be as durable as `SECKILL_REDIS_DURABILITY` asks.
+    pub dependency_ready: IntGaugeVec,
     pub http_requests: IntCounterVec,
     pub http_latency: HistogramVec,
     pub decisions: IntCounterVec,
@@ -91,6 +107,20 @@ impl Metrics {
             Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
         };
         let m = Self {
+            build_info: IntGaugeVec::new(
+                Opts::new(
+                    "build_info",
+                    "Always 1: the version and git commit this binary was built from",
+                ),
+                &["version", "commit"],
+            )?,
+            dependency_ready: IntGaugeVec::new(
+                Opts::new(
+                    "dependency_ready",
+                    "1 if the dependency passed its last readiness check (Redis: reachable and as durable as SECKILL_REDIS_DURABILITY asks), else 0",
+                ),
+                &["dependency"],
+            )?,
             http_requests: counter_vec(
                 "http_requests_total",
                 "HTTP requests by route, method and status",
@@ -244,12 +274,22 @@ impl Metrics {
             )?,
             decision_counters: Vec::new(),
             registry,
+            process: Registry::new(),
         };
         let mut m = m;
         m.decision_counters = Outcome::LABELS
             .iter()
             .map(|o| m.decisions.with_label_values(&[*o]))
             .collect();
+        m.registry.register(Box::new(m.build_info.clone()))?;
+        m.build_info
+            .with_label_values(&[build_info::VERSION, build_info::COMMIT])
+            .set(1);
+        m.registry.register(Box::new(m.dependency_ready.clone()))?;
+        #[cfg(target_os = "linux")]
+        m.process.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         m.registry.register(Box::new(m.http_requests.clone()))?;
         m.registry.register(Box::new(m.http_latency.clone()))?;
         m.registry.register(Box::new(m.decisions.clone()))?;
@@ -337,13 +377,22 @@ impl Metrics {
         self.db_queries.with_label_values(&[verb, table]).inc();
     }
 
+    /// Records one round of readiness checks: `ready(dependency)` for each of [`DEPENDENCIES`].
+    pub fn readiness(&self, ready: impl Fn(&str) -> bool) {
+        for dependency in DEPENDENCIES {
+            self.dependency_ready
+                .with_label_values(&[dependency])
+                .set(i64::from(ready(dependency)));
+        }
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
+        let mut families = self.registry.gather();
+        families.extend(self.process.gather());
+        families.sort_by(|a, b| a.name().cmp(b.name()));
         let mut buf = Vec::new();
-        if TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buf)
-            .is_err()
-        {
+        if TextEncoder::new().encode(&families, &mut buf).is_err() {
             return String::new();
         }
         String::from_utf8(buf).unwrap_or_default()

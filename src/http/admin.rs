@@ -227,9 +227,14 @@ pub async fn preheat(
 }
 
 /// Prometheus metrics.
+///
+/// A scrape first brings `seckill_dependency_ready` up to date: it shares the readiness
+/// checks of `/readyz` (at most one round a second, each check bounded), so the gauge is never
+/// older than a second whether or not anything polls `/readyz`.
 #[utoipa::path(responses((status = 200, description = "Prometheus text format", content_type = "text/plain")), tag = "service")]
 #[get("/metrics")]
 pub async fn metrics(deps: web::Data<crate::deps::Deps>) -> HttpResponse {
+    deps.readiness().await;
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(deps.metrics.render())

@@ -14,6 +14,7 @@ mod faults;
 mod health;
 mod http_api;
 mod loadtest;
+mod metrics;
 mod pipeline;
 mod process;
 mod rate_limit;
