@@ -34,6 +34,8 @@ COPY build.rs ./
 COPY lua lua
 COPY migrations migrations
 COPY src src
+# The error-code table the unit tests hold the code to (src/http/problem.rs).
+COPY docs docs
 RUN cargo build --release --locked --bin seckill
 
 ########################### runtime ###########################
