@@ -557,19 +557,25 @@ impl Reservations {
         let k = self.keys.product(product);
         let mut changed = 0;
         for chunk in updates.chunks(STATUS_CHUNK) {
-            let mut args = Vec::with_capacity(1 + chunk.len() * 4);
+            let mut args = Vec::with_capacity(1 + chunk.len() * 5);
             args.push(self.keys.events());
             for (user, view) in chunk {
                 args.push(view.reservation_id.to_string());
                 args.push(view.to_json());
                 args.push(view.status.rank().to_string());
                 args.push(status_event(product, *user));
+                args.push(user.to_string());
             }
             let n: i64 = self
                 .status
                 .evalsha_with_reload(
                     self.pool.next(),
-                    vec![k.status.clone(), k.pending.clone(), k.state.clone()],
+                    vec![
+                        k.status.clone(),
+                        k.pending.clone(),
+                        k.state.clone(),
+                        k.buyers.clone(),
+                    ],
                     args,
                 )
                 .await?;

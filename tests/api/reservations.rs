@@ -410,3 +410,44 @@ async fn statuses_recorded_in_one_call_never_go_back_and_leave_the_pending_set()
         Status::Confirmed
     );
 }
+
+/// A winner replayed from the DLQ after Redis lost its sale reaches the worker with no buyer
+/// entry in Redis. Recording its status records its buyer too: its shopper's `/me` finds it,
+/// and the shopper cannot win a second unit.
+#[tokio::test(flavor = "multi_thread")]
+async fn recording_a_status_records_a_buyer_redis_does_not_know() {
+    use seckill::reservations::{ReservationView, Status};
+    let (_scope, r) = setup("100/1s", "1000000/1s").await;
+    let p = product(10);
+    r.preheat(&live_plan(p, 10)).await.unwrap();
+    let replayed = Uuid::now_v7();
+    let confirmed = ReservationView {
+        reservation_id: replayed,
+        status: Status::Confirmed,
+        order_id: Some(Uuid::now_v7()),
+        expires_at: None,
+        reason: None,
+    };
+    assert!(r.record_status(p, user(77), &confirmed).await.unwrap());
+    match r.reserve(user(77), p).await.unwrap().outcome {
+        Outcome::AlreadyReserved { reservation_id } => assert_eq!(reservation_id, replayed),
+        other => panic!("a second win for a shopper who holds an order: {other:?}"),
+    }
+    // A shopper who already won keeps the reservation they hold.
+    let Outcome::Won {
+        reservation_id: own,
+        ..
+    } = r.reserve(user(78), p).await.unwrap().outcome
+    else {
+        panic!("wins")
+    };
+    let other = ReservationView {
+        reservation_id: Uuid::now_v7(),
+        ..confirmed
+    };
+    r.record_status(p, user(78), &other).await.unwrap();
+    match r.reserve(user(78), p).await.unwrap().outcome {
+        Outcome::AlreadyReserved { reservation_id } => assert_eq!(reservation_id, own),
+        other => panic!("{other:?}"),
+    }
+}
