@@ -10,6 +10,10 @@
 FROM rust:1.95-bookworm AS builder
 WORKDIR /app
 
+# The context has no .git: `seckill --version` names this commit when given
+# (`docker build --build-arg GIT_COMMIT=$(git rev-parse HEAD) .`), else `unknown` (build.rs).
+ARG GIT_COMMIT
+
 COPY . .
 
 # The cargo registry and the target dir live in BuildKit cache mounts, so a

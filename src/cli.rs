@@ -1,6 +1,6 @@
 //! Command line: one binary; the roles, migrations, the load test and the operators' DLQ tools.
 
-use std::{io::Write, process::ExitCode};
+use std::{io::Write, process::ExitCode, sync::LazyLock};
 
 use clap::{Parser, Subcommand};
 use secrecy::ExposeSecret;
@@ -16,7 +16,7 @@ use crate::{
 ///
 /// Configuration comes from SECKILL_* environment variables (see the README).
 #[derive(Debug, Parser)]
-#[command(name = "seckill", version, about, long_about = None)]
+#[command(name = "seckill", version = version(), about, long_about = None)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -65,6 +65,18 @@ pub enum DlqCommand {
         #[arg(long)]
         limit: Option<usize>,
     },
+}
+
+/// What `seckill --version` prints after the name: `0.1.0 (commit 0123456789ab)`.
+fn version() -> &'static str {
+    static LINE: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "{} (commit {})",
+            crate::build_info::VERSION,
+            crate::build_info::COMMIT
+        )
+    });
+    LINE.as_str()
 }
 
 /// Runs the parsed command; the process exit code.

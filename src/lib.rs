@@ -67,6 +67,7 @@
 pub mod amqp;
 pub mod auth;
 pub mod backoff;
+pub mod build_info;
 pub mod cache;
 pub mod cli;
 pub mod config;

@@ -92,6 +92,35 @@ fn help_explains_every_subcommand() {
 }
 
 #[test]
+fn version_names_the_package_version_and_the_git_commit() {
+    let out = seckill_command().arg("--version").output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let line = String::from_utf8(out.stdout).unwrap();
+    let prefix = format!("seckill {} (commit ", env!("CARGO_PKG_VERSION"));
+    let commit = line
+        .strip_suffix(")\n")
+        .and_then(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("{line:?}"));
+    assert!(
+        commit == "unknown"
+            || (commit.len() >= 12 && commit.bytes().all(|b| b.is_ascii_hexdigit())),
+        "{line:?}"
+    );
+    assert_eq!(commit, seckill::build_info::COMMIT);
+    // Built from this checkout (unless the build was told a commit): its HEAD.
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output();
+    if let Ok(head) = head
+        && head.status.success()
+        && std::env::var_os("GIT_COMMIT").is_none()
+    {
+        assert_eq!(commit, String::from_utf8(head.stdout).unwrap().trim());
+    }
+}
+
+#[test]
 fn sigterm_while_idle_exits_zero_within_5_seconds() {
     let iso = Isolation::new();
     let mut child = isolated(&iso)
