@@ -14,9 +14,16 @@ use crate::{
 
 /// seckill — flash-sale reservation service.
 ///
-/// Configuration comes from SECKILL_* environment variables (see the README).
+/// Configuration comes from SECKILL_* environment variables (`seckill --help` lists them).
 #[derive(Debug, Parser)]
-#[command(name = "seckill", version = version(), about, long_about = None)]
+#[command(
+    name = "seckill",
+    version = version(),
+    about,
+    long_about = None,
+    after_help = "Configuration: SECKILL_* environment variables; `seckill --help` lists them with their defaults.",
+    after_long_help = crate::config::help(),
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -5,6 +5,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use seckill::config::VARS;
+
 use crate::helpers::{Isolation, seckill_command};
 
 fn isolated(iso: &Isolation) -> Command {
@@ -89,6 +91,24 @@ fn help_explains_every_subcommand() {
     for cmd in ["all", "serve", "worker", "migrate"] {
         assert!(text.contains(cmd), "{text}");
     }
+}
+
+#[test]
+fn help_lists_every_variable_with_its_default() {
+    let out = seckill_command().arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    for var in VARS {
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{} ", var.name)))
+            .unwrap_or_else(|| panic!("{} is not in --help:\n{text}", var.name));
+        assert!(line.contains(var.default_text()), "{line}");
+    }
+    // The short help points to the long one.
+    let out = seckill_command().arg("-h").output().unwrap();
+    let short = String::from_utf8(out.stdout).unwrap();
+    assert!(short.contains("--help"), "{short}");
 }
 
 #[test]
