@@ -140,6 +140,7 @@ pub fn run(cli: Cli) -> ExitCode {
                     ?role,
                     http_port = app.http_port(),
                     admin_port = app.admin_port(),
+                    worker_port = app.worker_port(),
                     "seckill started"
                 );
                 app.run_until_stopped().await

@@ -92,6 +92,11 @@ pub const VARS: &[Var] = &[
         "the operators' listener (/api/v1/admin/*, /metrics); `seckill all` serves everything here",
     ),
     Var::new(
+        "SECKILL_WORKER_ADDR",
+        "127.0.0.1:8082",
+        "a `seckill worker`'s own listener: /metrics, /healthz, /readyz",
+    ),
+    Var::new(
         "SECKILL_REDIS_URL",
         "redis://127.0.0.1:6379",
         "Redis; redis-cluster://host:port,host:port,... selects cluster mode",
@@ -552,6 +557,9 @@ pub struct Settings {
     pub http_addr: SocketAddr,
     /// The operators' listener (`/api/v1/admin/*`, `/metrics`).
     pub admin_addr: SocketAddr,
+    /// A `worker` process's own listener (`/metrics`, `/healthz`, `/readyz`), on a port of its
+    /// own so a `serve` and a `worker` on one host do not collide.
+    pub worker_addr: SocketAddr,
     pub redis: RedisSettings,
     /// Postgres; the database is created if missing.
     pub database_url: String,
@@ -623,6 +631,7 @@ impl fmt::Debug for Settings {
         f.debug_struct("Settings")
             .field("http_addr", &self.http_addr)
             .field("admin_addr", &self.admin_addr)
+            .field("worker_addr", &self.worker_addr)
             .field("redis", &self.redis)
             .field("redis_durability", &self.redis_durability)
             .field("amqp_queue", &self.amqp_queue)
@@ -752,10 +761,12 @@ impl Settings {
 
         let http_addr = env.listener("SECKILL_HTTP_ADDR", dev)?;
         let admin_addr = env.listener("SECKILL_ADMIN_ADDR", dev)?;
+        let worker_addr = env.listener("SECKILL_WORKER_ADDR", dev)?;
 
         Ok(Settings {
             http_addr,
             admin_addr,
+            worker_addr,
             redis: RedisSettings {
                 url: redis_url,
                 cluster,
@@ -963,6 +974,7 @@ mod tests {
         let s = Settings::from_vars(vars(&[("SECKILL_DEV", "1")])).unwrap();
         assert_eq!(s.http_addr.to_string(), "127.0.0.1:8080");
         assert_eq!(s.admin_addr.to_string(), "127.0.0.1:8081");
+        assert_eq!(s.worker_addr.to_string(), "127.0.0.1:8082");
         assert_eq!(s.redis.url, "redis://127.0.0.1:6379");
         assert!(!s.redis.cluster);
         assert_eq!(s.redis.prefix, "seckill");
@@ -991,6 +1003,17 @@ mod tests {
         assert_eq!(s.relay_poll, Duration::from_secs(1));
         assert_eq!(s.key_grace, Duration::from_secs(86_400));
         assert!(s.secrets().is_ok());
+    }
+
+    #[test]
+    fn a_serve_and_a_worker_on_one_host_listen_on_different_ports_by_default() {
+        let s = Settings::from_vars(vars(&[("SECKILL_DEV", "1")])).unwrap();
+        let ports = [
+            s.http_addr.port(),
+            s.admin_addr.port(),
+            s.worker_addr.port(),
+        ];
+        assert_eq!(ports, [8080, 8081, 8082]);
     }
 
     /// The `SECKILL_*` (and `RUST_LOG`) names listed in a text, one per line starting `  NAME`.
@@ -1051,6 +1074,7 @@ mod tests {
             assert!(line.contains(v.default_text()), "{line}");
             assert!(help.contains(v.meaning), "{}", v.name);
         }
+        assert!(help.contains("[default: 127.0.0.1:8082]"), "{help}");
         assert!(help.contains("[default: 16; 1 to 1000]"), "{help}");
     }
 
@@ -1094,6 +1118,7 @@ mod tests {
     fn bad_values_name_their_variable() {
         for (var, value) in [
             ("SECKILL_HTTP_ADDR", "nowhere"),
+            ("SECKILL_WORKER_ADDR", "127.0.0.1"),
             ("SECKILL_USER_RATE", "0/1s"),
             ("SECKILL_PRODUCT_RATE", "10/1y"),
             ("SECKILL_PAYMENT_TIMEOUT_SECS", "-5"),
@@ -1216,7 +1241,11 @@ mod tests {
 
     #[test]
     fn development_mode_listens_on_loopback_only() {
-        for var in ["SECKILL_HTTP_ADDR", "SECKILL_ADMIN_ADDR"] {
+        for var in [
+            "SECKILL_HTTP_ADDR",
+            "SECKILL_ADMIN_ADDR",
+            "SECKILL_WORKER_ADDR",
+        ] {
             for addr in ["0.0.0.0:8080", "10.1.2.3:8080", "[::]:8080"] {
                 let err = Settings::from_vars(vars(&[("SECKILL_DEV", "1"), (var, addr)]))
                     .err()

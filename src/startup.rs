@@ -49,6 +49,7 @@ impl Role {
 pub struct Application {
     http_port: Option<u16>,
     admin_port: Option<u16>,
+    worker_port: Option<u16>,
     servers: Vec<actix_web::dev::Server>,
     tasks: JoinSet<anyhow::Result<()>>,
     deps: Arc<Deps>,
@@ -93,6 +94,7 @@ impl Application {
         let mut app = Self {
             http_port: None,
             admin_port: None,
+            worker_port: None,
             servers: Vec::new(),
             tasks: JoinSet::new(),
             deps,
@@ -154,15 +156,13 @@ impl Application {
         self.tasks.spawn(relay.run(self.shutdown.child_token()));
     }
 
-    /// A `worker` process's own operators' listener (`/metrics`, `/healthz`, `/readyz`).
+    /// A `worker` process's own listener (`/metrics`, `/healthz`, `/readyz`), on a port of its
+    /// own: a `serve` on the same host has `SECKILL_ADMIN_ADDR`.
     fn start_worker_ops(&mut self) -> anyhow::Result<()> {
-        let (ops, port) = bind(
-            self.deps.settings.admin_addr,
-            "SECKILL_ADMIN_ADDR (the worker's /metrics)",
-        )?;
+        let (ops, port) = bind(self.deps.settings.worker_addr, "SECKILL_WORKER_ADDR")?;
         self.servers
             .push(http::worker_ops_server(ops, self.deps.clone())?);
-        self.admin_port = Some(port);
+        self.worker_port = Some(port);
         Ok(())
     }
 
@@ -186,6 +186,11 @@ impl Application {
     /// The operators' port (when this role serves HTTP).
     pub fn admin_port(&self) -> Option<u16> {
         self.admin_port
+    }
+
+    /// A `worker` process's own port (`/metrics`, `/healthz`, `/readyz`).
+    pub fn worker_port(&self) -> Option<u16> {
+        self.worker_port
     }
 
     /// Runs until the shutdown token fires, then drains and stops every component.

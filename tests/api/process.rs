@@ -7,7 +7,7 @@ use std::{
 
 use seckill::config::VARS;
 
-use crate::helpers::{Isolation, seckill_command};
+use crate::helpers::{Isolation, Proc, free_port, seckill_command};
 
 fn isolated(iso: &Isolation) -> Command {
     let mut cmd = seckill_command();
@@ -105,6 +105,7 @@ fn help_lists_every_variable_with_its_default() {
             .unwrap_or_else(|| panic!("{} is not in --help:\n{text}", var.name));
         assert!(line.contains(var.default_text()), "{line}");
     }
+    assert!(text.contains("[default: 127.0.0.1:8082]"), "{text}");
     // The short help points to the long one.
     let out = seckill_command().arg("-h").output().unwrap();
     let short = String::from_utf8(out.stdout).unwrap();
@@ -138,6 +139,58 @@ fn version_names_the_package_version_and_the_git_commit() {
     {
         assert_eq!(commit, String::from_utf8(head.stdout).unwrap().trim());
     }
+}
+
+/// `GET url` answers 200.
+async fn answers(url: &str) -> bool {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    client
+        .get(url)
+        .send()
+        .await
+        .is_ok_and(|r| r.status() == 200)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_listens_on_its_own_address_beside_a_serve_with_the_same_admin_address() {
+    let iso = Isolation::new();
+    let serve = Proc::start(&iso, "serve", &[]);
+    serve.wait_healthy().await;
+    // As on one host with default settings: the same SECKILL_ADMIN_ADDR, which serve holds.
+    let admin = serve.api().admin.trim_start_matches("http://").to_owned();
+    let worker_addr = format!("127.0.0.1:{}", free_port());
+    let mut worker = Proc::start(
+        &iso,
+        "worker",
+        &[
+            ("SECKILL_ADMIN_ADDR", &admin),
+            ("SECKILL_WORKER_ADDR", &worker_addr),
+        ],
+    );
+    let mut up = false;
+    for _ in 0..300 {
+        if answers(&format!("http://{worker_addr}/healthz")).await {
+            up = true;
+            break;
+        }
+        assert!(
+            worker.child.try_wait().unwrap().is_none(),
+            "the worker exited (did it bind SECKILL_ADMIN_ADDR?)"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(up, "the worker never answered on SECKILL_WORKER_ADDR");
+    assert!(answers(&format!("http://{worker_addr}/metrics")).await);
+    assert!(answers(&format!("{}/healthz", serve.api().admin)).await);
+    assert!(worker.child.try_wait().unwrap().is_none());
+    let t0 = Instant::now();
+    sigterm(worker.child.id());
+    let status = wait_exit(&mut worker.child, Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+    assert!(t0.elapsed() < Duration::from_secs(10));
 }
 
 #[test]
