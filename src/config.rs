@@ -284,6 +284,18 @@ pub const VARS: &[Var] = &[
         "how long a retired sale keeps its Redis keys before they expire",
     )
     .range(1, 30 * 86_400),
+    Var::new(
+        "SECKILL_DRAIN_GRACE_MS",
+        "1000",
+        "on SIGTERM, /readyz answers 503 draining this long while requests are still served",
+    )
+    .range(0, 60_000),
+    Var::new(
+        "SECKILL_DRAIN_TIMEOUT_SECS",
+        "10",
+        "the longest a shutdown takes, grace included; then the process exits anyway",
+    )
+    .range(1, 300),
     Var::described(
         "SECKILL_LOG_FORMAT",
         "json (pretty with SECKILL_DEV=1)",
@@ -542,6 +554,16 @@ pub struct SseLimits {
     pub heartbeat: Duration,
 }
 
+/// How a process shuts down on SIGTERM (`SECKILL_DRAIN_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainSettings {
+    /// How long `/readyz` answers `503 draining` while everything else is still served, so a
+    /// load balancer stops sending before the listeners stop accepting (roles serving shoppers).
+    pub grace: Duration,
+    /// The longest the whole shutdown takes, grace included; then the process exits anyway.
+    pub timeout: Duration,
+}
+
 /// Secrets the HTTP API needs; present unless the variable was unset (checked per command).
 #[derive(Clone)]
 pub struct Secrets {
@@ -617,6 +639,8 @@ pub struct Settings {
     pub relay_poll: Duration,
     /// How long a retired sale's keys stay in Redis (ended and drained) before they expire.
     pub key_grace: Duration,
+    /// How a shutdown goes: not ready for a grace, then a drain, all within a timeout.
+    pub drain: DrainSettings,
     /// Log format: JSON unless `pretty` (the default in development).
     pub log_pretty: bool,
     /// `SECKILL_DEV=1`: fixed development secrets, loopback listeners only.
@@ -763,6 +787,20 @@ impl Settings {
         let admin_addr = env.listener("SECKILL_ADMIN_ADDR", dev)?;
         let worker_addr = env.listener("SECKILL_WORKER_ADDR", dev)?;
 
+        let drain = DrainSettings {
+            grace: Duration::from_millis(env.ranged("SECKILL_DRAIN_GRACE_MS")?),
+            timeout: Duration::from_secs(env.ranged("SECKILL_DRAIN_TIMEOUT_SECS")?),
+        };
+        if drain.grace >= drain.timeout {
+            return Err(ConfigError::new(
+                "SECKILL_DRAIN_GRACE_MS",
+                format!(
+                    "must be shorter than SECKILL_DRAIN_TIMEOUT_SECS ({} s), which includes the grace",
+                    drain.timeout.as_secs()
+                ),
+            ));
+        }
+
         Ok(Settings {
             http_addr,
             admin_addr,
@@ -804,6 +842,7 @@ impl Settings {
             },
             relay_poll: Duration::from_millis(env.ranged("SECKILL_RELAY_POLL_MS")?),
             key_grace: Duration::from_secs(env.ranged("SECKILL_KEY_GRACE_SECS")?),
+            drain,
             log_pretty,
             dev,
             dev_filled,
@@ -1002,6 +1041,13 @@ mod tests {
         assert_eq!(s.max_connections, 10_000);
         assert_eq!(s.relay_poll, Duration::from_secs(1));
         assert_eq!(s.key_grace, Duration::from_secs(86_400));
+        assert_eq!(
+            s.drain,
+            DrainSettings {
+                grace: Duration::from_secs(1),
+                timeout: Duration::from_secs(10),
+            }
+        );
         assert!(s.secrets().is_ok());
     }
 
@@ -1014,6 +1060,24 @@ mod tests {
             s.worker_addr.port(),
         ];
         assert_eq!(ports, [8080, 8081, 8082]);
+    }
+
+    #[test]
+    fn the_drain_grace_is_part_of_the_drain_timeout() {
+        let s = Settings::from_vars(vars(&[
+            ("SECKILL_DRAIN_GRACE_MS", "0"),
+            ("SECKILL_DRAIN_TIMEOUT_SECS", "1"),
+        ]))
+        .unwrap();
+        assert_eq!(s.drain.grace, Duration::ZERO);
+        let err = Settings::from_vars(vars(&[
+            ("SECKILL_DRAIN_GRACE_MS", "2000"),
+            ("SECKILL_DRAIN_TIMEOUT_SECS", "2"),
+        ]))
+        .err()
+        .unwrap();
+        assert_eq!(err.var, "SECKILL_DRAIN_GRACE_MS");
+        assert!(err.message.contains("SECKILL_DRAIN_TIMEOUT_SECS"), "{err}");
     }
 
     /// The `SECKILL_*` (and `RUST_LOG`) names listed in a text, one per line starting `  NAME`.
@@ -1119,6 +1183,9 @@ mod tests {
         for (var, value) in [
             ("SECKILL_HTTP_ADDR", "nowhere"),
             ("SECKILL_WORKER_ADDR", "127.0.0.1"),
+            ("SECKILL_DRAIN_GRACE_MS", "60001"),
+            ("SECKILL_DRAIN_TIMEOUT_SECS", "0"),
+            ("SECKILL_DRAIN_TIMEOUT_SECS", "301"),
             ("SECKILL_USER_RATE", "0/1s"),
             ("SECKILL_PRODUCT_RATE", "10/1y"),
             ("SECKILL_PAYMENT_TIMEOUT_SECS", "-5"),

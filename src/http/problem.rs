@@ -97,6 +97,9 @@ pub enum ApiError {
     /// The request could not finish in time: a dependency stopped answering.
     #[error("the service is temporarily unavailable")]
     TimedOut,
+    /// The process is shutting down (`/readyz` only: every other request is still served).
+    #[error("this process is shutting down; send requests to another")]
+    Draining,
     #[error("a dependency is not reachable: {failing}")]
     NotReady {
         failing: String,
@@ -152,6 +155,7 @@ impl ApiError {
             ),
             ApiError::AtCapacity => (S::SERVICE_UNAVAILABLE, "at_capacity", "At capacity"),
             ApiError::Paused => (S::SERVICE_UNAVAILABLE, "paused", "Paused"),
+            ApiError::Draining => (S::SERVICE_UNAVAILABLE, "draining", "Shutting down"),
             ApiError::Recovering => (S::SERVICE_UNAVAILABLE, "recovering", "Recovering"),
             ApiError::Unavailable(_)
             | ApiError::DatabaseUnavailable(_)
@@ -327,6 +331,13 @@ impl ResponseError for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn draining_is_a_503_of_its_own() {
+        let p = ApiError::Draining.problem();
+        assert_eq!((p.status, p.code), (503, "draining"));
+        assert!(p.checks.is_none());
+    }
 
     #[test]
     fn unexpected_errors_leak_nothing() {

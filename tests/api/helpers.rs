@@ -61,6 +61,8 @@ impl Isolation {
         vars.push(("SECKILL_IP_RATE".into(), "1000000/1s".into()));
         vars.push(("SECKILL_ADMIN_IP_RATE".into(), "1000000/1s".into()));
         vars.push(("SECKILL_MAX_CONNECTIONS_PER_IP".into(), "100000".into()));
+        // No load balancer to wait for: a stopped test app drains at once.
+        vars.push(("SECKILL_DRAIN_GRACE_MS".into(), "0".into()));
         vars
     }
 

@@ -193,6 +193,96 @@ async fn a_worker_listens_on_its_own_address_beside_a_serve_with_the_same_admin_
     assert!(t0.elapsed() < Duration::from_secs(10));
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_turns_readyz_to_draining_closes_event_streams_and_exits_zero() {
+    let iso = Isolation::new();
+    let grace = Duration::from_millis(2_000);
+    let timeout = Duration::from_secs(8);
+    let mut serve = Proc::start(
+        &iso,
+        "serve",
+        &[
+            ("SECKILL_DRAIN_GRACE_MS", "2000"),
+            ("SECKILL_DRAIN_TIMEOUT_SECS", "8"),
+        ],
+    );
+    serve.wait_healthy().await;
+    let api = serve.api().clone();
+    let product = api.live_product(5).await;
+    assert_eq!(api.buy(1, product).await.status(), 202);
+    let mut events = api.me_events(1, product).await;
+    assert_eq!(events.status(), 200);
+    let first = events.chunk().await.unwrap().unwrap();
+    assert!(
+        String::from_utf8_lossy(&first).contains("event: status"),
+        "{first:?}"
+    );
+
+    let t0 = Instant::now();
+    sigterm(serve.child.id());
+
+    // Not ready at once, on both listeners, while everything else is still served.
+    let mut draining = None;
+    while draining.is_none() && t0.elapsed() < grace / 2 {
+        let res = api.get("/readyz").await;
+        if res.status() == 503 {
+            draining = Some(res);
+        } else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let res = draining.expect("/readyz never answered 503 after SIGTERM");
+    assert_eq!(
+        res.headers()["content-type"].to_str().unwrap(),
+        "application/problem+json"
+    );
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["code"], "draining", "{body}");
+    let admin_ready = api
+        .client
+        .get(format!("{}/readyz", api.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(admin_ready.status(), 503);
+    assert_eq!(api.get("/healthz").await.status(), 200);
+    assert_eq!(api.me(1, product).await.status(), 200);
+    assert!(t0.elapsed() < grace, "the checks took the whole grace");
+
+    // The open stream gets a last event, then ends (not cut), after the grace.
+    let mut rest = String::new();
+    loop {
+        match events.chunk().await {
+            Ok(Some(bytes)) => rest.push_str(&String::from_utf8_lossy(&bytes)),
+            Ok(None) => break,
+            Err(e) => panic!("the stream was cut: {e}; it had sent {rest:?}"),
+        }
+    }
+    let closed_at = t0.elapsed();
+    assert!(closed_at >= grace, "closed during the grace: {closed_at:?}");
+    let close = rest
+        .split("\n\n")
+        .find(|event| event.starts_with("event: close"))
+        .unwrap_or_else(|| panic!("no close event: {rest:?}"));
+    let data = close
+        .lines()
+        .find_map(|l| l.strip_prefix("data: "))
+        .unwrap();
+    let data: serde_json::Value = serde_json::from_str(data).unwrap();
+    assert_eq!(data["reason"], "shutting_down");
+    let retry: u64 = close
+        .lines()
+        .find_map(|l| l.strip_prefix("retry: "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1_000..=5_000).contains(&retry), "{retry}");
+
+    let status = wait_exit(&mut serve.child, timeout);
+    assert!(status.success(), "{status:?}");
+    assert!(t0.elapsed() < timeout, "{:?}", t0.elapsed());
+}
+
 #[test]
 fn sigterm_while_idle_exits_zero_within_5_seconds() {
     let iso = Isolation::new();
