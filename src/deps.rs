@@ -12,6 +12,7 @@ use crate::{
     cache::TtlCache,
     config::Settings,
     db,
+    drain::Drain,
     durability::{self, ReadyCheck},
     metrics::Metrics,
     streams::Streams,
@@ -58,6 +59,8 @@ pub struct Deps {
     pub durability: Arc<ReadyCheck>,
     /// The last readiness answer, reused for [`READY_TTL`].
     ready: TtlCache<(), Readiness>,
+    /// Where this process is in its shutdown (`/readyz` answers `503 draining` once it began).
+    pub drain: Drain,
 }
 
 impl Deps {
@@ -96,6 +99,7 @@ impl Deps {
         Self {
             durability: Arc::new(ReadyCheck::new(settings.redis_durability)),
             ready: TtlCache::new(1, READY_TTL),
+            drain: Drain::default(),
             streams: Arc::new(Streams::new(settings.sse, metrics.clone())),
             settings,
             redis,
