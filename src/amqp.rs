@@ -174,7 +174,7 @@ static DECLARING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// runs. A passive declare does not tell a ready queue from one still starting (the broker
 /// answers `0` messages either way; tried: still 2–4 of 6 first starts), so the creator's
 /// answer is the only sure sign. Processes that start together against a new queue can still
-/// race one another (measured: 7 of 32 rounds of two workers and a serve started at once);
+/// race one another (measured: 5 of 56 rounds of two workers and a serve started at once);
 /// the consumer that hits it logs lapin's error and reconnects.
 pub async fn declare_topology(
     channel: &lapin::Channel,
