@@ -64,10 +64,10 @@ pub struct Deps {
 }
 
 impl Deps {
-    /// Connects to Redis and checks that it gives the durability `SECKILL_REDIS_DURABILITY`
-    /// asks (failing before anything else is touched), applies migrations (creating the
-    /// database if missing), connects to Postgres, and starts the self-healing RabbitMQ
-    /// connection (which may come up later).
+    /// Connects to Redis and checks that it is new enough and gives the durability
+    /// `SECKILL_REDIS_DURABILITY` asks (failing before anything else is touched), applies
+    /// migrations (creating the database if missing), connects to Postgres, and starts the
+    /// self-healing RabbitMQ connection (which may come up later).
     pub async fn connect(
         settings: Arc<Settings>,
         shutdown: &CancellationToken,
@@ -75,7 +75,11 @@ impl Deps {
         let redis =
             crate::redis::connect(&settings.redis, settings.redis_pool, Duration::from_secs(5))
                 .await?;
-        if let Err(e) = durability::check_at_start(settings.redis_durability, &redis).await {
+        let checked = match crate::redis::check_version(&redis).await {
+            Ok(()) => durability::check_at_start(settings.redis_durability, &redis).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = checked {
             redis.quit().await.ok();
             return Err(e);
         }

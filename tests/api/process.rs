@@ -391,3 +391,96 @@ async fn dev_token_signs_a_jwt_the_server_accepts_for_that_user() {
     assert_eq!(res.status(), 200, "the token names user 4242");
     app.stop().await;
 }
+
+/// Starts `seckill all` against a queue no one declared yet, waits until its consumers consume,
+/// stops it and returns what it logged before the shutdown signal (JSON lines).
+fn first_start_log(iso: &Isolation, queue: &str) -> Vec<String> {
+    use std::io::BufRead;
+    let mut child = isolated(iso)
+        .arg("all")
+        .env("SECKILL_AMQP_QUEUE", queue)
+        .env("SECKILL_LOG_FORMAT", "json")
+        .env("SECKILL_WORKER_CONSUMERS", "4")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut lines = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let consuming = |lines: &[String]| {
+        lines
+            .iter()
+            .filter(|l| l.contains("worker consuming"))
+            .count()
+    };
+    while consuming(&lines) < 4 && Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
+            lines.push(line);
+        }
+    }
+    // Whatever a late failure would log (lapin logs the broker's close as it reads it).
+    std::thread::sleep(Duration::from_millis(500));
+    sigterm(child.id());
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    reader.join().unwrap();
+    lines.extend(rx.try_iter());
+    assert!(status.success(), "{status:?}\n{}", lines.join("\n"));
+    let shutdown = lines
+        .iter()
+        .position(|l| l.contains("shutdown signal received"))
+        .unwrap_or(lines.len());
+    lines.truncate(shutdown);
+    assert!(
+        consuming(&lines) >= 4,
+        "never consumed:\n{}",
+        lines.join("\n")
+    );
+    lines
+}
+
+#[test]
+fn a_first_start_against_a_fresh_quorum_queue_logs_no_amqp_error() {
+    // RabbitMQ 3.10 answers a `basic.consume` that reaches a new quorum queue before its
+    // process exists with 541 INTERNAL_ERROR, closing the whole connection (issue 14).
+    // The race is intermittent: try several fresh queues.
+    let iso = Isolation::new();
+    let out = isolated(&iso).arg("migrate").output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mut failed = Vec::new();
+    for round in 0..6 {
+        let queue = format!("{}.fresh{round}", iso.queue);
+        let lines = first_start_log(&iso, &queue);
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(crate::services::delete_queues(&queue));
+        let bad: Vec<&String> = lines
+            .iter()
+            .filter(|l| {
+                l.contains(r#""level":"ERROR""#)
+                    || l.contains("consumer stopped")
+                    || l.contains("RabbitMQ connection failed")
+            })
+            .collect();
+        if !bad.is_empty() {
+            failed.push(format!("round {round}: {bad:#?}"));
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of 6 first starts logged AMQP trouble:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
+}
