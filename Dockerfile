@@ -57,10 +57,11 @@ COPY --from=builder /app/target/release/seckill /usr/local/bin/seckill
 # Inside a container the listeners must not be bound to loopback.
 ENV SECKILL_HTTP_ADDR=0.0.0.0:8080 \
     SECKILL_ADMIN_ADDR=0.0.0.0:8081 \
+    SECKILL_WORKER_ADDR=0.0.0.0:8082 \
     RUST_LOG=info
 
 USER 10001:10001
-EXPOSE 8080 8081
+EXPOSE 8080 8081 8082
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["seckill"]
 CMD ["serve"]

@@ -158,8 +158,24 @@ pub fn dlq_name(queue: &str) -> String {
 /// Redeliveries before a message is dead-lettered.
 pub const DELIVERY_LIMIT: i32 = 5;
 
+/// Held while this process declares queues: see [`declare_topology`].
+static DECLARING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Declares (idempotently) the durable quorum queue with at-least-once dead-lettering to
 /// `<queue>.dlq`, and the dead-letter queue itself.
+///
+/// One declaration at a time per process. RabbitMQ (before 4.1) records a new quorum queue
+/// before its Raft process exists and answers `declare-ok` to whoever created it only once
+/// that process runs, but at once to a declaration that finds the record. A `basic.consume`
+/// after such an early answer can reach the queue before its process exists: the broker then
+/// closes the whole connection with 541 INTERNAL_ERROR (`{badmatch,{error,noproc}}` in its
+/// log). Without the lock the relay, the recovery watch and every worker consumer of one
+/// process declare at once at start, and a first start against a new queue hit that in most
+/// runs. A passive declare does not tell a ready queue from one still starting (the broker
+/// answers `0` messages either way; tried: still 2–4 of 6 first starts), so the creator's
+/// answer is the only sure sign. Processes that start together against a new queue can still
+/// race one another (measured: 5 of 56 rounds of two workers and a serve started at once);
+/// the consumer that hits it logs lapin's error and reconnects.
 pub async fn declare_topology(
     channel: &lapin::Channel,
     queue: &str,
@@ -168,6 +184,7 @@ pub async fn declare_topology(
         options::QueueDeclareOptions,
         types::{AMQPValue, FieldTable, LongString},
     };
+    let _one_at_a_time = DECLARING.lock().await;
     let durable = QueueDeclareOptions {
         durable: true,
         ..QueueDeclareOptions::default()

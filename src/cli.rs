@@ -1,6 +1,6 @@
 //! Command line: one binary; the roles, migrations, the load test and the operators' DLQ tools.
 
-use std::{io::Write, process::ExitCode};
+use std::{io::Write, process::ExitCode, sync::LazyLock};
 
 use clap::{Parser, Subcommand};
 use secrecy::ExposeSecret;
@@ -14,9 +14,16 @@ use crate::{
 
 /// seckill — flash-sale reservation service.
 ///
-/// Configuration comes from SECKILL_* environment variables (see the README).
+/// Configuration comes from SECKILL_* environment variables (`seckill --help` lists them).
 #[derive(Debug, Parser)]
-#[command(name = "seckill", version, about, long_about = None)]
+#[command(
+    name = "seckill",
+    version = version(),
+    about,
+    long_about = None,
+    after_help = "Configuration: SECKILL_* environment variables; `seckill --help` lists them with their defaults.",
+    after_long_help = crate::config::help(),
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -65,6 +72,18 @@ pub enum DlqCommand {
         #[arg(long)]
         limit: Option<usize>,
     },
+}
+
+/// What `seckill --version` prints after the name: `0.1.0 (commit 0123456789ab)`.
+fn version() -> &'static str {
+    static LINE: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "{} (commit {})",
+            crate::build_info::VERSION,
+            crate::build_info::COMMIT
+        )
+    });
+    LINE.as_str()
 }
 
 /// Runs the parsed command; the process exit code.
@@ -121,6 +140,7 @@ pub fn run(cli: Cli) -> ExitCode {
                     ?role,
                     http_port = app.http_port(),
                     admin_port = app.admin_port(),
+                    worker_port = app.worker_port(),
                     "seckill started"
                 );
                 app.run_until_stopped().await

@@ -4,7 +4,13 @@
 //! names the variable. Secrets are wrapped in [`SecretString`] so they never reach a log.
 
 use std::{
-    collections::HashMap, fmt, net::IpAddr, net::SocketAddr, num::NonZeroU16, str::FromStr,
+    cell::RefCell,
+    collections::{BTreeSet, HashMap},
+    fmt,
+    net::IpAddr,
+    net::SocketAddr,
+    num::NonZeroU16,
+    str::FromStr,
     time::Duration,
 };
 
@@ -17,48 +23,324 @@ const DEV_ADMIN_TOKEN: &str = "seckill-dev-admin-token";
 const DEV_TOKEN_SECRET: &str = "seckill-dev-purchase-token-secret";
 const DEV_SECRETS: &[&str] = &[DEV_JWT_SECRET, DEV_ADMIN_TOKEN, DEV_TOKEN_SECRET];
 
-/// Every variable this service reads. Any other `SECKILL_*` variable is rejected as a typo.
-const KNOWN: &[&str] = &[
-    "SECKILL_HTTP_ADDR",
-    "SECKILL_ADMIN_ADDR",
-    "SECKILL_REDIS_URL",
-    "SECKILL_REDIS_CLUSTER",
-    "SECKILL_REDIS_PREFIX",
-    "SECKILL_REDIS_DURABILITY",
-    "SECKILL_DATABASE_URL",
-    "SECKILL_AMQP_URL",
-    "SECKILL_AMQP_QUEUE",
-    "SECKILL_JWT_SECRET",
-    "SECKILL_ADMIN_TOKEN",
-    "SECKILL_TOKEN_SECRET",
-    "SECKILL_JWT_AUDIENCE",
-    "SECKILL_JWT_ISSUER",
-    "SECKILL_PAYMENT_TIMEOUT_SECS",
-    "SECKILL_PURCHASE_TOKEN_TTL_SECS",
-    "SECKILL_USER_RATE",
-    "SECKILL_PRODUCT_RATE",
-    "SECKILL_IP_RATE",
-    "SECKILL_TRUSTED_PROXIES",
-    "SECKILL_ADMIN_IP_RATE",
-    "SECKILL_BODY_TIMEOUT_MS",
-    "SECKILL_MAX_CONNECTIONS_PER_IP",
-    "SECKILL_MAX_CONNECTIONS",
-    "SECKILL_WORKER_BATCH_SIZE",
-    "SECKILL_WORKER_BATCH_WAIT_MS",
-    "SECKILL_WORKER_CONSUMERS",
-    "SECKILL_SWEEP_INTERVAL_MS",
-    "SECKILL_RELAY_CLAIM_IDLE_MS",
-    "SECKILL_PG_POOL",
-    "SECKILL_REDIS_POOL",
-    "SECKILL_SSE_PER_USER",
-    "SECKILL_SSE_MAX",
-    "SECKILL_SSE_LIFETIME_SECS",
-    "SECKILL_SSE_HEARTBEAT_SECS",
-    "SECKILL_RELAY_POLL_MS",
-    "SECKILL_KEY_GRACE_SECS",
-    "SECKILL_LOG_FORMAT",
-    "SECKILL_DEV",
+/// How a variable's default reads in `seckill --help` and the README's table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VarDefault {
+    /// The value the parser reads when the variable is unset.
+    Value(&'static str),
+    /// Unset means something no value says (required, not checked, off), in words.
+    Described(&'static str),
+}
+
+/// One environment variable this service reads: the one definition that the parser's defaults
+/// and bounds, `seckill --help` and the check of the README's table all come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Var {
+    pub name: &'static str,
+    pub default: VarDefault,
+    /// Inclusive bounds of a whole-number setting.
+    pub range: Option<(u64, u64)>,
+    /// What it sets, in one line.
+    pub meaning: &'static str,
+}
+
+impl Var {
+    const fn new(name: &'static str, default: &'static str, meaning: &'static str) -> Self {
+        Self {
+            name,
+            default: VarDefault::Value(default),
+            range: None,
+            meaning,
+        }
+    }
+
+    const fn described(name: &'static str, unset: &'static str, meaning: &'static str) -> Self {
+        Self {
+            name,
+            default: VarDefault::Described(unset),
+            range: None,
+            meaning,
+        }
+    }
+
+    const fn range(self, min: u64, max: u64) -> Self {
+        Self {
+            range: Some((min, max)),
+            ..self
+        }
+    }
+
+    /// The default as the help and the README write it.
+    pub fn default_text(&self) -> &'static str {
+        match self.default {
+            VarDefault::Value(v) | VarDefault::Described(v) => v,
+        }
+    }
+}
+
+/// Every variable this service reads, in the order `seckill --help` lists them. Any other
+/// `SECKILL_*` variable is rejected as a typo.
+pub const VARS: &[Var] = &[
+    Var::new(
+        "SECKILL_HTTP_ADDR",
+        "127.0.0.1:8080",
+        "the shoppers' listener",
+    ),
+    Var::new(
+        "SECKILL_ADMIN_ADDR",
+        "127.0.0.1:8081",
+        "the operators' listener (/api/v1/admin/*, /metrics); `seckill all` serves everything here",
+    ),
+    Var::new(
+        "SECKILL_WORKER_ADDR",
+        "127.0.0.1:8082",
+        "a `seckill worker`'s own listener: /metrics, /healthz, /readyz",
+    ),
+    Var::new(
+        "SECKILL_REDIS_URL",
+        "redis://127.0.0.1:6379",
+        "Redis; redis-cluster://host:port,host:port,... selects cluster mode",
+    ),
+    Var::described(
+        "SECKILL_REDIS_CLUSTER",
+        "unset",
+        "1 selects cluster mode for a redis:// URL",
+    ),
+    Var::new(
+        "SECKILL_REDIS_PREFIX",
+        "seckill",
+        "every Redis key starts with it (no braces or spaces)",
+    ),
+    Var::new(
+        "SECKILL_REDIS_DURABILITY",
+        "fsync",
+        "when a win is durable before its 202: fsync, replicas:N (1 to 1000) or none",
+    ),
+    Var::new(
+        "SECKILL_DATABASE_URL",
+        "postgres://postgres@127.0.0.1:5432/seckill",
+        "Postgres; the database is created if missing",
+    ),
+    Var::new(
+        "SECKILL_AMQP_URL",
+        "amqp://guest:guest@127.0.0.1:5672/%2f",
+        "RabbitMQ; a 10 s heartbeat is added unless the URL sets one",
+    ),
+    Var::new(
+        "SECKILL_AMQP_QUEUE",
+        "seckill.orders",
+        "the orders queue; its dead-letter queue is <queue>.dlq",
+    ),
+    Var::described(
+        "SECKILL_JWT_SECRET",
+        "required unless SECKILL_DEV=1",
+        "HS256 key of shoppers' JWTs (at least 16 characters)",
+    ),
+    Var::described(
+        "SECKILL_ADMIN_TOKEN",
+        "required unless SECKILL_DEV=1",
+        "operators' bearer token (at least 16 characters)",
+    ),
+    Var::described(
+        "SECKILL_TOKEN_SECRET",
+        "required unless SECKILL_DEV=1",
+        "signs purchase tokens (at least 16 characters, not the JWT secret)",
+    ),
+    Var::described(
+        "SECKILL_JWT_AUDIENCE",
+        "unset (not checked)",
+        "when set, shoppers' JWTs must carry this aud",
+    ),
+    Var::described(
+        "SECKILL_JWT_ISSUER",
+        "unset (not checked)",
+        "when set, shoppers' JWTs must carry this iss",
+    ),
+    Var::new(
+        "SECKILL_PAYMENT_TIMEOUT_SECS",
+        "900",
+        "an unpaid order expires and its unit returns to stock",
+    )
+    .range(1, 7 * 86_400),
+    Var::new(
+        "SECKILL_PURCHASE_TOKEN_TTL_SECS",
+        "60",
+        "lifetime of a purchase token",
+    )
+    .range(1, 3_600),
+    Var::new(
+        "SECKILL_USER_RATE",
+        "1/1s",
+        "purchase attempts one user may make on one product per window (COUNT/PERIOD)",
+    ),
+    Var::new(
+        "SECKILL_PRODUCT_RATE",
+        "20000/1s",
+        "admission gate per product (token bucket); beyond it 429",
+    ),
+    Var::new(
+        "SECKILL_IP_RATE",
+        "50/1s",
+        "requests per client on the shoppers' listener, in process",
+    ),
+    Var::new(
+        "SECKILL_ADMIN_IP_RATE",
+        "100/1s",
+        "requests per client on the operators' listener, in process",
+    ),
+    Var::described(
+        "SECKILL_TRUSTED_PROXIES",
+        "empty",
+        "comma-separated IPs/CIDRs whose X-Forwarded-For is believed",
+    ),
+    Var::new(
+        "SECKILL_BODY_TIMEOUT_MS",
+        "2000",
+        "a request body must arrive whole this long after its head, else 408",
+    )
+    .range(100, 60_000),
+    Var::new(
+        "SECKILL_MAX_CONNECTIONS_PER_IP",
+        "256",
+        "open connections one client may hold on the shoppers' listener",
+    )
+    .range(1, 1_000_000),
+    Var::new(
+        "SECKILL_MAX_CONNECTIONS",
+        "10000",
+        "open connections on the shoppers' listener, over all its workers",
+    )
+    .range(1, 1_000_000),
+    Var::new(
+        "SECKILL_WORKER_BATCH_SIZE",
+        "200",
+        "most orders persisted in one transaction",
+    )
+    .range(1, 5_000),
+    Var::new(
+        "SECKILL_WORKER_BATCH_WAIT_MS",
+        "20",
+        "how long a worker batch waits to fill",
+    )
+    .range(0, 10_000),
+    Var::new(
+        "SECKILL_WORKER_CONSUMERS",
+        "4",
+        "consumers per worker process, each persisting its own batches",
+    )
+    .range(1, 64),
+    Var::new("SECKILL_SWEEP_INTERVAL_MS", "1000", "expiry sweeper period").range(10, 3_600_000),
+    Var::new(
+        "SECKILL_RELAY_CLAIM_IDLE_MS",
+        "5000",
+        "outbox entries pending this long on a relay (one that died) are taken over",
+    )
+    .range(100, 3_600_000),
+    Var::new(
+        "SECKILL_PG_POOL",
+        "16",
+        "most Postgres connections one process opens",
+    )
+    .range(1, 1_000),
+    Var::new(
+        "SECKILL_REDIS_POOL",
+        "4",
+        "Redis connections of one process",
+    )
+    .range(1, 256),
+    Var::new(
+        "SECKILL_SSE_PER_USER",
+        "4",
+        "event streams one shopper may hold open at once in one process",
+    )
+    .range(1, 1_000),
+    Var::new(
+        "SECKILL_SSE_MAX",
+        "10000",
+        "event streams one process holds open at once",
+    )
+    .range(1, 1_000_000),
+    Var::new(
+        "SECKILL_SSE_LIFETIME_SECS",
+        "300",
+        "an event stream ends after at most this long, with a retry: hint",
+    )
+    .range(1, 86_400),
+    Var::new(
+        "SECKILL_SSE_HEARTBEAT_SECS",
+        "15",
+        "an event stream gets a keep-alive comment this often",
+    )
+    .range(1, 3_600),
+    Var::new(
+        "SECKILL_RELAY_POLL_MS",
+        "1000",
+        "the longest an idle relay waits before it looks again",
+    )
+    .range(10, 10_000),
+    Var::new(
+        "SECKILL_KEY_GRACE_SECS",
+        "86400",
+        "how long a retired sale keeps its Redis keys before they expire",
+    )
+    .range(1, 30 * 86_400),
+    Var::new(
+        "SECKILL_DRAIN_GRACE_MS",
+        "1000",
+        "on SIGTERM, /readyz answers 503 draining this long while requests are still served",
+    )
+    .range(0, 60_000),
+    Var::new(
+        "SECKILL_DRAIN_TIMEOUT_SECS",
+        "10",
+        "the longest a shutdown takes, grace included; then the process exits anyway",
+    )
+    .range(1, 300),
+    Var::described(
+        "SECKILL_LOG_FORMAT",
+        "json (pretty with SECKILL_DEV=1)",
+        "log format: json or pretty",
+    ),
+    Var::described(
+        "SECKILL_DEV",
+        "unset",
+        "1: fixed development secrets for any left unset; loopback listeners only",
+    ),
+    Var::new(
+        "RUST_LOG",
+        "info",
+        "log filter (tracing's EnvFilter syntax)",
+    ),
 ];
+
+/// The variable of this name in [`VARS`].
+pub fn var(name: &str) -> Option<&'static Var> {
+    VARS.iter().find(|v| v.name == name)
+}
+
+/// The configuration as `seckill --help` lists it: every variable of [`VARS`], its default
+/// (and bounds) and its meaning.
+pub fn help() -> String {
+    let mut out = String::from(
+        "Configuration: environment variables, read once at start. A bad value stops start-up\n\
+         with one line naming it (exit code 2); an unknown SECKILL_* variable is refused as a typo.\n",
+    );
+    for v in VARS {
+        let default = match v.default {
+            VarDefault::Value(value) => format!("default: {value}"),
+            VarDefault::Described(text) => text.to_owned(),
+        };
+        let range = v
+            .range
+            .map(|(min, max)| format!("; {min} to {max}"))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "\n  {}  [{default}{range}]\n      {}",
+            v.name, v.meaning
+        ));
+    }
+    out
+}
 
 /// A configuration problem: which variable, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -272,6 +554,16 @@ pub struct SseLimits {
     pub heartbeat: Duration,
 }
 
+/// How a process shuts down on SIGTERM (`SECKILL_DRAIN_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainSettings {
+    /// How long `/readyz` answers `503 draining` while everything else is still served, so a
+    /// load balancer stops sending before the listeners stop accepting (roles serving shoppers).
+    pub grace: Duration,
+    /// The longest the whole shutdown takes, grace included; then the process exits anyway.
+    pub timeout: Duration,
+}
+
 /// Secrets the HTTP API needs; present unless the variable was unset (checked per command).
 #[derive(Clone)]
 pub struct Secrets {
@@ -287,6 +579,9 @@ pub struct Settings {
     pub http_addr: SocketAddr,
     /// The operators' listener (`/api/v1/admin/*`, `/metrics`).
     pub admin_addr: SocketAddr,
+    /// A `worker` process's own listener (`/metrics`, `/healthz`, `/readyz`), on a port of its
+    /// own so a `serve` and a `worker` on one host do not collide.
+    pub worker_addr: SocketAddr,
     pub redis: RedisSettings,
     /// Postgres; the database is created if missing.
     pub database_url: String,
@@ -344,6 +639,8 @@ pub struct Settings {
     pub relay_poll: Duration,
     /// How long a retired sale's keys stay in Redis (ended and drained) before they expire.
     pub key_grace: Duration,
+    /// How a shutdown goes: not ready for a grace, then a drain, all within a timeout.
+    pub drain: DrainSettings,
     /// Log format: JSON unless `pretty` (the default in development).
     pub log_pretty: bool,
     /// `SECKILL_DEV=1`: fixed development secrets, loopback listeners only.
@@ -358,6 +655,7 @@ impl fmt::Debug for Settings {
         f.debug_struct("Settings")
             .field("http_addr", &self.http_addr)
             .field("admin_addr", &self.admin_addr)
+            .field("worker_addr", &self.worker_addr)
             .field("redis", &self.redis)
             .field("redis_durability", &self.redis_durability)
             .field("amqp_queue", &self.amqp_queue)
@@ -377,18 +675,22 @@ impl Settings {
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
         let vars: HashMap<String, String> = vars.into_iter().collect();
-        let mut unknown: Vec<&String> = vars
+        Self::read(&Env::new(&vars))
+    }
+
+    fn read(env: &Env<'_>) -> Result<Self, ConfigError> {
+        let mut unknown: Vec<&String> = env
+            .vars
             .keys()
-            .filter(|k| k.starts_with("SECKILL_") && !KNOWN.contains(&k.as_str()))
+            .filter(|k| k.starts_with("SECKILL_") && var(k).is_none())
             .collect();
         unknown.sort();
         if let Some(var) = unknown.first() {
             return Err(ConfigError::new(var, "unknown variable (typo?)"));
         }
-        let env = Env(&vars);
 
         let dev = env.flag("SECKILL_DEV")?;
-        let redis_url = env.string("SECKILL_REDIS_URL", "redis://127.0.0.1:6379");
+        let redis_url = env.string("SECKILL_REDIS_URL")?;
         if ![
             "redis://",
             "rediss://",
@@ -406,31 +708,28 @@ impl Settings {
         let cluster = redis_url.starts_with("redis-cluster://")
             || redis_url.starts_with("rediss-cluster://")
             || env.flag("SECKILL_REDIS_CLUSTER")?;
-        let prefix = env.string("SECKILL_REDIS_PREFIX", "seckill");
+        let prefix = env.string("SECKILL_REDIS_PREFIX")?;
         if prefix.is_empty() || prefix.contains(['{', '}', ' ']) {
             return Err(ConfigError::new(
                 "SECKILL_REDIS_PREFIX",
                 "must be non-empty, without braces or spaces",
             ));
         }
-        let database_url = env.string(
-            "SECKILL_DATABASE_URL",
-            "postgres://postgres@127.0.0.1:5432/seckill",
-        );
+        let database_url = env.string("SECKILL_DATABASE_URL")?;
         if !(database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")) {
             return Err(ConfigError::new(
                 "SECKILL_DATABASE_URL",
                 "must be a postgres:// URL",
             ));
         }
-        let amqp_url = env.string("SECKILL_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f");
+        let amqp_url = env.string("SECKILL_AMQP_URL")?;
         if !amqp_url.starts_with("amqp://") {
             return Err(ConfigError::new(
                 "SECKILL_AMQP_URL",
                 "must be an amqp:// URL",
             ));
         }
-        let amqp_queue = env.string("SECKILL_AMQP_QUEUE", "seckill.orders");
+        let amqp_queue = env.string("SECKILL_AMQP_QUEUE")?;
         if amqp_queue.is_empty() || amqp_queue.len() > 200 {
             return Err(ConfigError::new(
                 "SECKILL_AMQP_QUEUE",
@@ -469,7 +768,7 @@ impl Settings {
             Ok(secrets)
         })();
 
-        let trusted_proxies = match vars.get("SECKILL_TRUSTED_PROXIES") {
+        let trusted_proxies = match env.get("SECKILL_TRUSTED_PROXIES") {
             None => Vec::new(),
             Some(list) => list
                 .split(',')
@@ -481,7 +780,7 @@ impl Settings {
                 })
                 .collect::<Result<_, _>>()?,
         };
-        let log_pretty = match vars.get("SECKILL_LOG_FORMAT").map(String::as_str) {
+        let log_pretty = match env.get("SECKILL_LOG_FORMAT").map(String::as_str) {
             None => dev,
             Some("json") => false,
             Some("pretty") => true,
@@ -493,12 +792,28 @@ impl Settings {
             }
         };
 
-        let http_addr = env.listener("SECKILL_HTTP_ADDR", "127.0.0.1:8080", dev)?;
-        let admin_addr = env.listener("SECKILL_ADMIN_ADDR", "127.0.0.1:8081", dev)?;
+        let http_addr = env.listener("SECKILL_HTTP_ADDR", dev)?;
+        let admin_addr = env.listener("SECKILL_ADMIN_ADDR", dev)?;
+        let worker_addr = env.listener("SECKILL_WORKER_ADDR", dev)?;
+
+        let drain = DrainSettings {
+            grace: Duration::from_millis(env.ranged("SECKILL_DRAIN_GRACE_MS")?),
+            timeout: Duration::from_secs(env.ranged("SECKILL_DRAIN_TIMEOUT_SECS")?),
+        };
+        if drain.grace >= drain.timeout {
+            return Err(ConfigError::new(
+                "SECKILL_DRAIN_GRACE_MS",
+                format!(
+                    "must be shorter than SECKILL_DRAIN_TIMEOUT_SECS ({} s), which includes the grace",
+                    drain.timeout.as_secs()
+                ),
+            ));
+        }
 
         Ok(Settings {
             http_addr,
             admin_addr,
+            worker_addr,
             redis: RedisSettings {
                 url: redis_url,
                 cluster,
@@ -507,90 +822,36 @@ impl Settings {
             database_url,
             amqp_url,
             amqp_queue,
-            redis_durability: env.parse("SECKILL_REDIS_DURABILITY", "fsync")?,
+            redis_durability: env.parse("SECKILL_REDIS_DURABILITY")?,
             jwt_audience: env.optional("SECKILL_JWT_AUDIENCE")?,
             jwt_issuer: env.optional("SECKILL_JWT_ISSUER")?,
             secrets,
-            payment_timeout: Duration::from_secs(env.ranged(
-                "SECKILL_PAYMENT_TIMEOUT_SECS",
-                900,
-                1,
-                7 * 86_400,
-            )?),
-            purchase_token_ttl: Duration::from_secs(env.ranged(
-                "SECKILL_PURCHASE_TOKEN_TTL_SECS",
-                60,
-                1,
-                3_600,
-            )?),
-            user_rate: env.parse("SECKILL_USER_RATE", "1/1s")?,
-            product_rate: env.parse("SECKILL_PRODUCT_RATE", "20000/1s")?,
-            ip_rate: env.parse("SECKILL_IP_RATE", "50/1s")?,
+            payment_timeout: Duration::from_secs(env.ranged("SECKILL_PAYMENT_TIMEOUT_SECS")?),
+            purchase_token_ttl: Duration::from_secs(env.ranged("SECKILL_PURCHASE_TOKEN_TTL_SECS")?),
+            user_rate: env.parse("SECKILL_USER_RATE")?,
+            product_rate: env.parse("SECKILL_PRODUCT_RATE")?,
+            ip_rate: env.parse("SECKILL_IP_RATE")?,
             trusted_proxies,
-            admin_ip_rate: env.parse("SECKILL_ADMIN_IP_RATE", "100/1s")?,
-            body_timeout: Duration::from_millis(env.ranged(
-                "SECKILL_BODY_TIMEOUT_MS",
-                2_000,
-                100,
-                60_000,
-            )?),
-            max_connections_per_ip: env.ranged_as(
-                "SECKILL_MAX_CONNECTIONS_PER_IP",
-                256,
-                1,
-                1_000_000,
-            )?,
-            max_connections: env.ranged_as("SECKILL_MAX_CONNECTIONS", 10_000, 1, 1_000_000)?,
-            worker_batch_size: env.ranged_as("SECKILL_WORKER_BATCH_SIZE", 200, 1, 5_000)?,
-            worker_batch_wait: Duration::from_millis(env.ranged(
-                "SECKILL_WORKER_BATCH_WAIT_MS",
-                20,
-                0,
-                10_000,
-            )?),
-            sweep_interval: Duration::from_millis(env.ranged(
-                "SECKILL_SWEEP_INTERVAL_MS",
-                1_000,
-                10,
-                3_600_000,
-            )?),
-            worker_consumers: env.ranged_as("SECKILL_WORKER_CONSUMERS", 4, 1, 64)?,
-            relay_claim_idle: Duration::from_millis(env.ranged(
-                "SECKILL_RELAY_CLAIM_IDLE_MS",
-                5_000,
-                100,
-                3_600_000,
-            )?),
-            pg_pool: env.ranged_as("SECKILL_PG_POOL", 16, 1, 1_000)?,
-            redis_pool: env.ranged_as("SECKILL_REDIS_POOL", 4, 1, 256)?,
+            admin_ip_rate: env.parse("SECKILL_ADMIN_IP_RATE")?,
+            body_timeout: Duration::from_millis(env.ranged("SECKILL_BODY_TIMEOUT_MS")?),
+            max_connections_per_ip: env.ranged_as("SECKILL_MAX_CONNECTIONS_PER_IP")?,
+            max_connections: env.ranged_as("SECKILL_MAX_CONNECTIONS")?,
+            worker_batch_size: env.ranged_as("SECKILL_WORKER_BATCH_SIZE")?,
+            worker_batch_wait: Duration::from_millis(env.ranged("SECKILL_WORKER_BATCH_WAIT_MS")?),
+            sweep_interval: Duration::from_millis(env.ranged("SECKILL_SWEEP_INTERVAL_MS")?),
+            worker_consumers: env.ranged_as("SECKILL_WORKER_CONSUMERS")?,
+            relay_claim_idle: Duration::from_millis(env.ranged("SECKILL_RELAY_CLAIM_IDLE_MS")?),
+            pg_pool: env.ranged_as("SECKILL_PG_POOL")?,
+            redis_pool: env.ranged_as("SECKILL_REDIS_POOL")?,
             sse: SseLimits {
-                per_user: env.ranged_as("SECKILL_SSE_PER_USER", 4, 1, 1_000)?,
-                max: env.ranged_as("SECKILL_SSE_MAX", 10_000, 1, 1_000_000)?,
-                lifetime: Duration::from_secs(env.ranged(
-                    "SECKILL_SSE_LIFETIME_SECS",
-                    300,
-                    1,
-                    86_400,
-                )?),
-                heartbeat: Duration::from_secs(env.ranged(
-                    "SECKILL_SSE_HEARTBEAT_SECS",
-                    15,
-                    1,
-                    3_600,
-                )?),
+                per_user: env.ranged_as("SECKILL_SSE_PER_USER")?,
+                max: env.ranged_as("SECKILL_SSE_MAX")?,
+                lifetime: Duration::from_secs(env.ranged("SECKILL_SSE_LIFETIME_SECS")?),
+                heartbeat: Duration::from_secs(env.ranged("SECKILL_SSE_HEARTBEAT_SECS")?),
             },
-            relay_poll: Duration::from_millis(env.ranged(
-                "SECKILL_RELAY_POLL_MS",
-                1_000,
-                10,
-                10_000,
-            )?),
-            key_grace: Duration::from_secs(env.ranged(
-                "SECKILL_KEY_GRACE_SECS",
-                86_400,
-                1,
-                30 * 86_400,
-            )?),
+            relay_poll: Duration::from_millis(env.ranged("SECKILL_RELAY_POLL_MS")?),
+            key_grace: Duration::from_secs(env.ranged("SECKILL_KEY_GRACE_SECS")?),
+            drain,
             log_pretty,
             dev,
             dev_filled,
@@ -614,28 +875,59 @@ impl Settings {
     }
 }
 
-struct Env<'a>(&'a HashMap<String, String>);
+/// The variables being read. Every read goes through [`Env::get`], which notes the name (so a
+/// test can check that the parser reads exactly the variables of [`VARS`]); defaults and bounds
+/// come from [`VARS`].
+struct Env<'a> {
+    vars: &'a HashMap<String, String>,
+    read: RefCell<BTreeSet<&'static str>>,
+}
 
-impl Env<'_> {
-    fn string(&self, var: &str, default: &str) -> String {
-        self.0
-            .get(var)
-            .cloned()
-            .unwrap_or_else(|| default.to_owned())
+impl<'a> Env<'a> {
+    fn new(vars: &'a HashMap<String, String>) -> Self {
+        Self {
+            vars,
+            read: RefCell::default(),
+        }
     }
 
-    fn parse<T: FromStr>(&self, var: &str, default: &str) -> Result<T, ConfigError>
+    fn get(&self, var: &'static str) -> Option<&'a String> {
+        self.read.borrow_mut().insert(var);
+        self.vars.get(var)
+    }
+
+    /// The variable's entry in [`VARS`]; one missing is a bug, reported like a bad setting.
+    fn var(&self, name: &'static str) -> Result<&'static Var, ConfigError> {
+        var(name).ok_or_else(|| ConfigError::new(name, "not in the configuration table (a bug)"))
+    }
+
+    /// The value, else the default of [`VARS`].
+    fn string(&self, var: &'static str) -> Result<String, ConfigError> {
+        if let Some(value) = self.get(var) {
+            return Ok(value.clone());
+        }
+        match self.var(var)?.default {
+            VarDefault::Value(default) => Ok(default.to_owned()),
+            VarDefault::Described(_) => Err(ConfigError::new(var, "has no default value (a bug)")),
+        }
+    }
+
+    fn parse<T: FromStr>(&self, var: &'static str) -> Result<T, ConfigError>
     where
         T::Err: fmt::Display,
     {
-        let raw = self.string(var, default);
+        let raw = self.string(var)?;
         raw.trim()
             .parse()
             .map_err(|e| ConfigError::new(var, format!("cannot parse {raw:?}: {e}")))
     }
 
-    fn ranged(&self, var: &str, default: u64, min: u64, max: u64) -> Result<u64, ConfigError> {
-        let value: u64 = self.parse(var, &default.to_string())?;
+    /// A whole number within the bounds of [`VARS`].
+    fn ranged(&self, var: &'static str) -> Result<u64, ConfigError> {
+        let value: u64 = self.parse(var)?;
+        let Some((min, max)) = self.var(var)?.range else {
+            return Err(ConfigError::new(var, "has no bounds (a bug)"));
+        };
         if !(min..=max).contains(&value) {
             return Err(ConfigError::new(
                 var,
@@ -646,20 +938,14 @@ impl Env<'_> {
     }
 
     /// [`Self::ranged`], as the integer type the setting is used as (its range fits the type).
-    fn ranged_as<T: TryFrom<u64>>(
-        &self,
-        var: &str,
-        default: u64,
-        min: u64,
-        max: u64,
-    ) -> Result<T, ConfigError> {
-        T::try_from(self.ranged(var, default, min, max)?)
-            .map_err(|_| ConfigError::new(var, format!("must be between {min} and {max}")))
+    fn ranged_as<T: TryFrom<u64>>(&self, var: &'static str) -> Result<T, ConfigError> {
+        let value = self.ranged(var)?;
+        T::try_from(value).map_err(|_| ConfigError::new(var, format!("{value} is too large")))
     }
 
     /// An optional, non-empty string (unset is `None`).
-    fn optional(&self, var: &str) -> Result<Option<String>, ConfigError> {
-        match self.0.get(var) {
+    fn optional(&self, var: &'static str) -> Result<Option<String>, ConfigError> {
+        match self.get(var) {
             None => Ok(None),
             Some(v) if v.trim().is_empty() => Err(ConfigError::new(
                 var,
@@ -669,8 +955,8 @@ impl Env<'_> {
         }
     }
 
-    fn flag(&self, var: &str) -> Result<bool, ConfigError> {
-        match self.0.get(var).map(|s| s.trim()) {
+    fn flag(&self, var: &'static str) -> Result<bool, ConfigError> {
+        match self.get(var).map(|s| s.trim()) {
             None | Some("") | Some("0") | Some("false") => Ok(false),
             Some("1") | Some("true") => Ok(true),
             Some(other) => Err(ConfigError::new(
@@ -681,8 +967,8 @@ impl Env<'_> {
     }
 
     /// A listener address; in development mode it must be a loopback address.
-    fn listener(&self, var: &str, default: &str, dev: bool) -> Result<SocketAddr, ConfigError> {
-        let addr: SocketAddr = self.parse(var, default)?;
+    fn listener(&self, var: &'static str, dev: bool) -> Result<SocketAddr, ConfigError> {
+        let addr: SocketAddr = self.parse(var)?;
         if dev && !addr.ip().is_loopback() {
             return Err(ConfigError::new(
                 var,
@@ -701,7 +987,7 @@ impl Env<'_> {
         dev_value: &str,
         filled: &mut Vec<&'static str>,
     ) -> Result<SecretString, ConfigError> {
-        match self.0.get(var) {
+        match self.get(var) {
             Some(v) if !dev && DEV_SECRETS.contains(&v.as_str()) => Err(ConfigError::new(
                 var,
                 "is a public development secret; set a secret of your own",
@@ -736,6 +1022,7 @@ mod tests {
         let s = Settings::from_vars(vars(&[("SECKILL_DEV", "1")])).unwrap();
         assert_eq!(s.http_addr.to_string(), "127.0.0.1:8080");
         assert_eq!(s.admin_addr.to_string(), "127.0.0.1:8081");
+        assert_eq!(s.worker_addr.to_string(), "127.0.0.1:8082");
         assert_eq!(s.redis.url, "redis://127.0.0.1:6379");
         assert!(!s.redis.cluster);
         assert_eq!(s.redis.prefix, "seckill");
@@ -763,7 +1050,134 @@ mod tests {
         assert_eq!(s.max_connections, 10_000);
         assert_eq!(s.relay_poll, Duration::from_secs(1));
         assert_eq!(s.key_grace, Duration::from_secs(86_400));
+        assert_eq!(
+            s.drain,
+            DrainSettings {
+                grace: Duration::from_secs(1),
+                timeout: Duration::from_secs(10),
+            }
+        );
         assert!(s.secrets().is_ok());
+    }
+
+    #[test]
+    fn a_serve_and_a_worker_on_one_host_listen_on_different_ports_by_default() {
+        let s = Settings::from_vars(vars(&[("SECKILL_DEV", "1")])).unwrap();
+        let ports = [
+            s.http_addr.port(),
+            s.admin_addr.port(),
+            s.worker_addr.port(),
+        ];
+        assert_eq!(ports, [8080, 8081, 8082]);
+    }
+
+    #[test]
+    fn the_drain_grace_is_part_of_the_drain_timeout() {
+        let s = Settings::from_vars(vars(&[
+            ("SECKILL_DRAIN_GRACE_MS", "0"),
+            ("SECKILL_DRAIN_TIMEOUT_SECS", "1"),
+        ]))
+        .unwrap();
+        assert_eq!(s.drain.grace, Duration::ZERO);
+        let err = Settings::from_vars(vars(&[
+            ("SECKILL_DRAIN_GRACE_MS", "2000"),
+            ("SECKILL_DRAIN_TIMEOUT_SECS", "2"),
+        ]))
+        .err()
+        .unwrap();
+        assert_eq!(err.var, "SECKILL_DRAIN_GRACE_MS");
+        assert!(err.message.contains("SECKILL_DRAIN_TIMEOUT_SECS"), "{err}");
+    }
+
+    /// The `SECKILL_*` (and `RUST_LOG`) names listed in a text, one per line starting `  NAME`.
+    fn help_names(help: &str) -> BTreeSet<&str> {
+        help.lines()
+            .filter_map(|l| l.strip_prefix("  "))
+            .filter(|l| l.starts_with("SECKILL_") || l.starts_with("RUST_LOG"))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect()
+    }
+
+    fn table_names() -> BTreeSet<&'static str> {
+        VARS.iter().map(|v| v.name).collect()
+    }
+
+    #[test]
+    fn the_parser_reads_exactly_the_variables_of_the_table() {
+        let set = [("SECKILL_DEV", "1")].map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let map: HashMap<String, String> = set.into_iter().collect();
+        let env = Env::new(&map);
+        Settings::read(&env).unwrap();
+        let mut want = table_names();
+        // Read by the log subscriber (`telemetry`), not by `Settings`.
+        want.remove("RUST_LOG");
+        assert_eq!(*env.read.borrow(), want);
+        // Each accepted, none refused as unknown.
+        for v in VARS {
+            let value = match v.default {
+                VarDefault::Value(value) => value,
+                VarDefault::Described(_) => continue,
+            };
+            let s = Settings::from_vars(vars(&[("SECKILL_DEV", "1"), (v.name, value)]));
+            assert!(s.is_ok(), "{}={value}: {:?}", v.name, s.err());
+        }
+    }
+
+    #[test]
+    fn every_default_lies_within_its_bounds() {
+        for v in VARS.iter().filter(|v| v.range.is_some()) {
+            let (min, max) = v.range.unwrap();
+            let VarDefault::Value(default) = v.default else {
+                panic!("{} has bounds but no default", v.name);
+            };
+            let default: u64 = default.parse().unwrap();
+            assert!((min..=max).contains(&default), "{}", v.name);
+        }
+    }
+
+    #[test]
+    fn the_help_lists_every_variable_and_only_those() {
+        let help = help();
+        assert_eq!(help_names(&help), table_names());
+        for v in VARS {
+            let line = help
+                .lines()
+                .find(|l| l.trim_start().starts_with(&format!("{} ", v.name)))
+                .unwrap();
+            assert!(line.contains(v.default_text()), "{line}");
+            assert!(help.contains(v.meaning), "{}", v.name);
+        }
+        assert!(help.contains("[default: 127.0.0.1:8082]"), "{help}");
+        assert!(help.contains("[default: 16; 1 to 1000]"), "{help}");
+    }
+
+    /// The rows of the README's configuration table: name and default, backticks removed.
+    fn readme_rows() -> Vec<(String, String)> {
+        let readme = include_str!("../README.md");
+        let section = readme
+            .split("\n## Configuration\n")
+            .nth(1)
+            .and_then(|rest| rest.split("\n## ").next())
+            .expect("README.md has a Configuration section");
+        section
+            .lines()
+            .filter(|l| l.starts_with("| `"))
+            .map(|l| {
+                let cells: Vec<String> = l.split('|').map(|c| c.trim().replace('`', "")).collect();
+                (cells[1].clone(), cells[2].clone())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_readme_table_lists_every_variable_with_its_default() {
+        let rows = readme_rows();
+        let names: BTreeSet<&str> = rows.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, table_names(), "README.md's configuration table");
+        for (name, default) in &rows {
+            let want = var(name).unwrap().default_text();
+            assert_eq!(default, want, "README.md's default of {name}");
+        }
     }
 
     #[test]
@@ -777,6 +1191,10 @@ mod tests {
     fn bad_values_name_their_variable() {
         for (var, value) in [
             ("SECKILL_HTTP_ADDR", "nowhere"),
+            ("SECKILL_WORKER_ADDR", "127.0.0.1"),
+            ("SECKILL_DRAIN_GRACE_MS", "60001"),
+            ("SECKILL_DRAIN_TIMEOUT_SECS", "0"),
+            ("SECKILL_DRAIN_TIMEOUT_SECS", "301"),
             ("SECKILL_USER_RATE", "0/1s"),
             ("SECKILL_PRODUCT_RATE", "10/1y"),
             ("SECKILL_PAYMENT_TIMEOUT_SECS", "-5"),
@@ -905,7 +1323,11 @@ mod tests {
 
     #[test]
     fn development_mode_listens_on_loopback_only() {
-        for var in ["SECKILL_HTTP_ADDR", "SECKILL_ADMIN_ADDR"] {
+        for var in [
+            "SECKILL_HTTP_ADDR",
+            "SECKILL_ADMIN_ADDR",
+            "SECKILL_WORKER_ADDR",
+        ] {
             for addr in ["0.0.0.0:8080", "10.1.2.3:8080", "[::]:8080"] {
                 let err = Settings::from_vars(vars(&[("SECKILL_DEV", "1"), (var, addr)]))
                     .err()

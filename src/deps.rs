@@ -12,6 +12,7 @@ use crate::{
     cache::TtlCache,
     config::Settings,
     db,
+    drain::Drain,
     durability::{self, ReadyCheck},
     metrics::Metrics,
     streams::Streams,
@@ -58,13 +59,15 @@ pub struct Deps {
     pub durability: Arc<ReadyCheck>,
     /// The last readiness answer, reused for [`READY_TTL`].
     ready: TtlCache<(), Readiness>,
+    /// Where this process is in its shutdown (`/readyz` answers `503 draining` once it began).
+    pub drain: Drain,
 }
 
 impl Deps {
-    /// Connects to Redis and checks that it gives the durability `SECKILL_REDIS_DURABILITY`
-    /// asks (failing before anything else is touched), applies migrations (creating the
-    /// database if missing), connects to Postgres, and starts the self-healing RabbitMQ
-    /// connection (which may come up later).
+    /// Connects to Redis and checks that it is new enough and gives the durability
+    /// `SECKILL_REDIS_DURABILITY` asks (failing before anything else is touched), applies
+    /// migrations (creating the database if missing), connects to Postgres, and starts the
+    /// self-healing RabbitMQ connection (which may come up later).
     pub async fn connect(
         settings: Arc<Settings>,
         shutdown: &CancellationToken,
@@ -72,7 +75,11 @@ impl Deps {
         let redis =
             crate::redis::connect(&settings.redis, settings.redis_pool, Duration::from_secs(5))
                 .await?;
-        if let Err(e) = durability::check_at_start(settings.redis_durability, &redis).await {
+        let checked = match crate::redis::check_version(&redis).await {
+            Ok(()) => durability::check_at_start(settings.redis_durability, &redis).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = checked {
             redis.quit().await.ok();
             return Err(e);
         }
@@ -96,6 +103,7 @@ impl Deps {
         Self {
             durability: Arc::new(ReadyCheck::new(settings.redis_durability)),
             ready: TtlCache::new(1, READY_TTL),
+            drain: Drain::default(),
             streams: Arc::new(Streams::new(settings.sse, metrics.clone())),
             settings,
             redis,

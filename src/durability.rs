@@ -29,7 +29,7 @@ use fred::{
 
 use crate::{
     config::{ConfigError, Durability},
-    redis::COMMAND_TIMEOUT,
+    redis::{COMMAND_TIMEOUT, primaries},
 };
 
 /// How long a win waits for its replicas (`replicas:N`): a quarter of the command timeout, so
@@ -174,31 +174,6 @@ pub fn fsync_refusal(node: &str, shortfall: &str) -> ConfigError {
              has {shortfall} (set them, or choose replicas:N or none)"
         ),
     )
-}
-
-/// Where commands go: the one server, or each cluster primary.
-fn primaries(client: &Client) -> Vec<(String, Options)> {
-    match client.cached_cluster_state() {
-        Some(state) => state
-            .unique_primary_nodes()
-            .into_iter()
-            .map(|server| {
-                let name = server.to_string();
-                let options = Options {
-                    cluster_node: Some(server),
-                    ..Options::default()
-                };
-                (name, options)
-            })
-            .collect(),
-        None => {
-            let name = match &client.client_config().server {
-                ServerConfig::Centralized { server } => server.to_string(),
-                _ => "the configured address".to_owned(),
-            };
-            vec![(name, Options::default())]
-        }
-    }
 }
 
 /// The first primary that does not give `fsync`, as `(node, shortfall)`.

@@ -64,6 +64,8 @@
 //!   asks (at start and for `/readyz`); [`backoff`] — retry delays; [`cache`] — short-lived,
 //!   bounded, single-flight answers (product views, misses, readiness); [`domain`] — ids valid by construction;
 //!   [`loadtest`] — `seckill loadtest`.
+//! - [`drain`] — the shutdown phases every listener sees: not ready (`/readyz` answers
+//!   `503 draining`) while still serving, then closing (event streams end with a `close` event).
 
 pub mod amqp;
 pub mod auth;
@@ -76,6 +78,7 @@ pub mod db;
 pub mod deps;
 pub mod dlq;
 pub mod domain;
+pub mod drain;
 pub mod durability;
 pub mod events;
 pub mod http;

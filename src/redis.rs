@@ -3,12 +3,18 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use fred::{prelude::*, types::config::UnresponsiveConfig};
+use fred::{
+    prelude::*,
+    types::{InfoKind, config::UnresponsiveConfig},
+};
 
-use crate::config::RedisSettings;
+use crate::config::{ConfigError, RedisSettings};
 
 /// Commands give up after this, so a dead Redis answers `503` instead of hanging a request.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The oldest Redis seckill runs on: the relay's `XAUTOCLAIM` drops deleted entries from 7.0 on.
+pub const MIN_VERSION: (u32, u32) = (7, 0);
 
 /// Turns our URL forms into a fred config: `redis://h:p` or `redis-cluster://h:p,h:p,...`, and
 /// the same with TLS as `rediss://` / `rediss-cluster://` (rustls, the system's roots, which
@@ -157,9 +163,102 @@ pub async fn ping(pool: &Pool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where commands go: the one server, or each cluster primary.
+pub fn primaries(client: &Client) -> Vec<(String, Options)> {
+    match client.cached_cluster_state() {
+        Some(state) => state
+            .unique_primary_nodes()
+            .into_iter()
+            .map(|server| {
+                let name = server.to_string();
+                let options = Options {
+                    cluster_node: Some(server),
+                    ..Options::default()
+                };
+                (name, options)
+            })
+            .collect(),
+        None => {
+            let name = match &client.client_config().server {
+                ServerConfig::Centralized { server } => server.to_string(),
+                _ => "the configured address".to_owned(),
+            };
+            vec![(name, Options::default())]
+        }
+    }
+}
+
+/// `redis_version` of an `INFO server` reply: the version as written, and its major and minor.
+pub fn server_version(info: &str) -> Option<(&str, (u32, u32))> {
+    let version = info
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("redis_version:"))?;
+    let mut parts = version.split('.').map(str::parse::<u32>);
+    let major = parts.next()?.ok()?;
+    let minor = parts.next()?.ok()?;
+    Some((version, (major, minor)))
+}
+
+/// The error start-up fails with on a Redis older than [`MIN_VERSION`]: one line naming the
+/// variable, the node and both versions.
+pub fn too_old(node: &str, version: &str) -> ConfigError {
+    let (major, minor) = MIN_VERSION;
+    ConfigError::new(
+        "SECKILL_REDIS_URL",
+        format!(
+            "the Redis at {node} is {version}; seckill needs Redis {major}.{minor} or newer (the \
+             relay's XAUTOCLAIM drops deleted entries from 7.0 on)"
+        ),
+    )
+}
+
+/// Refuses to start against a Redis (any cluster primary) older than [`MIN_VERSION`]. A server
+/// whose `INFO` cannot be read or names no version is let through with a warning.
+pub async fn check_version(pool: &Pool) -> anyhow::Result<()> {
+    let client = pool.next();
+    for (node, options) in primaries(client) {
+        let info: Result<String, _> = client
+            .with_options(&options)
+            .info(Some(InfoKind::Server))
+            .await;
+        match info.as_deref().map(server_version) {
+            Ok(Some((version, found))) if found < MIN_VERSION => {
+                return Err(too_old(&node, version).into());
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => tracing::warn!(%node, "INFO server names no redis_version; not checked"),
+            Err(e) => tracing::warn!(%node, error = %e, "could not read the Redis version"),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_version_is_read_from_info_server() {
+        let info = "# Server\r\nredis_version:7.0.15\r\nredis_git_sha1:00000000\r\n";
+        assert_eq!(server_version(info), Some(("7.0.15", (7, 0))));
+        assert_eq!(
+            server_version("redis_version:6.2.14\n").map(|(_, v)| v),
+            Some((6, 2))
+        );
+        assert!(server_version("redis_version:6.2.14\n").unwrap().1 < MIN_VERSION);
+        assert!(server_version("redis_version:10.1.0\n").unwrap().1 >= MIN_VERSION);
+        assert_eq!(server_version("# Server\nprocess_id:1\n"), None);
+        assert_eq!(server_version("redis_version:x.y\n"), None);
+    }
+
+    #[test]
+    fn an_old_redis_is_refused_in_one_line_naming_the_variable() {
+        let err = too_old("127.0.0.1:6379", "6.2.14");
+        assert_eq!(err.var, "SECKILL_REDIS_URL");
+        assert!(err.message.contains("6.2.14"), "{}", err.message);
+        assert!(err.message.contains("7.0 or newer"), "{}", err.message);
+        assert!(!err.message.contains('\n'));
+    }
 
     fn settings(url: &str, cluster: bool) -> RedisSettings {
         RedisSettings {

@@ -1,9 +1,11 @@
 //! Builds the application (listeners bound first, so port 0 works in tests) and runs it until
-//! the shutdown token fires.
+//! the shutdown token fires; then shuts it down in three steps
+//! ([`Application::run_until_stopped`]).
 
 use std::{
     net::{SocketAddr, TcpListener},
     sync::Arc,
+    time::Duration,
 };
 
 use actix_web::web;
@@ -49,10 +51,17 @@ impl Role {
 pub struct Application {
     http_port: Option<u16>,
     admin_port: Option<u16>,
+    worker_port: Option<u16>,
     servers: Vec<actix_web::dev::Server>,
     tasks: JoinSet<anyhow::Result<()>>,
     deps: Arc<Deps>,
+    /// The signal (SIGTERM, ctrl-c, a test): starts the shutdown.
     shutdown: CancellationToken,
+    /// Stops the components (and the broker connection), once the listeners have drained.
+    stop: CancellationToken,
+    /// How long `/readyz` answers `503 draining` before the listeners stop accepting: the
+    /// configured grace for a role behind a load balancer, none for a `worker`.
+    grace: Duration,
 }
 
 fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<(TcpListener, u16)> {
@@ -74,7 +83,10 @@ impl Application {
         if role.serves_http() {
             settings.secrets()?;
         }
-        let deps = Arc::new(Deps::connect(settings.clone(), &shutdown).await?);
+        // Not a child of `shutdown`: the components and the broker keep running while the
+        // process drains, and stop when `run_until_stopped` says so.
+        let stop = CancellationToken::new();
+        let deps = Arc::new(Deps::connect(settings.clone(), &stop).await?);
         let reservations = Reservations::new(
             deps.redis.clone(),
             Keys::new(settings.redis.prefix.clone()),
@@ -93,10 +105,17 @@ impl Application {
         let mut app = Self {
             http_port: None,
             admin_port: None,
+            worker_port: None,
             servers: Vec::new(),
             tasks: JoinSet::new(),
+            grace: if role.serves_http() {
+                settings.drain.grace
+            } else {
+                Duration::ZERO
+            },
             deps,
             shutdown,
+            stop,
         };
         if role.serves_http() {
             app.start_api(&reservations).await?;
@@ -128,7 +147,7 @@ impl Application {
             self.deps.streams.clone(),
         )
         .await?;
-        self.tasks.spawn(listener.run(self.shutdown.child_token()));
+        self.tasks.spawn(listener.run(self.stop.child_token()));
         let ctx = web::Data::new(http::Ctx::new(
             self.deps.clone(),
             reservations.clone(),
@@ -137,11 +156,9 @@ impl Application {
         )?);
         // Every API process watches for products Redis lost, and rebuilds them.
         self.tasks
-            .spawn(ctx.recovery.clone().run(self.shutdown.child_token()));
-        self.tasks.spawn(http::forget_idle_ips(
-            ctx.clone(),
-            self.shutdown.child_token(),
-        ));
+            .spawn(ctx.recovery.clone().run(self.stop.child_token()));
+        self.tasks
+            .spawn(http::forget_idle_ips(ctx.clone(), self.stop.child_token()));
         self.servers.push(http::public_server(public, ctx.clone())?);
         self.servers.push(http::admin_server(admin, ctx)?);
         (self.http_port, self.admin_port) = (Some(http_port), Some(admin_port));
@@ -151,31 +168,29 @@ impl Application {
     /// The outbox relay: winners from Redis to RabbitMQ.
     fn start_relay(&mut self, reservations: &Reservations, wake: Arc<OutboxWake>) {
         let relay = Relay::new(&self.deps, reservations.keys().clone(), wake);
-        self.tasks.spawn(relay.run(self.shutdown.child_token()));
+        self.tasks.spawn(relay.run(self.stop.child_token()));
     }
 
-    /// A `worker` process's own operators' listener (`/metrics`, `/healthz`, `/readyz`).
+    /// A `worker` process's own listener (`/metrics`, `/healthz`, `/readyz`), on a port of its
+    /// own: a `serve` on the same host has `SECKILL_ADMIN_ADDR`.
     fn start_worker_ops(&mut self) -> anyhow::Result<()> {
-        let (ops, port) = bind(
-            self.deps.settings.admin_addr,
-            "SECKILL_ADMIN_ADDR (the worker's /metrics)",
-        )?;
+        let (ops, port) = bind(self.deps.settings.worker_addr, "SECKILL_WORKER_ADDR")?;
         self.servers
             .push(http::worker_ops_server(ops, self.deps.clone())?);
-        self.admin_port = Some(port);
+        self.worker_port = Some(port);
         Ok(())
     }
 
     /// The order persister: RabbitMQ to Postgres.
     fn start_worker(&mut self, reservations: &Reservations) {
         let worker = Worker::new(&self.deps, reservations.clone());
-        self.tasks.spawn(worker.run(self.shutdown.child_token()));
+        self.tasks.spawn(worker.run(self.stop.child_token()));
     }
 
     /// The expiry sweeper and reconciler.
     fn start_sweeper(&mut self, reservations: &Reservations) {
         let sweeper = Sweeper::new(&self.deps, reservations.clone());
-        self.tasks.spawn(sweeper.run(self.shutdown.child_token()));
+        self.tasks.spawn(sweeper.run(self.stop.child_token()));
     }
 
     /// The shoppers' port (when this role serves HTTP).
@@ -188,7 +203,17 @@ impl Application {
         self.admin_port
     }
 
-    /// Runs until the shutdown token fires, then drains and stops every component.
+    /// A `worker` process's own port (`/metrics`, `/healthz`, `/readyz`).
+    pub fn worker_port(&self) -> Option<u16> {
+        self.worker_port
+    }
+
+    /// Runs until the shutdown token fires, then shuts down within `SECKILL_DRAIN_TIMEOUT_SECS`
+    /// of it: not ready ([`Drain::begin`](crate::drain::Drain::begin): `/readyz` answers
+    /// `503 draining`, all else is served) for the grace; then the listeners stop accepting and
+    /// close idle connections, event streams end with a `close` event and requests in flight
+    /// are answered; then the components drain (relay, worker, sweeper) and the connections
+    /// close. Whatever is left at the deadline is dropped, and the process exits anyway.
     pub async fn run_until_stopped(mut self) -> anyhow::Result<()> {
         let handles: Vec<_> = self.servers.iter().map(|s| s.handle()).collect();
         let mut servers: JoinSet<std::io::Result<()>> = JoinSet::new();
@@ -204,16 +229,51 @@ impl Application {
                 result.context("component task")??;
             }
         }
-        tracing::info!("shutting down: draining in-flight work");
-        self.shutdown.cancel();
-        for handle in handles {
-            handle.stop(true).await;
+        let limit = self.deps.settings.drain.timeout;
+        let deadline = tokio::time::Instant::now() + limit;
+        let drained = tokio::time::timeout_at(deadline, self.drain(&handles, &mut servers)).await;
+        if drained.is_err() {
+            tracing::warn!(
+                timeout_secs = limit.as_secs(),
+                servers_left = servers.len(),
+                components_left = self.tasks.len(),
+                "SECKILL_DRAIN_TIMEOUT_SECS passed before the drain finished: exiting anyway"
+            );
+            self.stop.cancel();
+            servers.abort_all();
+            self.tasks.abort_all();
         }
+        tracing::info!("stopped");
+        Ok(())
+    }
+
+    /// The shutdown's steps, in order (bounded by the caller's deadline).
+    async fn drain(
+        &mut self,
+        handles: &[actix_web::dev::ServerHandle],
+        servers: &mut JoinSet<std::io::Result<()>>,
+    ) {
+        let drain = &self.deps.drain;
+        drain.begin();
+        tracing::info!(
+            grace_ms = self.grace.as_millis(),
+            "shutting down: /readyz answers 503 draining; still serving during the grace"
+        );
+        tokio::time::sleep(self.grace).await;
+
+        tracing::info!(
+            "shutting down: no new connections; ending event streams, answering requests in flight"
+        );
+        drain.close();
+        futures_util::future::join_all(handles.iter().map(|h| h.stop(true))).await;
         while let Some(result) = servers.join_next().await {
             if let Ok(Err(e)) = result {
                 tracing::warn!(error = %e, "HTTP server stopped with an error");
             }
         }
+
+        tracing::info!("shutting down: draining in-flight work");
+        self.stop.cancel();
         while let Some(result) = self.tasks.join_next().await {
             match result {
                 Ok(Err(e)) => tracing::warn!(error = ?e, "component stopped with an error"),
@@ -223,7 +283,5 @@ impl Application {
         }
         self.deps.redis.quit().await.ok();
         self.deps.db.clone().close().await.ok();
-        tracing::info!("stopped");
-        Ok(())
     }
 }

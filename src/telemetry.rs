@@ -7,7 +7,10 @@ use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 const QUIET_CLIENT_ERRORS: &str = "actix_http::h1::dispatcher=off";
 
 pub fn init(pretty: bool) {
-    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let default = crate::config::var("RUST_LOG")
+        .map(|v| v.default_text())
+        .unwrap_or("info");
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     // actix logs every malformed request (a bad header, a broken body) at ERROR: a client must
     // not be able to flood the logs with error lines, and actix answers them 400 itself.
     // `RUST_LOG=actix_http=…` brings them back.

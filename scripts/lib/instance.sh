@@ -4,7 +4,8 @@
 # starts is stopped by pid, and everything it created is removed, when the script exits.
 #
 #   source scripts/lib/instance.sh
-#   instance_init TAG          # exports the SECKILL_* settings; sets $bin, $http_port, $admin_port
+#   instance_init TAG          # exports the SECKILL_* settings; sets $bin, $http_port, $admin_port,
+#                              # $worker_port (a `seckill worker`'s own listener)
 #   instance_start LOG ROLE    # starts `seckill ROLE` in the background (pid kept)
 #   instance_wait_ready PORT   # until /readyz answers 200 (fails after 30 s)
 #   admin METHOD PATH [JSON]   # the operators' API with the development admin token
@@ -31,10 +32,12 @@ instance_init() {
     bin="$target/$profile/seckill"
     http_port=$(free_port)
     admin_port=$(free_port)
+    worker_port=$(free_port)
     export SECKILL_DEV=1 RUST_LOG="${RUST_LOG:-warn}" SECKILL_LOG_FORMAT=json \
         SECKILL_DATABASE_URL="postgres://postgres@127.0.0.1:5432/seckill_$instance_tag" \
         SECKILL_REDIS_PREFIX="$instance_tag" SECKILL_AMQP_QUEUE="$instance_tag.orders" \
-        SECKILL_HTTP_ADDR="127.0.0.1:$http_port" SECKILL_ADMIN_ADDR="127.0.0.1:$admin_port"
+        SECKILL_HTTP_ADDR="127.0.0.1:$http_port" SECKILL_ADMIN_ADDR="127.0.0.1:$admin_port" \
+        SECKILL_WORKER_ADDR="127.0.0.1:$worker_port"
     trap instance_cleanup EXIT
 }
 

@@ -1,4 +1,5 @@
-//! The two HTTP listeners: shoppers (`SECKILL_HTTP_ADDR`) and operators (`SECKILL_ADMIN_ADDR`).
+//! The HTTP listeners: shoppers (`SECKILL_HTTP_ADDR`), operators (`SECKILL_ADMIN_ADDR`) and a
+//! `worker`'s own (`SECKILL_WORKER_ADDR`).
 
 pub mod admin;
 pub mod docs;
@@ -296,6 +297,13 @@ fn connections_per_worker(total: u32, workers: usize) -> usize {
         .div_ceil(workers.max(1))
 }
 
+/// How long a stopping server waits for its open connections before it drops them: the whole
+/// drain's bound (`SECKILL_DRAIN_TIMEOUT_SECS`); the application stops waiting at the same
+/// deadline (`startup`).
+fn drain_secs(deps: &Deps) -> u64 {
+    deps.settings.drain.timeout.as_secs()
+}
+
 /// The shoppers' server.
 pub fn public_server(listener: TcpListener, ctx: web::Data<Ctx>) -> anyhow::Result<Server> {
     let known = web::Data::new(KnownPaths::from_doc(
@@ -310,6 +318,7 @@ pub fn public_server(listener: TcpListener, ctx: web::Data<Ctx>) -> anyhow::Resu
     let workers = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
     let max_per_worker = connections_per_worker(settings.max_connections, workers);
     let conns = ctx.connections.clone();
+    let drain = drain_secs(&ctx.deps);
     let server = HttpServer::new(move || {
         App::new()
             .wrap(from_fn(deadline))
@@ -337,7 +346,7 @@ pub fn public_server(listener: TcpListener, ctx: web::Data<Ctx>) -> anyhow::Resu
     // half-closed connections allowed (actix's default), an event stream whose shopper went
     // away would stay open, and counted against the caps, until its next write failed.
     .h1_allow_half_closed(false)
-    .shutdown_timeout(5)
+    .shutdown_timeout(drain)
     .disable_signals()
     .run();
     Ok(server)
@@ -351,6 +360,7 @@ pub fn admin_server(listener: TcpListener, ctx: web::Data<Ctx>) -> anyhow::Resul
         limit: ctx.deps.settings.body_timeout,
         metrics: ctx.deps.metrics.clone(),
     };
+    let drain = drain_secs(&ctx.deps);
     let server = HttpServer::new(move || {
         App::new()
             .wrap(from_fn(limit_admin_per_ip))
@@ -370,7 +380,7 @@ pub fn admin_server(listener: TcpListener, ctx: web::Data<Ctx>) -> anyhow::Resul
     .listen(listener)?
     .client_request_timeout(Duration::from_secs(5))
     .client_disconnect_timeout(Duration::from_secs(1))
-    .shutdown_timeout(5)
+    .shutdown_timeout(drain)
     .disable_signals()
     .run();
     Ok(server)
@@ -378,6 +388,7 @@ pub fn admin_server(listener: TcpListener, ctx: web::Data<Ctx>) -> anyhow::Resul
 
 /// A `worker` process's operators' listener: `/metrics`, `/healthz`, `/readyz`.
 pub fn worker_ops_server(listener: TcpListener, deps: Arc<Deps>) -> anyhow::Result<Server> {
+    let drain = drain_secs(&deps);
     let deps = web::Data::from(deps);
     let known = web::Data::new(KnownPaths::from_doc(&["service"], &[]));
     let server = HttpServer::new(move || {
@@ -394,7 +405,7 @@ pub fn worker_ops_server(listener: TcpListener, deps: Arc<Deps>) -> anyhow::Resu
     .workers(1)
     .listen(listener)?
     .client_request_timeout(Duration::from_secs(5))
-    .shutdown_timeout(5)
+    .shutdown_timeout(drain)
     .disable_signals()
     .run();
     Ok(server)

@@ -95,6 +95,9 @@ pub enum ApiError {
     /// The request could not finish in time: a dependency stopped answering.
     #[error("the service is temporarily unavailable")]
     TimedOut,
+    /// The process is shutting down (`/readyz` only: every other request is still served).
+    #[error("this process is shutting down; send requests to another")]
+    Draining,
     #[error("a dependency is not reachable: {failing}")]
     NotReady {
         failing: String,
@@ -149,6 +152,7 @@ impl ApiError {
             ),
             ApiError::AtCapacity => (S::SERVICE_UNAVAILABLE, "at_capacity", "At capacity"),
             ApiError::Paused => (S::SERVICE_UNAVAILABLE, "paused", "Paused"),
+            ApiError::Draining => (S::SERVICE_UNAVAILABLE, "draining", "Shutting down"),
             ApiError::Recovering => (S::SERVICE_UNAVAILABLE, "recovering", "Recovering"),
             ApiError::Unavailable(_)
             | ApiError::DatabaseUnavailable(_)
@@ -353,6 +357,7 @@ mod tests {
             ApiError::AtCapacity,
             ApiError::Paused,
             ApiError::Recovering,
+            ApiError::Draining,
             ApiError::Unavailable(Unavailable::BadReply("x".into())),
             ApiError::DatabaseUnavailable(anyhow::anyhow!("x")),
             ApiError::TimedOut,
@@ -389,6 +394,7 @@ mod tests {
                 | ApiError::AtCapacity
                 | ApiError::Paused
                 | ApiError::Recovering
+                | ApiError::Draining
                 | ApiError::Unavailable(_)
                 | ApiError::DatabaseUnavailable(_)
                 | ApiError::TimedOut
@@ -410,6 +416,13 @@ mod tests {
             let row = format!("| `{code}` | {} |", status.as_u16());
             assert!(doc.contains(&row), "docs/api.md has no row starting {row}");
         }
+    }
+
+    #[test]
+    fn draining_is_a_503_of_its_own() {
+        let p = ApiError::Draining.problem();
+        assert_eq!((p.status, p.code), (503, "draining"));
+        assert!(p.checks.is_none());
     }
 
     #[test]

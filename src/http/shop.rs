@@ -485,6 +485,12 @@ async fn next_frame(mut st: SseState) -> Option<(Result<Bytes, actix_web::Error>
     loop {
         tokio::select! {
             biased;
+            // The process is shutting down: a last event rather than a cut connection.
+            _ = st.ctx.deps.drain.closing() => {
+                st.done = true;
+                let retry_ms = fastrand::u64(crate::drain::CLOSE_RETRY_MS);
+                return Some((Ok(Bytes::from(crate::drain::close_frame(retry_ms))), st));
+            }
             _ = tokio::time::sleep_until(st.ends_at) => {
                 st.done = true;
                 return Some((Ok(lifetime_frame()), st));
@@ -533,12 +539,13 @@ async fn stream_user(
 
 /// The caller's reservation as Server-Sent Events: a `status` event now and at every change
 /// (pushed through Redis pub/sub, not polled), ending after a terminal state, or after the
-/// stream's lifetime (`SECKILL_SSE_LIFETIME_SECS`) with a `retry:` hint. An idle stream gets a
-/// `: keep-alive` comment every `SECKILL_SSE_HEARTBEAT_SECS`.
+/// stream's lifetime (`SECKILL_SSE_LIFETIME_SECS`) with a `retry:` hint, or when the process
+/// shuts down with a `close` event (data `{"reason": "shutting_down", …}`) and a `retry:` hint.
+/// An idle stream gets a `: keep-alive` comment every `SECKILL_SSE_HEARTBEAT_SECS`.
 #[utoipa::path(
     params(("id" = String, Path, description = "product id"), StreamQuery),
     responses(
-        (status = 200, description = "`text/event-stream` of `status` events whose data is a ReservationView", content_type = "text/event-stream", body = ReservationView),
+        (status = 200, description = "`text/event-stream` of `status` events whose data is a ReservationView; when the server shuts down, a last `close` event (data `{\"reason\": \"shutting_down\", \"detail\": …}`) with a `retry:` hint", content_type = "text/event-stream", body = ReservationView),
         (status = 400, description = "`bad_request`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized` (also an expired stream token, another product's, or a JWT in `?token=`)", body = crate::http::problem::Problem, content_type = "application/problem+json"),
         (status = 404, description = "`no_reservation` or `product_not_found`", body = crate::http::problem::Problem, content_type = "application/problem+json"),

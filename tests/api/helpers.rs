@@ -50,6 +50,8 @@ impl Isolation {
         let mut vars = vec![
             ("SECKILL_HTTP_ADDR".into(), http.into()),
             ("SECKILL_ADMIN_ADDR".into(), admin.into()),
+            // A worker's own listener: any free port (several run side by side in a test).
+            ("SECKILL_WORKER_ADDR".into(), "127.0.0.1:0".into()),
             ("SECKILL_DATABASE_URL".into(), self.database_url()),
             ("SECKILL_REDIS_PREFIX".into(), self.prefix.clone()),
             ("SECKILL_AMQP_QUEUE".into(), self.queue.clone()),
@@ -59,6 +61,8 @@ impl Isolation {
         vars.push(("SECKILL_IP_RATE".into(), "1000000/1s".into()));
         vars.push(("SECKILL_ADMIN_IP_RATE".into(), "1000000/1s".into()));
         vars.push(("SECKILL_MAX_CONNECTIONS_PER_IP".into(), "100000".into()));
+        // No load balancer to wait for: a stopped test app drains at once.
+        vars.push(("SECKILL_DRAIN_GRACE_MS".into(), "0".into()));
         vars
     }
 
@@ -514,7 +518,9 @@ impl Sibling {
             .await
             .expect("app builds");
         let url = |port: Option<u16>| format!("http://127.0.0.1:{}", port.unwrap_or(0));
-        let api = Api::new(url(app.http_port()), url(app.admin_port()));
+        // A worker's only listener is its own, in the operators' place.
+        let admin = app.admin_port().or(app.worker_port());
+        let api = Api::new(url(app.http_port()), url(admin));
         let task = tokio::spawn(app.run_until_stopped());
         Self {
             api,

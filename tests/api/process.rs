@@ -5,7 +5,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::helpers::{Isolation, seckill_command};
+use seckill::config::VARS;
+
+use crate::helpers::{Isolation, Proc, free_port, seckill_command};
 
 fn isolated(iso: &Isolation) -> Command {
     let mut cmd = seckill_command();
@@ -89,6 +91,196 @@ fn help_explains_every_subcommand() {
     for cmd in ["all", "serve", "worker", "migrate"] {
         assert!(text.contains(cmd), "{text}");
     }
+}
+
+#[test]
+fn help_lists_every_variable_with_its_default() {
+    let out = seckill_command().arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    for var in VARS {
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{} ", var.name)))
+            .unwrap_or_else(|| panic!("{} is not in --help:\n{text}", var.name));
+        assert!(line.contains(var.default_text()), "{line}");
+    }
+    assert!(text.contains("[default: 127.0.0.1:8082]"), "{text}");
+    // The short help points to the long one.
+    let out = seckill_command().arg("-h").output().unwrap();
+    let short = String::from_utf8(out.stdout).unwrap();
+    assert!(short.contains("--help"), "{short}");
+}
+
+#[test]
+fn version_names_the_package_version_and_the_git_commit() {
+    let out = seckill_command().arg("--version").output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let line = String::from_utf8(out.stdout).unwrap();
+    let prefix = format!("seckill {} (commit ", env!("CARGO_PKG_VERSION"));
+    let commit = line
+        .strip_suffix(")\n")
+        .and_then(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("{line:?}"));
+    assert!(
+        commit == "unknown"
+            || (commit.len() >= 12 && commit.bytes().all(|b| b.is_ascii_hexdigit())),
+        "{line:?}"
+    );
+    assert_eq!(commit, seckill::build_info::COMMIT);
+    // Built from this checkout (unless the build was told a commit): its HEAD.
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output();
+    if let Ok(head) = head
+        && head.status.success()
+        && std::env::var_os("GIT_COMMIT").is_none()
+    {
+        assert_eq!(commit, String::from_utf8(head.stdout).unwrap().trim());
+    }
+}
+
+/// `GET url` answers 200.
+async fn answers(url: &str) -> bool {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    client
+        .get(url)
+        .send()
+        .await
+        .is_ok_and(|r| r.status() == 200)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_listens_on_its_own_address_beside_a_serve_with_the_same_admin_address() {
+    let iso = Isolation::new();
+    let serve = Proc::start(&iso, "serve", &[]);
+    serve.wait_healthy().await;
+    // As on one host with default settings: the same SECKILL_ADMIN_ADDR, which serve holds.
+    let admin = serve.api().admin.trim_start_matches("http://").to_owned();
+    let worker_addr = format!("127.0.0.1:{}", free_port());
+    let mut worker = Proc::start(
+        &iso,
+        "worker",
+        &[
+            ("SECKILL_ADMIN_ADDR", &admin),
+            ("SECKILL_WORKER_ADDR", &worker_addr),
+        ],
+    );
+    let mut up = false;
+    for _ in 0..300 {
+        if answers(&format!("http://{worker_addr}/healthz")).await {
+            up = true;
+            break;
+        }
+        assert!(
+            worker.child.try_wait().unwrap().is_none(),
+            "the worker exited (did it bind SECKILL_ADMIN_ADDR?)"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(up, "the worker never answered on SECKILL_WORKER_ADDR");
+    assert!(answers(&format!("http://{worker_addr}/metrics")).await);
+    assert!(answers(&format!("{}/healthz", serve.api().admin)).await);
+    assert!(worker.child.try_wait().unwrap().is_none());
+    let t0 = Instant::now();
+    sigterm(worker.child.id());
+    let status = wait_exit(&mut worker.child, Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+    assert!(t0.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_turns_readyz_to_draining_closes_event_streams_and_exits_zero() {
+    let iso = Isolation::new();
+    let grace = Duration::from_millis(2_000);
+    let timeout = Duration::from_secs(8);
+    let mut serve = Proc::start(
+        &iso,
+        "serve",
+        &[
+            ("SECKILL_DRAIN_GRACE_MS", "2000"),
+            ("SECKILL_DRAIN_TIMEOUT_SECS", "8"),
+        ],
+    );
+    serve.wait_healthy().await;
+    let api = serve.api().clone();
+    let product = api.live_product(5).await;
+    assert_eq!(api.buy(1, product).await.status(), 202);
+    let mut events = api.me_events(1, product).await;
+    assert_eq!(events.status(), 200);
+    let first = events.chunk().await.unwrap().unwrap();
+    assert!(
+        String::from_utf8_lossy(&first).contains("event: status"),
+        "{first:?}"
+    );
+
+    let t0 = Instant::now();
+    sigterm(serve.child.id());
+
+    // Not ready at once, on both listeners, while everything else is still served.
+    let mut draining = None;
+    while draining.is_none() && t0.elapsed() < grace / 2 {
+        let res = api.get("/readyz").await;
+        if res.status() == 503 {
+            draining = Some(res);
+        } else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let res = draining.expect("/readyz never answered 503 after SIGTERM");
+    assert_eq!(
+        res.headers()["content-type"].to_str().unwrap(),
+        "application/problem+json"
+    );
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["code"], "draining", "{body}");
+    let admin_ready = api
+        .client
+        .get(format!("{}/readyz", api.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(admin_ready.status(), 503);
+    assert_eq!(api.get("/healthz").await.status(), 200);
+    assert_eq!(api.me(1, product).await.status(), 200);
+    assert!(t0.elapsed() < grace, "the checks took the whole grace");
+
+    // The open stream gets a last event, then ends (not cut), after the grace.
+    let mut rest = String::new();
+    loop {
+        match events.chunk().await {
+            Ok(Some(bytes)) => rest.push_str(&String::from_utf8_lossy(&bytes)),
+            Ok(None) => break,
+            Err(e) => panic!("the stream was cut: {e}; it had sent {rest:?}"),
+        }
+    }
+    let closed_at = t0.elapsed();
+    assert!(closed_at >= grace, "closed during the grace: {closed_at:?}");
+    let close = rest
+        .split("\n\n")
+        .find(|event| event.starts_with("event: close"))
+        .unwrap_or_else(|| panic!("no close event: {rest:?}"));
+    let data = close
+        .lines()
+        .find_map(|l| l.strip_prefix("data: "))
+        .unwrap();
+    let data: serde_json::Value = serde_json::from_str(data).unwrap();
+    assert_eq!(data["reason"], "shutting_down");
+    let retry: u64 = close
+        .lines()
+        .find_map(|l| l.strip_prefix("retry: "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1_000..=5_000).contains(&retry), "{retry}");
+
+    let status = wait_exit(&mut serve.child, timeout);
+    assert!(status.success(), "{status:?}");
+    assert!(t0.elapsed() < timeout, "{:?}", t0.elapsed());
 }
 
 #[test]
@@ -198,4 +390,97 @@ async fn dev_token_signs_a_jwt_the_server_accepts_for_that_user() {
     let res = me(jwt.trim().to_owned()).await.unwrap();
     assert_eq!(res.status(), 200, "the token names user 4242");
     app.stop().await;
+}
+
+/// Starts `seckill all` against a queue no one declared yet, waits until its consumers consume,
+/// stops it and returns what it logged before the shutdown signal (JSON lines).
+fn first_start_log(iso: &Isolation, queue: &str) -> Vec<String> {
+    use std::io::BufRead;
+    let mut child = isolated(iso)
+        .arg("all")
+        .env("SECKILL_AMQP_QUEUE", queue)
+        .env("SECKILL_LOG_FORMAT", "json")
+        .env("SECKILL_WORKER_CONSUMERS", "4")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut lines = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let consuming = |lines: &[String]| {
+        lines
+            .iter()
+            .filter(|l| l.contains("worker consuming"))
+            .count()
+    };
+    while consuming(&lines) < 4 && Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
+            lines.push(line);
+        }
+    }
+    // Whatever a late failure would log (lapin logs the broker's close as it reads it).
+    std::thread::sleep(Duration::from_millis(500));
+    sigterm(child.id());
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    reader.join().unwrap();
+    lines.extend(rx.try_iter());
+    assert!(status.success(), "{status:?}\n{}", lines.join("\n"));
+    let shutdown = lines
+        .iter()
+        .position(|l| l.contains("shutdown signal received"))
+        .unwrap_or(lines.len());
+    lines.truncate(shutdown);
+    assert!(
+        consuming(&lines) >= 4,
+        "never consumed:\n{}",
+        lines.join("\n")
+    );
+    lines
+}
+
+#[test]
+fn a_first_start_against_a_fresh_quorum_queue_logs_no_amqp_error() {
+    // RabbitMQ 3.10 answers a `basic.consume` that reaches a new quorum queue before its
+    // process exists with 541 INTERNAL_ERROR, closing the whole connection (issue 14).
+    // The race is intermittent: try several fresh queues.
+    let iso = Isolation::new();
+    let out = isolated(&iso).arg("migrate").output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mut failed = Vec::new();
+    for round in 0..6 {
+        let queue = format!("{}.fresh{round}", iso.queue);
+        let lines = first_start_log(&iso, &queue);
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(crate::services::delete_queues(&queue));
+        let bad: Vec<&String> = lines
+            .iter()
+            .filter(|l| {
+                l.contains(r#""level":"ERROR""#)
+                    || l.contains("consumer stopped")
+                    || l.contains("RabbitMQ connection failed")
+            })
+            .collect();
+        if !bad.is_empty() {
+            failed.push(format!("round {round}: {bad:#?}"));
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of 6 first starts logged AMQP trouble:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
 }
