@@ -122,6 +122,11 @@ pub const VARS: &[Var] = &[
         "Postgres; the database is created if missing",
     ),
     Var::new(
+        "SECKILL_MIGRATE",
+        "1",
+        "1: serve/worker create the database and apply migrations at start; 0: only check the schema is current",
+    ),
+    Var::new(
         "SECKILL_AMQP_URL",
         "amqp://guest:guest@127.0.0.1:5672/%2f",
         "RabbitMQ; a 10 s heartbeat is added unless the URL sets one",
@@ -585,6 +590,9 @@ pub struct Settings {
     pub redis: RedisSettings,
     /// Postgres; the database is created if missing.
     pub database_url: String,
+    /// `SECKILL_MIGRATE`: whether `serve`/`worker`/`all` apply migrations at start (else they
+    /// only check that none is pending, for a runtime role without DDL rights).
+    pub migrate: bool,
     pub amqp_url: String,
     /// Orders queue; its dead-letter queue is `<queue>.dlq`.
     pub amqp_queue: String,
@@ -716,6 +724,16 @@ impl Settings {
             ));
         }
         let database_url = env.string("SECKILL_DATABASE_URL")?;
+        let migrate = match env.string("SECKILL_MIGRATE")?.as_str() {
+            "1" => true,
+            "0" => false,
+            other => {
+                return Err(ConfigError::new(
+                    "SECKILL_MIGRATE",
+                    format!("must be 1 or 0, got {other:?}"),
+                ));
+            }
+        };
         if !(database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")) {
             return Err(ConfigError::new(
                 "SECKILL_DATABASE_URL",
@@ -820,6 +838,7 @@ impl Settings {
                 prefix,
             },
             database_url,
+            migrate,
             amqp_url,
             amqp_queue,
             redis_durability: env.parse("SECKILL_REDIS_DURABILITY")?,

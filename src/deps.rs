@@ -83,7 +83,11 @@ impl Deps {
             redis.quit().await.ok();
             return Err(e);
         }
-        db::migrate(&settings.database_url).await?;
+        if settings.migrate {
+            db::migrate(&settings.database_url).await?;
+        } else {
+            db::check_migrated(&settings.database_url).await?;
+        }
         let mut db = db::connect(&settings.database_url, settings.pg_pool).await?;
         let metrics = Arc::new(Metrics::new()?);
         let counted = metrics.clone();

@@ -108,6 +108,28 @@ pub async fn migrate(url: &str) -> anyhow::Result<()> {
     result
 }
 
+/// For `SECKILL_MIGRATE=0`: fails, naming them, unless every migration has been applied (by a
+/// `seckill migrate` run with a role that may change the schema).
+pub async fn check_migrated(url: &str) -> anyhow::Result<()> {
+    let conn = connect(url, 1).await?;
+    let pending = Migrator::get_pending_migrations(&conn)
+        .await
+        .context("reading which migrations are applied");
+    conn.close().await.ok();
+    let names: Vec<String> = pending?.iter().map(|m| m.name().to_owned()).collect();
+    anyhow::ensure!(
+        names.is_empty(),
+        crate::config::ConfigError::new(
+            "SECKILL_MIGRATE",
+            format!(
+                "0, but the database lacks migrations {}: run `seckill migrate` with a role that may change the schema",
+                names.join(", ")
+            ),
+        )
+    );
+    Ok(())
+}
+
 /// The project's migrations: plain SQL files in `migrations/`.
 pub struct Migrator;
 

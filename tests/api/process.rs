@@ -484,3 +484,56 @@ fn a_first_start_against_a_fresh_quorum_queue_logs_no_amqp_error() {
         failed.join("\n")
     );
 }
+
+/// `SECKILL_MIGRATE=0` (a runtime role without DDL rights): against a database nobody migrated
+/// the process refuses to start, exit 2, naming the setting and the missing migrations; once
+/// `seckill migrate` ran, it starts without touching the schema.
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_with_migrate_0_checks_the_schema_instead_of_changing_it() {
+    let iso = Isolation::new();
+    let created = seckill_command()
+        .arg("migrate")
+        .env("SECKILL_DATABASE_URL", iso.database_url())
+        .env("SECKILL_DEV", "1")
+        .output()
+        .unwrap();
+    assert!(created.status.success(), "{created:?}");
+    // Take the last migration back out, as if this binary were newer than the schema.
+    let db = seckill::db::connect(&iso.database_url(), 1).await.unwrap();
+    let last: String = {
+        use sea_orm::ConnectionTrait;
+        let row = db
+            .query_one_raw(sea_orm::Statement::from_string(
+                db.get_database_backend(),
+                "delete from seaql_migrations where version = (select max(version) from seaql_migrations) returning version",
+            ))
+            .await
+            .unwrap()
+            .unwrap();
+        row.try_get_by_index(0).unwrap()
+    };
+    let _ = db.close().await;
+
+    let refused = seckill_command()
+        .arg("serve")
+        .envs(iso.vars("127.0.0.1:0", "127.0.0.1:0"))
+        .env("SECKILL_MIGRATE", "0")
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    let said = String::from_utf8_lossy(&refused.stdout).to_string()
+        + &String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("SECKILL_MIGRATE"), "{said}");
+    assert!(said.contains(&last), "{said}");
+
+    let migrated = seckill_command()
+        .arg("migrate")
+        .env("SECKILL_DATABASE_URL", iso.database_url())
+        .env("SECKILL_DEV", "1")
+        .output()
+        .unwrap();
+    assert!(migrated.status.success(), "{migrated:?}");
+    let mut app = Proc::start(&iso, "serve", &[("SECKILL_MIGRATE", "0")]);
+    app.wait_healthy().await;
+    app.kill9();
+}
