@@ -491,13 +491,16 @@ fn a_first_start_against_a_fresh_quorum_queue_logs_no_amqp_error() {
 #[tokio::test(flavor = "multi_thread")]
 async fn serve_with_migrate_0_checks_the_schema_instead_of_changing_it() {
     let iso = Isolation::new();
-    let created = seckill_command()
-        .arg("migrate")
-        .env("SECKILL_DATABASE_URL", iso.database_url())
-        .env("SECKILL_DEV", "1")
-        .output()
-        .unwrap();
-    assert!(created.status.success(), "{created:?}");
+    let migrate = || {
+        let out = seckill_command()
+            .arg("migrate")
+            .env("SECKILL_DATABASE_URL", iso.database_url())
+            .env("SECKILL_DEV", "1")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    migrate();
     // Take the last migration back out, as if this binary were newer than the schema.
     let db = seckill::db::connect(&iso.database_url(), 1).await.unwrap();
     let last: String = {
@@ -526,13 +529,7 @@ async fn serve_with_migrate_0_checks_the_schema_instead_of_changing_it() {
     assert!(said.contains("SECKILL_MIGRATE"), "{said}");
     assert!(said.contains(&last), "{said}");
 
-    let migrated = seckill_command()
-        .arg("migrate")
-        .env("SECKILL_DATABASE_URL", iso.database_url())
-        .env("SECKILL_DEV", "1")
-        .output()
-        .unwrap();
-    assert!(migrated.status.success(), "{migrated:?}");
+    migrate();
     let mut app = Proc::start(&iso, "serve", &[("SECKILL_MIGRATE", "0")]);
     app.wait_healthy().await;
     app.kill9();

@@ -85,16 +85,19 @@ impl Drop for TestCa {
     }
 }
 
-/// A Redis with AOF (the default durability wants it) that speaks TLS on `tls_port` and plain
-/// text on another port, which only the test uses to look.
-async fn tls_redis(ca: &TestCa, tls_port: u16) -> OwnRedis {
+/// A certificate authority, and a Redis with AOF (the default durability wants it) whose
+/// certificate it signed, speaking TLS on the `rediss://` URL returned and plain text on
+/// another port, which only the test uses to look.
+async fn tls_redis() -> (TestCa, OwnRedis, String) {
+    let ca = TestCa::new();
+    let tls_port = free_port();
     let (port, cert, key, ca_pem) = (
         tls_port.to_string(),
         ca.path("server.pem"),
         ca.path("server.key"),
         ca.path("ca.pem"),
     );
-    OwnRedis::start(&[
+    let redis = OwnRedis::start(&[
         "--appendonly",
         "yes",
         "--appendfsync",
@@ -110,16 +113,14 @@ async fn tls_redis(ca: &TestCa, tls_port: u16) -> OwnRedis {
         "--tls-auth-clients",
         "no",
     ])
-    .await
+    .await;
+    (ca, redis, format!("rediss://127.0.0.1:{tls_port}"))
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sale_runs_over_tls_to_redis_and_postgres() {
-    let ca = TestCa::new();
-    let tls_port = free_port();
-    let redis = tls_redis(&ca, tls_port).await;
+    let (ca, redis, redis_url) = tls_redis().await;
     let iso = Isolation::new();
-    let redis_url = format!("rediss://127.0.0.1:{tls_port}");
     let database_url = format!("{}?sslmode=require", iso.database_url());
     let app = Proc::start(
         &iso,
@@ -174,11 +175,8 @@ async fn a_sale_runs_over_tls_to_redis_and_postgres() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_redis_certificate_nobody_vouches_for_is_refused() {
-    let ca = TestCa::new();
-    let tls_port = free_port();
-    let redis = tls_redis(&ca, tls_port).await;
+    let (_ca, redis, redis_url) = tls_redis().await;
     let iso = Isolation::new();
-    let redis_url = format!("rediss://127.0.0.1:{tls_port}");
     // The system's roots, which do not include the test's CA.
     let mut app = Proc::start(&iso, "all", &[("SECKILL_REDIS_URL", &redis_url)]);
     let stopped = eventually(Duration::from_secs(30), || {
