@@ -1,12 +1,14 @@
 //! Build script: records the git commit the binary is built from, for `seckill --version` and
 //! the `seckill_build_info` metric (both read it through `src/build_info.rs`).
 //!
-//! Sets `SECKILL_GIT_COMMIT` for the compiler (a build-time value: it never reaches the running
-//! process's environment) to, in order: `GIT_COMMIT` from the build's environment (a Docker
+//! Sets `BUILD_GIT_COMMIT` for the compiler to, in order: `GIT_COMMIT` from the build's environment (a Docker
 //! build, whose context has no `.git`, can pass it as a build argument), else
 //! `git rev-parse --short=12 HEAD`, else `unknown` (no git, or no repository). It reruns only
 //! when `HEAD` or the ref it points to moves, so editing sources never reruns it. (No `-dirty`
-//! mark: telling dirty from clean would mean rerunning on every edit.)
+//! mark: telling dirty from clean would mean rerunning on every edit.) The name must not start
+//! with `SECKILL_`: `cargo run` and `cargo test` also put a build script's `rustc-env` values in
+//! the environment of the program they run, and the configuration refuses unknown `SECKILL_*`
+//! variables.
 
 use std::{path::Path, process::Command};
 
@@ -21,7 +23,7 @@ fn main() {
             git(&["rev-parse", "--short=12", "HEAD"])
         })
         .unwrap_or_else(|| "unknown".to_owned());
-    println!("cargo:rustc-env=SECKILL_GIT_COMMIT={commit}");
+    println!("cargo:rustc-env=BUILD_GIT_COMMIT={commit}");
 }
 
 /// A full hexadecimal commit id shortened to 12 characters; anything else as it is.

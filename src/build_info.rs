@@ -6,12 +6,12 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// The git commit built, 12 hex digits, or `unknown` when the build had no repository (e.g. a
 /// Docker build context without `.git` and no `GIT_COMMIT` build argument); set by `build.rs`.
-pub const COMMIT: &str = env!("SECKILL_GIT_COMMIT");
+pub const COMMIT: &str = env!("BUILD_GIT_COMMIT");
 
 /// `VERSION (COMMIT)`, as `seckill --version` prints it.
 pub const LONG_VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
     " (",
-    env!("SECKILL_GIT_COMMIT"),
+    env!("BUILD_GIT_COMMIT"),
     ")"
 );
