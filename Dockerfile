@@ -34,8 +34,10 @@ COPY build.rs ./
 COPY lua lua
 COPY migrations migrations
 COPY src src
-# The error-code table the unit tests hold the code to (src/http/problem.rs).
+# What the unit tests hold the code to: docs/api.md's error table (src/http/problem.rs) and the
+# README's configuration table (src/config.rs). The release build does not read them.
 COPY docs docs
+COPY README.md ./
 RUN cargo build --release --locked --bin seckill
 
 ########################### runtime ###########################
