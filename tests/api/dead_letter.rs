@@ -6,8 +6,7 @@ use std::{collections::HashSet, time::Duration};
 
 use fred::prelude::*;
 use lapin::{
-    BasicProperties,
-    options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions},
+    options::{BasicGetOptions, ConfirmSelectOptions},
     types::AMQPValue,
 };
 use seckill::{
@@ -22,7 +21,7 @@ use uuid::Uuid;
 
 use crate::helpers::{
     Isolation, Sibling, TestApp, amqp_channel, await_orders, eventually, order_count, pg_count,
-    queue_len, seckill_command, sold_count,
+    publish_persistent, queue_len, seckill_command, sold_count,
 };
 
 /// A winner as the relay publishes it.
@@ -45,17 +44,7 @@ async fn publish(queue: &str, bodies: &[Vec<u8>]) {
     for body in bodies {
         let mut attempts = 0;
         loop {
-            let confirm = ch
-                .basic_publish(
-                    "".into(),
-                    queue.into(),
-                    BasicPublishOptions::default(),
-                    body,
-                    BasicProperties::default().with_delivery_mode(2),
-                )
-                .await
-                .unwrap();
-            if confirm.await.unwrap().is_ack() {
+            if publish_persistent(&ch, queue, body).await {
                 break;
             }
             attempts += 1;

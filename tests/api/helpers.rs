@@ -702,6 +702,23 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Publishes `body` to `queue` as a persistent message and waits for the broker's answer:
+/// whether it acked the message (never, on a channel not in confirm mode).
+pub async fn publish_persistent(ch: &lapin::Channel, queue: &str, body: &[u8]) -> bool {
+    ch.basic_publish(
+        "".into(),
+        queue.into(),
+        lapin::options::BasicPublishOptions::default(),
+        body,
+        lapin::BasicProperties::default().with_delivery_mode(2),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap()
+    .is_ack()
+}
+
 /// A passive declare: the queue as the broker has it, or an error if it does not exist.
 pub async fn passive_declare(ch: &lapin::Channel, queue: &str) -> lapin::Result<lapin::Queue> {
     ch.queue_declare(

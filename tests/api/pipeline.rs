@@ -4,10 +4,7 @@ use std::{collections::HashSet, time::Duration};
 
 use fred::prelude::*;
 use futures_util::{StreamExt, stream};
-use lapin::{
-    BasicProperties,
-    options::{BasicGetOptions, BasicPublishOptions},
-};
+use lapin::options::BasicGetOptions;
 use seckill::{
     domain::{ProductId, UserId},
     reservations::Outcome,
@@ -17,7 +14,8 @@ use serde_json::{Value, json};
 
 use crate::helpers::{
     Isolation, Proc, Sibling, TestApp, amqp_channel, await_orders, buyer_count, eventually,
-    http_sale, order_count, passive_declare, pg_count, pg_rows, queue_len, sold_count,
+    http_sale, order_count, passive_declare, pg_count, pg_rows, publish_persistent, queue_len,
+    sold_count,
 };
 
 /// `count` winners straight through the script (fast), users `first..first+count`.
@@ -47,20 +45,6 @@ async fn winners_via_script(
         .buffer_unordered(64)
         .collect()
         .await
-}
-
-async fn publish_raw(ch: &lapin::Channel, queue: &str, body: &[u8]) {
-    ch.basic_publish(
-        "".into(),
-        queue.into(),
-        BasicPublishOptions::default(),
-        body,
-        BasicProperties::default().with_delivery_mode(2),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
 }
 
 /// Redis remaining + won-but-not-persisted + live orders, and the stock.
@@ -188,7 +172,7 @@ async fn the_same_message_delivered_twice_makes_one_order() {
                          "reserved_at": chrono::Utc::now().to_rfc3339()});
     let (_conn, ch) = amqp_channel().await.unwrap();
     for _ in 0..2 {
-        publish_raw(&ch, &app.iso.queue, message.to_string().as_bytes()).await;
+        publish_persistent(&ch, &app.iso.queue, message.to_string().as_bytes()).await;
     }
     // Wait until the worker drained the queue, then check.
     assert!(
@@ -217,8 +201,8 @@ async fn a_poison_message_lands_in_the_dlq_and_does_not_block_the_queue() {
         .await
     );
     let (_conn, ch) = amqp_channel().await.unwrap();
-    publish_raw(&ch, &app.iso.queue, b"{this is not an order").await;
-    publish_raw(&ch, &app.iso.queue, br#"{"v":99,"anything":true}"#).await;
+    publish_persistent(&ch, &app.iso.queue, b"{this is not an order").await;
+    publish_persistent(&ch, &app.iso.queue, br#"{"v":99,"anything":true}"#).await;
     let won = app.api.buy(2, p).await;
     assert_eq!(won.status(), 202);
     await_orders(&app.db, p, 1, Duration::from_secs(5)).await;
