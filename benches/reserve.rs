@@ -1,5 +1,6 @@
 #![allow(clippy::expect_used)] // a bench that cannot set up should stop loudly
-//! The reserve script through fred: one caller at a time, and 64 concurrent callers.
+//! The reserve script through fred: one caller at a time, 64 concurrent callers (one call each,
+//! and gathered by the batcher), and `reserve_batch.lua` deciding 1, 8 and 64 attempts per call.
 //! Skips with a message when Redis is not reachable on `SECKILL_REDIS_URL` (default loopback).
 //!
 //! `cargo bench --bench reserve`; compare with `scripts/bench-redis` (redis-benchmark running
@@ -11,7 +12,8 @@ mod common;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use seckill::{
-    config::{RedisSettings, Settings},
+    batching::Batcher,
+    config::{BatchSettings, RedisSettings, Settings},
     domain::ProductId,
     keys::Keys,
     reservations::Reservations,
@@ -69,6 +71,36 @@ fn bench_reserve(c: &mut Criterion) {
             }
         })
     });
+    // The same 64 concurrent callers, gathered per product into reserve_batch.lua calls.
+    let batcher = Batcher::new(
+        r.clone(),
+        BatchSettings {
+            max: 64,
+            window: Duration::from_millis(1),
+        },
+        None,
+    );
+    group.bench_function("winning attempts, 64 concurrent callers, batched", |b| {
+        b.to_async(&rt).iter(|| async {
+            let calls = (0..64).map(|_| batcher.reserve(user(), product));
+            for d in futures_util::future::join_all(calls).await {
+                d.expect("reserve");
+            }
+        })
+    });
+    group.finish();
+
+    // One reserve_batch.lua call deciding n winning attempts, beside the single script above.
+    let mut group = c.benchmark_group("reserve_batch");
+    for n in [1_u64, 8, 64] {
+        group.throughput(Throughput::Elements(n));
+        group.bench_function(format!("{n} winning attempts, one call"), |b| {
+            b.to_async(&rt).iter(|| async {
+                let users: Vec<_> = (0..n).map(|_| user()).collect();
+                r.reserve_many(product, &users).await.expect("reserve_many")
+            })
+        });
+    }
     group.finish();
 
     rt.block_on(common::delete_keys(&pool, &prefix));

@@ -184,6 +184,18 @@ pub const VARS: &[Var] = &[
         "admission gate per product (token bucket); beyond it 429",
     ),
     Var::new(
+        "SECKILL_RESERVE_BATCH_MAX",
+        "64",
+        "most purchase attempts on one product decided by one Redis call; 1: one call each",
+    )
+    .range(1, 1_000),
+    Var::new(
+        "SECKILL_RESERVE_BATCH_WINDOW_US",
+        "1000",
+        "the longest an attempt waits for its product's call in flight before it goes out beside it",
+    )
+    .range(0, 100_000),
+    Var::new(
         "SECKILL_IP_RATE",
         "50/1s",
         "requests per client on the shoppers' listener, in process",
@@ -577,6 +589,15 @@ pub struct Secrets {
     pub token_secret: SecretString,
 }
 
+/// How attempts are gathered into one call (`SECKILL_RESERVE_BATCH_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchSettings {
+    /// Most attempts per call; 1 decides each attempt with its own `reserve.lua` call.
+    pub max: usize,
+    /// The longest a queued attempt waits for the call in flight before it goes out beside it.
+    pub window: Duration,
+}
+
 /// The whole configuration of one process.
 #[derive(Clone)]
 pub struct Settings {
@@ -612,6 +633,8 @@ pub struct Settings {
     pub user_rate: Rate,
     /// Admission gate per product (token bucket).
     pub product_rate: Rate,
+    /// How purchase attempts on one product are gathered into one Redis call.
+    pub reserve_batch: BatchSettings,
     /// Per client IP, in process.
     pub ip_rate: Rate,
     /// Peers whose `X-Forwarded-For` is believed.
@@ -849,6 +872,10 @@ impl Settings {
             purchase_token_ttl: Duration::from_secs(env.ranged("SECKILL_PURCHASE_TOKEN_TTL_SECS")?),
             user_rate: env.parse("SECKILL_USER_RATE")?,
             product_rate: env.parse("SECKILL_PRODUCT_RATE")?,
+            reserve_batch: BatchSettings {
+                max: env.ranged_as("SECKILL_RESERVE_BATCH_MAX")?,
+                window: Duration::from_micros(env.ranged("SECKILL_RESERVE_BATCH_WINDOW_US")?),
+            },
             ip_rate: env.parse("SECKILL_IP_RATE")?,
             trusted_proxies,
             admin_ip_rate: env.parse("SECKILL_ADMIN_IP_RATE")?,

@@ -10,7 +10,7 @@
 //! settle**. Dependencies point the same way, backwards: a later stage uses an earlier one,
 //! never the reverse (`reservations`, the core gate, knows nothing of the stages after it).
 //!
-//! **Decide** (in every `serve` process, one Redis script call per attempt):
+//! **Decide** (in every `serve` process, one Redis script call per batch of attempts):
 //! - [`http::shop`] — the shoppers' routes: product view, purchase token, the purchase itself,
 //!   the reservation status and its SSE stream. [`http::extract`] authenticates the caller,
 //!   parses ids and says who the client is; [`http::limits`] bounds connections and request
@@ -24,6 +24,8 @@
 //!   `SECKILL_REDIS_DURABILITY=replicas:N` a win then waits for its replicas,
 //!   [`durability::ReplicaWait`]); the reservation lifecycle
 //!   ([`reservations::Status`]) and pure decoders of the scripts' replies live here.
+//! - [`batching`] — gathers the attempts of one product that arrive while a call is in flight
+//!   into one `reserve_batch.lua` call, which decides each exactly as `reserve.lua` would.
 //! - [`soldout`] — the in-memory sold-out answer (no Redis call once a product is gone).
 //! - [`events`] — Redis pub/sub: clears sold-out memory, wakes SSE streams.
 //! - [`streams`] — the open SSE streams: caps per user and process, wake-ups routed by
@@ -70,6 +72,7 @@
 pub mod amqp;
 pub mod auth;
 pub mod backoff;
+pub mod batching;
 pub mod build_info;
 pub mod cache;
 pub mod cli;

@@ -37,6 +37,7 @@ pub struct Metrics {
     pub body_timeouts: IntCounter,
     pub relay_published: IntCounter,
     pub relay_batch: Histogram,
+    pub reserve_batch: Histogram,
     pub relay_lag: Histogram,
     pub outbox_length: IntGaugeVec,
     /// Products the relay tracks (preheated, not retired) and the ones it reads (live or
@@ -161,6 +162,11 @@ impl Metrics {
             relay_published: IntCounter::new(
                 "relay_published_total",
                 "Winners confirmed by RabbitMQ and acknowledged in the outbox",
+            )?,
+            reserve_batch: hist(
+                "reserve_batch_size",
+                "Purchase attempts decided per reserve script call",
+                buckets_size(),
             )?,
             relay_batch: hist(
                 "relay_batch_size",
@@ -304,6 +310,7 @@ impl Metrics {
         }
         m.registry.register(Box::new(m.body_timeouts.clone()))?;
         m.registry.register(Box::new(m.relay_published.clone()))?;
+        m.registry.register(Box::new(m.reserve_batch.clone()))?;
         m.registry.register(Box::new(m.relay_batch.clone()))?;
         m.registry.register(Box::new(m.relay_lag.clone()))?;
         m.registry.register(Box::new(m.outbox_length.clone()))?;

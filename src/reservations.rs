@@ -17,7 +17,10 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
-use fred::{prelude::*, types::scripts::Script};
+use fred::{
+    prelude::*,
+    types::{Value, scripts::Script},
+};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -31,6 +34,7 @@ use crate::{
 };
 
 static RESERVE: &str = include_str!("../lua/reserve.lua");
+static RESERVE_BATCH: &str = include_str!("../lua/reserve_batch.lua");
 static RELEASE: &str = include_str!("../lua/release.lua");
 static PREHEAT: &str = include_str!("../lua/preheat.lua");
 static PAUSE: &str = include_str!("../lua/pause.lua");
@@ -137,7 +141,7 @@ pub struct Decision {
 }
 
 /// Redis could not be reached (or answered nonsense): the caller answers `503`.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Unavailable {
     #[error("Redis did not answer")]
     Redis(#[from] fred::error::Error),
@@ -290,6 +294,45 @@ pub fn decode_reserve(reply: ReserveReply) -> Result<Decision, Unavailable> {
     })
 }
 
+/// Decodes `reserve_batch.lua`'s flat answer: `attempts` groups of [`ReserveReply`]'s seven
+/// values. A reply of the wrong length or shape is an error, never a guess.
+pub fn decode_reserve_batch(
+    reply: Vec<Value>,
+    attempts: usize,
+) -> Result<Vec<Decision>, Unavailable> {
+    if reply.len() != attempts * 7 {
+        return Err(Unavailable::BadReply(format!(
+            "reserve_batch.lua answered {} values for {attempts} attempts",
+            reply.len()
+        )));
+    }
+    let bad = |e: fred::error::Error| Unavailable::BadReply(format!("reserve_batch.lua: {e}"));
+    let mut values = reply.into_iter();
+    let next_int = |values: &mut std::vec::IntoIter<Value>| -> Result<i64, Unavailable> {
+        values
+            .next()
+            .ok_or_else(|| Unavailable::BadReply("reserve_batch.lua: short reply".into()))?
+            .convert::<i64>()
+            .map_err(bad)
+    };
+    (0..attempts)
+        .map(|_| {
+            let code = next_int(&mut values)?;
+            let id = values
+                .next()
+                .ok_or_else(|| Unavailable::BadReply("reserve_batch.lua: short reply".into()))?
+                .convert::<String>()
+                .map_err(bad)?;
+            let remaining = next_int(&mut values)?;
+            let limit = next_int(&mut values)?;
+            let left = next_int(&mut values)?;
+            let reset_ms = next_int(&mut values)?;
+            let retry_ms = next_int(&mut values)?;
+            decode_reserve((code, id, remaining, limit, left, reset_ms, retry_ms))
+        })
+        .collect()
+}
+
 /// Decodes `release.lua`'s answer `{code, remaining}`; an unknown code is an error.
 pub fn decode_release((code, remaining): (i64, i64)) -> Result<Released, Unavailable> {
     match code {
@@ -399,6 +442,7 @@ pub struct Reservations {
     /// This process's outbox relay, told of every win (`serve`).
     wake: Option<Arc<OutboxWake>>,
     reserve: Script,
+    reserve_batch: Script,
     release: Script,
     preheat: Script,
     pause: Script,
@@ -418,6 +462,7 @@ impl Reservations {
             replica_wait: None,
             wake: None,
             reserve: Script::from_lua(RESERVE),
+            reserve_batch: Script::from_lua(RESERVE_BATCH),
             release: Script::from_lua(RELEASE),
             preheat: Script::from_lua(PREHEAT),
             pause: Script::from_lua(PAUSE),
@@ -458,6 +503,7 @@ impl Reservations {
     pub async fn load_scripts(&self) -> Result<(), Unavailable> {
         for script in [
             &self.reserve,
+            &self.reserve_batch,
             &self.release,
             &self.preheat,
             &self.pause,
@@ -472,8 +518,8 @@ impl Reservations {
         Ok(())
     }
 
-    /// Decides one purchase attempt; under `replicas:N` a win is answered only after its
-    /// replicas took it (or the wait ran out: see [`Replication`]).
+    /// Decides one purchase attempt (`reserve.lua`); under `replicas:N` a win is answered only
+    /// after its replicas took it (or the wait ran out: see [`Replication`]).
     #[tracing::instrument(skip_all, fields(%user, %product))]
     pub async fn reserve(&self, user: UserId, product: ProductId) -> Result<Decision, Unavailable> {
         let k = self.keys.product(product);
@@ -486,29 +532,106 @@ impl Reservations {
             k.user_rate(user),
             k.gate.clone(),
         ];
-        let period_us = u64::try_from(self.product_rate.period.as_micros()).unwrap_or(u64::MAX);
+        let [user_limit, window_ms, gate_count, gate_period_us] = self.rate_args();
         let args = vec![
             user.to_string(),
             Uuid::now_v7().to_string(),
             product.to_string(),
-            self.user_rate.count.to_string(),
-            self.user_rate.period_ms().to_string(),
-            self.product_rate.count.to_string(),
-            period_us.to_string(),
+            user_limit,
+            window_ms,
+            gate_count,
+            gate_period_us,
             self.clock.arg(),
         ];
         // One client for the script and the `WAIT`: it covers only its own connection's writes.
         let client = self.pool.next();
         let reply: ReserveReply = self.reserve.evalsha_with_reload(client, keys, args).await?;
-        let mut decision = decode_reserve(reply)?;
-        if let (Outcome::Won { .. }, Some(wake)) = (&decision.outcome, &self.wake) {
+        let mut decisions = vec![decode_reserve(reply)?];
+        self.after_decisions(client, product, &mut decisions).await;
+        Ok(decisions.swap_remove(0))
+    }
+
+    /// Decides many purchase attempts on one product in one script call
+    /// (`reserve_batch.lua`): exactly what [`Self::reserve`] would answer for each, called in
+    /// `users`' order at one instant (a user may appear more than once). Under `replicas:N`
+    /// one `WAIT` covers every win of the batch.
+    #[tracing::instrument(skip_all, fields(%product, attempts = users.len()))]
+    pub async fn reserve_many(
+        &self,
+        product: ProductId,
+        users: &[UserId],
+    ) -> Result<Vec<Decision>, Unavailable> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let k = self.keys.product(product);
+        let mut keys = Vec::with_capacity(6 + users.len());
+        keys.extend([
+            k.state.clone(),
+            k.buyers.clone(),
+            k.pending.clone(),
+            k.outbox.clone(),
+            k.status.clone(),
+            k.gate.clone(),
+        ]);
+        keys.extend(users.iter().map(|u| k.user_rate(*u)));
+        let mut args = Vec::with_capacity(6 + 2 * users.len());
+        args.push(product.to_string());
+        args.extend(self.rate_args());
+        args.push(self.clock.arg());
+        for user in users {
+            args.push(user.to_string());
+            args.push(Uuid::now_v7().to_string());
+        }
+        let client = self.pool.next();
+        let reply: Vec<Value> = self
+            .reserve_batch
+            .evalsha_with_reload(client, keys, args)
+            .await?;
+        let mut decisions = decode_reserve_batch(reply, users.len())?;
+        self.after_decisions(client, product, &mut decisions).await;
+        Ok(decisions)
+    }
+
+    /// The user window and product gate as the reserve scripts take them: user limit, window
+    /// ms, gate count, gate period µs.
+    fn rate_args(&self) -> [String; 4] {
+        let period_us = u64::try_from(self.product_rate.period.as_micros()).unwrap_or(u64::MAX);
+        [
+            self.user_rate.count.to_string(),
+            self.user_rate.period_ms().to_string(),
+            self.product_rate.count.to_string(),
+            period_us.to_string(),
+        ]
+    }
+
+    /// After a reserve call: wakes this process's relay, and under `replicas:N` waits (on the
+    /// script's own connection) for the replicas to take the wins.
+    async fn after_decisions(
+        &self,
+        client: &Client,
+        product: ProductId,
+        decisions: &mut [Decision],
+    ) {
+        let won = decisions
+            .iter()
+            .any(|d| matches!(d.outcome, Outcome::Won { .. }));
+        if !won {
+            return;
+        }
+        if let Some(wake) = &self.wake {
             wake.won(product);
         }
-        if let (Outcome::Won { .. }, Some(wait)) = (&decision.outcome, &self.replica_wait) {
-            let slot = fred::util::redis_keyslot(k.state.as_bytes());
-            decision.replication = wait.after_win(client, slot).await;
+        if let Some(wait) = &self.replica_wait {
+            let slot = fred::util::redis_keyslot(self.keys.product(product).state.as_bytes());
+            let replication = wait.after_win(client, slot).await;
+            for d in decisions
+                .iter_mut()
+                .filter(|d| matches!(d.outcome, Outcome::Won { .. }))
+            {
+                d.replication = replication;
+            }
         }
-        Ok(decision)
     }
 
     /// Returns the unit of `reservation` to stock, exactly once; records `status_json`.

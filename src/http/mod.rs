@@ -31,6 +31,7 @@ use tracing_actix_web::TracingLogger;
 
 use crate::{
     auth::Auth,
+    batching::Batcher,
     config::Rate,
     deps::Deps,
     http::{
@@ -57,6 +58,8 @@ pub const REQUEST_DEADLINE: Duration = Duration::from_secs(3);
 pub struct Ctx {
     pub deps: Arc<Deps>,
     pub reservations: Reservations,
+    /// Purchase attempts, gathered per product into one Redis call.
+    pub batcher: Arc<Batcher>,
     pub auth: Auth,
     pub products: ProductCache,
     pub soldout: Arc<SoldOutCache>,
@@ -98,6 +101,11 @@ impl Ctx {
             auth: Auth::new(settings.secrets()?, settings.purchase_token_ttl).with_user_claims(
                 settings.jwt_audience.as_deref(),
                 settings.jwt_issuer.as_deref(),
+            ),
+            batcher: Batcher::new(
+                reservations.clone(),
+                settings.reserve_batch,
+                Some(deps.metrics.reserve_batch.clone()),
             ),
             reservations,
             products: ProductCache::default(),

@@ -280,7 +280,7 @@ pub async fn reserve(
         return Err(ApiError::Recovering);
     }
     let ticket = ctx.soldout.ticket();
-    let decision = ctx.reservations.reserve(user.0, id).await?;
+    let decision = ctx.batcher.reserve(user.0, id).await?;
     metrics.decided(&decision.outcome);
     metrics.replicated(decision.replication);
     if decision.outcome == Outcome::UnknownProduct {

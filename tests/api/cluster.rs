@@ -10,8 +10,8 @@ use serde_json::Value;
 use crate::{
     helpers::{CLUSTER_URL, Isolation, TestApp, eventually, http_sale, pg_count, pg_rows},
     reservations::{
-        check_concurrent_releases, check_five_thousand_attempts, check_one_user_wins_once, product,
-        rate,
+        Via, check_concurrent_releases, check_five_thousand_attempts, check_one_user_wins_once,
+        product, rate,
     },
 };
 
@@ -83,8 +83,21 @@ async fn on_the_cluster_5000_attempts_by_1000_users_make_exactly_100_winners_per
     let scope = ClusterScope::new().await;
     scope.assert_spread([1, 2, 3]).await;
     let r = scope.reservations("10/1s");
+    let single = Via::single(&r);
     futures_util::future::join_all(
-        [1, 2, 3].map(|id| check_five_thousand_attempts(&scope.pool, &r, product(id))),
+        [1, 2, 3].map(|id| check_five_thousand_attempts(&scope.pool, &r, &single, product(id))),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_the_cluster_batched_attempts_make_exactly_100_winners_per_product() {
+    let scope = ClusterScope::new().await;
+    scope.assert_spread([1, 2, 3]).await;
+    let r = scope.reservations("10/1s");
+    let batched = Via::batched(&r, 32);
+    futures_util::future::join_all(
+        [1, 2, 3].map(|id| check_five_thousand_attempts(&scope.pool, &r, &batched, product(id))),
     )
     .await;
 }
@@ -94,8 +107,11 @@ async fn on_the_cluster_one_user_with_1000_attempts_wins_once_per_product() {
     let scope = ClusterScope::new().await;
     scope.assert_spread([4, 6, 7]).await;
     let r = scope.reservations("100000/1s");
-    futures_util::future::join_all([4, 6, 7].map(|id| check_one_user_wins_once(&r, product(id))))
-        .await;
+    let single = Via::single(&r);
+    futures_util::future::join_all(
+        [4, 6, 7].map(|id| check_one_user_wins_once(&r, &single, product(id))),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -4,6 +4,7 @@
 mod helpers;
 mod services;
 
+mod batching;
 mod blackhole;
 mod cheap;
 mod cluster;

@@ -9,7 +9,8 @@ use std::{
 use fred::prelude::*;
 use futures_util::StreamExt;
 use seckill::{
-    config::Rate,
+    batching::Batcher,
+    config::{BatchSettings, Rate},
     domain::{ProductId, UserId},
     keys::Keys,
     reservations::{Clock, Decision, Outcome, PreheatPlan, Preheated, Released, Reservations},
@@ -49,7 +50,38 @@ pub fn live_plan(p: ProductId, stock: i64) -> PreheatPlan {
     }
 }
 
-async fn setup(user_rate: &str, product_rate: &str) -> (RedisScope, Reservations) {
+/// How a check decides its attempts: one `reserve.lua` call each, or gathered by a
+/// [`Batcher`] into `reserve_batch.lua` calls.
+#[derive(Clone)]
+pub enum Via {
+    Single(Box<Reservations>),
+    Batched(Arc<Batcher>),
+}
+
+impl Via {
+    /// One `reserve.lua` call per attempt.
+    pub fn single(r: &Reservations) -> Self {
+        Via::Single(Box::new(r.clone()))
+    }
+
+    /// Batches of at most `max` attempts (window 1 ms).
+    pub fn batched(r: &Reservations, max: usize) -> Self {
+        let settings = BatchSettings {
+            max,
+            window: Duration::from_millis(1),
+        };
+        Via::Batched(Batcher::new(r.clone(), settings, None))
+    }
+
+    pub async fn reserve(&self, u: UserId, p: ProductId) -> Decision {
+        match self {
+            Via::Single(r) => r.reserve(u, p).await.unwrap(),
+            Via::Batched(b) => b.reserve(u, p).await.unwrap(),
+        }
+    }
+}
+
+pub async fn setup(user_rate: &str, product_rate: &str) -> (RedisScope, Reservations) {
     let scope = RedisScope::new().await;
     let r = Reservations::new(
         scope.pool.clone(),
@@ -64,6 +96,7 @@ async fn setup(user_rate: &str, product_rate: &str) -> (RedisScope, Reservations
 pub async fn check_five_thousand_attempts(
     pool: &fred::prelude::Pool,
     r: &Reservations,
+    via: &Via,
     p: ProductId,
 ) {
     r.preheat(&live_plan(p, 100)).await.unwrap();
@@ -72,13 +105,8 @@ pub async fn check_five_thousand_attempts(
     // whether a command waits longer than the 2 s command timeout).
     let decisions: Vec<(i64, Decision)> = futures_util::stream::iter(0..5_000)
         .map(|i| {
-            let r = r.clone();
-            tokio::spawn(async move {
-                (
-                    i % 1_000 + 1,
-                    r.reserve(user(i % 1_000 + 1), p).await.unwrap(),
-                )
-            })
+            let via = via.clone();
+            tokio::spawn(async move { (i % 1_000 + 1, via.reserve(user(i % 1_000 + 1), p).await) })
         })
         .buffer_unordered(500)
         .map(|t| t.unwrap())
@@ -112,12 +140,12 @@ pub async fn check_five_thousand_attempts(
 }
 
 /// One user, 1,000 concurrent attempts (shared by the cluster tests).
-pub async fn check_one_user_wins_once(r: &Reservations, p: ProductId) {
+pub async fn check_one_user_wins_once(r: &Reservations, via: &Via, p: ProductId) {
     r.preheat(&live_plan(p, 50)).await.unwrap();
     let tasks: Vec<_> = (0..1_000)
         .map(|_| {
-            let r = r.clone();
-            tokio::spawn(async move { r.reserve(user(7), p).await.unwrap().outcome })
+            let via = via.clone();
+            tokio::spawn(async move { via.reserve(user(7), p).await.outcome })
         })
         .collect();
     let mut won = None;
@@ -207,13 +235,25 @@ pub async fn check_concurrent_releases(r: &Reservations, p: ProductId) {
 #[tokio::test(flavor = "multi_thread")]
 async fn five_thousand_attempts_by_a_thousand_users_on_stock_100_make_exactly_100_winners() {
     let (scope, r) = setup("10/1s", "1000000/1s").await;
-    check_five_thousand_attempts(&scope.pool, &r, product(1)).await;
+    check_five_thousand_attempts(&scope.pool, &r, &Via::single(&r), product(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn five_thousand_attempts_in_batches_make_exactly_100_winners() {
+    let (scope, r) = setup("10/1s", "1000000/1s").await;
+    check_five_thousand_attempts(&scope.pool, &r, &Via::batched(&r, 16), product(1)).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn one_user_with_a_thousand_concurrent_attempts_wins_once() {
     let (_scope, r) = setup("100000/1s", "1000000/1s").await;
-    check_one_user_wins_once(&r, product(2)).await;
+    check_one_user_wins_once(&r, &Via::single(&r), product(2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_user_with_a_thousand_concurrent_attempts_in_batches_wins_once() {
+    let (_scope, r) = setup("100000/1s", "1000000/1s").await;
+    check_one_user_wins_once(&r, &Via::batched(&r, 64), product(2)).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
