@@ -1,0 +1,76 @@
+//! Development mode only (`SECKILL_DEV=1`): a shopper's JWT for any user id, so the storefront
+//! page can sign in without a storefront login. Outside development mode the route answers
+//! `404 not_found`, exactly as a path that does not exist.
+
+use std::time::Duration;
+
+use actix_web::{HttpRequest, HttpResponse, post, web};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::{
+    domain::UserId,
+    http::{Ctx, problem::ApiError, shop::read_body},
+};
+
+/// How long a development JWT is valid.
+pub const DEV_JWT_TTL: Duration = Duration::from_secs(3600);
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(dev_token);
+}
+
+/// Whom to sign in as.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DevTokenRequest {
+    /// A positive 64-bit user id.
+    #[schema(minimum = 1)]
+    pub user_id: i64,
+}
+
+/// A shopper's JWT, as the storefront's own login would issue.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct DevToken {
+    pub token: String,
+    /// Seconds the JWT is valid.
+    pub expires_in: u64,
+}
+
+/// Development mode only: a shopper's JWT for `user_id` (what `seckill dev-token` prints).
+#[utoipa::path(
+    request_body = DevTokenRequest,
+    responses(
+        (status = 200, description = "OK (development mode only)", body = DevToken),
+        (status = 400, description = "`bad_request`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not_found`: not in development mode", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 408, description = "`body_timeout`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`payload_too_large`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited` (per IP)", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+    ),
+    tag = "shoppers"
+)]
+#[post("/api/v1/dev/token")]
+pub async fn dev_token(
+    ctx: web::Data<Ctx>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let settings = &ctx.deps.settings;
+    if !settings.dev {
+        return Err(ApiError::NotFound);
+    }
+    let body = read_body(&req, payload).await?;
+    let body: DevTokenRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
+    let user = UserId::try_from(body.user_id)
+        .map_err(|_| ApiError::BadRequest("user_id must be a positive integer".into()))?;
+    let token =
+        crate::auth::dev_user_jwt(settings, user, DEV_JWT_TTL).ok_or(ApiError::NotFound)??;
+    Ok(HttpResponse::Ok()
+        .insert_header((actix_web::http::header::CACHE_CONTROL, "no-store"))
+        .json(DevToken {
+            token,
+            expires_in: DEV_JWT_TTL.as_secs(),
+        }))
+}
