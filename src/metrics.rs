@@ -7,7 +7,7 @@
 use std::{
     collections::BTreeMap,
     sync::{
-        Arc, RwLock,
+        RwLock,
         atomic::{AtomicU64, Ordering},
     },
 };
@@ -105,32 +105,30 @@ pub type DecisionCounts = [u64; Outcome::LABELS.len()];
 /// and at most [`Self::CAPACITY`] are tracked: past it the oldest (lowest id) is forgotten.
 #[derive(Default)]
 pub struct ProductDecisions {
-    by_product: RwLock<BTreeMap<ProductId, Arc<[AtomicU64; Outcome::LABELS.len()]>>>,
+    by_product: RwLock<BTreeMap<ProductId, [AtomicU64; Outcome::LABELS.len()]>>,
 }
 
 impl ProductDecisions {
     pub const CAPACITY: usize = 1024;
 
-    /// Counts one decision on `product` (a read lock and an atomic add once it is tracked).
+    /// Counts one decision on `product`: once it is tracked, an atomic add under a read lock.
     pub fn record(&self, product: ProductId, outcome: &Outcome) {
-        let known = self
-            .by_product
-            .read()
-            .ok()
-            .and_then(|m| m.get(&product).cloned());
-        let counters = match known {
-            Some(c) => c,
-            None => {
-                let Ok(mut map) = self.by_product.write() else {
-                    return;
-                };
-                if !map.contains_key(&product) && map.len() >= Self::CAPACITY {
-                    map.pop_first();
-                }
-                map.entry(product).or_default().clone()
+        let i = outcome.index();
+        if let Ok(map) = self.by_product.read()
+            && let Some(counters) = map.get(&product)
+        {
+            if let Some(c) = counters.get(i) {
+                c.fetch_add(1, Ordering::Relaxed);
             }
+            return;
+        }
+        let Ok(mut map) = self.by_product.write() else {
+            return;
         };
-        if let Some(c) = counters.get(outcome.index()) {
+        if !map.contains_key(&product) && map.len() >= Self::CAPACITY {
+            map.pop_first();
+        }
+        if let Some(c) = map.entry(product).or_default().get(i) {
             c.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -138,13 +136,10 @@ impl ProductDecisions {
     /// The counts of `product` so far (all zero if this process decided none).
     pub fn counts(&self, product: ProductId) -> DecisionCounts {
         let mut out = [0; Outcome::LABELS.len()];
-        if let Some(c) = self
-            .by_product
-            .read()
-            .ok()
-            .and_then(|m| m.get(&product).cloned())
+        if let Ok(map) = self.by_product.read()
+            && let Some(counters) = map.get(&product)
         {
-            for (o, c) in out.iter_mut().zip(c.iter()) {
+            for (o, c) in out.iter_mut().zip(counters) {
                 *o = c.load(Ordering::Relaxed);
             }
         }

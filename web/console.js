@@ -38,6 +38,7 @@
     sessionStorage.setItem(TOKEN_KEY, token);
     showSignIn();
     notice("Signing in…");
+    $("c-name").focus();
     refresh(true);
   });
 
@@ -249,7 +250,8 @@
     ctx.fillStyle = "#57606a";
     ctx.font = "12px system-ui, sans-serif";
     const top = Math.max(0, ...history.map((p) => p.all));
-    ctx.fillText(`peak ${top.toFixed(top >= 10 ? 0 : 1)}/s · all decisions (blue), won (green) · last 5 min`, 6, 13);
+    const peakText = `peak ${top.toFixed(top >= 10 ? 0 : 1)}/s`;
+    ctx.fillText(w < 480 ? `${peakText} · all (blue), won (green)` : `${peakText} · all decisions (blue), won (green) · last 5 min`, 6, 13);
   }
 
   // ---- The one-second refresh -------------------------------------------------------------------

@@ -35,6 +35,8 @@
     sessionStorage.setItem(JWT_KEY, token);
     showSignIn();
     setText($("login-status"), `Signed in as shopper ${userOf(token)}.`);
+    // The sign-in form is gone: focus moves on to what comes next.
+    (productId ? $("name") : $("pick-id")).focus();
     if (product) checkReservation();
   }
 
@@ -334,6 +336,7 @@
   $("pay").addEventListener("click", () => settle("pay"));
   $("cancel").addEventListener("click", () => settle("cancel"));
   $("reservation-status").setAttribute("tabindex", "-1");
+  $("name").setAttribute("tabindex", "-1");
 
   // ---- Start ----------------------------------------------------------------------------------
   showSignIn();

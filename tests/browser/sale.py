@@ -1,6 +1,6 @@
 """A whole flash sale through the two pages, in headless Chromium (run by scripts/browser-test).
 
-An operator signs in to the console, creates a sale of one unit starting in 20 seconds,
+An operator signs in to the console, creates a sale of one unit starting in 25 seconds,
 preheats it (and backs out of a forced rebuild at its confirmation). Two shoppers, each in a
 browser of their own (one desktop-sized, one phone-sized), sign in on the storefront with the
 development sign-in and watch the countdown; at the start both press "Buy now": the first wins,
@@ -28,7 +28,7 @@ SHOP = os.environ["SHOP_URL"]
 CONSOLE = os.environ["CONSOLE_URL"]
 ADMIN_TOKEN = os.environ["ADMIN_TOKEN"]
 ARTIFACTS = os.environ.get("ARTIFACTS", "target/browser")
-STARTS_IN = 20  # seconds from creation to the sale's start
+STARTS_IN = 25  # seconds from creation to the sale's start
 
 browsers = []
 
