@@ -25,8 +25,24 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 #[serde(deny_unknown_fields)]
 pub struct DevTokenRequest {
     /// A positive 64-bit user id.
-    #[schema(minimum = 1)]
-    pub user_id: i64,
+    #[schema(value_type = i64, minimum = 1)]
+    pub user_id: serde_json::Number,
+}
+
+/// The user id of a request: a positive integer, also when written as `7.0` (JSON Schema's
+/// `integer` takes it, so the OpenAPI document promises it).
+fn user_of(n: &serde_json::Number) -> Option<UserId> {
+    let id = match n.as_i64() {
+        Some(id) => id,
+        None => {
+            let f = n.as_f64()?;
+            if f.fract() != 0.0 || !(1.0..=9_007_199_254_740_992.0).contains(&f) {
+                return None;
+            }
+            f as i64
+        }
+    };
+    UserId::try_from(id).ok()
 }
 
 /// A shopper's JWT, as the storefront's own login would issue.
@@ -63,8 +79,8 @@ pub async fn dev_token(
     let body = read_body(&req, payload).await?;
     let body: DevTokenRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
-    let user = UserId::try_from(body.user_id)
-        .map_err(|_| ApiError::BadRequest("user_id must be a positive integer".into()))?;
+    let user = user_of(&body.user_id)
+        .ok_or_else(|| ApiError::BadRequest("user_id must be a positive integer".into()))?;
     let token =
         crate::auth::dev_user_jwt(settings, user, DEV_JWT_TTL).ok_or(ApiError::NotFound)??;
     Ok(HttpResponse::Ok()
@@ -73,4 +89,20 @@ pub async fn dev_token(
             token,
             expires_in: DEV_JWT_TTL.as_secs(),
         }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_user_id_is_a_positive_integer_however_it_is_written() {
+        let parse = |json: &str| user_of(&serde_json::from_str(json).unwrap()).map(|u| u.get());
+        assert_eq!(parse("42"), Some(42));
+        assert_eq!(parse("7690.0"), Some(7690));
+        assert_eq!(parse("9223372036854775807"), Some(i64::MAX));
+        for refused in ["0", "-3", "1.5", "-1.0", "1e300", "18446744073709551615"] {
+            assert_eq!(parse(refused), None, "{refused}");
+        }
+    }
 }
