@@ -90,7 +90,11 @@
     if (!res) return;
     if (res.status === 404) {
       setText($("name"), "No such product");
+      $("product").dataset.state = "missing";
       $("product").hidden = false;
+      if (!$("back")) {
+        $("product").append(el("p", {}, el("a", { id: "back", href: "/" }, "Back to the storefront")));
+      }
       product = null;
       return;
     }
@@ -165,7 +169,8 @@
     await loadProduct();
     announceState();
     const nearStart = product && product.state === "upcoming" && product.starts - clock.now() < 2000;
-    setTimeout(poll, nearStart ? 250 : 1000);
+    // A product that does not exist (yet) is asked for less often.
+    setTimeout(poll, nearStart ? 250 : product ? 1000 : 5000);
   }
 
   // ---- Buying -------------------------------------------------------------------------------
@@ -350,7 +355,7 @@
       if (/^[1-9][0-9]*$/.test(id)) location.assign(`/p/${id}`);
     });
     // Nothing to show without a product: hint at the API for the rest.
-    $("main").append(
+    $("pick").append(
       el("p", { class: "hint" }, "Each product has its own page, /p/ followed by its number."),
     );
   }
