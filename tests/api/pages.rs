@@ -47,6 +47,13 @@ async fn the_storefront_and_the_console_are_served_each_on_its_own_listener() {
             body.contains(r#"data-dev="0""#),
             "no development sign-in outside dev mode"
         );
+        for a11y in [
+            r#"aria-live="polite""#,
+            r#"<label for="jwt-input""#,
+            r#"lang="en""#,
+        ] {
+            assert!(body.contains(a11y), "{path}: {a11y}");
+        }
     }
     let (status, ty, csp, body) = fetch(c, format!("{}/console", api.admin)).await;
     assert_eq!((status, ty.as_str()), (200, "text/html; charset=utf-8"));
