@@ -34,6 +34,7 @@ COPY build.rs ./
 COPY lua lua
 COPY migrations migrations
 COPY src src
+COPY web web
 # What the unit tests hold the code to: docs/api.md's error table (src/http/problem.rs) and the
 # README's configuration table (src/config.rs). The release build does not read them.
 COPY docs docs

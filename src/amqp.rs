@@ -155,6 +155,48 @@ pub fn dlq_name(queue: &str) -> String {
     format!("{queue}.dlq")
 }
 
+/// Messages ready in `queue` and in its dead-letter queue, by passive declares on `ch`
+/// (`None` for one that could not be read).
+pub async fn queue_depths(ch: &lapin::Channel, queue: &str) -> [Option<u32>; 2] {
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let mut depths = [None; 2];
+    for (depth, name) in depths.iter_mut().zip([queue.to_owned(), dlq_name(queue)]) {
+        *depth = ch
+            .queue_declare(
+                name.as_str().into(),
+                passive,
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .ok()
+            .map(|q| q.message_count());
+    }
+    depths
+}
+
+impl Broker {
+    /// [`queue_depths`] on a channel of its own, each step bounded by a second: what the
+    /// operators' console shows (a `serve` process's `seckill_queue_depth` is 0, only workers
+    /// set it).
+    pub async fn queue_depths(&self, queue: &str) -> [Option<u32>; 2] {
+        let Some(conn) = self.current() else {
+            return [None; 2];
+        };
+        let Ok(Ok(ch)) = tokio::time::timeout(Duration::from_secs(1), conn.create_channel()).await
+        else {
+            return [None; 2];
+        };
+        let depths = tokio::time::timeout(Duration::from_secs(1), queue_depths(&ch, queue))
+            .await
+            .unwrap_or([None; 2]);
+        let _ = tokio::time::timeout(Duration::from_secs(1), ch.close(200, "depths".into())).await;
+        depths
+    }
+}
+
 /// Redeliveries before a message is dead-lettered.
 pub const DELIVERY_LIMIT: i32 = 5;
 

@@ -221,6 +221,30 @@ pub fn user_claims(
     claims
 }
 
+/// A shopper's JWT for `user` signed with this deployment's `SECKILL_JWT_SECRET`, valid for
+/// `ttl` (with its `aud`/`iss`): `seckill dev-token` and the storefront page's development
+/// login. `None` outside development mode: in production the storefront's own login issues
+/// shoppers' JWTs.
+pub fn dev_user_jwt(
+    settings: &crate::config::Settings,
+    user: UserId,
+    ttl: Duration,
+) -> Option<anyhow::Result<String>> {
+    if !settings.dev {
+        return None;
+    }
+    Some((|| {
+        let secrets = settings.secrets()?;
+        let claims = user_claims(
+            user,
+            ttl,
+            settings.jwt_audience.as_deref(),
+            settings.jwt_issuer.as_deref(),
+        );
+        sign_user_jwt(secrets.jwt_secret.expose_secret(), &claims)
+    })())
+}
+
 #[cfg(test)]
 mod tests {
     use secrecy::SecretString;

@@ -3,7 +3,6 @@
 use std::{io::Write, process::ExitCode, sync::LazyLock};
 
 use clap::{Parser, Subcommand};
-use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -195,31 +194,18 @@ fn parse_user(s: &str) -> Result<UserId, String> {
 
 /// `seckill dev-token`: the JWT on stdout; refused (exit 2) outside development mode.
 fn dev_token(user: UserId, ttl_secs: u64, settings: &Settings) -> ExitCode {
-    if !settings.dev {
-        eprintln!(
-            "seckill dev-token: only in development mode (SECKILL_DEV=1); in production shoppers' JWTs come from the storefront's login"
-        );
-        return ExitCode::from(2);
-    }
-    let secrets = match settings.secrets() {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("seckill: configuration error: {e}");
-            return ExitCode::from(2);
+    match crate::auth::dev_user_jwt(settings, user, std::time::Duration::from_secs(ttl_secs)) {
+        None => {
+            eprintln!(
+                "seckill dev-token: only in development mode (SECKILL_DEV=1); in production shoppers' JWTs come from the storefront's login"
+            );
+            ExitCode::from(2)
         }
-    };
-    let claims = crate::auth::user_claims(
-        user,
-        std::time::Duration::from_secs(ttl_secs),
-        settings.jwt_audience.as_deref(),
-        settings.jwt_issuer.as_deref(),
-    );
-    match crate::auth::sign_user_jwt(secrets.jwt_secret.expose_secret(), &claims) {
-        Ok(jwt) => {
+        Some(Ok(jwt)) => {
             println!("{jwt}");
             ExitCode::SUCCESS
         }
-        Err(e) => {
+        Some(Err(e)) => {
             eprintln!("seckill dev-token: {e:#}");
             ExitCode::FAILURE
         }

@@ -18,6 +18,8 @@
 //!   carry (the client by that rule, the path, never the query); [`http::problem`] turns every
 //!   error into problem+json in one place; [`http::fallback`] answers what no route takes
 //!   (`405` with `Allow` for a known path, read from the OpenAPI document, else `404`).
+//!   [`http::pages`] serves the storefront page (`/`, `/p/{id}`) and the operators' console
+//!   (`/console`) from `web/`; [`http::dev`] is the development sign-in the storefront uses.
 //! - [`auth`] — shoppers' JWTs and the short-lived purchase and stream tokens.
 //! - [`reservations`] + `lua/` — the gate: `reserve.lua` decides an attempt (window, rate,
 //!   admission, dedup, stock, outbox) in one atomic step (under
@@ -54,7 +56,8 @@
 //! - [`products`] — creating products and loading (or rebuilding) a sale into Redis from
 //!   Postgres; [`recovery`] — the preheat's rules, and the watch in every `serve` process that
 //!   finds a product Redis lost, keeps it `recovering` until no winner is in flight, and
-//!   rebuilds it ([`http::admin`] is the operators' face of both).
+//!   rebuilds it ([`http::admin`] is the operators' face of both, and of the console's live
+//!   figures).
 //!
 //! **Process** (what every stage runs on):
 //! - [`cli`] — the `seckill` subcommands; [`config`] — typed settings from the environment;

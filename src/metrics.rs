@@ -4,7 +4,18 @@
 //! `process_resident_memory_bytes`, `process_open_fds`, `process_start_time_seconds`, …) keep
 //! the names every exporter gives them, so the usual dashboards and alerts apply unchanged.
 
-use crate::{build_info, durability::Replication, rejections::Cause, reservations::Outcome};
+use std::{
+    collections::BTreeMap,
+    sync::{
+        RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use crate::{
+    build_info, domain::ProductId, durability::Replication, rejections::Cause,
+    reservations::Outcome,
+};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -81,6 +92,60 @@ pub struct Metrics {
     /// `decisions` children resolved once, in [`Outcome::index`] order (the purchase path
     /// counts without a label lookup).
     decision_counters: Vec<IntCounter>,
+    /// The same decisions by product, in memory only (never a label: see [`ProductDecisions`]).
+    pub product_decisions: ProductDecisions,
+}
+
+/// Decisions by outcome, counted since this process started, in [`Outcome::LABELS`] order.
+pub type DecisionCounts = [u64; Outcome::LABELS.len()];
+
+/// This process's purchase decisions per product, for the operators' console
+/// (`GET /api/v1/admin/overview`), which turns two readings a second apart into decisions per
+/// second. Kept in memory and never exported as a Prometheus label (a product id is an
+/// unbounded label value; see docs/hostile-traffic.md). Only products that exist are decided,
+/// and at most [`Self::CAPACITY`] are tracked: past it the oldest (lowest id) is forgotten.
+#[derive(Default)]
+pub struct ProductDecisions {
+    by_product: RwLock<BTreeMap<ProductId, [AtomicU64; Outcome::LABELS.len()]>>,
+}
+
+impl ProductDecisions {
+    pub const CAPACITY: usize = 1024;
+
+    /// Counts one decision on `product`: once it is tracked, an atomic add under a read lock.
+    pub fn record(&self, product: ProductId, outcome: &Outcome) {
+        let i = outcome.index();
+        if let Ok(map) = self.by_product.read()
+            && let Some(counters) = map.get(&product)
+        {
+            if let Some(c) = counters.get(i) {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+            return;
+        }
+        let Ok(mut map) = self.by_product.write() else {
+            return;
+        };
+        if !map.contains_key(&product) && map.len() >= Self::CAPACITY {
+            map.pop_first();
+        }
+        if let Some(c) = map.entry(product).or_default().get(i) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The counts of `product` so far (all zero if this process decided none).
+    pub fn counts(&self, product: ProductId) -> DecisionCounts {
+        let mut out = [0; Outcome::LABELS.len()];
+        if let Ok(map) = self.by_product.read()
+            && let Some(counters) = map.get(&product)
+        {
+            for (o, c) in out.iter_mut().zip(counters) {
+                *o = c.load(Ordering::Relaxed);
+            }
+        }
+        out
+    }
 }
 
 fn buckets_latency() -> Vec<f64> {
@@ -279,6 +344,7 @@ impl Metrics {
                 "Times every open event stream was woken (spread) after pub/sub lost messages",
             )?,
             decision_counters: Vec::new(),
+            product_decisions: ProductDecisions::default(),
             registry,
             process: Registry::new(),
         };
@@ -350,11 +416,12 @@ impl Metrics {
         Ok(m)
     }
 
-    /// Counts one purchase decision.
-    pub fn decided(&self, outcome: &Outcome) {
+    /// Counts one purchase decision on `product`.
+    pub fn decided(&self, product: ProductId, outcome: &Outcome) {
         if let Some(counter) = self.decision_counters.get(outcome.index()) {
             counter.inc();
         }
+        self.product_decisions.record(product, outcome);
     }
 
     /// Counts wins rejected for `cause`.
@@ -437,6 +504,26 @@ pub fn classify_sql(sql: &str) -> (&'static str, &'static str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decisions_are_counted_per_product_and_the_oldest_product_makes_room() {
+        let tally = ProductDecisions::default();
+        let p = |n: i64| ProductId::try_from(n).unwrap();
+        tally.record(p(1), &Outcome::SoldOut);
+        tally.record(p(1), &Outcome::SoldOut);
+        tally.record(p(2), &Outcome::NotStarted);
+        let sold_out = Outcome::SoldOut.index();
+        assert_eq!(tally.counts(p(1))[sold_out], 2);
+        assert_eq!(tally.counts(p(2))[Outcome::NotStarted.index()], 1);
+        assert_eq!(tally.counts(p(3)), [0; Outcome::LABELS.len()]);
+        for n in 3..=(ProductDecisions::CAPACITY as i64 + 1) {
+            tally.record(p(n), &Outcome::Ended);
+        }
+        assert_eq!(tally.counts(p(1))[sold_out], 0, "forgotten: lowest id");
+        assert_eq!(tally.counts(p(2))[Outcome::NotStarted.index()], 1);
+        let last = ProductDecisions::CAPACITY as i64 + 1;
+        assert_eq!(tally.counts(p(last))[Outcome::Ended.index()], 1);
+    }
 
     #[test]
     fn statements_are_labelled_by_verb_and_first_table_from_fixed_sets() {

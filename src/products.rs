@@ -87,6 +87,17 @@ pub async fn find(
         .context("reading the product")
 }
 
+/// The `limit` most recently created products, newest first.
+pub async fn recent(db: &DatabaseConnection, limit: u64) -> anyhow::Result<Vec<product::Model>> {
+    use sea_orm::{QueryOrder, QuerySelect};
+    product::Entity::find()
+        .order_by_desc(product::Column::ProductId)
+        .limit(limit)
+        .all(db)
+        .await
+        .context("reading the recent products")
+}
+
 /// The fields of a product that never change after creation, cached per process.
 #[derive(Debug, Clone)]
 pub struct ProductInfo {

@@ -90,6 +90,15 @@ pub enum Outcome {
     UnknownProduct,
 }
 
+/// A sale's figures in Redis ([`Reservations::figures`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SaleFigures {
+    pub preheated: bool,
+    pub remaining: Option<i64>,
+    pub paused: bool,
+    pub pending: i64,
+}
+
 impl Outcome {
     /// Every outcome's stable label (metrics, logs), in [`Self::index`] order.
     pub const LABELS: [&'static str; 8] = [
@@ -862,6 +871,25 @@ impl Reservations {
             .pool
             .hexists(self.keys.product(product).state, "stock")
             .await?)
+    }
+
+    /// What an operator watches of a sale in Redis, in one round trip per key: units left
+    /// (`None` until preheated), whether it is loaded, whether a forced rebuild paused it,
+    /// and winners not yet persisted.
+    pub async fn figures(&self, product: ProductId) -> Result<SaleFigures, Unavailable> {
+        let k = self.keys.product(product);
+        type State = (Option<i64>, Option<i64>, Option<String>);
+        let ((stock, remaining, paused), pending): (State, i64) = tokio::try_join!(
+            self.pool
+                .hmget(k.state, vec!["stock", "remaining", "paused"]),
+            self.pool.scard(k.pending)
+        )?;
+        Ok(SaleFigures {
+            preheated: stock.is_some(),
+            remaining,
+            paused: paused.as_deref() == Some("1"),
+            pending,
+        })
     }
 
     /// Whether Redis holds the product's whole buyer list: the product is loaded (its state

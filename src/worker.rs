@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::{
-    amqp::{Broker, OrderMessage, declare_topology, dlq_name},
+    amqp::{Broker, OrderMessage, declare_topology},
     backoff::{Backoff, sleep_or_stop},
     db::entities::{orders, rejection},
     deps::Deps,
@@ -609,21 +609,13 @@ impl Worker {
 
     /// Queue and dead-letter queue depths for `/metrics` (passive declares).
     async fn update_depths(&self, ch: &Channel) {
-        use lapin::options::QueueDeclareOptions;
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        };
-        let dlq = dlq_name(&self.queue);
-        for (name, gauge) in [
-            (self.queue.as_str(), &self.metrics.queue_depth),
-            (dlq.as_str(), &self.metrics.dlq_depth),
-        ] {
-            if let Ok(q) = ch
-                .queue_declare(name.into(), passive, FieldTable::default())
-                .await
-            {
-                gauge.set(i64::from(q.message_count()));
+        let depths = crate::amqp::queue_depths(ch, &self.queue).await;
+        for (depth, gauge) in depths
+            .into_iter()
+            .zip([&self.metrics.queue_depth, &self.metrics.dlq_depth])
+        {
+            if let Some(d) = depth {
+                gauge.set(i64::from(d));
             }
         }
     }

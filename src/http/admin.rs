@@ -7,18 +7,20 @@ use utoipa::ToSchema;
 
 use crate::{
     db::entities::product,
+    domain::ProductId,
     http::{
         Ctx, MAX_BODY,
         extract::{Admin, product_id},
         problem::ApiError,
     },
     products::{self, NewProduct},
-    reservations::Preheated,
+    reservations::{Outcome, Preheated},
 };
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(create_product)
         .service(get_product)
+        .service(overview)
         .service(preheat)
         .service(metrics);
 }
@@ -110,7 +112,7 @@ pub async fn create_product(
     };
     new.validate().map_err(ApiError::BadRequest)?;
     let created = products::create(&ctx.deps.db, &new).await?;
-    if let Ok(id) = crate::domain::ProductId::try_from(created.product_id) {
+    if let Ok(id) = ProductId::try_from(created.product_id) {
         // This process may remember the id as unknown: shoppers see the product at once.
         ctx.products.changed(id);
     }
@@ -145,12 +147,111 @@ pub async fn get_product(
     let p = products::find(&ctx.deps.db, id)
         .await?
         .ok_or(ApiError::ProductNotFound)?;
-    let r = &ctx.reservations;
-    let mut view = AdminProduct::from(&p);
-    view.preheated = Some(r.is_preheated(id).await?);
-    view.remaining = r.remaining(id).await?;
-    view.pending = Some(r.pending_count(id).await?);
+    let (view, _) = with_figures(&ctx, &p).await?;
     Ok(HttpResponse::Ok().json(view))
+}
+
+/// A product with its figures from Redis, and whether a forced rebuild paused it.
+async fn with_figures(ctx: &Ctx, p: &product::Model) -> Result<(AdminProduct, bool), ApiError> {
+    let mut view = AdminProduct::from(p);
+    let id = ProductId::try_from(p.product_id).map_err(|_| ApiError::ProductNotFound)?;
+    let figures = ctx.reservations.figures(id).await?;
+    view.preheated = Some(figures.preheated);
+    view.remaining = figures.remaining;
+    view.pending = Some(figures.pending);
+    Ok((view, figures.paused))
+}
+
+/// How many products the overview shows: the most recently created.
+pub const OVERVIEW_PRODUCTS: u64 = 20;
+
+/// What the operators' console shows, read in one request a second.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Overview {
+    /// This server's clock (the console's charts and countdowns use it, not the browser's).
+    pub server_time: DateTime<Utc>,
+    /// Messages ready in the orders queue, read from RabbitMQ now (`null` if it did not answer).
+    pub queue_depth: Option<u32>,
+    /// Messages in the dead-letter queue, read from RabbitMQ now (`null` if it did not answer).
+    pub dlq_depth: Option<u32>,
+    /// Win → broker confirm of this process's relay, since it started (`seckill_relay_lag_seconds`):
+    /// two readings give the mean lag between them. Not per product.
+    pub relay_lag: LagTotals,
+    /// The most recently created products (at most 20), newest first.
+    pub products: Vec<ProductOverview>,
+}
+
+/// Totals of a latency histogram since the process started.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct LagTotals {
+    pub count: u64,
+    pub sum_seconds: f64,
+}
+
+/// One product's live figures.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ProductOverview {
+    #[serde(flatten)]
+    pub product: AdminProduct,
+    /// Redis lost this sale and it is being rebuilt (this process's view).
+    pub recovering: bool,
+    /// A forced preheat is rebuilding it: purchases answer `503 paused`.
+    pub paused: bool,
+    /// Purchase decisions on this product by outcome (`won`, `sold_out`, `rate_limited`, …),
+    /// counted by *this process* since it started (not summed over several `serve`
+    /// processes): two readings give decisions per second.
+    pub decisions: std::collections::BTreeMap<String, u64>,
+}
+
+/// Live figures of the most recent products, the queues and the relay, for the console.
+#[utoipa::path(
+    responses(
+        (status = 200, description = "OK", body = Overview),
+        (status = 401, description = "`unauthorized`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited` (per client address, `SECKILL_ADMIN_IP_RATE`), with `Retry-After`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`unavailable`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin_token" = [])),
+    tag = "operators"
+)]
+#[get("/api/v1/admin/overview")]
+pub async fn overview(ctx: web::Data<Ctx>, _admin: Admin) -> Result<HttpResponse, ApiError> {
+    let recent = products::recent(&ctx.deps.db, OVERVIEW_PRODUCTS).await?;
+    let m = &ctx.deps.metrics;
+    let views = futures_util::future::try_join_all(recent.iter().map(|p| with_figures(&ctx, p)));
+    let (views, [queue_depth, dlq_depth]) = tokio::join!(
+        views,
+        ctx.deps.broker.queue_depths(&ctx.deps.settings.amqp_queue)
+    );
+    let products = views?
+        .into_iter()
+        .map(|(product, paused)| {
+            let id = ProductId::try_from(product.product_id).ok();
+            let counts = id.map(|id| m.product_decisions.counts(id));
+            ProductOverview {
+                recovering: id.is_some_and(|id| ctx.recovery.is_recovering(id)),
+                paused,
+                decisions: Outcome::LABELS
+                    .iter()
+                    .zip(counts.unwrap_or_default())
+                    .map(|(label, n)| ((*label).to_owned(), n))
+                    .collect(),
+                product,
+            }
+        })
+        .collect();
+    Ok(HttpResponse::Ok()
+        .insert_header((actix_web::http::header::CACHE_CONTROL, "no-store"))
+        .json(Overview {
+            server_time: Utc::now(),
+            queue_depth,
+            dlq_depth,
+            relay_lag: LagTotals {
+                count: m.relay_lag.get_sample_count(),
+                sum_seconds: m.relay_lag.get_sample_sum(),
+            },
+            products,
+        }))
 }
 
 /// Options of a preheat.

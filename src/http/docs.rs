@@ -8,7 +8,7 @@ use utoipa::{
 };
 use utoipa_swagger_ui::SwaggerUi;
 
-use crate::http::{admin, health, orders, shop};
+use crate::http::{admin, dev, health, orders, shop};
 
 struct Security;
 
@@ -44,9 +44,9 @@ impl Modify for Security {
 #[openapi(
     info(title = "seckill", description = "Flash-sale reservation service. Errors are application/problem+json with a stable `code`."),
     paths(
-        shop::product_view, shop::issue_token, shop::reserve, shop::my_reservation, shop::my_reservation_events, shop::issue_stream_token,
+        shop::product_view, shop::issue_token, shop::reserve, shop::my_reservation, shop::my_reservation_events, shop::issue_stream_token, dev::dev_token,
         orders::pay, orders::cancel,
-        admin::create_product, admin::get_product, admin::preheat, admin::metrics,
+        admin::create_product, admin::get_product, admin::overview, admin::preheat, admin::metrics,
         health::healthz, health::readyz,
     ),
     modifiers(&Security),

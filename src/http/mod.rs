@@ -2,12 +2,14 @@
 //! `worker`'s own (`SECKILL_WORKER_ADDR`).
 
 pub mod admin;
+pub mod dev;
 pub mod docs;
 pub mod extract;
 pub mod fallback;
 pub mod health;
 pub mod limits;
 pub mod orders;
+pub mod pages;
 pub mod problem;
 pub mod shop;
 
@@ -291,7 +293,9 @@ pub fn configure_public(ctx: web::Data<Ctx>) -> impl FnOnce(&mut web::ServiceCon
             .app_data(deps)
             .configure(common)
             .configure(shop::routes)
-            .configure(orders::routes);
+            .configure(orders::routes)
+            .configure(dev::routes)
+            .configure(pages::shop_routes);
     }
 }
 
@@ -381,6 +385,7 @@ pub fn admin_server(listener: TcpListener, ctx: web::Data<Ctx>) -> anyhow::Resul
             .app_data(deps.clone())
             .configure(common)
             .configure(admin::routes)
+            .configure(pages::console_routes)
             .app_data(known.clone())
             .default_service(web::to(fallback))
     })

@@ -268,7 +268,7 @@ pub async fn reserve(
     // costs CPU: no token can buy a unit that is not there.
     if ctx.soldout.is_sold_out(id) {
         metrics.soldout_cache_hits.inc();
-        metrics.decided(&Outcome::SoldOut);
+        metrics.decided(id, &Outcome::SoldOut);
         return Ok(sold_out_response());
     }
     let body: PurchaseRequest = serde_json::from_slice(&body)
@@ -281,7 +281,7 @@ pub async fn reserve(
     }
     let ticket = ctx.soldout.ticket();
     let decision = ctx.batcher.reserve(user.0, id).await?;
-    metrics.decided(&decision.outcome);
+    metrics.decided(id, &decision.outcome);
     metrics.replicated(decision.replication);
     if decision.outcome == Outcome::UnknownProduct {
         if Utc::now() >= info.ends_at {
@@ -300,7 +300,10 @@ pub async fn reserve(
 
 /// Reads a JSON request body (at most 16 KiB, `application/json`), unparsed. A body that does
 /// not arrive in time fails here, and [`crate::http::limits::body_deadline`] answers `408`.
-async fn read_body(req: &actix_web::HttpRequest, payload: web::Payload) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(
+    req: &actix_web::HttpRequest,
+    payload: web::Payload,
+) -> Result<Bytes, ApiError> {
     let json = req
         .headers()
         .get(actix_web::http::header::CONTENT_TYPE)

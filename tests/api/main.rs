@@ -16,6 +16,7 @@ mod health;
 mod http_api;
 mod loadtest;
 mod metrics;
+mod pages;
 mod pipeline;
 mod process;
 mod rate_limit;

@@ -1,0 +1,184 @@
+//! The storefront and the operators' console: served by the binary with the right content types
+//! and a strict CSP, each on its own listener; the console's figures behind the admin token;
+//! the development sign-in only in development mode. (The pages themselves are driven in a
+//! real browser by scripts/browser-test.)
+
+use seckill::startup::Role;
+use serde_json::{Value, json};
+
+use crate::helpers::{ADMIN_TOKEN, TestApp, assert_problem};
+
+async fn fetch(client: &reqwest::Client, url: String) -> (u16, String, String, String) {
+    let res = client.get(&url).send().await.unwrap();
+    let header = |name: &str| {
+        res.headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default()
+    };
+    let (content_type, csp) = (header("content-type"), header("content-security-policy"));
+    (
+        res.status().as_u16(),
+        content_type,
+        csp,
+        res.text().await.unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_storefront_and_the_console_are_served_each_on_its_own_listener() {
+    let app = TestApp::spawn_with(Role::Serve, &[]).await;
+    let api = &app.api;
+    let c = &api.client;
+
+    for path in ["/", "/p/7"] {
+        let (status, ty, csp, body) = fetch(c, format!("{}{path}", api.http)).await;
+        assert_eq!(
+            (status, ty.as_str()),
+            (200, "text/html; charset=utf-8"),
+            "{path}"
+        );
+        assert!(
+            csp.contains("script-src 'self'") && !csp.contains("unsafe"),
+            "{csp}"
+        );
+        assert!(body.contains("/assets/shop.js"), "{path}");
+        assert!(
+            body.contains(r#"data-dev="0""#),
+            "no development sign-in outside dev mode"
+        );
+        for a11y in [
+            r#"aria-live="polite""#,
+            r#"<label for="jwt-input""#,
+            r#"lang="en""#,
+        ] {
+            assert!(body.contains(a11y), "{path}: {a11y}");
+        }
+    }
+    let (status, ty, csp, body) = fetch(c, format!("{}/console", api.admin)).await;
+    assert_eq!((status, ty.as_str()), (200, "text/html; charset=utf-8"));
+    assert!(csp.contains("default-src 'none'"), "{csp}");
+    assert!(body.contains("/assets/console.js"));
+    assert!(
+        !body.contains(ADMIN_TOKEN),
+        "the page itself holds no secret: the operator types the token"
+    );
+
+    for (base, path, ty) in [
+        (
+            &api.http,
+            "/assets/shop.js",
+            "text/javascript; charset=utf-8",
+        ),
+        (
+            &api.http,
+            "/assets/common.js",
+            "text/javascript; charset=utf-8",
+        ),
+        (&api.http, "/assets/style.css", "text/css; charset=utf-8"),
+        (
+            &api.admin,
+            "/assets/console.js",
+            "text/javascript; charset=utf-8",
+        ),
+        (
+            &api.admin,
+            "/assets/common.js",
+            "text/javascript; charset=utf-8",
+        ),
+        (&api.admin, "/assets/style.css", "text/css; charset=utf-8"),
+    ] {
+        let res = c.get(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(res.status(), 200, "{path}");
+        assert_eq!(res.headers()["content-type"], ty, "{path}");
+        assert_eq!(res.headers()["x-content-type-options"], "nosniff", "{path}");
+    }
+    // Each page lives on its own listener only.
+    for (base, path) in [
+        (&api.http, "/console"),
+        (&api.http, "/assets/console.js"),
+        (&api.admin, "/"),
+        (&api.admin, "/p/7"),
+        (&api.admin, "/assets/shop.js"),
+    ] {
+        let res = c.get(format!("{base}{path}")).send().await.unwrap();
+        assert_problem(res, 404, "not_found").await;
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_console_figures_are_behind_the_admin_token_and_count_each_products_decisions() {
+    let app = TestApp::spawn_with(Role::All, &[]).await;
+    let api = &app.api;
+    let url = format!("{}/api/v1/admin/overview", api.admin);
+    let anonymous = api.client.get(&url).send().await.unwrap();
+    assert_problem(anonymous, 401, "unauthorized").await;
+    let forged = api
+        .client
+        .get(&url)
+        .bearer_auth("not-the-admin-token")
+        .send();
+    assert_problem(forged.await.unwrap(), 401, "unauthorized").await;
+
+    let p = api.live_product(1).await;
+    let other = api.live_product(5).await;
+    assert_eq!(api.buy(1, p).await.status(), 202);
+    assert_problem(api.buy(2, p).await, 410, "sold_out").await;
+
+    let res = api.get_admin("/api/v1/admin/overview").await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["cache-control"], "no-store");
+    let o: Value = res.json().await.unwrap();
+    assert!(o["server_time"].is_string(), "{o}");
+    assert!(o["queue_depth"].is_u64() && o["dlq_depth"].is_u64(), "{o}");
+    assert!(o["relay_lag"]["count"].is_u64(), "{o}");
+    let products = o["products"].as_array().unwrap();
+    let ids: Vec<i64> = products
+        .iter()
+        .map(|p| p["product_id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![other, p], "newest first");
+    let sold = &products[1];
+    assert_eq!(sold["remaining"], 0, "{sold}");
+    assert_eq!(sold["stock"], 1);
+    assert_eq!(sold["preheated"], true);
+    assert_eq!(
+        (sold["recovering"].clone(), sold["paused"].clone()),
+        (json!(false), json!(false))
+    );
+    assert_eq!(sold["decisions"]["won"], 1, "{sold}");
+    assert_eq!(sold["decisions"]["sold_out"], 1, "{sold}");
+    assert_eq!(products[0]["decisions"]["won"], 0, "per product: {o}");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_development_sign_in_exists_only_in_development_mode() {
+    let production = TestApp::spawn_with(Role::Serve, &[]).await;
+    let api = &production.api;
+    let url = format!("{}/api/v1/dev/token", api.http);
+    let res = api.client.post(&url).json(&json!({"user_id": 42})).send();
+    assert_problem(res.await.unwrap(), 404, "not_found").await;
+    production.stop().await;
+
+    let dev = TestApp::spawn_with(Role::Serve, &[("SECKILL_DEV", "1")]).await;
+    let api = &dev.api;
+    let url = format!("{}/api/v1/dev/token", api.http);
+    let (_, _, _, page) = fetch(&api.client, format!("{}/", api.http)).await;
+    assert!(page.contains(r#"data-dev="1""#));
+    let res = api.client.post(&url).json(&json!({"user_id": 0})).send();
+    assert_problem(res.await.unwrap(), 400, "bad_request").await;
+    let res = api.client.post(&url).json(&json!({"user_id": 42})).send();
+    let minted: Value = res.await.unwrap().json().await.unwrap();
+    assert_eq!(minted["expires_in"], 3600);
+    // The JWT signs user 42 in: their (absent) reservation is a 404, not a 401.
+    let p = api.live_product(1).await;
+    let me = api
+        .client
+        .get(format!("{}/api/v1/products/{p}/reservations/me", api.http))
+        .bearer_auth(minted["token"].as_str().unwrap())
+        .send();
+    assert_problem(me.await.unwrap(), 404, "no_reservation").await;
+    dev.stop().await;
+}

@@ -1,0 +1,107 @@
+// Shared by the storefront and the console. Every text that reaches the page goes through
+// textContent (el() below): nothing received from the server or typed by a person is ever
+// parsed as HTML.
+"use strict";
+
+const seckill = (() => {
+  /** A new element: el("p", {class: "x", "aria-live": "polite"}, "text", child, ...). */
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [name, value] of Object.entries(attrs || {})) {
+      if (value === false || value === null || value === undefined) continue;
+      node.setAttribute(name, value === true ? "" : String(value));
+    }
+    for (const child of children) {
+      node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+    }
+    return node;
+  }
+
+  /** Sets an element's text (a no-op when unchanged, so screen readers are not re-told). */
+  function setText(node, text) {
+    const value = String(text);
+    if (node.textContent !== value) node.textContent = value;
+  }
+
+  /**
+   * Calls the JSON API. Resolves to {status, body, headers} whatever the status (a problem
+   * body is parsed too); rejects only when the server could not be reached.
+   */
+  async function api(method, path, options = {}) {
+    const headers = {};
+    if (options.bearer) headers.authorization = `Bearer ${options.bearer}`;
+    let body;
+    if (options.json !== undefined) {
+      headers["content-type"] = "application/json";
+      body = JSON.stringify(options.json);
+    }
+    const sent = Date.now();
+    const res = await fetch(path, { method, headers, body, cache: "no-store" });
+    const received = Date.now();
+    clock.sample(res.headers.get("date"), sent, received);
+    let parsed = null;
+    const type = res.headers.get("content-type") || "";
+    if (type.includes("json")) {
+      try {
+        parsed = await res.json();
+      } catch (_) {
+        parsed = null;
+      }
+    }
+    return { status: res.status, body: parsed, headers: res.headers };
+  }
+
+  /**
+   * The server's clock, from the `Date` header of every answer. A `Date` (whole seconds, and
+   * possibly a little stale) says the server's time when it answered was at least `Date` and
+   * less than `Date + 1.5 s`; the answer came between `sent` and `received`. Each answer
+   * narrows the bounds of (server − browser); the estimate is their middle.
+   */
+  const clock = (() => {
+    let low = -Infinity;
+    let high = Infinity;
+    return {
+      sample(dateHeader, sent, received) {
+        const date = Date.parse(dateHeader || "");
+        if (Number.isNaN(date)) return;
+        const lo = date - received;
+        const hi = date + 1500 - sent;
+        // A server clock that jumped: start again from this answer alone.
+        if (lo > high || hi < low) {
+          low = lo;
+          high = hi;
+          return;
+        }
+        low = Math.max(low, lo);
+        high = Math.min(high, hi);
+      },
+      /** Milliseconds to add to the browser's clock to get the server's. */
+      offset() {
+        if (!Number.isFinite(low) || !Number.isFinite(high)) return 0;
+        return (low + high) / 2;
+      },
+      now() {
+        return Date.now() + this.offset();
+      },
+    };
+  })();
+
+  /** "1 d 02:03:04", "02:03:04" or "03:04" for a number of milliseconds. */
+  function duration(ms) {
+    const total = Math.max(0, Math.ceil(ms / 1000));
+    const d = Math.floor(total / 86400);
+    const h = Math.floor((total % 86400) / 3600);
+    const m = Math.floor((total % 3600) / 60);
+    const s = total % 60;
+    const two = (n) => String(n).padStart(2, "0");
+    const hms = h > 0 || d > 0 ? `${two(h)}:${two(m)}:${two(s)}` : `${two(m)}:${two(s)}`;
+    return d > 0 ? `${d} d ${hms}` : hms;
+  }
+
+  /** 1999 → "19.99" (prices are in cents of the storefront's currency, which seckill does not know). */
+  function money(cents) {
+    return (Number(cents) / 100).toFixed(2);
+  }
+
+  return { el, setText, api, clock, duration, money };
+})();

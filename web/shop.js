@@ -1,0 +1,362 @@
+// The storefront: one product, a countdown on the server's clock, the buy button, the answer in
+// plain words, then the reservation pushed live (server-sent events) until it is paid or over.
+"use strict";
+
+(() => {
+  const { el, setText, api, clock, duration, money } = seckill;
+  const $ = (id) => document.getElementById(id);
+  const dev = document.body.dataset.dev === "1";
+  const JWT_KEY = "seckill.jwt";
+
+  // ---- Signing in -------------------------------------------------------------------------
+  // Development mode: any shopper id, through POST /api/v1/dev/token. Production: the JWT the
+  // storefront's own login issued, which that login leaves in sessionStorage["seckill.jwt"]
+  // (or which a person pastes in).
+  let jwt = sessionStorage.getItem(JWT_KEY);
+
+  function userOf(token) {
+    try {
+      const payload = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+      return JSON.parse(atob(payload)).sub || "?";
+    } catch (_) {
+      return "?";
+    }
+  }
+
+  function showSignIn() {
+    $("signed-in").hidden = !jwt;
+    $("dev-login").hidden = Boolean(jwt) || !dev;
+    $("jwt-login").hidden = Boolean(jwt) || dev;
+    if (jwt) setText($("who-text"), `Signed in as shopper ${userOf(jwt)}`);
+  }
+
+  function signedIn(token) {
+    jwt = token;
+    sessionStorage.setItem(JWT_KEY, token);
+    showSignIn();
+    setText($("login-status"), `Signed in as shopper ${userOf(token)}.`);
+    // The sign-in form is gone: focus moves on to what comes next.
+    (productId ? $("name") : $("pick-id")).focus();
+    if (product) checkReservation();
+  }
+
+  $("dev-login").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const user = Number($("dev-user").value);
+    const res = await api("POST", "/api/v1/dev/token", { json: { user_id: user } }).catch(() => null);
+    if (res && res.status === 200) {
+      signedIn(res.body.token);
+    } else {
+      setText($("login-status"), "Could not sign in: the development sign-in is not available.");
+    }
+  });
+
+  $("jwt-login").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const token = $("jwt-input").value.trim();
+    $("jwt-input").value = "";
+    if (token) signedIn(token);
+  });
+
+  $("sign-out").addEventListener("click", () => {
+    jwt = null;
+    sessionStorage.removeItem(JWT_KEY);
+    closeStream();
+    $("reservation").hidden = true;
+    setText($("answer"), "");
+    showSignIn();
+    setText($("login-status"), "Signed out.");
+    (dev ? $("dev-user") : $("jwt-input")).focus();
+  });
+
+  // ---- The product and its countdown --------------------------------------------------------
+  const match = location.pathname.match(/^\/p\/([1-9][0-9]{0,18})$/);
+  const productId = match ? match[1] : null;
+  let product = null; // the last product view
+  let coolingUntil = 0; // server time before which "too fast" holds the button
+  let busy = false; // a purchase is on its way
+  let holds = false; // this shopper holds a reservation of this product
+
+  const PHASE = {
+    upcoming: "Starts in",
+    live: "On sale now",
+    sold_out: "Sold out",
+    ended: "The sale has ended",
+    recovering: "Temporarily unavailable",
+  };
+
+  async function loadProduct() {
+    const res = await api("GET", `/api/v1/products/${productId}`).catch(() => null);
+    if (!res) return;
+    if (res.status === 404) {
+      setText($("name"), "No such product");
+      $("product").dataset.state = "missing";
+      $("product").hidden = false;
+      if (!$("back")) {
+        $("product").append(el("p", {}, el("a", { id: "back", href: "/" }, "Back to the storefront")));
+      }
+      product = null;
+      return;
+    }
+    if (res.status !== 200) return;
+    const first = product === null;
+    product = res.body;
+    product.starts = Date.parse(product.starts_at);
+    product.ends = Date.parse(product.ends_at);
+    setText($("name"), product.name);
+    document.title = `${product.name} — seckill`;
+    setText($("price"), money(product.price_cents));
+    setText($("remaining"), product.remaining);
+    $("product").hidden = false;
+    if (first) {
+      announceState();
+      checkReservation();
+    }
+    render();
+  }
+
+  let announced = null;
+  function announceState() {
+    if (!product || announced === product.state) return;
+    announced = product.state;
+    const words = {
+      upcoming: `The sale starts at ${new Date(product.starts).toLocaleTimeString()}.`,
+      live: "The sale has started.",
+      sold_out: "Sold out.",
+      ended: "The sale has ended.",
+      recovering: "The sale is temporarily unavailable.",
+    }[product.state];
+    if (words) setText($("sale-status"), words);
+  }
+
+  /** Where the sale stands now, on the server's clock (the view's state between two views). */
+  function phase() {
+    if (!product) return null;
+    const now = clock.now();
+    if (now >= product.ends) return "ended";
+    if (product.state === "recovering") return "recovering";
+    // The view says upcoming until the server says otherwise: the countdown reaching zero
+    // only makes us ask sooner.
+    if (product.state === "upcoming") return "upcoming";
+    return product.remaining <= 0 ? "sold_out" : "live";
+  }
+
+  function render() {
+    const p = phase();
+    if (!p) return;
+    const now = clock.now();
+    setText($("phase"), PHASE[p]);
+    $("product").dataset.state = p;
+    if (p === "upcoming") {
+      setText($("countdown"), duration(product.starts - now));
+    } else if (p === "live") {
+      setText($("countdown"), `ends in ${duration(product.ends - now)}`);
+    } else {
+      setText($("countdown"), "");
+    }
+    const cooling = coolingUntil > now;
+    if (cooling) {
+      setText($("answer"), `Too fast — try again in ${Math.ceil((coolingUntil - now) / 1000)} s.`);
+    }
+    $("buy").disabled = !jwt || busy || cooling || holds || p !== "live";
+    setText($("buy"), !jwt ? "Sign in to buy" : holds ? "It's yours" : "Buy now");
+  }
+
+  // The countdown ticks on the server's clock; the view (remaining stock, state) is asked
+  // again every second, and several times a second around the start.
+  setInterval(render, 250);
+  async function poll() {
+    await loadProduct();
+    announceState();
+    const nearStart = product && product.state === "upcoming" && product.starts - clock.now() < 2000;
+    // A product that does not exist (yet) is asked for less often.
+    setTimeout(poll, nearStart ? 250 : product ? 1000 : 5000);
+  }
+
+  // ---- Buying -------------------------------------------------------------------------------
+  const ANSWERS = {
+    already_reserved: "It's already yours: you hold a reservation for this product.",
+    sold_out: "Sold out: every unit has been taken.",
+    ended: "The sale has ended.",
+    not_started: "The sale has not started yet.",
+    paused: "Unavailable for a moment — try again shortly.",
+    recovering: "Unavailable for a moment — try again shortly.",
+    unavailable: "Unavailable for a moment — try again shortly.",
+    unauthorized: "Your sign-in has expired: please sign in again.",
+    product_not_found: "This product does not exist.",
+  };
+
+  function tooFast(res) {
+    const secs = Number(res.headers.get("retry-after")) || 1;
+    coolingUntil = clock.now() + secs * 1000;
+    setText($("answer"), `Too fast — try again in ${secs} s.`);
+    setTimeout(() => {
+      if (clock.now() >= coolingUntil) setText($("answer"), "You can try again now.");
+      render();
+    }, secs * 1000 + 50);
+  }
+
+  function answerProblem(res) {
+    const code = res.body && res.body.code;
+    if (code === "rate_limited") return tooFast(res);
+    setText($("answer"), ANSWERS[code] || `Unavailable (${res.status}) — try again shortly.`);
+    if (code === "sold_out") product.remaining = 0;
+  }
+
+  $("buy").addEventListener("click", async () => {
+    if (busy || !jwt) return;
+    busy = true;
+    render();
+    setText($("answer"), "Sending your order…");
+    try {
+      let res = await api("POST", `/api/v1/products/${productId}/token`, { bearer: jwt });
+      if (res.status !== 200) return answerProblem(res);
+      const token = res.body.token;
+      res = await api("POST", `/api/v1/products/${productId}/reservations`, {
+        bearer: jwt,
+        json: { token },
+      });
+      if (res.status === 202) {
+        setText($("answer"), "You won! The unit is yours.");
+        holds = true;
+        showReservation(res.body);
+        openStream();
+      } else if (res.body && res.body.code === "already_reserved") {
+        setText($("answer"), ANSWERS.already_reserved);
+        holds = true;
+        checkReservation();
+      } else {
+        answerProblem(res);
+      }
+    } catch (_) {
+      setText($("answer"), "Unavailable — the shop could not be reached. Try again shortly.");
+    } finally {
+      busy = false;
+      render();
+    }
+  });
+
+  // ---- The reservation, live ----------------------------------------------------------------
+  const STATUS = {
+    pending: ["Won — recording your order…", "A moment: your order is being saved."],
+    confirmed: ["Confirmed — waiting for your payment.", ""],
+    paid: ["Paid. Thank you!", "Your order is complete."],
+    cancelled: ["Cancelled.", "The unit went back on sale."],
+    expired: ["Expired: the time to pay ran out.", "The unit went back on sale."],
+    rejected: ["Rejected: this win could not become an order.", ""],
+  };
+  const TERMINAL = new Set(["paid", "cancelled", "expired", "rejected"]);
+  let reservation = null;
+  let stream = null;
+  let reopen = null;
+
+  function showReservation(view) {
+    reservation = view;
+    const [headline, detail] = STATUS[view.status] || [view.status, ""];
+    $("reservation").hidden = false;
+    $("reservation").dataset.status = view.status;
+    setText($("reservation-status"), headline);
+    let more = detail;
+    if (view.status === "confirmed" && view.expires_at) {
+      more = `Pay before ${new Date(Date.parse(view.expires_at) - clock.offset()).toLocaleTimeString()}.`;
+    }
+    if (view.status === "rejected" && view.reason) more = view.reason;
+    setText($("reservation-detail"), more);
+    const payable = view.status === "confirmed" && Boolean(view.order_id);
+    $("pay").hidden = !payable;
+    $("cancel").hidden = !payable;
+    if (TERMINAL.has(view.status)) closeStream();
+  }
+
+  async function checkReservation() {
+    if (!jwt || !productId) return;
+    const res = await api("GET", `/api/v1/products/${productId}/reservations/me`, { bearer: jwt }).catch(() => null);
+    if (res && res.status === 200) {
+      holds = true;
+      showReservation(res.body);
+      if (!TERMINAL.has(res.body.status)) openStream();
+    } else if (res && res.status === 401) {
+      setText($("login-status"), ANSWERS.unauthorized);
+    }
+    render();
+  }
+
+  function closeStream() {
+    clearTimeout(reopen);
+    if (stream) stream.close();
+    stream = null;
+  }
+
+  /** EventSource cannot send Authorization: a 60-second stream token goes in the URL. */
+  async function openStream() {
+    closeStream();
+    if (!jwt) return;
+    const res = await api("POST", `/api/v1/products/${productId}/reservations/me/stream-token`, {
+      bearer: jwt,
+    }).catch(() => null);
+    if (!res || res.status !== 200) {
+      reopen = setTimeout(openStream, 3000);
+      return;
+    }
+    const url = `/api/v1/products/${productId}/reservations/me/events?token=${encodeURIComponent(res.body.token)}`;
+    const source = new EventSource(url);
+    stream = source;
+    source.addEventListener("status", (event) => {
+      try {
+        showReservation(JSON.parse(event.data));
+      } catch (_) {
+        /* a frame we cannot read: the next one will do */
+      }
+    });
+    // The stream ends after a terminal status, its lifetime, or a server shutdown. Unless the
+    // reservation is over, open a new one with a new token (the old one may have expired).
+    const again = () => {
+      if (stream !== source) return;
+      source.close();
+      stream = null;
+      if (!reservation || !TERMINAL.has(reservation.status)) {
+        reopen = setTimeout(openStream, 1000 + Math.random() * 2000);
+      }
+    };
+    source.addEventListener("close", again);
+    source.addEventListener("error", again);
+  }
+
+  async function settle(action) {
+    if (!reservation || !reservation.order_id) return;
+    $("pay").disabled = true;
+    $("cancel").disabled = true;
+    const res = await api("POST", `/api/v1/orders/${reservation.order_id}/${action}`, { bearer: jwt }).catch(() => null);
+    $("pay").disabled = false;
+    $("cancel").disabled = false;
+    if (res && res.status === 200) {
+      showReservation({ ...reservation, status: res.body.status || (action === "pay" ? "paid" : "cancelled") });
+      $("reservation-status").focus();
+    } else if (res && res.body && res.body.code === "order_closed") {
+      checkReservation();
+    } else {
+      setText($("reservation-detail"), "Unavailable — try again shortly.");
+    }
+  }
+  $("pay").addEventListener("click", () => settle("pay"));
+  $("cancel").addEventListener("click", () => settle("cancel"));
+  $("reservation-status").setAttribute("tabindex", "-1");
+  $("name").setAttribute("tabindex", "-1");
+
+  // ---- Start ----------------------------------------------------------------------------------
+  showSignIn();
+  if (productId) {
+    poll();
+  } else {
+    $("pick").hidden = false;
+    $("pick-form").addEventListener("submit", (event) => {
+      event.preventDefault();
+      const id = String(Number($("pick-id").value));
+      if (/^[1-9][0-9]*$/.test(id)) location.assign(`/p/${id}`);
+    });
+    // Nothing to show without a product: hint at the API for the rest.
+    $("pick").append(
+      el("p", { class: "hint" }, "Each product has its own page, /p/ followed by its number."),
+    );
+  }
+})();
