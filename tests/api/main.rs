@@ -26,3 +26,4 @@ mod retire;
 mod scale;
 mod streams;
 mod tls;
+mod worker;
