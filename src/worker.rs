@@ -1,12 +1,16 @@
 //! The order worker: RabbitMQ → Postgres in batches, idempotently, acking only after commit.
 //!
-//! [`process_batch`] is one step (testable without a broker). One transaction locks the
-//! batch's products in id order, reads what Postgres already holds for the batch, and lets
-//! [`plan`] decide each winner, earliest win first: a new order while its product has units
+//! [`process_batch`] is one step (testable without a broker): one transaction, in which
+//! [`plan`] decides each winner, earliest win first: a new order while its product has units
 //! free (`stock - sold`); already decided (its order or rejection exists: a redelivery); or
 //! `rejected` — no unit left, or its shopper already holds an order for the product (both only
-//! possible after Redis lost data). It inserts the orders and the rejections, adds the orders
-//! to `product.sold`, commits, then records every status in Redis through `status.lua`.
+//! possible after Redis lost data). Usually (`persist_unlocked`) the batch waits for no lock
+//! until its last statement: it inserts the orders in one statement and then adds them to
+//! `product.sold` only if that stays within the stock, so the batches of one product (several
+//! consumers, several workers) queue on its row only for that update and the commit. A batch
+//! that path cannot decide alone (a win to reject, an order that exists) is rolled back and
+//! decided with its products locked first (`persist_locked`). After the commit every status
+//! is recorded in Redis through `status.lua`.
 //!
 //! [`Worker::run`] is the loop around it: prefetch-bounded consumer, batching, backoff while
 //! Postgres, Redis or RabbitMQ is down (holding the batch: no ack/nack storms), reconnection.
@@ -51,9 +55,6 @@ use crate::{
     rejections::{self, Cause, NewRejection},
     reservations::{ReservationView, Reservations, Status},
 };
-
-/// Rows per INSERT statement (7 parameters each, far below Postgres' 65,535).
-const ROWS_PER_STATEMENT: usize = 1_000;
 
 /// What one batch did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -121,6 +122,16 @@ pub fn plan(batch: &[OrderMessage], mut known: Known) -> Vec<Fate> {
     fates
 }
 
+/// The winners of `batch` that `fates` makes orders of.
+fn planned_orders<'a>(batch: &'a [OrderMessage], fates: &[Fate]) -> Vec<&'a OrderMessage> {
+    batch
+        .iter()
+        .zip(fates)
+        .filter(|(_, f)| **f == Fate::Order)
+        .map(|(m, _)| m)
+        .collect()
+}
+
 #[derive(Debug, FromQueryResult)]
 struct Inserted {
     order_id: Uuid,
@@ -137,10 +148,12 @@ struct Stock {
     sold: i32,
 }
 
-/// What Postgres holds about the batch: the products locked (in id order, like every writer of
-/// product rows, so consumers and sweepers never deadlock; this also serialises the batches of
-/// one product, so what is read here stays true until commit), the orders of the batch's
-/// reservations or shoppers, and the batch's rejections.
+/// What Postgres holds about the batch, for the locked path: the products locked (`FOR NO KEY
+/// UPDATE`, the lock an `UPDATE` of `sold` takes, in id order like every writer of product
+/// rows, so consumers and sweepers never deadlock; this serialises the locked batches of one
+/// product, so what is read here stays true until commit, and still lets other batches' inserts
+/// check their foreign key), the orders of the batch's reservations or shoppers, and the batch's
+/// rejections.
 async fn read_known(
     txn: &impl ConnectionTrait,
     batch: &[OrderMessage],
@@ -151,7 +164,7 @@ async fn read_known(
     products.dedup();
     let stocks = Stock::find_by_statement(Statement::from_sql_and_values(
         backend,
-        "select product_id, stock, sold from product where product_id = any($1) order by product_id for update",
+        "select product_id, stock, sold from product where product_id = any($1) order by product_id for no key update",
         [products.into()],
     ))
     .all(txn)
@@ -197,75 +210,69 @@ async fn read_known(
     Ok((known, earlier, rejected))
 }
 
-/// Inserts the orders (`ON CONFLICT DO NOTHING`: a safety net, the plan already left out
-/// every order that exists); the new ones.
+/// Inserts the orders in one statement (`INSERT … SELECT FROM unnest(…)`: seven array
+/// parameters whatever the batch's size, one plan, no per-row binding) with `ON CONFLICT DO
+/// NOTHING`; the new ones. A conflict leaves a planned order out: the caller sees it missing.
 async fn insert_orders(
     txn: &impl ConnectionTrait,
     orders: &[&OrderMessage],
     now: DateTime<Utc>,
     expires_at: DateTime<Utc>,
 ) -> anyhow::Result<Vec<Inserted>> {
-    let mut inserted = Vec::with_capacity(orders.len());
-    for chunk in orders.chunks(ROWS_PER_STATEMENT) {
-        let mut sql = String::from(
-            "insert into orders (order_id, reservation_id, user_id, product_id, status, reserved_at, created_at, expires_at) values ",
-        );
-        let mut values: Vec<sea_orm::Value> = Vec::with_capacity(chunk.len() * 7);
-        for (i, m) in chunk.iter().enumerate() {
-            let b = i * 7;
-            if i > 0 {
-                sql.push(',');
-            }
-            sql.push_str(&format!(
-                "(${}, ${}, ${}, ${}, 'pending_payment', ${}, ${}, ${})",
-                b + 1,
-                b + 2,
-                b + 3,
-                b + 4,
-                b + 5,
-                b + 6,
-                b + 7
-            ));
-            values.extend([
-                Uuid::now_v7().into(),
-                m.reservation_id.into(),
-                m.user_id.get().into(),
-                m.product_id.get().into(),
-                m.reserved_at.into(),
-                now.into(),
-                expires_at.into(),
-            ]);
-        }
-        sql.push_str(" on conflict do nothing returning order_id, reservation_id, user_id, product_id, expires_at");
-        let rows = Inserted::find_by_statement(Statement::from_sql_and_values(
-            txn.get_database_backend(),
-            sql,
-            values,
-        ))
-        .all(txn)
-        .await
-        .context("inserting orders")?;
-        inserted.extend(rows);
+    if orders.is_empty() {
+        return Ok(Vec::new());
     }
-    Ok(inserted)
+    let order_ids: Vec<Uuid> = orders.iter().map(|_| Uuid::now_v7()).collect();
+    let reservation_ids: Vec<Uuid> = orders.iter().map(|m| m.reservation_id).collect();
+    let users: Vec<i64> = orders.iter().map(|m| m.user_id.get()).collect();
+    let products: Vec<i64> = orders.iter().map(|m| m.product_id.get()).collect();
+    let reserved_at: Vec<DateTime<Utc>> = orders.iter().map(|m| m.reserved_at).collect();
+    Inserted::find_by_statement(Statement::from_sql_and_values(
+        txn.get_database_backend(),
+        "insert into orders (order_id, reservation_id, user_id, product_id, status, reserved_at, created_at, expires_at) \
+         select b.order_id, b.reservation_id, b.user_id, b.product_id, 'pending_payment', b.reserved_at, $6, $7 \
+         from unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::bigint[], $5::timestamptz[]) \
+           as b (order_id, reservation_id, user_id, product_id, reserved_at) \
+         on conflict do nothing \
+         returning order_id, reservation_id, user_id, product_id, expires_at",
+        [
+            order_ids.into(),
+            reservation_ids.into(),
+            users.into(),
+            products.into(),
+            reserved_at.into(),
+            now.into(),
+            expires_at.into(),
+        ],
+    ))
+    .all(txn)
+    .await
+    .context("inserting orders")
 }
 
-/// Adds the new orders to `product.sold`, in product id order (the lock order).
-async fn add_sold(txn: &impl ConnectionTrait, new_orders: &[Inserted]) -> anyhow::Result<()> {
+/// Adds the new orders to `product.sold`, one statement per product in id order (the lock
+/// order), each only if it stays within the stock: `false` (nothing more done) when one would
+/// not. Each `UPDATE` waits for the product's row lock and then checks the row as the last
+/// commit left it, so concurrent batches never take more units than the stock has.
+async fn add_sold(txn: &impl ConnectionTrait, new_orders: &[Inserted]) -> anyhow::Result<bool> {
     let mut per_product: BTreeMap<i64, i64> = BTreeMap::new();
     for o in new_orders {
         *per_product.entry(o.product_id).or_default() += 1;
     }
     for (product, n) in per_product {
-        txn.execute_raw(Statement::from_sql_and_values(
-            txn.get_database_backend(),
-            "update product set sold = sold + $2 where product_id = $1",
-            [product.into(), n.into()],
-        ))
-        .await
-        .context("adding to product.sold")?;
+        let done = txn
+            .execute_raw(Statement::from_sql_and_values(
+                txn.get_database_backend(),
+                "update product set sold = sold + $2 where product_id = $1 and sold + $2 <= stock",
+                [product.into(), n.into()],
+            ))
+            .await
+            .context("adding to product.sold")?;
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Records the statuses in Redis: one `status.lua` call per product (usually one).
@@ -287,27 +294,85 @@ async fn record(
     Ok(())
 }
 
-/// Persists a batch of winners in one transaction, then records their statuses in Redis.
-pub async fn process_batch(
+/// What a batch's transaction decided.
+struct Persisted {
+    /// Each winner's fate, in the batch's order.
+    fates: Vec<Fate>,
+    new_orders: Vec<Inserted>,
+    rejected: Vec<NewRejection>,
+    /// The batch's orders and rejections made before (redeliveries).
+    earlier_orders: Vec<orders::Model>,
+    earlier_rejections: Vec<rejection::Model>,
+}
+
+/// The usual path: a batch of new winners with units left, decided without waiting for any
+/// lock until its last statement. It reads the products' free units and the batch's earlier
+/// rejections, inserts the planned orders, and only then adds them to `product.sold` (the row
+/// lock, held from there to the commit: batches of one product overlap everything else). `None`
+/// (rolled back) when that cannot decide the batch alone — a win to reject, an order that
+/// already exists (a redelivery, or a shopper's earlier order), or a product that would go
+/// over its stock meanwhile — and the locked path decides it instead.
+async fn persist_unlocked(
     db: &DatabaseConnection,
-    reservations: &Reservations,
     batch: &[OrderMessage],
-    payment_timeout: Duration,
-) -> anyhow::Result<BatchOutcome> {
-    if batch.is_empty() {
-        return Ok(BatchOutcome::default());
+    now: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+) -> anyhow::Result<Option<Persisted>> {
+    let txn = db.begin().await.context("beginning the batch")?;
+    let mut products: Vec<i64> = batch.iter().map(|m| m.product_id.get()).collect();
+    products.sort_unstable();
+    products.dedup();
+    let stocks = Stock::find_by_statement(Statement::from_sql_and_values(
+        txn.get_database_backend(),
+        "select product_id, stock, sold from product where product_id = any($1)",
+        [products.into()],
+    ))
+    .all(&txn)
+    .await
+    .context("reading the batch's products")?;
+    let ids: Vec<Uuid> = batch.iter().map(|m| m.reservation_id).collect();
+    let earlier_rejections = rejections::of_reservations(&txn, ids).await?;
+    let mut known = Known::default();
+    for s in stocks {
+        let free = i64::from(s.stock) - i64::from(s.sold);
+        known.free.insert(ProductId::try_from(s.product_id)?, free);
     }
-    let now = Utc::now();
-    let expires_at = now + chrono::Duration::from_std(payment_timeout)?;
+    known
+        .decided
+        .extend(earlier_rejections.iter().map(|r| r.reservation_id));
+    let fates = plan(batch, known);
+    if fates.iter().any(|f| matches!(f, Fate::Rejected(_))) {
+        txn.rollback().await.context("rolling back")?;
+        return Ok(None);
+    }
+    let planned = planned_orders(batch, &fates);
+    let new_orders = insert_orders(&txn, &planned, now, expires_at).await?;
+    if new_orders.len() < planned.len() || !add_sold(&txn, &new_orders).await? {
+        txn.rollback().await.context("rolling back")?;
+        return Ok(None);
+    }
+    txn.commit().await.context("committing the batch")?;
+    Ok(Some(Persisted {
+        fates,
+        new_orders,
+        rejected: Vec::new(),
+        earlier_orders: Vec::new(),
+        earlier_rejections,
+    }))
+}
+
+/// The locked path, for any batch: lock its products, read what Postgres holds about it, plan,
+/// insert the orders and the rejections, add the orders to `product.sold`, commit.
+async fn persist_locked(
+    db: &DatabaseConnection,
+    batch: &[OrderMessage],
+    now: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+) -> anyhow::Result<Persisted> {
     let txn = db.begin().await.context("beginning the batch")?;
     let (known, earlier_orders, earlier_rejections) = read_known(&txn, batch).await?;
     let fates = plan(batch, known);
-    let planned: Vec<&OrderMessage> = batch
-        .iter()
-        .zip(&fates)
-        .filter(|(_, f)| **f == Fate::Order)
-        .map(|(m, _)| m)
-        .collect();
+    let planned = planned_orders(batch, &fates);
     let new_orders = insert_orders(&txn, &planned, now, expires_at).await?;
     let rejected: Vec<NewRejection> = batch
         .iter()
@@ -323,36 +388,12 @@ pub async fn process_batch(
         })
         .collect();
     rejections::insert(&txn, &rejected).await?;
-    add_sold(&txn, &new_orders).await?;
+    // The plan gave out only free units, read under the locks: this cannot fail.
+    anyhow::ensure!(
+        add_sold(&txn, &new_orders).await?,
+        "the batch's orders would exceed a product's stock"
+    );
     txn.commit().await.context("committing the batch")?;
-
-    // Tell the status endpoints (and take every decided winner off the pending set).
-    let mut views: Vec<(ProductId, UserId, ReservationView)> = Vec::with_capacity(batch.len());
-    for o in &new_orders {
-        let view = ReservationView {
-            reservation_id: o.reservation_id,
-            status: Status::Confirmed,
-            order_id: Some(o.order_id),
-            expires_at: Some(o.expires_at),
-            reason: None,
-        };
-        views.push((
-            ProductId::try_from(o.product_id)?,
-            UserId::try_from(o.user_id)?,
-            view,
-        ));
-    }
-    for r in &rejected {
-        let view = ReservationView::rejected(r.reservation_id, r.cause.reason());
-        views.push((r.product, r.user, view));
-    }
-    for r in &earlier_rejections {
-        views.push((
-            ProductId::try_from(r.product_id)?,
-            UserId::try_from(r.user_id)?,
-            ReservationView::from(r),
-        ));
-    }
     let mut earlier_orders = earlier_orders;
     if new_orders.len() < planned.len() {
         // Cannot happen while every insert holds its product's lock; read back, to be sure.
@@ -374,7 +415,64 @@ pub async fn process_batch(
             .context("reading orders made meanwhile")?,
         );
     }
-    for o in &earlier_orders {
+    Ok(Persisted {
+        fates,
+        new_orders,
+        rejected,
+        earlier_orders,
+        earlier_rejections,
+    })
+}
+
+/// Persists a batch of winners in one transaction (without waiting for the products' locks
+/// until its end when it can, see `persist_unlocked`), then records their statuses in Redis.
+pub async fn process_batch(
+    db: &DatabaseConnection,
+    reservations: &Reservations,
+    batch: &[OrderMessage],
+    payment_timeout: Duration,
+) -> anyhow::Result<BatchOutcome> {
+    if batch.is_empty() {
+        return Ok(BatchOutcome::default());
+    }
+    let now = Utc::now();
+    let expires_at = now + chrono::Duration::from_std(payment_timeout)?;
+    let done = match persist_unlocked(db, batch, now, expires_at).await? {
+        Some(done) => done,
+        None => {
+            tracing::debug!(batch = batch.len(), "the batch needs the locked path");
+            persist_locked(db, batch, now, expires_at).await?
+        }
+    };
+
+    // Tell the status endpoints (and take every decided winner off the pending set).
+    let mut views: Vec<(ProductId, UserId, ReservationView)> = Vec::with_capacity(batch.len());
+    for o in &done.new_orders {
+        let view = ReservationView {
+            reservation_id: o.reservation_id,
+            status: Status::Confirmed,
+            order_id: Some(o.order_id),
+            expires_at: Some(o.expires_at),
+            reason: None,
+        };
+        views.push((
+            ProductId::try_from(o.product_id)?,
+            UserId::try_from(o.user_id)?,
+            view,
+        ));
+    }
+    for r in &done.rejected {
+        let view = ReservationView::rejected(r.reservation_id, r.cause.reason());
+        views.push((r.product, r.user, view));
+    }
+    for r in &done.earlier_rejections {
+        views.push((
+            ProductId::try_from(r.product_id)?,
+            UserId::try_from(r.user_id)?,
+            ReservationView::from(r),
+        ));
+    }
+    for o in &done.earlier_orders {
         views.push((
             ProductId::try_from(o.product_id)?,
             UserId::try_from(o.user_id)?,
@@ -384,7 +482,7 @@ pub async fn process_batch(
     record(reservations, &views).await?;
 
     let count = |cause| {
-        fates
+        done.fates
             .iter()
             .filter(|f| **f == Fate::Rejected(cause))
             .count()
@@ -392,8 +490,8 @@ pub async fn process_batch(
     let (rejected_sold_out, rejected_holding) =
         (count(Cause::SoldOut), count(Cause::AlreadyHoldsOrder));
     Ok(BatchOutcome {
-        inserted: new_orders.len(),
-        duplicates: batch.len() - new_orders.len() - rejected_sold_out - rejected_holding,
+        inserted: done.new_orders.len(),
+        duplicates: batch.len() - done.new_orders.len() - rejected_sold_out - rejected_holding,
         rejected_sold_out,
         rejected_holding,
     })

@@ -28,3 +28,4 @@ mod retire;
 mod scale;
 mod streams;
 mod tls;
+mod worker;
