@@ -317,27 +317,15 @@ pub fn decode_reserve_batch(
     }
     let bad = |e: fred::error::Error| Unavailable::BadReply(format!("reserve_batch.lua: {e}"));
     let mut values = reply.into_iter();
-    let next_int = |values: &mut std::vec::IntoIter<Value>| -> Result<i64, Unavailable> {
-        values
-            .next()
-            .ok_or_else(|| Unavailable::BadReply("reserve_batch.lua: short reply".into()))?
-            .convert::<i64>()
-            .map_err(bad)
-    };
+    // The length was checked above: each attempt has its seven values.
+    let mut next = || values.next().unwrap_or(Value::Null);
     (0..attempts)
         .map(|_| {
-            let code = next_int(&mut values)?;
-            let id = values
-                .next()
-                .ok_or_else(|| Unavailable::BadReply("reserve_batch.lua: short reply".into()))?
-                .convert::<String>()
-                .map_err(bad)?;
-            let remaining = next_int(&mut values)?;
-            let limit = next_int(&mut values)?;
-            let left = next_int(&mut values)?;
-            let reset_ms = next_int(&mut values)?;
-            let retry_ms = next_int(&mut values)?;
-            decode_reserve((code, id, remaining, limit, left, reset_ms, retry_ms))
+            let code = next().convert::<i64>().map_err(bad)?;
+            let id = next().convert::<String>().map_err(bad)?;
+            let [remaining, limit, left, reset_ms, retry_ms] =
+                [(); 5].map(|()| next().convert::<i64>().map_err(bad));
+            decode_reserve((code, id, remaining?, limit?, left?, reset_ms?, retry_ms?))
         })
         .collect()
 }
@@ -556,7 +544,8 @@ impl Reservations {
         let client = self.pool.next();
         let reply: ReserveReply = self.reserve.evalsha_with_reload(client, keys, args).await?;
         let mut decisions = vec![decode_reserve(reply)?];
-        self.after_decisions(client, product, &mut decisions).await;
+        self.after_decisions(client, product, &k.state, &mut decisions)
+            .await;
         Ok(decisions.swap_remove(0))
     }
 
@@ -598,7 +587,8 @@ impl Reservations {
             .evalsha_with_reload(client, keys, args)
             .await?;
         let mut decisions = decode_reserve_batch(reply, users.len())?;
-        self.after_decisions(client, product, &mut decisions).await;
+        self.after_decisions(client, product, &k.state, &mut decisions)
+            .await;
         Ok(decisions)
     }
 
@@ -615,11 +605,12 @@ impl Reservations {
     }
 
     /// After a reserve call: wakes this process's relay, and under `replicas:N` waits (on the
-    /// script's own connection) for the replicas to take the wins.
+    /// script's own connection, for the slot of `state_key`) for the replicas to take the wins.
     async fn after_decisions(
         &self,
         client: &Client,
         product: ProductId,
+        state_key: &str,
         decisions: &mut [Decision],
     ) {
         let won = decisions
@@ -632,7 +623,7 @@ impl Reservations {
             wake.won(product);
         }
         if let Some(wait) = &self.replica_wait {
-            let slot = fred::util::redis_keyslot(self.keys.product(product).state.as_bytes());
+            let slot = fred::util::redis_keyslot(state_key.as_bytes());
             let replication = wait.after_win(client, slot).await;
             for d in decisions
                 .iter_mut()
@@ -1030,6 +1021,45 @@ mod tests {
         ] {
             assert!(decode_reserve(bad).is_err());
         }
+    }
+
+    /// `reply` as `reserve_batch.lua` sends it: seven flat values.
+    fn flat(code: i64, id: &str) -> Vec<Value> {
+        let (code, id, remaining, limit, left, reset_ms, retry_ms) = reply(code, id);
+        vec![
+            Value::Integer(code),
+            Value::from(id),
+            Value::Integer(remaining),
+            Value::Integer(limit),
+            Value::Integer(left),
+            Value::Integer(reset_ms),
+            Value::Integer(retry_ms),
+        ]
+    }
+
+    #[test]
+    fn a_batch_reply_decodes_attempt_by_attempt_and_a_misshapen_one_is_an_error() {
+        let id = "0190a000-0000-7000-8000-000000000001";
+        let mut two = flat(0, id);
+        two.extend(flat(2, ""));
+        let decisions = decode_reserve_batch(two.clone(), 2).unwrap();
+        assert_eq!(
+            decisions,
+            vec![
+                decode_reserve(reply(0, id)).unwrap(),
+                decode_reserve(reply(2, "")).unwrap()
+            ]
+        );
+        assert!(decode_reserve_batch(two.clone(), 3).is_err(), "too short");
+        assert!(decode_reserve_batch(two.clone(), 1).is_err(), "too long");
+        let mut not_a_number = two;
+        not_a_number[9] = Value::from("many");
+        assert!(decode_reserve_batch(not_a_number, 2).is_err());
+        assert!(
+            decode_reserve_batch(flat(9, id), 1).is_err(),
+            "unknown code"
+        );
+        assert_eq!(decode_reserve_batch(Vec::new(), 0).unwrap(), Vec::new());
     }
 
     #[test]
