@@ -148,28 +148,54 @@ struct Stock {
     sold: i32,
 }
 
-/// What Postgres holds about the batch, for the locked path: the products locked (`FOR NO KEY
-/// UPDATE`, the lock an `UPDATE` of `sold` takes, in id order like every writer of product
-/// rows, so consumers and sweepers never deadlock; this serialises the locked batches of one
-/// product, so what is read here stays true until commit, and still lets other batches' inserts
-/// check their foreign key), the orders of the batch's reservations or shoppers, and the batch's
+/// Units still free (`stock - sold`) of the batch's products that exist. With `lock`, the rows
+/// are locked (`FOR NO KEY UPDATE`, the lock an `UPDATE` of `sold` takes, in id order like every
+/// writer of product rows, so consumers and sweepers never deadlock; this serialises the locked
+/// batches of one product, so what is read stays true until commit, and still lets other
+/// batches' inserts check their foreign key); without, it is a plain read.
+async fn read_free(
+    txn: &impl ConnectionTrait,
+    batch: &[OrderMessage],
+    lock: bool,
+) -> anyhow::Result<HashMap<ProductId, i64>> {
+    let mut products: Vec<i64> = batch.iter().map(|m| m.product_id.get()).collect();
+    products.sort_unstable();
+    products.dedup();
+    let sql = if lock {
+        "select product_id, stock, sold from product where product_id = any($1) order by product_id for no key update"
+    } else {
+        "select product_id, stock, sold from product where product_id = any($1)"
+    };
+    let stocks = Stock::find_by_statement(Statement::from_sql_and_values(
+        txn.get_database_backend(),
+        sql,
+        [products.into()],
+    ))
+    .all(txn)
+    .await
+    .context(if lock {
+        "locking the batch's products"
+    } else {
+        "reading the batch's products"
+    })?;
+    stocks
+        .into_iter()
+        .map(|s| {
+            let free = i64::from(s.stock) - i64::from(s.sold);
+            Ok((ProductId::try_from(s.product_id)?, free))
+        })
+        .collect()
+}
+
+/// What Postgres holds about the batch, for the locked path: the products locked
+/// ([`read_free`]), the orders of the batch's reservations or shoppers, and the batch's
 /// rejections.
 async fn read_known(
     txn: &impl ConnectionTrait,
     batch: &[OrderMessage],
 ) -> anyhow::Result<(Known, Vec<orders::Model>, Vec<rejection::Model>)> {
     let backend = txn.get_database_backend();
-    let mut products: Vec<i64> = batch.iter().map(|m| m.product_id.get()).collect();
-    products.sort_unstable();
-    products.dedup();
-    let stocks = Stock::find_by_statement(Statement::from_sql_and_values(
-        backend,
-        "select product_id, stock, sold from product where product_id = any($1) order by product_id for no key update",
-        [products.into()],
-    ))
-    .all(txn)
-    .await
-    .context("locking the batch's products")?;
+    let free = read_free(txn, batch, true).await?;
     let ids: Vec<Uuid> = batch.iter().map(|m| m.reservation_id).collect();
     let users: Vec<i64> = batch.iter().map(|m| m.user_id.get()).collect();
     let of_products: Vec<i64> = batch.iter().map(|m| m.product_id.get()).collect();
@@ -187,11 +213,10 @@ async fn read_known(
     .context("reading the batch's orders")?;
     let rejected = rejections::of_reservations(txn, ids).await?;
 
-    let mut known = Known::default();
-    for s in stocks {
-        let free = i64::from(s.stock) - i64::from(s.sold);
-        known.free.insert(ProductId::try_from(s.product_id)?, free);
-    }
+    let mut known = Known {
+        free,
+        ..Known::default()
+    };
     for o in &existing {
         known.decided.insert(o.reservation_id);
         known.holders.insert((
@@ -319,24 +344,13 @@ async fn persist_unlocked(
     expires_at: DateTime<Utc>,
 ) -> anyhow::Result<Option<Persisted>> {
     let txn = db.begin().await.context("beginning the batch")?;
-    let mut products: Vec<i64> = batch.iter().map(|m| m.product_id.get()).collect();
-    products.sort_unstable();
-    products.dedup();
-    let stocks = Stock::find_by_statement(Statement::from_sql_and_values(
-        txn.get_database_backend(),
-        "select product_id, stock, sold from product where product_id = any($1)",
-        [products.into()],
-    ))
-    .all(&txn)
-    .await
-    .context("reading the batch's products")?;
+    let free = read_free(&txn, batch, false).await?;
     let ids: Vec<Uuid> = batch.iter().map(|m| m.reservation_id).collect();
     let earlier_rejections = rejections::of_reservations(&txn, ids).await?;
-    let mut known = Known::default();
-    for s in stocks {
-        let free = i64::from(s.stock) - i64::from(s.sold);
-        known.free.insert(ProductId::try_from(s.product_id)?, free);
-    }
+    let mut known = Known {
+        free,
+        ..Known::default()
+    };
     known
         .decided
         .extend(earlier_rejections.iter().map(|r| r.reservation_id));
