@@ -9,9 +9,10 @@ use crate::{
     db::entities::product,
     domain::ProductId,
     http::{
-        Ctx, MAX_BODY,
+        Ctx,
         extract::{Admin, product_id},
         problem::ApiError,
+        shop::{parse_json, read_bytes},
     },
     products::{self, NewProduct},
     reservations::{Outcome, Preheated},
@@ -297,18 +298,12 @@ pub async fn preheat(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let id = product_id(&path)?;
-    let body = payload
-        .to_bytes_limited(MAX_BODY)
-        .await
-        .map_err(|_| ApiError::PayloadTooLarge(MAX_BODY))?
-        .map_err(|_| ApiError::BadRequest("could not read the request body".into()))?;
+    let body = read_bytes(payload).await?;
     // No body, `null` and `{}` all mean the defaults.
     let request: PreheatRequest = if body.iter().all(u8::is_ascii_whitespace) {
         PreheatRequest::default()
     } else {
-        serde_json::from_slice::<Option<PreheatRequest>>(&body)
-            .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?
-            .unwrap_or_default()
+        parse_json::<Option<PreheatRequest>>(&body)?.unwrap_or_default()
     };
     let (Preheated::Loaded { remaining, buyers } | Preheated::AlreadyLive { remaining, buyers }) =
         ctx.recovery.preheat(id, request.force).await?;

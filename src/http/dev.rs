@@ -10,7 +10,11 @@ use utoipa::ToSchema;
 
 use crate::{
     domain::UserId,
-    http::{Ctx, problem::ApiError, shop::read_body},
+    http::{
+        Ctx,
+        problem::ApiError,
+        shop::{parse_json, read_body},
+    },
 };
 
 /// How long a development JWT is valid.
@@ -77,8 +81,7 @@ pub async fn dev_token(
         return Err(ApiError::NotFound);
     }
     let body = read_body(&req, payload).await?;
-    let body: DevTokenRequest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
+    let body: DevTokenRequest = parse_json(&body)?;
     let user = user_of(&body.user_id)
         .ok_or_else(|| ApiError::BadRequest("user_id must be a positive integer".into()))?;
     let token =

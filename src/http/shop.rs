@@ -271,8 +271,7 @@ pub async fn reserve(
         metrics.decided(id, &Outcome::SoldOut);
         return Ok(sold_out_response());
     }
-    let body: PurchaseRequest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
+    let body: PurchaseRequest = parse_json(&body)?;
     if !ctx.auth.check_purchase_token(&body.token, user.0, id) {
         return Err(ApiError::InvalidToken);
     }
@@ -318,11 +317,22 @@ pub(crate) async fn read_body(
             "expected Content-Type: application/json".into(),
         ));
     }
+    read_bytes(payload).await
+}
+
+/// Reads a request body of at most [`crate::http::MAX_BODY`] bytes, whatever its type.
+pub(crate) async fn read_bytes(payload: web::Payload) -> Result<Bytes, ApiError> {
     payload
         .to_bytes_limited(crate::http::MAX_BODY)
         .await
         .map_err(|_| ApiError::PayloadTooLarge(crate::http::MAX_BODY))?
         .map_err(|_| ApiError::BadRequest("could not read the request body".into()))
+}
+
+/// Parses a JSON request body read by [`read_body`]; invalid JSON is a `400` that says why.
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
 }
 
 /// The `410 sold_out` problem, serialized once per process.
