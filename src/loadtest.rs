@@ -512,13 +512,8 @@ where
                 }
                 let t = Instant::now();
                 live.sent.fetch_add(1, Ordering::Relaxed);
-                let result = request(i, &client).await;
-                match answer(result, &live, started).await {
-                    None => tally.count("transport error"),
-                    Some((label, won)) => {
-                        tally.record(t.elapsed(), &label, won.then(|| user_of(i, keyspace)));
-                    }
-                }
+                let got = answer(request(i, &client).await, &live, started).await;
+                count_answer(&mut tally, i, keyspace, t.elapsed(), got);
             }
             tally
         });
@@ -551,13 +546,8 @@ where
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Answered>();
     let mut tally = Tally::new()?;
     let collector = tokio::spawn(async move {
-        while let Some((i, latency, answer)) = rx.recv().await {
-            match answer {
-                None => tally.count("transport error"),
-                Some((label, won)) => {
-                    tally.record(latency, &label, won.then(|| user_of(i, keyspace)));
-                }
-            }
+        while let Some((i, latency, got)) = rx.recv().await {
+            count_answer(&mut tally, i, keyspace, latency, got);
         }
         tally
     });
@@ -591,6 +581,21 @@ where
         .await
         .context("the open loop's collector failed")?;
     Ok((tally, Some(schedule.scheduled())))
+}
+
+/// Counts request `i`'s answer ([`answer`]) in `tally`: a transport error, or its label and
+/// latency (and, for a win, its shopper).
+fn count_answer(
+    tally: &mut Tally,
+    i: u64,
+    keyspace: u64,
+    latency: Duration,
+    got: Option<(String, bool)>,
+) {
+    match got {
+        None => tally.count("transport error"),
+        Some((label, won)) => tally.record(latency, &label, won.then(|| user_of(i, keyspace))),
+    }
 }
 
 /// Waits for the whole answer and counts it in `live`: its label (`"<status> <code>"`) and
