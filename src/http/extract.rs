@@ -146,6 +146,11 @@ impl TrustedProxies {
     }
 }
 
+/// The route pattern a request matched (`/api/v1/products/{id}/reservations`; `None`: none):
+/// found once, by [`ClientSpan`], and kept in the request's extensions.
+#[derive(Debug, Clone)]
+pub struct RoutePattern(pub Option<String>);
+
 /// The root span of every request (tracing-actix-web): what each log line inside a request
 /// carries. `http.client_ip` follows [`request_client_ip`]'s rule — not actix's
 /// `realip_remote_addr`, which believes any `Forwarded`/`X-Forwarded-For` header from anyone —
@@ -163,7 +168,10 @@ impl RootSpanBuilder for ClientSpan {
             .map(|ip| ip.to_string())
             .unwrap_or_default();
         let method = req.method().as_str();
-        let route = req.match_pattern().unwrap_or_else(|| "default".into());
+        // Matched once per request (a walk over the routes' patterns): the metrics read it back.
+        let pattern = req.match_pattern();
+        let route = pattern.as_deref().unwrap_or("default").to_owned();
+        req.extensions_mut().insert(RoutePattern(pattern));
         let request_id = req
             .extensions()
             .get::<RequestId>()

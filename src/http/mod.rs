@@ -21,7 +21,7 @@ use std::{
 };
 
 use actix_web::{
-    App, HttpResponse, HttpServer, ResponseError,
+    App, HttpMessage as _, HttpResponse, HttpServer, ResponseError,
     body::MessageBody,
     dev::{Server, ServiceRequest, ServiceResponse},
     http::{Method, header},
@@ -37,7 +37,7 @@ use crate::{
     config::Rate,
     deps::Deps,
     http::{
-        extract::{ClientSpan, TrustedProxies},
+        extract::{ClientSpan, RoutePattern, TrustedProxies},
         fallback::{KnownPaths, fallback},
         limits::{BodyTimeout, Connections},
         problem::ApiError,
@@ -184,9 +184,13 @@ async fn record_metrics(
     let method = method_label(req.method());
     let res = next.call(req).await?;
     if let Some(m) = metrics {
-        let route = res
-            .request()
-            .match_pattern()
+        let request = res.request();
+        let found = request
+            .extensions()
+            .get::<RoutePattern>()
+            .map(|r| r.0.clone());
+        let route = found
+            .unwrap_or_else(|| request.match_pattern())
             .unwrap_or_else(|| "unmatched".into());
         m.http_requests
             .with_label_values(&[route.as_str(), method, res.status().as_str()])
@@ -289,10 +293,11 @@ fn common(cfg: &mut web::ServiceConfig) {
 pub fn configure_public(ctx: web::Data<Ctx>) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg| {
         let deps = web::Data::from(ctx.deps.clone());
+        // The shoppers' routes first: they are matched in this order, the hottest first.
         cfg.app_data(ctx)
             .app_data(deps)
-            .configure(common)
             .configure(shop::routes)
+            .configure(common)
             .configure(orders::routes)
             .configure(dev::routes)
             .configure(pages::shop_routes);
