@@ -259,27 +259,36 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
         })
 }
 
-/// Cancels `token` on SIGTERM or ctrl-c.
+/// Cancels `token` on SIGTERM or ctrl-c; a second one exits the process at once (code 1),
+/// without waiting for the drain: an operator who asks twice means now.
 async fn cancel_on_signal(token: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    token.cancel();
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+        let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        else {
+            let _ = tokio::signal::ctrl_c().await;
+            token.cancel();
+            return;
+        };
+        for nth in 0.. {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            if nth == 0 {
+                tracing::info!("shutdown signal received");
+                token.cancel();
+            } else {
+                tracing::warn!("second shutdown signal: exiting now, without finishing the drain");
+                std::process::exit(1);
+            }
         }
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    tracing::info!("shutdown signal received");
-    token.cancel();
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutdown signal received");
+        token.cancel();
+    }
 }

@@ -283,6 +283,40 @@ async fn sigterm_turns_readyz_to_draining_closes_event_streams_and_exits_zero() 
     assert!(t0.elapsed() < timeout, "{:?}", t0.elapsed());
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_sigterm_exits_at_once_without_waiting_for_the_drain() {
+    let iso = Isolation::new();
+    // A drain that would take 30 s: the grace alone is 20 s.
+    let mut serve = Proc::start(
+        &iso,
+        "serve",
+        &[
+            ("SECKILL_DRAIN_GRACE_MS", "20000"),
+            ("SECKILL_DRAIN_TIMEOUT_SECS", "30"),
+        ],
+    );
+    serve.wait_healthy().await;
+    let api = serve.api().clone();
+    sigterm(serve.child.id());
+    let t0 = Instant::now();
+    while api.get("/readyz").await.status() != 503 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "/readyz never answered 503 after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Still draining: it serves, and would for the rest of its grace.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(api.get("/healthz").await.status(), 200);
+    let t1 = Instant::now();
+    sigterm(serve.child.id());
+    let status = wait_exit(&mut serve.child, Duration::from_secs(5));
+    assert!(t1.elapsed() < Duration::from_secs(5), "{:?}", t1.elapsed());
+    // Not a clean exit: the drain was cut short on purpose.
+    assert_eq!(status.code(), Some(1), "{status:?}");
+}
+
 #[test]
 fn sigterm_while_idle_exits_zero_within_5_seconds() {
     let iso = Isolation::new();
