@@ -31,6 +31,27 @@ pub async fn amqp_channel() -> lapin::Result<(lapin::Connection, lapin::Channel)
 /// Drops a scratch database, whoever is still connected to it.
 pub async fn drop_database(name: &str) {
     if let Ok(admin) = sea_orm::Database::connect(format!("{PG}/postgres")).await {
+        // A process stopped while it was creating this database (a SIGTERM during start-up)
+        // leaves its `CREATE DATABASE` running on the server: a drop before it ends finds
+        // nothing, and the database is left behind. Wait for it first (10 s at most).
+        let creating = sea_orm::Statement::from_string(
+            sea_orm::DatabaseBackend::Postgres,
+            format!(
+                "select count(*)::bigint as n from pg_stat_activity where state = 'active' \
+                 and pid <> pg_backend_pid() and query ilike 'create database \"{name}\"%'"
+            ),
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            let busy = match admin.query_one_raw(creating.clone()).await {
+                Ok(Some(row)) => row.try_get::<i64>("", "n").unwrap_or(0) > 0,
+                _ => false,
+            };
+            if !busy {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
         let _ = admin
             .execute_unprepared(&format!("drop database if exists \"{name}\" with (force)"))
             .await;
