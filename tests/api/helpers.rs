@@ -539,23 +539,8 @@ impl Sibling {
 }
 
 impl Drop for Sibling {
-    /// Stops it, and on a multi-thread runtime also waits (10 s at most) for its drain: the
-    /// drain goes on running on the runtime's other threads, and a worker committing its last
-    /// batch would otherwise write its statuses to Redis after the test's cleanup deleted the
-    /// prefix's keys, leaving them behind. (On a current-thread runtime nothing else runs while
-    /// the cleanup blocks, and the runtime's end cancels the drain.)
     fn drop(&mut self) {
         self.shutdown.cancel();
-        let Some(task) = self.task.take() else {
-            return;
-        };
-        if let Ok(handle) = tokio::runtime::Handle::try_current()
-            && handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
-        {
-            tokio::task::block_in_place(|| {
-                let _ = handle.block_on(tokio::time::timeout(Duration::from_secs(10), task));
-            });
-        }
     }
 }
 
