@@ -168,10 +168,10 @@ impl RootSpanBuilder for ClientSpan {
             .map(|ip| ip.to_string())
             .unwrap_or_default();
         let method = req.method().as_str();
-        // Matched once per request (a walk over the routes' patterns): the metrics read it back.
+        // Matched once per request (a walk over the routes' patterns): the span reads it here,
+        // the metrics read it back from the extensions.
         let pattern = req.match_pattern();
-        let route = pattern.as_deref().unwrap_or("default").to_owned();
-        req.extensions_mut().insert(RoutePattern(pattern));
+        let route = pattern.as_deref().unwrap_or("default");
         let request_id = req
             .extensions()
             .get::<RequestId>()
@@ -184,7 +184,7 @@ impl RootSpanBuilder for ClientSpan {
                 .unwrap_or("")
                 .to_owned()
         };
-        tracing::info_span!(
+        let span = tracing::info_span!(
             "HTTP request",
             http.method = %method,
             http.route = %route,
@@ -201,7 +201,9 @@ impl RootSpanBuilder for ClientSpan {
             request_id = %request_id,
             exception.message = tracing::field::Empty,
             exception.details = tracing::field::Empty,
-        )
+        );
+        req.extensions_mut().insert(RoutePattern(pattern));
+        span
     }
 
     fn on_request_end<B: MessageBody>(span: Span, outcome: &Result<ServiceResponse<B>, Error>) {
