@@ -263,32 +263,33 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
 /// without waiting for the drain: an operator who asks twice means now.
 async fn cancel_on_signal(token: CancellationToken) {
     #[cfg(unix)]
-    {
-        let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        else {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    #[cfg(not(unix))]
+    let mut term = None;
+    next_signal(&mut term).await;
+    tracing::info!("shutdown signal received");
+    token.cancel();
+    next_signal(&mut term).await;
+    tracing::warn!("second shutdown signal: exiting now, without finishing the drain");
+    std::process::exit(1);
+}
+
+/// The next SIGTERM (when it can be watched) or ctrl-c.
+#[cfg(unix)]
+async fn next_signal(term: &mut Option<tokio::signal::unix::Signal>) {
+    match term {
+        Some(term) => tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        },
+        None => {
             let _ = tokio::signal::ctrl_c().await;
-            token.cancel();
-            return;
-        };
-        for nth in 0.. {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            if nth == 0 {
-                tracing::info!("shutdown signal received");
-                token.cancel();
-            } else {
-                tracing::warn!("second shutdown signal: exiting now, without finishing the drain");
-                std::process::exit(1);
-            }
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-        tracing::info!("shutdown signal received");
-        token.cancel();
-    }
+}
+
+/// The next ctrl-c.
+#[cfg(not(unix))]
+async fn next_signal(_: &mut Option<()>) {
+    let _ = tokio::signal::ctrl_c().await;
 }
