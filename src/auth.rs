@@ -352,13 +352,6 @@ mod tests {
         }
     }
 
-    fn now() -> u64 {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
-    }
-
     fn jwt(claims: serde_json::Value, key: &str) -> String {
         jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
@@ -415,7 +408,7 @@ mod tests {
         assert_eq!(strict.user(&full), Some(user));
         let expired = sign_user_jwt(
             "jwt-secret-0123456789",
-            &json!({"sub": "42", "exp": now() - 60}),
+            &json!({"sub": "42", "exp": unix_now() - 60}),
         )
         .unwrap();
         assert_eq!(strict.user(&expired), None);
@@ -425,7 +418,7 @@ mod tests {
     fn a_valid_jwt_names_its_user() {
         let auth = Auth::new(&secrets(), Duration::from_secs(60));
         let token = jwt(
-            json!({"sub": "42", "exp": now() + 60}),
+            json!({"sub": "42", "exp": unix_now() + 60}),
             "jwt-secret-0123456789",
         );
         assert_eq!(auth.user(&token), Some(UserId::try_from(42_i64).unwrap()));
@@ -438,33 +431,39 @@ mod tests {
         let none = format!(
             "{}.{}.",
             b64(&json!({"alg": "none", "typ": "JWT"})),
-            b64(&json!({"sub": "42", "exp": now() + 60}))
+            b64(&json!({"sub": "42", "exp": unix_now() + 60}))
         );
         let cases = [
             (
                 "wrong key",
                 jwt(
-                    json!({"sub": "42", "exp": now() + 60}),
+                    json!({"sub": "42", "exp": unix_now() + 60}),
                     "another-secret-0123456789",
                 ),
             ),
-            ("expired", jwt(json!({"sub": "42", "exp": now() - 60}), key)),
+            (
+                "expired",
+                jwt(json!({"sub": "42", "exp": unix_now() - 60}), key),
+            ),
             ("no exp", jwt(json!({"sub": "42"}), key)),
             (
                 "future nbf",
                 jwt(
-                    json!({"sub": "42", "exp": now() + 600, "nbf": now() + 300}),
+                    json!({"sub": "42", "exp": unix_now() + 600, "nbf": unix_now() + 300}),
                     key,
                 ),
             ),
-            ("zero sub", jwt(json!({"sub": "0", "exp": now() + 60}), key)),
+            (
+                "zero sub",
+                jwt(json!({"sub": "0", "exp": unix_now() + 60}), key),
+            ),
             (
                 "negative sub",
-                jwt(json!({"sub": "-4", "exp": now() + 60}), key),
+                jwt(json!({"sub": "-4", "exp": unix_now() + 60}), key),
             ),
             (
                 "numeric sub",
-                jwt(json!({"sub": 42, "exp": now() + 60}), key),
+                jwt(json!({"sub": 42, "exp": unix_now() + 60}), key),
             ),
             ("alg none", none),
             ("garbage", "not.a.jwt".to_owned()),
@@ -495,7 +494,7 @@ mod tests {
         assert!(!auth.check_purchase_token(&altered, u, p));
         // A shopper's JWT is not a purchase token.
         let user_jwt = jwt(
-            json!({"sub": "1", "exp": now() + 60, "pid": 9}),
+            json!({"sub": "1", "exp": unix_now() + 60, "pid": 9}),
             "jwt-secret-0123456789",
         );
         assert!(!auth.check_purchase_token(&user_jwt, u, p));
@@ -517,12 +516,12 @@ mod tests {
         assert_eq!(auth.stream_token_user(&purchase.token, p), None);
         assert!(!auth.check_purchase_token(&stream.token, u, p));
         let user_jwt = jwt(
-            json!({"sub": "1", "exp": now() + 60, "pid": 9, "aud": STREAM_AUDIENCE}),
+            json!({"sub": "1", "exp": unix_now() + 60, "pid": 9, "aud": STREAM_AUDIENCE}),
             "jwt-secret-0123456789",
         );
         assert_eq!(auth.stream_token_user(&user_jwt, p), None);
         let expired = jwt(
-            json!({"sub": "1", "exp": now() - 1, "pid": 9, "aud": STREAM_AUDIENCE}),
+            json!({"sub": "1", "exp": unix_now() - 1, "pid": 9, "aud": STREAM_AUDIENCE}),
             "token-secret-0123456789",
         );
         assert_eq!(auth.stream_token_user(&expired, p), None);
@@ -591,7 +590,7 @@ mod tests {
         assert_eq!(auth.stream_token_user(&issued.token, p), None);
         // A shopper's JWT, once remembered, still names its user, and is no purchase token.
         let user_jwt = jwt(
-            json!({"sub": "1", "exp": now() + 60}),
+            json!({"sub": "1", "exp": unix_now() + 60}),
             "jwt-secret-0123456789",
         );
         assert_eq!(auth.user(&user_jwt), Some(u));
@@ -607,7 +606,7 @@ mod tests {
         let claims = TokenClaims {
             sub: "1".into(),
             pid: 9,
-            exp: now() - 1,
+            exp: unix_now() - 1,
             aud: PURCHASE_AUDIENCE.into(),
         };
         let token = jsonwebtoken::encode(
@@ -643,7 +642,7 @@ mod tests {
     #[test]
     fn a_configured_audience_and_issuer_are_required() {
         let key = "jwt-secret-0123456789";
-        let exp = now() + 60;
+        let exp = unix_now() + 60;
         let user = Some(UserId::try_from(42_i64).unwrap());
         let both = Auth::new(&secrets(), Duration::from_secs(60))
             .with_user_claims(Some("shop"), Some("https://id.example"));

@@ -7,7 +7,7 @@ use std::{
 
 use seckill::config::VARS;
 
-use crate::helpers::{Isolation, Proc, free_port, seckill_command};
+use crate::helpers::{Api, Isolation, Proc, free_port, seckill_command};
 
 fn isolated(iso: &Isolation) -> Command {
     let mut cmd = seckill_command();
@@ -193,6 +193,19 @@ async fn a_worker_listens_on_its_own_address_beside_a_serve_with_the_same_admin_
     assert!(t0.elapsed() < Duration::from_secs(10));
 }
 
+/// The first `503` of `/readyz` after a SIGTERM; fails the test if none comes within `limit`.
+async fn until_draining(api: &Api, limit: Duration) -> reqwest::Response {
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        let res = api.get("/readyz").await;
+        if res.status() == 503 {
+            return res;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("/readyz never answered 503 within {limit:?} after SIGTERM");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_turns_readyz_to_draining_closes_event_streams_and_exits_zero() {
     let iso = Isolation::new();
@@ -222,16 +235,7 @@ async fn sigterm_turns_readyz_to_draining_closes_event_streams_and_exits_zero() 
     sigterm(serve.child.id());
 
     // Not ready at once, on both listeners, while everything else is still served.
-    let mut draining = None;
-    while draining.is_none() && t0.elapsed() < grace / 2 {
-        let res = api.get("/readyz").await;
-        if res.status() == 503 {
-            draining = Some(res);
-        } else {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-    let res = draining.expect("/readyz never answered 503 after SIGTERM");
+    let res = until_draining(&api, grace / 2).await;
     assert_eq!(
         res.headers()["content-type"].to_str().unwrap(),
         "application/problem+json"
@@ -298,14 +302,7 @@ async fn a_second_sigterm_exits_at_once_without_waiting_for_the_drain() {
     serve.wait_healthy().await;
     let api = serve.api().clone();
     sigterm(serve.child.id());
-    let t0 = Instant::now();
-    while api.get("/readyz").await.status() != 503 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "/readyz never answered 503 after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_draining(&api, Duration::from_secs(5)).await;
     // Still draining: it serves, and would for the rest of its grace.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(api.get("/healthz").await.status(), 200);
