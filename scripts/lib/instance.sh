@@ -10,6 +10,8 @@
 #   instance_wait_ready PORT   # until /readyz answers 200 (fails after 30 s)
 #   admin METHOD PATH [JSON]   # the operators' API with the development admin token
 #   dev_jwt USER               # a shopper's JWT from `seckill dev-token`
+#   sold_out_wrk NAME LUA      # a sold-out product's purchase URL, and LUA: a wrk script that
+#                              # buys it with one shopper's JWT and purchase token
 
 instance_pids=()
 
@@ -87,4 +89,26 @@ admin_create_product() {
 
 dev_jwt() { # USER
     "$bin" dev-token --user "$1"
+}
+
+# sold_out_wrk NAME LUA: creates and preheats a product with no stock, makes one shopper's first
+# attempt (decided by the script: 410; every later one is answered from memory, and anything
+# else fails), writes LUA, a wrk script that repeats that purchase, and prints its URL.
+sold_out_wrk() {
+    local product jwt token first url
+    product=$(admin_create_product "$1" 0 '-1 min' '+1 hour')
+    admin POST "/api/v1/admin/products/$product/preheat" >/dev/null
+    url="http://127.0.0.1:$http_port/api/v1/products/$product"
+    jwt=$(dev_jwt 424242)
+    token=$(curl -fsS -X POST -H "authorization: Bearer $jwt" "$url/token" |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
+    first=$(curl -s -o /dev/null -w '%{http_code}' -X POST -H "authorization: Bearer $jwt" \
+        -H 'content-type: application/json' -d "{\"token\":\"$token\"}" "$url/reservations")
+    if [ "$first" != 410 ]; then
+        echo "FAIL: the first purchase of a sold-out product answered $first, not 410" >&2
+        return 1
+    fi
+    printf 'wrk.method = "POST"\nwrk.body = %s\nwrk.headers["Content-Type"] = "application/json"\nwrk.headers["Authorization"] = "Bearer %s"\n' \
+        "'{\"token\":\"$token\"}'" "$jwt" >"$2"
+    echo "$url/reservations"
 }
