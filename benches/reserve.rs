@@ -1,6 +1,6 @@
 #![allow(clippy::expect_used)] // a bench that cannot set up should stop loudly
-//! The reserve script through fred: one caller at a time, 64 concurrent callers (one call each,
-//! and gathered by the batcher), and `reserve_batch.lua` deciding 1, 8 and 64 attempts per call.
+//! `reserve.lua` through fred: one caller at a time, 64 concurrent callers (one call each, and
+//! gathered by the batcher), and one call deciding 1, 8 and 64 attempts.
 //! Skips with a message when Redis is not reachable on `SECKILL_REDIS_URL` (default loopback).
 //!
 //! `cargo bench --bench reserve`; compare with `scripts/bench-redis` (redis-benchmark running
@@ -12,10 +12,10 @@ mod common;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use seckill::{
-    batching::Batcher,
     config::{BatchSettings, RedisSettings, Settings},
     domain::ProductId,
     keys::Keys,
+    purchase::Batcher,
     reservations::Reservations,
 };
 
@@ -71,7 +71,7 @@ fn bench_reserve(c: &mut Criterion) {
             }
         })
     });
-    // The same 64 concurrent callers, gathered per product into reserve_batch.lua calls.
+    // The same 64 concurrent callers, gathered per product into calls of many attempts.
     let batcher = Batcher::new(
         r.clone(),
         BatchSettings {
@@ -90,7 +90,7 @@ fn bench_reserve(c: &mut Criterion) {
     });
     group.finish();
 
-    // One reserve_batch.lua call deciding n winning attempts, beside the single script above.
+    // One reserve.lua call deciding n winning attempts, beside one attempt per call above.
     let mut group = c.benchmark_group("reserve_batch");
     for n in [1_u64, 8, 64] {
         group.throughput(Throughput::Elements(n));

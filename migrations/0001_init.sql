@@ -1,4 +1,5 @@
--- Products on sale and the orders their winners become (DESIGN.md "Data").
+-- Products on sale and the orders their winners become (docs/guarantees.md says what each
+-- constraint guarantees).
 create table if not exists product (
     product_id  bigserial primary key,
     name        text not null constraint product_name_check check (length(name) between 1 and 200),

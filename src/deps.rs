@@ -15,7 +15,7 @@ use crate::{
     drain::Drain,
     durability::{self, ReadyCheck},
     metrics::Metrics,
-    streams::Streams,
+    sse::SseStreams,
 };
 
 /// How long a readiness answer is reused: whatever the rate of `/readyz`, a process checks its
@@ -54,7 +54,7 @@ pub struct Deps {
     pub broker: Broker,
     pub metrics: Arc<Metrics>,
     /// The shoppers' open event streams (caps and wake-ups).
-    pub streams: Arc<Streams>,
+    pub sse: Arc<SseStreams>,
     /// Whether Redis still gives what `SECKILL_REDIS_DURABILITY` asks (for `/readyz`).
     pub durability: Arc<ReadyCheck>,
     /// The last readiness answer, reused for [`READY_TTL`].
@@ -108,7 +108,7 @@ impl Deps {
             durability: Arc::new(ReadyCheck::new(settings.redis_durability)),
             ready: TtlCache::new(1, READY_TTL),
             drain: Drain::default(),
-            streams: Arc::new(Streams::new(settings.sse, metrics.clone())),
+            sse: Arc::new(SseStreams::new(settings.sse, metrics.clone())),
             settings,
             redis,
             db,

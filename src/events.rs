@@ -16,7 +16,7 @@ use crate::{
     domain::{ProductId, UserId},
     keys::Keys,
     soldout::{Recovering, SoldOutCache},
-    streams::{RESYNC_SPREAD, Streams},
+    sse::{RESYNC_SPREAD, SseStreams},
 };
 
 /// The `(product, user)` a `status:<product>:<user>` message is about (`None` for any other
@@ -38,7 +38,7 @@ pub struct Listener {
     resubscribe: tokio::task::JoinHandle<()>,
     soldout: Arc<SoldOutCache>,
     recovering: Arc<Recovering>,
-    streams: Arc<Streams>,
+    sse: Arc<SseStreams>,
 }
 
 /// Subscribes before returning, so the process starts with its sold-out cache live.
@@ -47,7 +47,7 @@ pub async fn listen(
     keys: &Keys,
     soldout: Arc<SoldOutCache>,
     recovering: Arc<Recovering>,
-    streams: Arc<Streams>,
+    sse: Arc<SseStreams>,
 ) -> anyhow::Result<Listener> {
     let client = crate::redis::subscriber(settings, Duration::from_secs(5)).await?;
     let messages = client.message_rx();
@@ -64,7 +64,7 @@ pub async fn listen(
         resubscribe,
         soldout,
         recovering,
-        streams,
+        sse,
     })
 }
 
@@ -82,7 +82,7 @@ impl Listener {
                     Ok(m) => {
                         if let Some(text) = m.value.as_str() {
                             if let Some((product, user)) = status_target(&text) {
-                                self.streams.wake(product, user);
+                                self.sse.wake(product, user);
                             } else {
                                 soldout.on_event(&text);
                                 self.recovering.on_event(&text);
@@ -92,7 +92,7 @@ impl Listener {
                     Err(broadcast::error::RecvError::Lagged(_)) => {
                         soldout.set_listening(false);
                         soldout.set_listening(true);
-                        self.streams.resync(RESYNC_SPREAD);
+                        self.sse.resync(RESYNC_SPREAD);
                     }
                     Err(broadcast::error::RecvError::Closed) => break,
                 },
@@ -101,7 +101,7 @@ impl Listener {
                     // Anything published while we were away is lost: forget, then trust again.
                     soldout.set_listening(false);
                     soldout.set_listening(true);
-                    self.streams.resync(RESYNC_SPREAD);
+                    self.sse.resync(RESYNC_SPREAD);
                 }
             }
         }

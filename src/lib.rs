@@ -11,8 +11,9 @@
 //! never the reverse (`reservations`, the core gate, knows nothing of the stages after it).
 //!
 //! **Decide** (in every `serve` process, one Redis script call per batch of attempts):
-//! - [`http::shop`] — the shoppers' routes: product view, purchase token, the purchase itself,
-//!   the reservation status and its SSE stream. [`http::extract`] authenticates the caller,
+//! - [`http::shop`] — the shoppers' routes: product view, purchase token, the purchase itself
+//!   (extract the shopper and the body → [`purchase::attempt`] → the answer's status), the
+//!   reservation status and its SSE stream. [`http::extract`] authenticates the caller,
 //!   parses ids and says who the client is; [`http::limits`] bounds connections and request
 //!   bodies at the door, and [`http::extract::ClientSpan`] is what each request's log lines
 //!   carry (the client by that rule, the path, never the query); [`http::problem`] turns every
@@ -20,18 +21,20 @@
 //!   (`405` with `Allow` for a known path, read from the OpenAPI document, else `404`).
 //!   [`http::pages`] serves the storefront page (`/`, `/p/{id}`) and the operators' console
 //!   (`/console`) from `web/`; [`http::dev`] is the development sign-in the storefront uses.
+//! - [`purchase`] — the decision's home: an attempt's checks in order, cheapest first
+//!   (sold-out memory, product, body, purchase token, recovering), then the [`purchase::Batcher`]
+//!   that gathers the attempts on one product arriving while a call is in flight into one
+//!   `reserve.lua` call.
 //! - [`auth`] — shoppers' JWTs and the short-lived purchase and stream tokens.
-//! - [`reservations`] + `lua/` — the gate: `reserve.lua` decides an attempt (window, rate,
-//!   admission, dedup, stock, outbox) in one atomic step (under
-//!   `SECKILL_REDIS_DURABILITY=replicas:N` a win then waits for its replicas,
-//!   [`durability::ReplicaWait`]); the reservation lifecycle
-//!   ([`reservations::Status`]) and pure decoders of the scripts' replies live here.
-//! - [`batching`] — gathers the attempts of one product that arrive while a call is in flight
-//!   into one `reserve_batch.lua` call, which decides each exactly as `reserve.lua` would.
+//! - [`reservations`] + `lua/` — the Redis gate: `reserve.lua`, the only copy of the purchase
+//!   rules, decides one attempt or a batch (window, rate, admission, dedup, stock, outbox) in one
+//!   atomic step (under `SECKILL_REDIS_DURABILITY=replicas:N` a win then waits for its replicas,
+//!   [`durability::ReplicaWait`]); the reservation lifecycle ([`reservations::Status`]), the
+//!   sale's scripts (preheat, pause, retire) and pure decoders of the scripts' replies.
 //! - [`soldout`] — the in-memory sold-out answer (no Redis call once a product is gone).
 //! - [`events`] — Redis pub/sub: clears sold-out memory, wakes SSE streams.
-//! - [`streams`] — the open SSE streams: caps per user and process, wake-ups routed by
-//!   product and shopper.
+//! - [`sse`] — the open Server-Sent Events streams: caps per user and process, wake-ups routed
+//!   by product and shopper. (Elsewhere "stream" means a Redis stream: a product's outbox.)
 //! - [`keys`] — the Redis key schema (one hash tag per product, so scripts run on a cluster).
 //!
 //! **Relay** (in every `serve` process):
@@ -68,14 +71,13 @@
 //!   Postgres; [`durability`] — checking that Redis gives what `SECKILL_REDIS_DURABILITY`
 //!   asks (at start and for `/readyz`); [`backoff`] — retry delays; [`cache`] — short-lived,
 //!   bounded, single-flight answers (product views, misses, readiness); [`domain`] — ids valid by construction;
-//!   [`loadtest`] — `seckill loadtest`.
+//!   and `seckill loadtest` (a client tool, private to [`cli`]).
 //! - [`drain`] — the shutdown phases every listener sees: not ready (`/readyz` answers
 //!   `503 draining`) while still serving, then closing (event streams end with a `close` event).
 
 pub mod amqp;
 pub mod auth;
 pub mod backoff;
-pub mod batching;
 pub mod build_info;
 pub mod cache;
 pub mod cli;
@@ -89,19 +91,19 @@ pub mod durability;
 pub mod events;
 pub mod http;
 pub mod keys;
-pub mod loadtest;
 pub mod metrics;
 pub mod orders;
 pub mod outbox;
 pub mod products;
+pub mod purchase;
 pub mod recovery;
 pub mod redis;
 pub mod rejections;
 pub mod relay;
 pub mod reservations;
 pub mod soldout;
+pub mod sse;
 pub mod startup;
-pub mod streams;
 pub mod sweeper;
 pub mod telemetry;
 pub mod worker;

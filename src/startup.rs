@@ -144,7 +144,7 @@ impl Application {
             reservations.keys(),
             soldout.clone(),
             recovering.clone(),
-            self.deps.streams.clone(),
+            self.deps.sse.clone(),
         )
         .await?;
         self.tasks.spawn(listener.run(self.stop.child_token()));

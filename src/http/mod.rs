@@ -33,7 +33,6 @@ use tracing_actix_web::TracingLogger;
 
 use crate::{
     auth::Auth,
-    batching::Batcher,
     config::Rate,
     deps::Deps,
     http::{
@@ -43,6 +42,7 @@ use crate::{
         problem::ApiError,
     },
     products::ProductCache,
+    purchase::{Batcher, Purchase},
     recovery::Recovery,
     reservations::Reservations,
     soldout::{Recovering, SoldOutCache},
@@ -60,10 +60,10 @@ pub const REQUEST_DEADLINE: Duration = Duration::from_secs(3);
 pub struct Ctx {
     pub deps: Arc<Deps>,
     pub reservations: Reservations,
-    /// Purchase attempts, gathered per product into one Redis call.
-    pub batcher: Arc<Batcher>,
-    pub auth: Auth,
-    pub products: ProductCache,
+    /// The purchase decision: its checks in order, then `reserve.lua` through the batcher.
+    pub purchase: Purchase,
+    pub auth: Arc<Auth>,
+    pub products: Arc<ProductCache>,
     pub soldout: Arc<SoldOutCache>,
     pub recovery: Arc<Recovery>,
     /// Requests per client ([`extract::client_key`]) on the shoppers' listener.
@@ -98,19 +98,32 @@ impl Ctx {
             soldout.clone(),
             recovering,
         ));
-        Ok(Self {
-            recovery,
-            auth: Auth::new(settings.secrets()?, settings.purchase_token_ttl).with_user_claims(
+        let auth = Arc::new(
+            Auth::new(settings.secrets()?, settings.purchase_token_ttl).with_user_claims(
                 settings.jwt_audience.as_deref(),
                 settings.jwt_issuer.as_deref(),
             ),
+        );
+        let products = Arc::new(ProductCache::default());
+        let purchase = Purchase {
+            db: deps.db.clone(),
+            products: products.clone(),
+            soldout: soldout.clone(),
+            auth: auth.clone(),
+            recovery: recovery.clone(),
             batcher: Batcher::new(
                 reservations.clone(),
                 settings.reserve_batch,
                 Some(deps.metrics.reserve_batch.clone()),
             ),
+            metrics: deps.metrics.clone(),
+        };
+        Ok(Self {
+            recovery,
+            auth,
+            purchase,
             reservations,
-            products: ProductCache::default(),
+            products,
             soldout,
             ip_limiter: RateLimiter::keyed(quota(settings.ip_rate)),
             admin_ip_limiter: RateLimiter::keyed(quota(settings.admin_ip_rate)),
@@ -158,9 +171,9 @@ pub fn json_error(err: &actix_web::error::JsonPayloadError) -> ApiError {
     match err {
         E::OverflowKnownLength { .. } | E::Overflow { .. } => ApiError::PayloadTooLarge(MAX_BODY),
         E::Payload(actix_web::error::PayloadError::Overflow) => ApiError::PayloadTooLarge(MAX_BODY),
-        E::ContentType => ApiError::BadRequest("expected Content-Type: application/json".into()),
-        E::Deserialize(e) => ApiError::BadRequest(format!("invalid JSON body: {e}")),
-        _ => ApiError::BadRequest("could not read the request body".into()),
+        E::ContentType => ApiError::not_json_content_type(),
+        E::Deserialize(e) => ApiError::invalid_json(e),
+        _ => ApiError::unreadable_body(),
     }
 }
 

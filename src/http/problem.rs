@@ -13,6 +13,7 @@ use sea_orm::DbErr;
 use crate::{
     orders::{OrderError, OrderStatus},
     products::PreheatError,
+    purchase::Refusal,
     reservations::Unavailable,
 };
 
@@ -107,6 +108,21 @@ pub enum ApiError {
     MethodNotAllowed { allow: String },
     #[error("internal error")]
     Unexpected(anyhow::Error),
+}
+
+/// A request body we could not take, worded once for every route that reads one.
+impl ApiError {
+    pub fn not_json_content_type() -> Self {
+        ApiError::BadRequest("expected Content-Type: application/json".into())
+    }
+
+    pub fn unreadable_body() -> Self {
+        ApiError::BadRequest("could not read the request body".into())
+    }
+
+    pub fn invalid_json(why: impl std::fmt::Display) -> Self {
+        ApiError::BadRequest(format!("invalid JSON body: {why}"))
+    }
 }
 
 impl ApiError {
@@ -271,6 +287,21 @@ impl From<PreheatError> for ApiError {
             PreheatError::Busy => ApiError::Paused,
             PreheatError::Unavailable(e) => ApiError::Unavailable(e),
             PreheatError::Unexpected(e) => e.into(),
+        }
+    }
+}
+
+impl From<Refusal<ApiError>> for ApiError {
+    fn from(e: Refusal<ApiError>) -> Self {
+        match e {
+            Refusal::Body(e) => e,
+            Refusal::ProductNotFound => ApiError::ProductNotFound,
+            Refusal::BadBody(why) => ApiError::invalid_json(why),
+            Refusal::InvalidToken => ApiError::InvalidToken,
+            Refusal::Ended => ApiError::Ended,
+            Refusal::Recovering => ApiError::Recovering,
+            Refusal::Unavailable(e) => ApiError::Unavailable(e),
+            Refusal::Unexpected(e) => e.into(),
         }
     }
 }

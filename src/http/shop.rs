@@ -23,9 +23,11 @@ use crate::{
         extract::{AuthUser, product_id},
         problem::ApiError,
     },
-    orders, rejections,
+    orders,
+    purchase::{self, Answer, PurchaseRequest},
+    rejections,
     reservations::{Decision, Outcome, RateWindow, ReservationView, Status},
-    streams::{Refused, Stream},
+    sse::{Refused, SseStream},
 };
 
 /// The purchase comes first: a request is matched against the routes' patterns in this order
@@ -168,14 +170,6 @@ pub async fn issue_token(
     }))
 }
 
-/// A purchase attempt.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct PurchaseRequest {
-    /// The purchase token from `POST /api/v1/products/{id}/token`.
-    pub token: String,
-}
-
 /// A won unit.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ReservationAccepted {
@@ -224,7 +218,7 @@ pub fn decision_response(d: &Decision) -> HttpResponse {
     with_window(response, d.window)
 }
 
-/// Decides one purchase attempt: one atomic Redis step.
+/// Decides one purchase attempt ([`crate::purchase`]): one atomic Redis step.
 #[utoipa::path(
     params(("id" = String, Path, description = "product id")),
     request_body = PurchaseRequest,
@@ -257,46 +251,16 @@ pub async fn reserve(
     // Who is asking comes before the body: a stranger's body is never read (a huge or
     // trickled one costs nothing; the connection is closed after the `401`).
     let user = <AuthUser as actix_web::FromRequest>::extract(&req).await?;
-    let info = ctx
-        .products
-        .get(&ctx.deps.db, id)
-        .await?
-        .ok_or(ApiError::ProductNotFound)?;
-    // Then the body, whatever the answer: a response that leaves it unread cannot keep the
-    // connection alive (measured: sold-out answers fell to a third).
-    let body = read_body(&req, payload).await?;
-    let metrics = &ctx.deps.metrics;
-    // Sold out is public (the product view says so) and answered from memory before the token
-    // costs CPU: no token can buy a unit that is not there.
-    if ctx.soldout.is_sold_out(id) {
-        metrics.soldout_cache_hits.inc();
-        metrics.decided(id, &Outcome::SoldOut);
-        return Ok(sold_out_response());
-    }
-    let body: PurchaseRequest = parse_json(&body)?;
-    if !ctx.auth.check_purchase_token(&body.token, user.0, id) {
-        return Err(ApiError::InvalidToken);
-    }
-    if ctx.recovery.is_recovering(id) {
-        return Err(ApiError::Recovering);
-    }
-    let ticket = ctx.soldout.ticket();
-    let decision = ctx.batcher.reserve(user.0, id).await?;
-    metrics.decided(id, &decision.outcome);
-    metrics.replicated(decision.replication);
-    if decision.outcome == Outcome::UnknownProduct {
-        if Utc::now() >= info.ends_at {
-            return Err(ApiError::Ended);
-        }
-        if ctx.recovery.lost(id).await? {
-            return Err(ApiError::Recovering);
-        }
-    }
-    match decision.outcome {
-        Outcome::SoldOut | Outcome::Won { remaining: 0, .. } => ctx.soldout.mark(id, ticket),
-        _ => {}
-    }
-    Ok(decision_response(&decision))
+    // Then the body is read whatever the answer (a response that leaves it unread cannot keep
+    // the connection alive: measured, sold-out answers fell to a third), except for an
+    // unknown product.
+    let body = read_body(&req, payload);
+    Ok(
+        match purchase::attempt(&ctx.purchase, user.0, id, body).await? {
+            Answer::SoldOut => sold_out_response(),
+            Answer::Decided(decision) => decision_response(&decision),
+        },
+    )
 }
 
 /// Reads a JSON request body (at most 16 KiB, `application/json`), unparsed. A body that does
@@ -315,9 +279,7 @@ pub(crate) async fn read_body(
                 .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
         });
     if !json {
-        return Err(ApiError::BadRequest(
-            "expected Content-Type: application/json".into(),
-        ));
+        return Err(ApiError::not_json_content_type());
     }
     read_bytes(payload).await
 }
@@ -328,13 +290,12 @@ pub(crate) async fn read_bytes(payload: web::Payload) -> Result<Bytes, ApiError>
         .to_bytes_limited(crate::http::MAX_BODY)
         .await
         .map_err(|_| ApiError::PayloadTooLarge(crate::http::MAX_BODY))?
-        .map_err(|_| ApiError::BadRequest("could not read the request body".into()))
+        .map_err(|_| ApiError::unreadable_body())
 }
 
 /// Parses a JSON request body read by [`read_body`]; invalid JSON is a `400` that says why.
 pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(body).map_err(ApiError::invalid_json)
 }
 
 /// The `410 sold_out` problem, serialized once per process.
@@ -454,7 +415,7 @@ struct SseState {
     product: ProductId,
     /// Counted (caps, gauge) and woken by this shopper's status events until dropped, which
     /// happens when the response ends or the client goes away.
-    stream: Stream,
+    stream: SseStream,
     /// This stream's own keep-alive clock: nothing else resets it.
     heartbeat: tokio::time::Interval,
     ends_at: tokio::time::Instant,
@@ -580,10 +541,10 @@ pub async fn my_reservation_events(
     let id = product_id(&path)?;
     let user = stream_user(&ctx, &req, id, query.token.as_deref()).await?;
     // Registered before the first read, so no change between the two is missed.
-    let limits = ctx.deps.streams.limits();
+    let limits = ctx.deps.sse.limits();
     let stream = ctx
         .deps
-        .streams
+        .sse
         .open(id, user)
         .map_err(|refused| match refused {
             Refused::PerUser => ApiError::TooManyStreams(limits.per_user),

@@ -26,6 +26,6 @@ mod relay;
 mod reservations;
 mod retire;
 mod scale;
-mod streams;
+mod sse;
 mod tls;
 mod worker;

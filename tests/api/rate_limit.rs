@@ -1,5 +1,6 @@
-//! Property test: reserve.lua's user window and product gate against a small reference model,
-//! driven by a controlled clock (edges included: attempts exactly at window/interval bounds).
+//! Property test: reserve.lua's user window and product gate, one attempt per call, against a
+//! small reference model, driven by a controlled clock (edges included: attempts exactly at
+//! window/interval bounds).
 
 use std::{
     collections::HashMap,

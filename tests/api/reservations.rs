@@ -9,10 +9,10 @@ use std::{
 use fred::prelude::*;
 use futures_util::StreamExt;
 use seckill::{
-    batching::Batcher,
     config::{BatchSettings, Rate},
     domain::{ProductId, UserId},
     keys::Keys,
+    purchase::Batcher,
     reservations::{Clock, Decision, Outcome, PreheatPlan, Preheated, Released, Reservations},
 };
 use uuid::Uuid;
@@ -51,7 +51,7 @@ pub fn live_plan(p: ProductId, stock: i64) -> PreheatPlan {
 }
 
 /// How a check decides its attempts: one `reserve.lua` call each, or gathered by a
-/// [`Batcher`] into `reserve_batch.lua` calls.
+/// [`Batcher`] into calls of many attempts.
 #[derive(Clone)]
 pub enum Via {
     Single(Box<Reservations>),

@@ -1,5 +1,11 @@
 //! Command line: one binary; the roles, migrations, the load test and the operators' DLQ tools.
 
+// `seckill loadtest`: a client of the service, not part of it, so it lives behind the CLI
+// only (not in the library's public modules). It stays a subcommand of the one binary the
+// design names rather than a second one in `src/bin/`: one build, one `--help`, and it reads
+// the same settings (the dev secrets it signs shoppers' JWTs with).
+mod loadtest;
+
 use std::{io::Write, process::ExitCode, sync::LazyLock};
 
 use clap::{Parser, Subcommand};
@@ -39,7 +45,7 @@ pub enum Command {
     /// Create the database if missing, apply migrations, exit.
     Migrate,
     /// Run a whole flash sale against a running server and verify the guarantees.
-    Loadtest(crate::loadtest::LoadtestArgs),
+    Loadtest(loadtest::LoadtestArgs),
     /// Print a shopper's JWT signed with SECKILL_JWT_SECRET, to try a sale by hand
     /// (development mode only, SECKILL_DEV=1: in production the storefront's login issues them).
     DevToken {
@@ -163,7 +169,7 @@ pub fn run(cli: Cli) -> ExitCode {
     }
 }
 
-fn loadtest(args: crate::loadtest::LoadtestArgs, settings: &Settings) -> ExitCode {
+fn loadtest(args: loadtest::LoadtestArgs, settings: &Settings) -> ExitCode {
     let secrets = match settings.secrets() {
         Ok(s) => s.clone(),
         Err(e) => {
@@ -175,7 +181,7 @@ fn loadtest(args: crate::loadtest::LoadtestArgs, settings: &Settings) -> ExitCod
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    match runtime.block_on(crate::loadtest::run(args, &secrets)) {
+    match runtime.block_on(loadtest::run(args, &secrets)) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => {
             eprintln!("seckill loadtest: a guarantee check failed");

@@ -1,11 +1,12 @@
-//! The shoppers' open event streams in this process: how many one user and the process may hold
-//! (exact counts, released by a guard when a stream is dropped, a client disconnect included),
-//! and a wake-up per stream, routed by `(product, user)`, so a status event wakes only the
-//! streams that show it.
+//! Server-Sent Events: the shoppers' open event streams in this process. How many one user and
+//! the process may hold (exact counts, released by a guard when a stream is dropped, a client
+//! disconnect included), and a wake-up per stream, routed by `(product, user)`, so a status
+//! event wakes only the streams that show it. ("Stream" alone, elsewhere, means a Redis stream:
+//! a product's outbox.)
 //!
 //! A stream registers before its first read, so no change between the two is missed. Wake-ups
 //! coalesce (a [`Notify`] permit): a burst of events for one shopper costs one read. When the
-//! pub/sub subscription may have lost messages, [`Streams::resync`] wakes every stream once,
+//! pub/sub subscription may have lost messages, [`SseStreams::resync`] wakes every stream once,
 //! spread over [`RESYNC_SPREAD`], never all at the same instant.
 
 use std::{
@@ -47,13 +48,13 @@ struct Registry {
 }
 
 /// The open streams of one process.
-pub struct Streams {
+pub struct SseStreams {
     limits: SseLimits,
     registry: Mutex<Registry>,
     metrics: Arc<Metrics>,
 }
 
-impl Streams {
+impl SseStreams {
     pub fn new(limits: SseLimits, metrics: Arc<Metrics>) -> Self {
         Self {
             limits,
@@ -76,7 +77,7 @@ impl Streams {
 
     /// Opens a stream of `user` on `product`, within the caps; it is counted (and woken by
     /// the pair's status events) until the guard is dropped.
-    pub fn open(self: &Arc<Self>, product: ProductId, user: UserId) -> Result<Stream, Refused> {
+    pub fn open(self: &Arc<Self>, product: ProductId, user: UserId) -> Result<SseStream, Refused> {
         let mut r = self.registry();
         let held = r.per_user.get(&user).copied().unwrap_or(0);
         let refused = if held >= self.limits.per_user {
@@ -100,7 +101,7 @@ impl Streams {
         r.per_user.insert(user, held + 1);
         r.total += 1;
         self.metrics.sse_open.set(gauge(r.total));
-        Ok(Stream {
+        Ok(SseStream {
             streams: self.clone(),
             key: (product, user),
             id,
@@ -140,7 +141,7 @@ impl Streams {
         }
     }
 
-    /// Streams open now.
+    /// SseStreams open now.
     pub fn open_count(&self) -> usize {
         self.registry().total
     }
@@ -180,14 +181,14 @@ fn gauge(n: usize) -> i64 {
 }
 
 /// One open stream: counted until dropped.
-pub struct Stream {
-    streams: Arc<Streams>,
+pub struct SseStream {
+    streams: Arc<SseStreams>,
     key: Key,
     id: u64,
     wake: Arc<Notify>,
 }
 
-impl Stream {
+impl SseStream {
     /// Resolves when this stream's reservation may have changed (cancel-safe; wake-ups that
     /// came while nobody waited are kept, coalesced into one).
     pub async fn woken(&self) {
@@ -195,7 +196,7 @@ impl Stream {
     }
 }
 
-impl Drop for Stream {
+impl Drop for SseStream {
     fn drop(&mut self) {
         self.streams.close(self.key, self.id);
     }
@@ -207,8 +208,8 @@ mod tests {
 
     use super::*;
 
-    fn streams(per_user: usize, max: usize) -> Arc<Streams> {
-        Arc::new(Streams::new(
+    fn streams(per_user: usize, max: usize) -> Arc<SseStreams> {
+        Arc::new(SseStreams::new(
             SseLimits {
                 per_user,
                 max,
@@ -226,7 +227,7 @@ mod tests {
         )
     }
 
-    fn is_woken(s: &Stream) -> bool {
+    fn is_woken(s: &SseStream) -> bool {
         s.woken().now_or_never().is_some()
     }
 
@@ -279,7 +280,7 @@ mod tests {
     #[tokio::test]
     async fn a_resync_wakes_every_stream_once_spread_over_time() {
         let s = streams(4, 1_000);
-        let all: Vec<Stream> = (1..=200)
+        let all: Vec<SseStream> = (1..=200)
             .map(|u| {
                 let (p, u) = ids(1, u);
                 s.open(p, u).unwrap()

@@ -2,8 +2,8 @@
 //!
 //! One script call per attempt bounds a hot product at one Redis round trip and one script
 //! start per attempt. Here the attempts of one process on one product queue in a *lane*; the
-//! lane sends one `reserve_batch.lua` call for all of them, which decides each exactly as
-//! `reserve.lua` would, in arrival order ([`Reservations::reserve_many`]).
+//! lane sends one `reserve.lua` call for all of them, which decides each exactly as a call of
+//! its own would, in arrival order ([`Reservations::reserve_many`]).
 //!
 //! When a lane sends:
 //! - at once when it has nothing in flight: a lone attempt never waits;
