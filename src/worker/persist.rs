@@ -13,7 +13,10 @@ use uuid::Uuid;
 
 use crate::{
     amqp::OrderMessage,
-    db::entities::{orders, rejection},
+    db::entities::{
+        orders::{self, status_sql::PENDING_PAYMENT},
+        rejection,
+    },
     domain::{ProductId, UserId},
     rejections::{self, Cause, NewRejection},
     reservations::{ReservationView, Reservations, Status},
@@ -217,12 +220,14 @@ async fn insert_orders(
     let reserved_at: Vec<DateTime<Utc>> = orders.iter().map(|m| m.reserved_at).collect();
     Inserted::find_by_statement(Statement::from_sql_and_values(
         txn.get_database_backend(),
-        "insert into orders (order_id, reservation_id, user_id, product_id, status, reserved_at, created_at, expires_at) \
-         select b.order_id, b.reservation_id, b.user_id, b.product_id, 'pending_payment', b.reserved_at, $6, $7 \
-         from unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::bigint[], $5::timestamptz[]) \
-           as b (order_id, reservation_id, user_id, product_id, reserved_at) \
-         on conflict do nothing \
-         returning order_id, reservation_id, user_id, product_id, expires_at",
+        format!(
+            "insert into orders (order_id, reservation_id, user_id, product_id, status, reserved_at, created_at, expires_at) \
+             select b.order_id, b.reservation_id, b.user_id, b.product_id, {PENDING_PAYMENT}, b.reserved_at, $6, $7 \
+             from unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::bigint[], $5::timestamptz[]) \
+               as b (order_id, reservation_id, user_id, product_id, reserved_at) \
+             on conflict do nothing \
+             returning order_id, reservation_id, user_id, product_id, expires_at"
+        ),
         [
             order_ids.into(),
             reservation_ids.into(),
