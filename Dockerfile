@@ -36,7 +36,7 @@ COPY migrations migrations
 COPY src src
 COPY web web
 # What the unit tests hold the code to: docs/api.md's error table (src/http/problem.rs) and the
-# README's configuration table (src/config.rs). The release build does not read them.
+# README's configuration table (src/config/vars.rs). The release build does not read them.
 COPY docs docs
 COPY README.md ./
 RUN cargo build --release --locked --bin seckill

@@ -12,7 +12,10 @@ use uuid::Uuid;
 
 pub use crate::db::entities::orders::OrderStatus;
 use crate::{
-    db::entities::orders,
+    db::entities::orders::{
+        self,
+        status_sql::{CANCELLED, PAID, PENDING_PAYMENT},
+    },
     domain::{ProductId, UserId},
     reservations::{ReservationView, Reservations, Status},
 };
@@ -144,9 +147,11 @@ pub async fn pay(
 ) -> Result<orders::Model, OrderError> {
     let updated = one(
         db,
-        "update orders set status = 'paid', paid_at = now() \
-         where order_id = $1 and user_id = $2 and status = 'pending_payment' and expires_at > now() \
-         returning *",
+        &format!(
+            "update orders set status = {PAID}, paid_at = now() \
+             where order_id = $1 and user_id = $2 and status = {PENDING_PAYMENT} and expires_at > now() \
+             returning *"
+        ),
         vec![order_id.into(), user.get().into()],
     )
     .await?;
@@ -175,10 +180,12 @@ async fn cancel_open(
     user: UserId,
 ) -> Result<Option<orders::Model>, OrderError> {
     let txn = db.begin().await.context("beginning the cancel")?;
-    let sql = "update orders set status = 'cancelled', closed_at = now() \
-               where order_id = $1 and user_id = $2 and status = 'pending_payment' returning *";
+    let sql = format!(
+        "update orders set status = {CANCELLED}, closed_at = now() \
+         where order_id = $1 and user_id = $2 and status = {PENDING_PAYMENT} returning *"
+    );
     let values: Vec<sea_orm::Value> = vec![order_id.into(), user.get().into()];
-    let closed = one(&txn, sql, values).await?;
+    let closed = one(&txn, &sql, values).await?;
     if let Some(o) = &closed {
         txn.execute_raw(Statement::from_sql_and_values(
             txn.get_database_backend(),

@@ -19,7 +19,13 @@ use uuid::Uuid;
 
 use crate::{
     cache::TtlCache,
-    db::entities::{orders, product},
+    db::entities::{
+        orders::{
+            self,
+            status_sql::{CLOSED, LIVE, PENDING_PAYMENT},
+        },
+        product,
+    },
     domain::{ProductId, UserId},
     rejections,
     reservations::{PreheatPlan, Preheated, ReservationView, Reservations, Unavailable},
@@ -275,7 +281,7 @@ async fn count_orders(
 
 /// Orders holding a unit (`pending_payment` or `paid`).
 pub async fn live_orders(db: &impl ConnectionTrait, id: ProductId) -> anyhow::Result<i64> {
-    count_orders(db, id, "status in ('pending_payment', 'paid')").await
+    count_orders(db, id, &format!("status in {LIVE}")).await
 }
 
 /// Every (user, reservation) in Postgres for this product, whatever the order's status, and
@@ -334,7 +340,7 @@ pub async fn closed_reservations(
     }
     let rows = Row::find_by_statement(Statement::from_sql_and_values(
         db.get_database_backend(),
-        "select reservation_id from orders where product_id = $1 and status in ('cancelled', 'expired')",
+        format!("select reservation_id from orders where product_id = $1 and status in {CLOSED}"),
         [id.get().into()],
     ))
     .all(db)
@@ -483,7 +489,7 @@ pub async fn unsettled_orders(db: &impl ConnectionTrait, id: ProductId) -> anyho
     count_orders(
         db,
         id,
-        "status = 'pending_payment' or status in ('cancelled', 'expired') and released_at is null",
+        &format!("status = {PENDING_PAYMENT} or status in {CLOSED} and released_at is null"),
     )
     .await
 }

@@ -22,7 +22,10 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, FromQueryResult, Statement, T
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    db::entities::orders,
+    db::entities::orders::{
+        self,
+        status_sql::{CLOSED, EXPIRED, PENDING_PAYMENT},
+    },
     deps::Deps,
     domain::ProductId,
     metrics::Metrics,
@@ -54,14 +57,16 @@ pub async fn sweep_once(
     let txn = db.begin().await.context("beginning the sweep")?;
     let expired = orders::Model::find_by_statement(Statement::from_sql_and_values(
         txn.get_database_backend(),
-        "with due as (
+        format!(
+            "with due as (
              select order_id from orders
-             where status = 'pending_payment' and expires_at <= now()
+             where status = {PENDING_PAYMENT} and expires_at <= now()
              order by expires_at limit $1
              for update skip locked)
-         update orders o set status = 'expired', closed_at = now()
-         from due where o.order_id = due.order_id and o.status = 'pending_payment'
-         returning o.*",
+         update orders o set status = {EXPIRED}, closed_at = now()
+         from due where o.order_id = due.order_id and o.status = {PENDING_PAYMENT}
+         returning o.*"
+        ),
         [SWEEP_LIMIT.into()],
     ))
     .all(&txn)
@@ -93,10 +98,12 @@ pub async fn sweep_once(
 
     let stale = orders::Model::find_by_statement(Statement::from_sql_and_values(
         db.get_database_backend(),
-        "select * from orders
-         where status in ('cancelled', 'expired') and released_at is null
+        format!(
+            "select * from orders
+         where status in {CLOSED} and released_at is null
            and closed_at < now() - make_interval(secs => $1)
-         order by closed_at limit $2",
+         order by closed_at limit $2"
+        ),
         [RECONCILE_AFTER_SECS.into(), SWEEP_LIMIT.into()],
     ))
     .all(db)

@@ -62,6 +62,20 @@ pub mod orders {
         }
     }
 
+    /// The statuses as queries write them: SQL literals, not bound parameters, so that Postgres
+    /// matches them to the partial indexes on `status` (`orders_expiry_idx`,
+    /// `orders_unreleased_idx`) in whatever plan it keeps. A test holds each to [`OrderStatus`].
+    pub mod status_sql {
+        pub const PENDING_PAYMENT: &str = "'pending_payment'";
+        pub const PAID: &str = "'paid'";
+        pub const CANCELLED: &str = "'cancelled'";
+        pub const EXPIRED: &str = "'expired'";
+        /// The statuses of an order that holds its unit: awaiting payment, or paid.
+        pub const LIVE: &str = "('pending_payment', 'paid')";
+        /// The statuses of an order closed unpaid, whose unit goes back on sale.
+        pub const CLOSED: &str = "('cancelled', 'expired')";
+    }
+
     #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
     #[sea_orm(table_name = "orders")]
     pub struct Model {
@@ -83,6 +97,42 @@ pub mod orders {
     pub enum Relation {}
 
     impl ActiveModelBehavior for ActiveModel {}
+
+    #[cfg(test)]
+    mod tests {
+        use sea_orm::Iterable;
+
+        use super::{OrderStatus, status_sql::*};
+
+        /// Each status's literal (a new status fails to compile here until it has one).
+        fn literal(status: OrderStatus) -> &'static str {
+            match status {
+                OrderStatus::PendingPayment => PENDING_PAYMENT,
+                OrderStatus::Paid => PAID,
+                OrderStatus::Cancelled => CANCELLED,
+                OrderStatus::Expired => EXPIRED,
+            }
+        }
+
+        #[test]
+        fn the_sql_literals_are_the_statuses_own_names() {
+            for status in OrderStatus::iter() {
+                assert_eq!(literal(status), format!("'{status}'"));
+            }
+            let list = |statuses: &[OrderStatus]| {
+                let literals: Vec<&str> = statuses.iter().map(|s| literal(*s)).collect();
+                format!("({})", literals.join(", "))
+            };
+            assert_eq!(
+                LIVE,
+                list(&[OrderStatus::PendingPayment, OrderStatus::Paid])
+            );
+            assert_eq!(
+                CLOSED,
+                list(&[OrderStatus::Cancelled, OrderStatus::Expired])
+            );
+        }
+    }
 }
 
 pub mod rejection {

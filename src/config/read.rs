@@ -1,0 +1,616 @@
+//! Reading [`Settings`] from the environment: [`Settings::read`] puts together the sections,
+//! each read by a function of its own; a bad value is an error that names its variable.
+
+use std::{collections::HashMap, time::Duration};
+
+use secrecy::ExposeSecret;
+
+use super::{
+    BatchSettings, ConfigError, DrainSettings, IpNet, RedisSettings, Secrets, Settings, SseLimits,
+    env::{DEV_ADMIN_TOKEN, DEV_JWT_SECRET, DEV_TOKEN_SECRET, Env},
+    var,
+};
+
+impl Settings {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_vars(std::env::vars())
+    }
+
+    /// Reads the given variables (tests pass their own).
+    pub fn from_vars(
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let vars: HashMap<String, String> = vars.into_iter().collect();
+        Self::read(&Env::new(&vars))
+    }
+
+    /// The sections in the order they are read, so that of several bad values the same one is
+    /// reported first.
+    fn read(env: &Env<'_>) -> Result<Self, ConfigError> {
+        reject_unknown(env)?;
+        let dev = env.flag("SECKILL_DEV")?;
+        let redis = redis(env)?;
+        let (database_url, migrate) = postgres(env)?;
+        let (amqp_url, amqp_queue) = amqp(env)?;
+        let mut dev_filled = Vec::new();
+        let secrets = secrets(env, dev, &mut dev_filled);
+        let trusted_proxies = trusted_proxies(env)?;
+        let log_pretty = log_pretty(env, dev)?;
+
+        let http_addr = env.listener("SECKILL_HTTP_ADDR", dev)?;
+        let admin_addr = env.listener("SECKILL_ADMIN_ADDR", dev)?;
+        let worker_addr = env.listener("SECKILL_WORKER_ADDR", dev)?;
+
+        let drain = drain(env)?;
+
+        Ok(Settings {
+            http_addr,
+            admin_addr,
+            worker_addr,
+            redis,
+            database_url,
+            migrate,
+            amqp_url,
+            amqp_queue,
+            redis_durability: env.parse("SECKILL_REDIS_DURABILITY")?,
+            jwt_audience: env.optional("SECKILL_JWT_AUDIENCE")?,
+            jwt_issuer: env.optional("SECKILL_JWT_ISSUER")?,
+            secrets,
+            payment_timeout: Duration::from_secs(env.ranged("SECKILL_PAYMENT_TIMEOUT_SECS")?),
+            purchase_token_ttl: Duration::from_secs(env.ranged("SECKILL_PURCHASE_TOKEN_TTL_SECS")?),
+            user_rate: env.parse("SECKILL_USER_RATE")?,
+            product_rate: env.parse("SECKILL_PRODUCT_RATE")?,
+            reserve_batch: reserve_batch(env)?,
+            ip_rate: env.parse("SECKILL_IP_RATE")?,
+            trusted_proxies,
+            admin_ip_rate: env.parse("SECKILL_ADMIN_IP_RATE")?,
+            body_timeout: Duration::from_millis(env.ranged("SECKILL_BODY_TIMEOUT_MS")?),
+            max_connections_per_ip: env.ranged_as("SECKILL_MAX_CONNECTIONS_PER_IP")?,
+            max_connections: env.ranged_as("SECKILL_MAX_CONNECTIONS")?,
+            worker_batch_size: env.ranged_as("SECKILL_WORKER_BATCH_SIZE")?,
+            worker_batch_wait: Duration::from_millis(env.ranged("SECKILL_WORKER_BATCH_WAIT_MS")?),
+            sweep_interval: Duration::from_millis(env.ranged("SECKILL_SWEEP_INTERVAL_MS")?),
+            worker_consumers: env.ranged_as("SECKILL_WORKER_CONSUMERS")?,
+            relay_claim_idle: Duration::from_millis(env.ranged("SECKILL_RELAY_CLAIM_IDLE_MS")?),
+            pg_pool: env.ranged_as("SECKILL_PG_POOL")?,
+            redis_pool: env.ranged_as("SECKILL_REDIS_POOL")?,
+            sse: sse(env)?,
+            relay_poll: Duration::from_millis(env.ranged("SECKILL_RELAY_POLL_MS")?),
+            key_grace: Duration::from_secs(env.ranged("SECKILL_KEY_GRACE_SECS")?),
+            drain,
+            log_pretty,
+            dev,
+            dev_filled,
+        })
+    }
+
+    /// The secret variables development mode filled in with its fixed values (to be logged).
+    pub fn dev_secrets_filled(&self) -> &[&'static str] {
+        &self.dev_filled
+    }
+
+    /// The secrets, or the error naming the first one missing.
+    pub fn secrets(&self) -> Result<&Secrets, ConfigError> {
+        self.secrets.as_ref().map_err(Clone::clone)
+    }
+
+    /// Replaces the secrets (tests and tools that mint their own).
+    pub fn with_secrets(mut self, secrets: Secrets) -> Self {
+        self.secrets = Ok(secrets);
+        self
+    }
+}
+
+/// Refuses a `SECKILL_*` variable that is not in the table (the first by name): a typo.
+fn reject_unknown(env: &Env<'_>) -> Result<(), ConfigError> {
+    let mut unknown: Vec<&String> = env
+        .vars
+        .keys()
+        .filter(|k| k.starts_with("SECKILL_") && var(k).is_none())
+        .collect();
+    unknown.sort();
+    if let Some(var) = unknown.first() {
+        return Err(ConfigError::new(var, "unknown variable (typo?)"));
+    }
+    Ok(())
+}
+
+/// Where Redis is (`SECKILL_REDIS_URL`), whether it is a cluster, and the key prefix.
+fn redis(env: &Env<'_>) -> Result<RedisSettings, ConfigError> {
+    let redis_url = env.string("SECKILL_REDIS_URL")?;
+    if ![
+        "redis://",
+        "rediss://",
+        "redis-cluster://",
+        "rediss-cluster://",
+    ]
+    .iter()
+    .any(|scheme| redis_url.starts_with(scheme))
+    {
+        return Err(ConfigError::new(
+            "SECKILL_REDIS_URL",
+            "must start with redis://, rediss:// (TLS), redis-cluster:// or rediss-cluster://",
+        ));
+    }
+    let cluster = redis_url.starts_with("redis-cluster://")
+        || redis_url.starts_with("rediss-cluster://")
+        || env.flag("SECKILL_REDIS_CLUSTER")?;
+    let prefix = env.string("SECKILL_REDIS_PREFIX")?;
+    if prefix.is_empty() || prefix.contains(['{', '}', ' ']) {
+        return Err(ConfigError::new(
+            "SECKILL_REDIS_PREFIX",
+            "must be non-empty, without braces or spaces",
+        ));
+    }
+    Ok(RedisSettings {
+        url: redis_url,
+        cluster,
+        prefix,
+    })
+}
+
+/// The Postgres URL and whether migrations are applied at start (`SECKILL_MIGRATE`).
+fn postgres(env: &Env<'_>) -> Result<(String, bool), ConfigError> {
+    let database_url = env.string("SECKILL_DATABASE_URL")?;
+    let migrate = match env.string("SECKILL_MIGRATE")?.as_str() {
+        "1" => true,
+        "0" => false,
+        other => {
+            return Err(ConfigError::new(
+                "SECKILL_MIGRATE",
+                format!("must be 1 or 0, got {other:?}"),
+            ));
+        }
+    };
+    if !(database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")) {
+        return Err(ConfigError::new(
+            "SECKILL_DATABASE_URL",
+            "must be a postgres:// URL",
+        ));
+    }
+    Ok((database_url, migrate))
+}
+
+/// The RabbitMQ URL and the orders queue.
+fn amqp(env: &Env<'_>) -> Result<(String, String), ConfigError> {
+    let amqp_url = env.string("SECKILL_AMQP_URL")?;
+    if !amqp_url.starts_with("amqp://") {
+        return Err(ConfigError::new(
+            "SECKILL_AMQP_URL",
+            "must be an amqp:// URL",
+        ));
+    }
+    let amqp_queue = env.string("SECKILL_AMQP_QUEUE")?;
+    if amqp_queue.is_empty() || amqp_queue.len() > 200 {
+        return Err(ConfigError::new(
+            "SECKILL_AMQP_QUEUE",
+            "must be 1 to 200 characters",
+        ));
+    }
+    Ok((amqp_url, amqp_queue))
+}
+
+/// The secrets, or the error naming the first one missing or refused: kept, not returned, as
+/// only the commands that serve the API need them. Development mode fills in the unset ones
+/// and records their names in `dev_filled`.
+fn secrets(
+    env: &Env<'_>,
+    dev: bool,
+    dev_filled: &mut Vec<&'static str>,
+) -> Result<Secrets, ConfigError> {
+    let secrets = Secrets {
+        jwt_secret: env.secret("SECKILL_JWT_SECRET", dev, DEV_JWT_SECRET, dev_filled)?,
+        admin_token: env.secret("SECKILL_ADMIN_TOKEN", dev, DEV_ADMIN_TOKEN, dev_filled)?,
+        token_secret: env.secret("SECKILL_TOKEN_SECRET", dev, DEV_TOKEN_SECRET, dev_filled)?,
+    };
+    if secrets.token_secret.expose_secret() == secrets.jwt_secret.expose_secret() {
+        return Err(ConfigError::new(
+            "SECKILL_TOKEN_SECRET",
+            "must differ from SECKILL_JWT_SECRET",
+        ));
+    }
+    Ok(secrets)
+}
+
+/// `SECKILL_TRUSTED_PROXIES`: a comma-separated list of addresses and CIDR blocks.
+fn trusted_proxies(env: &Env<'_>) -> Result<Vec<IpNet>, ConfigError> {
+    Ok(match env.get("SECKILL_TRUSTED_PROXIES") {
+        None => Vec::new(),
+        Some(list) => list
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                s.parse()
+                    .map_err(|e| ConfigError::new("SECKILL_TRUSTED_PROXIES", e))
+            })
+            .collect::<Result<_, _>>()?,
+    })
+}
+
+/// `SECKILL_LOG_FORMAT`: pretty logs, else JSON (unset: pretty in development mode).
+fn log_pretty(env: &Env<'_>, dev: bool) -> Result<bool, ConfigError> {
+    match env.get("SECKILL_LOG_FORMAT").map(String::as_str) {
+        None => Ok(dev),
+        Some("json") => Ok(false),
+        Some("pretty") => Ok(true),
+        Some(_) => Err(ConfigError::new(
+            "SECKILL_LOG_FORMAT",
+            "must be json or pretty",
+        )),
+    }
+}
+
+/// The shutdown's grace and timeout (`SECKILL_DRAIN_*`): the grace is part of the timeout.
+fn drain(env: &Env<'_>) -> Result<DrainSettings, ConfigError> {
+    let drain = DrainSettings {
+        grace: Duration::from_millis(env.ranged("SECKILL_DRAIN_GRACE_MS")?),
+        timeout: Duration::from_secs(env.ranged("SECKILL_DRAIN_TIMEOUT_SECS")?),
+    };
+    if drain.grace >= drain.timeout {
+        return Err(ConfigError::new(
+            "SECKILL_DRAIN_GRACE_MS",
+            format!(
+                "must be shorter than SECKILL_DRAIN_TIMEOUT_SECS ({} s), which includes the grace",
+                drain.timeout.as_secs()
+            ),
+        ));
+    }
+    Ok(drain)
+}
+
+/// How purchase attempts are gathered into one call (`SECKILL_RESERVE_BATCH_*`).
+fn reserve_batch(env: &Env<'_>) -> Result<BatchSettings, ConfigError> {
+    Ok(BatchSettings {
+        max: env.ranged_as("SECKILL_RESERVE_BATCH_MAX")?,
+        window: Duration::from_micros(env.ranged("SECKILL_RESERVE_BATCH_WINDOW_US")?),
+    })
+}
+
+/// The bounds on the shoppers' event streams (`SECKILL_SSE_*`).
+fn sse(env: &Env<'_>) -> Result<SseLimits, ConfigError> {
+    Ok(SseLimits {
+        per_user: env.ranged_as("SECKILL_SSE_PER_USER")?,
+        max: env.ranged_as("SECKILL_SSE_MAX")?,
+        lifetime: Duration::from_secs(env.ranged("SECKILL_SSE_LIFETIME_SECS")?),
+        heartbeat: Duration::from_secs(env.ranged("SECKILL_SSE_HEARTBEAT_SECS")?),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeSet, num::NonZeroU16};
+
+    use super::*;
+    use crate::config::{Durability, VARS, VarDefault, env::DEV_SECRETS};
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_match_the_design_table() {
+        let s = Settings::from_vars(vars(&[("SECKILL_DEV", "1")])).unwrap();
+        assert_eq!(s.http_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.admin_addr.to_string(), "127.0.0.1:8081");
+        assert_eq!(s.worker_addr.to_string(), "127.0.0.1:8082");
+        assert_eq!(s.redis.url, "redis://127.0.0.1:6379");
+        assert!(!s.redis.cluster);
+        assert_eq!(s.redis.prefix, "seckill");
+        assert_eq!(s.database_url, "postgres://postgres@127.0.0.1:5432/seckill");
+        assert_eq!(s.amqp_url, "amqp://guest:guest@127.0.0.1:5672/%2f");
+        assert_eq!(s.amqp_queue, "seckill.orders");
+        assert_eq!(s.redis_durability, Durability::Fsync);
+        assert_eq!(s.payment_timeout, Duration::from_secs(900));
+        assert_eq!(s.user_rate, "1/1s".parse().unwrap());
+        assert_eq!(s.product_rate.count, 20_000);
+        assert_eq!(s.ip_rate.count, 50);
+        assert_eq!((s.pg_pool, s.redis_pool), (16, 4));
+        assert_eq!(
+            s.sse,
+            SseLimits {
+                per_user: 4,
+                max: 10_000,
+                lifetime: Duration::from_secs(300),
+                heartbeat: Duration::from_secs(15),
+            }
+        );
+        assert_eq!(s.admin_ip_rate, "100/1s".parse().unwrap());
+        assert_eq!(s.body_timeout, Duration::from_secs(2));
+        assert_eq!(s.max_connections_per_ip, 256);
+        assert_eq!(s.max_connections, 10_000);
+        assert_eq!(s.relay_poll, Duration::from_secs(1));
+        assert_eq!(s.key_grace, Duration::from_secs(86_400));
+        assert_eq!(
+            s.drain,
+            DrainSettings {
+                grace: Duration::from_secs(1),
+                timeout: Duration::from_secs(10),
+            }
+        );
+        assert!(s.secrets().is_ok());
+    }
+
+    #[test]
+    fn a_serve_and_a_worker_on_one_host_listen_on_different_ports_by_default() {
+        let s = Settings::from_vars(vars(&[("SECKILL_DEV", "1")])).unwrap();
+        let ports = [
+            s.http_addr.port(),
+            s.admin_addr.port(),
+            s.worker_addr.port(),
+        ];
+        assert_eq!(ports, [8080, 8081, 8082]);
+    }
+
+    #[test]
+    fn the_drain_grace_is_part_of_the_drain_timeout() {
+        let s = Settings::from_vars(vars(&[
+            ("SECKILL_DRAIN_GRACE_MS", "0"),
+            ("SECKILL_DRAIN_TIMEOUT_SECS", "1"),
+        ]))
+        .unwrap();
+        assert_eq!(s.drain.grace, Duration::ZERO);
+        let err = Settings::from_vars(vars(&[
+            ("SECKILL_DRAIN_GRACE_MS", "2000"),
+            ("SECKILL_DRAIN_TIMEOUT_SECS", "2"),
+        ]))
+        .err()
+        .unwrap();
+        assert_eq!(err.var, "SECKILL_DRAIN_GRACE_MS");
+        assert!(err.message.contains("SECKILL_DRAIN_TIMEOUT_SECS"), "{err}");
+    }
+
+    #[test]
+    fn the_parser_reads_exactly_the_variables_of_the_table() {
+        let set = [("SECKILL_DEV", "1")].map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let map: HashMap<String, String> = set.into_iter().collect();
+        let env = Env::new(&map);
+        Settings::read(&env).unwrap();
+        let mut want: BTreeSet<&str> = VARS.iter().map(|v| v.name).collect();
+        // Read by the log subscriber (`telemetry`), not by `Settings`.
+        want.remove("RUST_LOG");
+        assert_eq!(*env.read.borrow(), want);
+        // Each accepted, none refused as unknown.
+        for v in VARS {
+            let value = match v.default {
+                VarDefault::Value(value) => value,
+                VarDefault::Described(_) => continue,
+            };
+            let s = Settings::from_vars(vars(&[("SECKILL_DEV", "1"), (v.name, value)]));
+            assert!(s.is_ok(), "{}={value}: {:?}", v.name, s.err());
+        }
+    }
+
+    #[test]
+    fn a_missing_secret_names_the_variable() {
+        let s = Settings::from_vars(vars(&[])).unwrap();
+        let err = s.secrets().err().unwrap();
+        assert_eq!(err.var, "SECKILL_JWT_SECRET");
+    }
+
+    #[test]
+    fn bad_values_name_their_variable() {
+        for (var, value) in [
+            ("SECKILL_HTTP_ADDR", "nowhere"),
+            ("SECKILL_WORKER_ADDR", "127.0.0.1"),
+            ("SECKILL_DRAIN_GRACE_MS", "60001"),
+            ("SECKILL_DRAIN_TIMEOUT_SECS", "0"),
+            ("SECKILL_DRAIN_TIMEOUT_SECS", "301"),
+            ("SECKILL_USER_RATE", "0/1s"),
+            ("SECKILL_PRODUCT_RATE", "10/1y"),
+            ("SECKILL_PAYMENT_TIMEOUT_SECS", "-5"),
+            ("SECKILL_REDIS_URL", "http://x"),
+            ("SECKILL_TRUSTED_PROXIES", "10.0.0.0/99"),
+            ("SECKILL_DEV", "yes"),
+            ("SECKILL_ADMIN_IP_RATE", "lots"),
+            ("SECKILL_BODY_TIMEOUT_MS", "10"),
+            ("SECKILL_MAX_CONNECTIONS_PER_IP", "0"),
+            ("SECKILL_MAX_CONNECTIONS", "-1"),
+            ("SECKILL_REDIS_DURABILITY", "always"),
+            ("SECKILL_SSE_PER_USER", "0"),
+            ("SECKILL_SSE_MAX", "many"),
+            ("SECKILL_SSE_LIFETIME_SECS", "0"),
+            ("SECKILL_SSE_HEARTBEAT_SECS", "-1"),
+            ("SECKILL_RELAY_POLL_MS", "5"),
+            ("SECKILL_KEY_GRACE_SECS", "0"),
+            ("SECKILL_JWT_SECRE", "typo"),
+            ("SECKILL_PG_POOL", "0"),
+            ("SECKILL_REDIS_POOL", "many"),
+            ("SECKILL_REDIS_POOL", "257"),
+        ] {
+            let err = Settings::from_vars(vars(&[(var, value)])).err().unwrap();
+            assert_eq!(err.var, var, "{value}");
+        }
+    }
+
+    #[test]
+    fn pool_sizes_are_settings() {
+        let s = Settings::from_vars(vars(&[
+            ("SECKILL_PG_POOL", "40"),
+            ("SECKILL_REDIS_POOL", "8"),
+        ]))
+        .unwrap();
+        assert_eq!((s.pg_pool, s.redis_pool), (40, 8));
+    }
+
+    #[test]
+    fn cluster_mode_follows_the_scheme_or_the_flag() {
+        let s =
+            Settings::from_vars(vars(&[("SECKILL_REDIS_URL", "redis-cluster://a:1,b:2")])).unwrap();
+        assert!(s.redis.cluster);
+        let s = Settings::from_vars(vars(&[("SECKILL_REDIS_CLUSTER", "1")])).unwrap();
+        assert!(s.redis.cluster);
+        let s = Settings::from_vars(vars(&[("SECKILL_REDIS_URL", "rediss-cluster://a:1,b:2")]))
+            .unwrap();
+        assert!(s.redis.cluster);
+        let s = Settings::from_vars(vars(&[("SECKILL_REDIS_URL", "rediss://a:1")])).unwrap();
+        assert!(!s.redis.cluster);
+        assert!(Settings::from_vars(vars(&[("SECKILL_REDIS_URL", "http://a:1")])).is_err());
+    }
+
+    #[test]
+    fn durability_is_fsync_replicas_or_none() {
+        for (raw, want) in [
+            ("fsync", Durability::Fsync),
+            ("none", Durability::None),
+            (
+                " replicas:2 ",
+                Durability::Replicas(NonZeroU16::new(2).unwrap()),
+            ),
+            (
+                "replicas:1000",
+                Durability::Replicas(NonZeroU16::new(1000).unwrap()),
+            ),
+        ] {
+            let s = Settings::from_vars(vars(&[("SECKILL_REDIS_DURABILITY", raw)])).unwrap();
+            assert_eq!(s.redis_durability, want, "{raw}");
+            assert_eq!(want.to_string(), raw.trim());
+        }
+        for bad in [
+            "",
+            "FSYNC",
+            "always",
+            "replicas",
+            "replicas:",
+            "replicas:0",
+            "replicas:-1",
+            "replicas:1001",
+            "replicas:two",
+        ] {
+            let err = Settings::from_vars(vars(&[("SECKILL_REDIS_DURABILITY", bad)]))
+                .err()
+                .unwrap();
+            assert_eq!(err.var, "SECKILL_REDIS_DURABILITY", "{bad:?}");
+            let line = err.to_string();
+            assert!(
+                line.contains("replicas:N") && !line.contains('\n'),
+                "{line}"
+            );
+        }
+    }
+
+    const OWN: [(&str, &str); 3] = [
+        ("SECKILL_JWT_SECRET", "own-jwt-secret-0123456789"),
+        ("SECKILL_ADMIN_TOKEN", "own-admin-token-0123456789"),
+        ("SECKILL_TOKEN_SECRET", "own-token-secret-0123456789"),
+    ];
+
+    #[test]
+    fn development_mode_listens_on_loopback_only() {
+        for var in [
+            "SECKILL_HTTP_ADDR",
+            "SECKILL_ADMIN_ADDR",
+            "SECKILL_WORKER_ADDR",
+        ] {
+            for addr in ["0.0.0.0:8080", "10.1.2.3:8080", "[::]:8080"] {
+                let err = Settings::from_vars(vars(&[("SECKILL_DEV", "1"), (var, addr)]))
+                    .err()
+                    .unwrap();
+                assert_eq!(err.var, var, "{addr}");
+                assert!(err.to_string().contains("loopback"), "{err}");
+                // Outside development mode the same address is fine.
+                assert!(Settings::from_vars(vars(&[(var, addr)])).is_ok(), "{addr}");
+            }
+            for addr in ["127.0.0.1:0", "127.5.5.5:8080", "[::1]:8080"] {
+                let s = Settings::from_vars(vars(&[("SECKILL_DEV", "1"), (var, addr)]));
+                assert!(s.is_ok(), "{var}={addr}");
+            }
+        }
+    }
+
+    #[test]
+    fn development_mode_fills_in_only_the_unset_secrets_and_says_which() {
+        let s = Settings::from_vars(vars(&[("SECKILL_DEV", "1")])).unwrap();
+        assert_eq!(
+            s.dev_secrets_filled(),
+            [
+                "SECKILL_JWT_SECRET",
+                "SECKILL_ADMIN_TOKEN",
+                "SECKILL_TOKEN_SECRET"
+            ]
+        );
+        let s = Settings::from_vars(vars(&[("SECKILL_DEV", "1"), OWN[1]])).unwrap();
+        assert_eq!(
+            s.dev_secrets_filled(),
+            ["SECKILL_JWT_SECRET", "SECKILL_TOKEN_SECRET"]
+        );
+        let secrets = s.secrets().unwrap();
+        assert_eq!(secrets.admin_token.expose_secret(), OWN[1].1);
+        assert_eq!(secrets.jwt_secret.expose_secret(), DEV_JWT_SECRET);
+        let mut all = OWN.to_vec();
+        all.push(("SECKILL_DEV", "1"));
+        let s = Settings::from_vars(vars(&all)).unwrap();
+        assert!(s.dev_secrets_filled().is_empty());
+        let s = Settings::from_vars(vars(&OWN)).unwrap();
+        assert!(s.dev_secrets_filled().is_empty());
+        assert!(s.secrets().is_ok());
+    }
+
+    #[test]
+    fn development_secrets_are_refused_outside_development_mode() {
+        for (i, (var, _)) in OWN.iter().enumerate() {
+            for dev_value in DEV_SECRETS {
+                let mut set = OWN.to_vec();
+                set[i] = (var, dev_value);
+                let s = Settings::from_vars(vars(&set)).unwrap();
+                let err = s.secrets().err().unwrap();
+                assert_eq!(err.var, *var, "{dev_value}");
+                assert_eq!(
+                    err.to_string(),
+                    format!("{var}: is a public development secret; set a secret of your own")
+                );
+                set.push(("SECKILL_DEV", "1"));
+                let s = Settings::from_vars(vars(&set)).unwrap();
+                assert!(s.secrets().is_ok(), "{var}={dev_value} in development");
+            }
+        }
+    }
+
+    #[test]
+    fn the_purchase_token_secret_must_differ_from_the_jwt_secret() {
+        let same = "the-same-secret-0123456789";
+        let s = Settings::from_vars(vars(&[
+            ("SECKILL_JWT_SECRET", same),
+            OWN[1],
+            ("SECKILL_TOKEN_SECRET", same),
+        ]))
+        .unwrap();
+        let err = s.secrets().err().unwrap();
+        assert_eq!(
+            err.to_string(),
+            "SECKILL_TOKEN_SECRET: must differ from SECKILL_JWT_SECRET"
+        );
+    }
+
+    #[test]
+    fn jwt_audience_and_issuer_are_optional() {
+        let s = Settings::from_vars(vars(&[])).unwrap();
+        assert_eq!((s.jwt_audience, s.jwt_issuer), (None, None));
+        let s = Settings::from_vars(vars(&[
+            ("SECKILL_JWT_AUDIENCE", "seckill-shop"),
+            ("SECKILL_JWT_ISSUER", "https://id.example"),
+        ]))
+        .unwrap();
+        assert_eq!(s.jwt_audience.as_deref(), Some("seckill-shop"));
+        assert_eq!(s.jwt_issuer.as_deref(), Some("https://id.example"));
+        for var in ["SECKILL_JWT_AUDIENCE", "SECKILL_JWT_ISSUER"] {
+            let err = Settings::from_vars(vars(&[(var, " ")])).err().unwrap();
+            assert_eq!(err.var, var);
+        }
+    }
+
+    #[test]
+    fn the_settings_never_show_the_redis_password() {
+        let s = Settings::from_vars(vars(&[(
+            "SECKILL_REDIS_URL",
+            "redis://user:hunter2@127.0.0.1:6379",
+        )]))
+        .unwrap();
+        assert!(!format!("{s:?}").contains("hunter2"), "{s:?}");
+        assert!(format!("{:?}", s.redis).contains("redis://user:***@127.0.0.1:6379"));
+    }
+}
