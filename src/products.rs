@@ -262,8 +262,9 @@ struct Count {
     n: i64,
 }
 
-/// The product's orders matching `condition` (SQL over `orders`, after `product_id = $1`).
-async fn count_orders(
+/// The product's orders matching `condition` (SQL over `orders`, after `product_id = $1`;
+/// `true` counts them all).
+pub async fn count_orders(
     db: &impl ConnectionTrait,
     id: ProductId,
     condition: &str,

@@ -20,7 +20,7 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
 use chrono::Utc;
-use sea_orm::{DatabaseConnection, FromQueryResult, Statement};
+use sea_orm::DatabaseConnection;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -199,7 +199,7 @@ impl Recovery {
     async fn flight(&self, product: ProductId) -> Result<Flight, PreheatError> {
         let outbox = self.reservations.outbox_len(product).await?;
         let queue_ready = self.queue_ready().await?;
-        let persisted = persisted(&self.db, product).await?;
+        let persisted = products::count_orders(&self.db, product, "true").await?;
         Ok(Flight {
             outbox,
             queue_ready,
@@ -260,23 +260,6 @@ impl Recovery {
         }
         Ok(())
     }
-}
-
-/// Reservations of the product persisted in Postgres (orders, whatever their status).
-async fn persisted(db: &DatabaseConnection, product: ProductId) -> anyhow::Result<i64> {
-    #[derive(FromQueryResult)]
-    struct Count {
-        n: i64,
-    }
-    let row = Count::find_by_statement(Statement::from_sql_and_values(
-        db.get_database_backend(),
-        "select count(*) as n from orders where product_id = $1",
-        [product.get().into()],
-    ))
-    .one(db)
-    .await
-    .context("counting persisted reservations")?;
-    Ok(row.map_or(0, |r| r.n))
 }
 
 #[cfg(test)]
