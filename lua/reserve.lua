@@ -4,6 +4,9 @@ the purchase rules exist. A single attempt is a batch of one.
 Each attempt, in the order given, at one instant (Redis TIME), goes through the same checks in
 the same order:
   1 paused (a forced rebuild)          -> 7        2 unknown product (not preheated) -> 8
+  2b behind the caller's fence: Redis went back in time (a failover to a replica that had
+     not received the last writes): the state is deleted, so every process finds the product
+     lost and it is rebuilt by counting                                              -> 9
   3 sale window: before / after        -> 5 / 6    4 the user's rate window          -> 3
   5 the product's admission gate (GCRA)-> 4        6 dedup: the user already won     -> 1
   7 stock left                         -> 2        else won                          -> 0
@@ -13,10 +16,11 @@ window used). Every key is read before the first write and the writes come at th
 attempt is all or nothing (Redis does not roll a script back).
 
 KEYS (all share the product's hash tag, e.g. "seckill:{p42}:…", so a batch is one slot):
-  1 state    hash: stock, remaining, starts_ms, ends_ms, paused
+  1 state    hash: stock, remaining, starts_ms, ends_ms, paused, epoch, seq (the product's
+             Redis epoch, set when a sale is loaded, and its win sequence: +1 per win)
   2 buyers   hash: user_id -> reservation_id (one win per user, ever)
   3 pending  set:  reservation ids won but not yet persisted
-  4 outbox   stream: one entry per winner (r, u, p, t)
+  4 outbox   stream: one entry per winner (r, u, p, t, e = epoch, s = its win sequence)
   5 status   hash: reservation_id -> "pending" | JSON
   6 gate     string: the product's GCRA "theoretical arrival time" in µs
   6+i        hash: the rate window of attempt i's user (s = window start ms, c = attempts),
@@ -24,15 +28,20 @@ KEYS (all share the product's hash tag, e.g. "seckill:{p42}:…", so a batch is 
 ARGV:
   1 product_id  2 user_limit  3 user_window_ms  4 gate_count  5 gate_period_us
   6 now_us: "" in production (Redis TIME is used); tests pass a controlled clock
-  then for attempt i: ARGV[5+2i] user_id, ARGV[6+2i] reservation_id (fresh UUID v7)
-RETURNS a flat array, for each attempt in order, seven values:
-  {code, reservation_id|"", remaining, rl_limit, rl_remaining, rl_reset_ms, retry_ms}
+  7 fence_epoch  8 fence_seq: the latest moment (epoch, seq) the caller saw of this product
+    (in a reply, or relayed to RabbitMQ); a state behind it went back in time
+  then for attempt i: ARGV[7+2i] user_id, ARGV[8+2i] reservation_id (fresh UUID v7)
+RETURNS a flat array: for each attempt in order, seven values
+  {code, reservation_id|"", remaining, rl_limit, rl_remaining, rl_reset_ms, retry_ms},
+  then the product's moment after the call: epoch, seq (-1, -1 when it has no state)
   code: 0 won, 1 already reserved (with the earlier id), 2 sold out, 3 user rate limited,
-        4 product gate full, 5 not started, 6 ended, 7 paused, 8 unknown product
+        4 product gate full, 5 not started, 6 ended, 7 paused, 8 unknown product,
+        9 went back in time
 ]]
 local pid = ARGV[1]
 local user_limit, window_ms = tonumber(ARGV[2]), tonumber(ARGV[3])
 local gate_count, gate_period_us = tonumber(ARGV[4]), tonumber(ARGV[5])
+local fence_epoch, fence_seq = tonumber(ARGV[7]), tonumber(ARGV[8])
 local n = #KEYS - 6
 
 local now_us
@@ -78,12 +87,21 @@ local function judge(w)
 end
 
 -- 1.-3. paused, unknown, sale window: one answer for the whole batch.
-local state = redis.call("HMGET", KEYS[1], "stock", "remaining", "starts_ms", "ends_ms", "paused")
+local state = redis.call("HMGET", KEYS[1], "stock", "remaining", "starts_ms", "ends_ms", "paused",
+  "epoch", "seq")
+local epoch, seq = tonumber(state[6] or "0"), tonumber(state[7] or "0")
 local early
 if state[5] == "1" then
   early = {7, nil}
 elseif not state[1] then
   early = {8, nil}
+  epoch, seq = -1, -1
+elseif epoch < fence_epoch or (epoch == fence_epoch and seq < fence_seq) then
+  -- Redis is behind a moment someone outside it saw: what it holds of this sale can no longer
+  -- be trusted to count units. Deleting the state makes it a lost product everywhere.
+  redis.call("DEL", KEYS[1])
+  early = {9, nil}
+  epoch, seq = -1, -1
 elseif now_ms < tonumber(state[3]) then
   early = {5, tonumber(state[2])}
 elseif now_ms >= tonumber(state[4]) then
@@ -94,6 +112,8 @@ if early then
     local _, used, reset_ms = judge(window_of(KEYS[6 + i]))
     answer(early[1], nil, early[2], user_limit - used, reset_ms)
   end
+  out[#out + 1] = epoch
+  out[#out + 1] = seq
   return out
 end
 
@@ -107,7 +127,7 @@ local wins = {}       -- {user, rid} in order
 
 for i = 1, n do
   local key = KEYS[6 + i]
-  local user, rid = ARGV[5 + 2 * i], ARGV[6 + 2 * i]
+  local user, rid = ARGV[7 + 2 * i], ARGV[8 + 2 * i]
   local w = window_of(key)
   local fresh, used, reset_ms = judge(w)
   -- 4. per-user rate window
@@ -164,6 +184,7 @@ if gate_moved then
 end
 if #wins > 0 then
   redis.call("HINCRBY", KEYS[1], "remaining", -#wins)
+  redis.call("HINCRBY", KEYS[1], "seq", #wins)
   local buyers, ids, statuses = {}, {}, {}
   for j, win in ipairs(wins) do
     buyers[2 * j - 1], buyers[2 * j] = win[1], win[2]
@@ -174,8 +195,12 @@ if #wins > 0 then
   redis.call("SADD", KEYS[3], unpack(ids))
   redis.call("HSET", KEYS[5], unpack(statuses))
   local t = tostring(now_ms)
-  for _, win in ipairs(wins) do
-    redis.call("XADD", KEYS[4], "*", "r", win[2], "u", win[1], "p", pid, "t", t)
+  for j, win in ipairs(wins) do
+    redis.call("XADD", KEYS[4], "*", "r", win[2], "u", win[1], "p", pid, "t", t, "e", epoch,
+      "s", seq + j)
   end
+  seq = seq + #wins
 end
+out[#out + 1] = epoch
+out[#out + 1] = seq
 return out

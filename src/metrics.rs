@@ -74,6 +74,8 @@ pub struct Metrics {
     pub releases: IntCounterVec,
     pub recovering: IntGauge,
     pub recoveries: IntCounter,
+    /// Times this process found a product's Redis state behind a moment seen outside Redis.
+    pub rollbacks: IntCounter,
     pub durability_wait_timeouts: IntCounter,
     pub unreplicated_wins: IntCounter,
     /// Statements sent to Postgres by the application pool, by [`classify_sql`].
@@ -312,6 +314,10 @@ impl Metrics {
                 "product_losses_total",
                 "Times this process found a preheated product missing from Redis",
             )?,
+            rollbacks: IntCounter::new(
+                "product_rollbacks_total",
+                "Times this process found a product's Redis state behind a win already seen outside Redis (Redis went back in time) and dropped it for a rebuild",
+            )?,
             durability_wait_timeouts: IntCounter::new(
                 "durability_wait_timeouts_total",
                 "Wins whose WAIT for replicas (SECKILL_REDIS_DURABILITY=replicas:N) timed out or failed; answered 202 anyway",
@@ -401,6 +407,7 @@ impl Metrics {
         m.registry.register(Box::new(m.releases.clone()))?;
         m.registry.register(Box::new(m.recovering.clone()))?;
         m.registry.register(Box::new(m.recoveries.clone()))?;
+        m.registry.register(Box::new(m.rollbacks.clone()))?;
         m.registry
             .register(Box::new(m.durability_wait_timeouts.clone()))?;
         m.registry.register(Box::new(m.unreplicated_wins.clone()))?;

@@ -12,8 +12,8 @@ use std::{
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait,
-    FromQueryResult, QueryFilter, Statement,
+    AccessMode, ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait,
+    FromQueryResult, IsolationLevel, QueryFilter, Statement, TransactionTrait,
 };
 use uuid::Uuid;
 
@@ -28,7 +28,7 @@ use crate::{
     },
     domain::{ProductId, UserId},
     rejections,
-    reservations::{PreheatPlan, Preheated, ReservationView, Reservations, Unavailable},
+    reservations::{Moment, PreheatPlan, Preheated, ReservationView, Reservations, Unavailable},
 };
 
 /// Largest stock one product may have.
@@ -383,15 +383,129 @@ pub fn expected_in_redis(model: &product::Model, now: DateTime<Utc>) -> bool {
 
 /// Records that the product is (about to be) in Redis, so a later loss is told apart from
 /// "never preheated"; a product preheated again is no longer retired.
-async fn mark_preheated(db: &DatabaseConnection, id: ProductId) -> anyhow::Result<()> {
-    db.execute_raw(Statement::from_sql_and_values(
+/// Records the preheat; with `fresh` (Redis does not hold the sale: the first preheat, a
+/// rebuild) bumps the product's Redis epoch. Returns the epoch the state is to carry.
+async fn mark_preheated(
+    db: &DatabaseConnection,
+    id: ProductId,
+    fresh: bool,
+) -> anyhow::Result<i64> {
+    #[derive(FromQueryResult)]
+    struct Epoch {
+        redis_epoch: i64,
+    }
+    let row = Epoch::find_by_statement(Statement::from_sql_and_values(
         db.get_database_backend(),
-        "update product set preheated_at = now(), retired_at = null where product_id = $1",
+        "update product set preheated_at = now(), retired_at = null, \
+         redis_epoch = redis_epoch + (case when $2 then 1 else 0 end) \
+         where product_id = $1 returning redis_epoch",
+        [id.get().into(), fresh.into()],
+    ))
+    .one(db)
+    .await
+    .context("recording the preheat")?
+    .context("the product vanished while it was preheated")?;
+    Ok(row.redis_epoch)
+}
+
+/// Each product's latest moment outside Redis: its current Redis epoch and the highest win
+/// sequence of that epoch relayed to RabbitMQ (0 before any). A Redis state behind it went back
+/// in time.
+pub async fn relayed_moments(
+    db: &impl ConnectionTrait,
+    ids: &[ProductId],
+) -> anyhow::Result<HashMap<ProductId, Moment>> {
+    #[derive(FromQueryResult)]
+    struct Row {
+        product_id: i64,
+        redis_epoch: i64,
+        seq: i64,
+    }
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    // Ids are integers: written into the statement, they cannot inject anything.
+    let list: Vec<String> = ids.iter().map(|p| p.get().to_string()).collect();
+    let rows = Row::find_by_statement(Statement::from_string(
+        db.get_database_backend(),
+        format!(
+            "select p.product_id, p.redis_epoch, coalesce((select max(r.seq) from relayed r \
+             where r.product_id = p.product_id and r.epoch = p.redis_epoch), 0) as seq \
+             from product p where p.product_id in ({})",
+            list.join(",")
+        ),
+    ))
+    .all(db)
+    .await
+    .context("reading the moments relayed")?;
+    rows.into_iter()
+        .map(|r| {
+            let id = ProductId::try_from(r.product_id)?;
+            Ok((id, Moment::new(r.redis_epoch, r.seq)))
+        })
+        .collect()
+}
+
+/// A winner handed to RabbitMQ: its reservation and its moment in Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Relayed {
+    pub reservation_id: Uuid,
+    pub at: Moment,
+}
+
+/// Records winners of `id` the broker confirmed, before their outbox entries are
+/// acknowledged (a winner recorded twice, relayed again after a crash, is recorded once).
+pub async fn record_relayed(
+    db: &impl ConnectionTrait,
+    id: ProductId,
+    wins: &[Relayed],
+) -> anyhow::Result<()> {
+    // 4 parameters a row: far below Postgres' 65,535 per statement for a relay batch.
+    for chunk in wins.chunks(1_000) {
+        let mut sql =
+            String::from("insert into relayed (reservation_id, product_id, epoch, seq) values ");
+        let mut values: Vec<sea_orm::Value> = Vec::with_capacity(chunk.len() * 4);
+        for (i, w) in chunk.iter().enumerate() {
+            if i > 0 {
+                sql.push(',');
+            }
+            let n = i * 4;
+            sql.push_str(&format!("(${}, ${}, ${}, ${})", n + 1, n + 2, n + 3, n + 4));
+            values.extend([
+                w.reservation_id.into(),
+                id.get().into(),
+                w.at.epoch.into(),
+                w.at.seq.into(),
+            ]);
+        }
+        sql.push_str(" on conflict (reservation_id) do nothing");
+        db.execute_raw(Statement::from_sql_and_values(
+            db.get_database_backend(),
+            sql,
+            values,
+        ))
+        .await
+        .context("recording relayed winners")?;
+    }
+    Ok(())
+}
+
+/// Winners of the product that left Redis (relayed to RabbitMQ) and are not yet accounted for
+/// in Postgres: neither an order nor a rejection. Each is in the queue, held by a worker (maybe
+/// a stalled one), in a worker's backoff, or in the dead-letter queue. A lost product is
+/// rebuilt only at 0.
+pub async fn unaccounted(db: &impl ConnectionTrait, id: ProductId) -> anyhow::Result<i64> {
+    let row = Count::find_by_statement(Statement::from_sql_and_values(
+        db.get_database_backend(),
+        "select count(*) as n from relayed r where r.product_id = $1 \
+         and not exists (select 1 from orders o where o.reservation_id = r.reservation_id) \
+         and not exists (select 1 from rejection j where j.reservation_id = r.reservation_id)",
         [id.get().into()],
     ))
+    .one(db)
     .await
-    .context("recording the preheat")?;
-    Ok(())
+    .context("counting relayed winners not yet persisted")?;
+    Ok(row.map_or(0, |r| r.n))
 }
 
 /// Loads (or rebuilds) a product's sale in Redis from Postgres. The caller holds the product's
@@ -430,13 +544,26 @@ async fn load(
     id: ProductId,
     force: bool,
 ) -> Result<Preheated, PreheatError> {
+    // Whether Redis holds the sale, asked under the rebuild lock: a state this load creates
+    // starts a new epoch.
+    let fresh = !reservations.is_preheated(id).await?;
     // Order matters: what is in flight is read from Redis before Postgres (see PreheatPlan).
     let pending = reservations.pending_ids(id).await?;
-    let live = live_orders(db, id).await?;
-    let buyers = buyers(db, id).await?;
-    let closed = closed_reservations(db, id).await?;
-    let views = order_views(db, id).await?;
-    mark_preheated(db, id).await?;
+    // Every Postgres read of one rebuild sees one snapshot: an order committed or closed
+    // between two reads is counted in both or in neither.
+    let read = db
+        .begin_with_config(
+            Some(IsolationLevel::RepeatableRead),
+            Some(AccessMode::ReadOnly),
+        )
+        .await
+        .context("starting the rebuild's read")?;
+    let live = live_orders(&read, id).await?;
+    let buyers = buyers(&read, id).await?;
+    let closed = closed_reservations(&read, id).await?;
+    let views = order_views(&read, id).await?;
+    read.commit().await.context("ending the rebuild's read")?;
+    let epoch = mark_preheated(db, id, fresh).await?;
     let updates: Vec<(UserId, &ReservationView)> = views.iter().map(|(u, v)| (*u, v)).collect();
     reservations.record_statuses(id, &updates).await?;
     let plan = PreheatPlan {
@@ -449,6 +576,7 @@ async fn load(
         starts_ms: model.starts_at.timestamp_millis(),
         ends_ms: model.ends_at.timestamp_millis(),
         force,
+        epoch,
     };
     match reservations.preheat(&plan).await? {
         Preheated::AlreadyLive { .. } => Err(PreheatError::AlreadyLive),

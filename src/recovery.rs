@@ -3,13 +3,20 @@
 //!
 //! A product Postgres says was preheated (`product.preheated_at`) but Redis does not know is
 //! **recovering**: purchases and tokens answer `503 recovering`, the product view says so, and
-//! this process forgets its sold-out memory of it. It is rebuilt from Postgres only once no
-//! winner of it can still be in flight outside Postgres: its outbox stream is empty, the
-//! orders queue has no ready message, and the product's persisted reservations have not
-//! changed for a quiet period (a worker's unacked batch lands within it). Every `serve`
-//! process watches its preheated, unended products and starts the rebuild itself; a
-//! per-product lock in Redis lets only one rebuild run, and an operator's plain or forced
-//! preheat of a recovering product goes through the same checks.
+//! this process forgets its sold-out memory of it. So is a product whose Redis state **went
+//! back in time** (a failover to a replica that had not received the last writes): its state is
+//! behind a moment seen outside Redis ([`crate::reservations::Moment`]) — found by a purchase
+//! against this process's fence, or by this watch against the highest win relayed to RabbitMQ —
+//! and is deleted, which makes it lost everywhere.
+//!
+//! It is rebuilt from Postgres only once every winner of it that ever left Redis is accounted
+//! for — **counted, not waited for**: its outbox stream is empty, and every winner the relays
+//! recorded as handed to RabbitMQ (`relayed`) has an order or a rejection
+//! ([`products::unaccounted`]). A winner in the queue, held by a stalled worker, in a worker's
+//! backoff or in the dead-letter queue keeps it recovering, and another product's busy queue
+//! does not. Every `serve` process watches its preheated, unended products and starts the
+//! rebuild itself; a per-product lock in Redis lets only one rebuild run, and an operator's
+//! plain or forced preheat of a recovering product goes through the same checks.
 //!
 //! A sale that ended and drained is **retired** on purpose (`sweeper`): its keys expire and
 //! Postgres records `product.retired_at`. Redis not knowing a retired product is expected,
@@ -18,51 +25,31 @@
 
 use std::{sync::Arc, time::Duration};
 
-use anyhow::Context;
 use chrono::Utc;
 use sea_orm::DatabaseConnection;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    amqp::{Broker, declare_topology},
     backoff::sleep_or_stop,
     db::entities::product,
     deps::Deps,
     domain::ProductId,
     metrics::Metrics,
     products::{self, PreheatError},
-    reservations::{Preheated, Reservations},
+    reservations::{Checked, Preheated, Reservations},
     soldout::{Recovering, SoldOutCache},
 };
 
 /// How often every `serve` process looks for lost products.
 const WATCH_EVERY: Duration = Duration::from_secs(1);
 
-/// What "no winner in flight" is judged on, at one instant.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Flight {
-    outbox: i64,
-    queue_ready: u32,
-    persisted: i64,
-}
-
-impl Flight {
-    fn clear(&self) -> bool {
-        self.outbox == 0 && self.queue_ready == 0
-    }
-}
-
 /// Preheats and recovers products.
 pub struct Recovery {
     db: DatabaseConnection,
     reservations: Reservations,
-    broker: Broker,
-    queue: String,
     metrics: Arc<Metrics>,
     soldout: Arc<SoldOutCache>,
     recovering: Arc<Recovering>,
-    /// How long nothing may move before a lost product counts as drained.
-    quiet: Duration,
 }
 
 impl Recovery {
@@ -75,12 +62,9 @@ impl Recovery {
         Self {
             db: deps.db.clone(),
             reservations,
-            broker: deps.broker.clone(),
-            queue: deps.settings.amqp_queue.clone(),
             metrics: deps.metrics.clone(),
             soldout,
             recovering,
-            quiet: (deps.settings.worker_batch_wait * 3).max(Duration::from_secs(1)),
         }
     }
 
@@ -99,6 +83,17 @@ impl Recovery {
                 "Redis lost a preheated product: recovering (purchases answer 503 until it is rebuilt from Postgres)"
             );
         }
+    }
+
+    /// Redis went back in time for `product`: its state was behind a moment seen outside
+    /// Redis and is deleted (by `reserve.lua` or `behind.lua`), so it is lost everywhere.
+    pub fn went_back(&self, product: ProductId) {
+        self.metrics.rollbacks.inc();
+        tracing::error!(
+            product_id = product.get(),
+            "Redis went back in time for this product (a failover to a replica that had not received the last writes?): its state is dropped and rebuilt from Postgres once every winner that left Redis is an order"
+        );
+        self.mark(product);
     }
 
     fn unmark(&self, product: ProductId) {
@@ -172,8 +167,12 @@ impl Recovery {
             .lock_rebuild(product)
             .await?
             .ok_or(PreheatError::Busy)?;
-        let result =
-            products::rebuild(&self.db, &self.reservations, &model, force, known && force).await;
+        // Asked again under the lock: another process may have rebuilt it meanwhile.
+        let result = if !known && started && self.reservations.is_preheated(product).await? {
+            Err(PreheatError::AlreadyLive)
+        } else {
+            products::rebuild(&self.db, &self.reservations, &model, force, known && force).await
+        };
         if let Err(e) = self.reservations.unlock_rebuild(product, &token).await {
             tracing::warn!(product_id = product.get(), error = %e, "could not release the rebuild lock; it expires by itself");
         }
@@ -184,42 +183,13 @@ impl Recovery {
         result
     }
 
-    /// No winner of `product` is in flight outside Postgres: the outbox and the queue are
-    /// empty, and the product's persisted reservations did not change for the quiet period.
+    /// Every winner of `product` that left Redis is accounted for: its outbox is empty, and
+    /// each winner relayed to RabbitMQ has an order or a rejection in Postgres.
     async fn drained(&self, product: ProductId) -> Result<bool, PreheatError> {
-        let before = self.flight(product).await?;
-        if !before.clear() {
+        if self.reservations.outbox_len(product).await? > 0 {
             return Ok(false);
         }
-        tokio::time::sleep(self.quiet).await;
-        let after = self.flight(product).await?;
-        Ok(after.clear() && after == before)
-    }
-
-    async fn flight(&self, product: ProductId) -> Result<Flight, PreheatError> {
-        let outbox = self.reservations.outbox_len(product).await?;
-        let queue_ready = self.queue_ready().await?;
-        let persisted = products::count_orders(&self.db, product, "true").await?;
-        Ok(Flight {
-            outbox,
-            queue_ready,
-            persisted,
-        })
-    }
-
-    /// Messages ready in the orders queue (declared idempotently, as relays and workers do).
-    async fn queue_ready(&self) -> anyhow::Result<u32> {
-        let conn = self
-            .broker
-            .connected(Duration::from_secs(1))
-            .await
-            .context("RabbitMQ is not connected: cannot tell whether winners are in flight")?;
-        let ch = conn.create_channel().await.context("opening a channel")?;
-        let queue = declare_topology(&ch, &self.queue).await;
-        let _ = ch.close(200, "checked".into()).await;
-        Ok(queue
-            .context("reading the orders queue's depth")?
-            .message_count())
+        Ok(products::unaccounted(&self.db, product).await? == 0)
     }
 
     /// Watches every preheated, unended product; marks the lost ones recovering and rebuilds
@@ -235,13 +205,34 @@ impl Recovery {
     }
 
     async fn watch_once(&self) -> anyhow::Result<()> {
-        for model in products::preheated_unended(&self.db).await? {
-            let id = ProductId::try_from(model.product_id)?;
-            if self.reservations.is_preheated(id).await? {
-                if self.recovering.contains(id) {
-                    self.unmark(id);
+        let models = products::preheated_unended(&self.db).await?;
+        let ids = models
+            .iter()
+            .map(|m| ProductId::try_from(m.product_id))
+            .collect::<Result<Vec<_>, _>>()?;
+        // The latest moment of each outside Redis: a state behind it went back in time.
+        let moments = products::relayed_moments(&self.db, &ids).await?;
+        for id in ids {
+            let fence = moments.get(&id).copied().unwrap_or_default();
+            match self.reservations.check_moment(id, fence).await? {
+                Checked::Held(_) => {
+                    if self.recovering.contains(id) {
+                        self.unmark(id);
+                    }
+                    continue;
                 }
-                continue;
+                Checked::WentBack(at) => {
+                    tracing::warn!(
+                        product_id = id.get(),
+                        redis_epoch = at.epoch,
+                        redis_seq = at.seq,
+                        relayed_epoch = fence.epoch,
+                        relayed_seq = fence.seq,
+                        "Redis is behind the winners already relayed"
+                    );
+                    self.went_back(id);
+                }
+                Checked::NotInRedis => {}
             }
             match self.preheat(id, false).await {
                 Ok(Preheated::Loaded { remaining, buyers }) => tracing::warn!(
@@ -259,22 +250,5 @@ impl Recovery {
             }
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn in_flight_means_outbox_or_queue_not_empty() {
-        let f = |outbox, queue_ready| Flight {
-            outbox,
-            queue_ready,
-            persisted: 0,
-        };
-        assert!(f(0, 0).clear());
-        assert!(!f(1, 0).clear());
-        assert!(!f(0, 3).clear());
     }
 }

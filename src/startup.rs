@@ -93,7 +93,8 @@ impl Application {
             settings.user_rate,
             settings.product_rate,
         )
-        .with_durability(settings.redis_durability);
+        .with_durability(settings.redis_durability)
+        .with_key_grace(settings.key_grace);
         // This process's wins wake its relay (which matters on a cluster; see `relay`).
         let wake = Arc::new(OutboxWake::default());
         let reservations = if role.serves_http() {

@@ -17,6 +17,7 @@
     ["ended", "ended"],
     ["paused", "paused"],
     ["unknown_product", "not loaded"],
+    ["went_back", "Redis went back"],
   ];
   const HISTORY = 300; // seconds of decisions/s kept for the chart
 

@@ -41,6 +41,7 @@ pub async fn ample_sale(
         starts_ms: now - 1_000,
         ends_ms: now + 86_400_000,
         force: false,
+        epoch: 1,
     };
     r.preheat(&plan).await.map(drop)
 }

@@ -152,6 +152,10 @@ impl MigratorTrait for Migrator {
                 name: "0004_retired",
                 sql: include_str!("../../migrations/0004_retired.sql"),
             }),
+            Box::new(SqlMigration {
+                name: "0005_relayed",
+                sql: include_str!("../../migrations/0005_relayed.sql"),
+            }),
         ]
     }
 }

@@ -214,6 +214,8 @@ pub fn decision_response(d: &Decision) -> HttpResponse {
         Outcome::Ended => ApiError::Ended.error_response(),
         Outcome::Paused => ApiError::Paused.error_response(),
         Outcome::UnknownProduct => ApiError::ProductNotFound.error_response(),
+        // `purchase::attempt` answers it `recovering` before it gets here.
+        Outcome::WentBack => ApiError::Recovering.error_response(),
     };
     with_window(response, d.window)
 }

@@ -12,8 +12,9 @@
 //! 5. **the product is not being recovered** (in-process memory) → `503 recovering`;
 //! 6. **the decision itself**: `reserve.lua`, gathered with the attempts on the same product
 //!    that arrive meanwhile ([`Batcher`]) — sale window, rate windows, dedup, stock, outbox;
-//! 7. after it: a product Redis does not know is `ended` (by its window in Postgres) or
-//!    `recovering` (Redis lost it), and a sold-out answer is remembered.
+//! 7. after it: a Redis found behind a moment this process saw makes the product `recovering`
+//!    ([`crate::reservations::Moment`]); a product Redis does not know is `ended` (by its
+//!    window in Postgres) or `recovering` (Redis lost it); a sold-out answer is remembered.
 //!
 //! Who is asking (the shopper's JWT) is the HTTP handler's, before anything here: it extracts
 //! the caller and the body's reader, calls [`attempt`] with the process's [`Purchase`], and
@@ -98,6 +99,9 @@ pub trait Checks {
     async fn decide(&self, user: UserId, product: ProductId) -> Result<Decision, Unavailable>;
     /// Redis lost the product (asked only when Redis did not know it).
     async fn lost(&self, product: ProductId) -> anyhow::Result<bool>;
+    /// Redis went back in time for the product (the script found it behind this process's
+    /// fence and deleted its state): it is recovering.
+    fn went_back(&self, product: ProductId);
 }
 
 /// Decides one attempt of `user` on `product`, whose raw JSON body `body` reads, checks in the
@@ -132,6 +136,10 @@ where
         return Err(Refusal::Recovering);
     }
     let decision = checks.decide(user, product).await?;
+    if decision.outcome == Outcome::WentBack {
+        checks.went_back(product);
+        return Err(Refusal::Recovering);
+    }
     if decision.outcome == Outcome::UnknownProduct {
         // Redis does not know a product Postgres has: its sale is over and retired, or Redis
         // lost it.
@@ -193,6 +201,10 @@ impl Checks for Purchase {
 
     async fn lost(&self, product: ProductId) -> anyhow::Result<bool> {
         self.recovery.lost(product).await
+    }
+
+    fn went_back(&self, product: ProductId) {
+        self.recovery.went_back(product);
     }
 }
 
@@ -287,6 +299,10 @@ mod tests {
         async fn lost(&self, _: ProductId) -> anyhow::Result<bool> {
             self.ask("lost");
             Ok(self.lost)
+        }
+
+        fn went_back(&self, _: ProductId) {
+            self.ask("went_back");
         }
     }
 
@@ -421,6 +437,13 @@ mod tests {
         };
         assert!(matches!(run(&lost, BODY), Err(Refusal::Recovering)));
         assert_eq!(lost.asked().last(), Some(&"lost"));
+
+        let behind = Recorded {
+            ends_at: Utc::now() - chrono::Duration::seconds(1),
+            ..Recorded::live(Outcome::WentBack)
+        };
+        assert!(matches!(run(&behind, BODY), Err(Refusal::Recovering)));
+        assert_eq!(behind.asked().last(), Some(&"went_back"));
 
         // Neither ended nor lost (e.g. not preheated yet): the script's answer stands.
         let unknown = Recorded::live(Outcome::UnknownProduct);

@@ -9,6 +9,7 @@ use fred::{prelude::*, types::streams::XReadValue};
 use crate::{
     amqp::OrderMessage,
     domain::{ProductId, UserId},
+    reservations::Moment,
 };
 
 pub(super) type Entry = XReadValue<String, String, String>;
@@ -23,6 +24,13 @@ pub fn message_of(fields: &HashMap<String, String>) -> Option<OrderMessage> {
         product_id: ProductId::try_from(fields.get("p")?.as_str()).ok()?,
         reserved_at: DateTime::<Utc>::from_timestamp_millis(ms)?,
     })
+}
+
+/// An outbox entry's moment in Redis (`e`, `s`): the epoch and win sequence `reserve.lua` wrote
+/// (the zero moment for an entry written before they existed).
+pub fn moment_of(fields: &HashMap<String, String>) -> Moment {
+    let field = |k: &str| fields.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
+    Moment::new(field("e"), field("s"))
 }
 
 /// Parses `XREADGROUP`'s answer: nil, or `[[stream, [entries]], ...]` (RESP3: a map of

@@ -52,7 +52,7 @@ mod read;
 mod run;
 mod select;
 
-pub use decode::message_of;
+pub use decode::{message_of, moment_of};
 pub use select::{Window, slot_groups, worth_reading};
 
 /// The consumer group every relay joins.
@@ -76,6 +76,8 @@ pub struct Relay {
     pub redis: RedisSettings,
     pub keys: Keys,
     pub broker: Broker,
+    /// Where each winner handed to RabbitMQ is recorded before its entry is acknowledged.
+    pub db: sea_orm::DatabaseConnection,
     pub queue: String,
     pub metrics: Arc<Metrics>,
     /// Entries pending this long on any relay are taken over.
@@ -97,6 +99,7 @@ impl Relay {
             redis: deps.settings.redis.clone(),
             keys,
             broker: deps.broker.clone(),
+            db: deps.db.clone(),
             queue: deps.settings.amqp_queue.clone(),
             metrics: deps.metrics.clone(),
             claim_idle: deps.settings.relay_claim_idle,

@@ -1,13 +1,18 @@
 //! Publishing outbox entries to RabbitMQ (persistent, mandatory, with confirms kept in
-//! flight together), then acknowledging and deleting the confirmed ones in the stream.
+//! flight together), recording the confirmed winners in Postgres (`relayed`: what a rebuild
+//! after a loss counts, [`crate::products::unaccounted`]), then acknowledging and deleting
+//! their entries in the stream.
 
 use anyhow::Context;
 use chrono::Utc;
 use fred::prelude::*;
 use lapin::{BasicProperties, Channel, Confirmation, options::BasicPublishOptions};
 
-use super::{BATCH, GROUP, ProductError, Relay, State, decode::Entry, message_of};
-use crate::domain::ProductId;
+use super::{BATCH, GROUP, ProductError, Relay, State, decode::Entry, message_of, moment_of};
+use crate::{
+    domain::ProductId,
+    products::{Relayed, record_relayed},
+};
 
 impl Relay {
     /// Publishes what one read returned, stream by stream.
@@ -32,10 +37,11 @@ impl Relay {
         Ok(())
     }
 
-    /// Publishes a batch of one product with confirms kept in flight together; acks and
-    /// deletes the confirmed entries. Unconfirmed ones stay pending and are reclaimed later.
-    /// A broker failure is the caller's (the whole relay backs off); a failed acknowledgement
-    /// is this product's.
+    /// Publishes a batch of one product with confirms kept in flight together; records the
+    /// confirmed winners in Postgres, then acks and deletes their entries. Unconfirmed ones
+    /// stay pending and are reclaimed later. A broker failure is the caller's (the whole relay
+    /// backs off); a failed record or acknowledgement is this product's (its entries stay
+    /// pending: published again later, which the worker's idempotence absorbs).
     pub(super) async fn publish(
         &self,
         ch: &Channel,
@@ -47,6 +53,7 @@ impl Relay {
         self.metrics.relay_batch.observe(entries.len() as f64);
         let mut in_flight = Vec::with_capacity(entries.len());
         let mut done: Vec<String> = Vec::with_capacity(entries.len());
+        let mut relayed: Vec<Relayed> = Vec::with_capacity(entries.len());
         for (entry_id, fields) in entries {
             let Some(message) = message_of(&fields) else {
                 // Cannot happen with reserve.lua's entries; never let one block the stream.
@@ -79,15 +86,20 @@ impl Relay {
                 )
                 .await
                 .context("publishing")?;
-            in_flight.push((entry_id, message.reserved_at, confirm));
+            let win = Relayed {
+                reservation_id: message.reservation_id,
+                at: moment_of(&fields),
+            };
+            in_flight.push((entry_id, message.reserved_at, win, confirm));
         }
         let mut failed = 0;
-        for (entry_id, reserved_at, confirm) in in_flight {
+        for (entry_id, reserved_at, win, confirm) in in_flight {
             match confirm.await {
                 Ok(Confirmation::Ack(None)) => {
                     let lag = (Utc::now() - reserved_at).num_milliseconds().max(0) as f64 / 1_000.0;
                     self.metrics.relay_lag.observe(lag);
                     done.push(entry_id);
+                    relayed.push(win);
                 }
                 Ok(other) => {
                     failed += 1;
@@ -104,7 +116,10 @@ impl Relay {
             }
         }
         if !done.is_empty() {
-            let acked = self.acknowledge(&stream, &done).await;
+            let acked = match record_relayed(&self.db, id, &relayed).await {
+                Ok(()) => self.acknowledge(&stream, &done).await,
+                Err(e) => Err(e),
+            };
             match acked {
                 Ok(()) => self.metrics.relay_published.inc_by(done.len() as u64),
                 Err(e) => {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use fred::{prelude::*, types::Value};
 use uuid::Uuid;
 
-use super::{Reservations, Unavailable, millis, parse_uuid};
+use super::{Moment, Reservations, Unavailable, millis, parse_uuid};
 use crate::{
     domain::{ProductId, UserId},
     durability::Replication,
@@ -30,11 +30,14 @@ pub enum Outcome {
     Ended,
     Paused,
     UnknownProduct,
+    /// Redis was behind a moment this process had seen ([`Moment`]): it went back in time, and
+    /// the script deleted the product's state, so the product is lost everywhere (recovering).
+    WentBack,
 }
 
 impl Outcome {
     /// Every outcome's stable label (metrics, logs), in [`Self::index`] order.
-    pub const LABELS: [&'static str; 8] = [
+    pub const LABELS: [&'static str; 9] = [
         "won",
         "already_reserved",
         "sold_out",
@@ -43,6 +46,7 @@ impl Outcome {
         "ended",
         "paused",
         "unknown_product",
+        "went_back",
     ];
 
     /// The outcome's position in [`Self::LABELS`].
@@ -56,6 +60,7 @@ impl Outcome {
             Outcome::Ended => 5,
             Outcome::Paused => 6,
             Outcome::UnknownProduct => 7,
+            Outcome::WentBack => 8,
         }
     }
 
@@ -110,6 +115,7 @@ fn decode_attempt(reply: AttemptReply) -> Result<Decision, Unavailable> {
         6 => Outcome::Ended,
         7 => Outcome::Paused,
         8 => Outcome::UnknownProduct,
+        9 => Outcome::WentBack,
         other => {
             return Err(Unavailable::BadReply(format!(
                 "reserve.lua answered code {other}"
@@ -124,9 +130,13 @@ fn decode_attempt(reply: AttemptReply) -> Result<Decision, Unavailable> {
 }
 
 /// Decodes `reserve.lua`'s flat answer: `attempts` groups of seven values, one group per
-/// attempt in order. A reply of the wrong length or shape is an error, never a guess.
-pub fn decode_reserve(reply: Vec<Value>, attempts: usize) -> Result<Vec<Decision>, Unavailable> {
-    if reply.len() != attempts * 7 {
+/// attempt in order, then the product's moment after the call (`None`: it has no state). A
+/// reply of the wrong length or shape is an error, never a guess.
+pub fn decode_reserve(
+    reply: Vec<Value>,
+    attempts: usize,
+) -> Result<(Vec<Decision>, Option<Moment>), Unavailable> {
+    if reply.len() != attempts * 7 + 2 {
         return Err(Unavailable::BadReply(format!(
             "reserve.lua answered {} values for {attempts} attempts",
             reply.len()
@@ -136,7 +146,7 @@ pub fn decode_reserve(reply: Vec<Value>, attempts: usize) -> Result<Vec<Decision
     let mut values = reply.into_iter();
     // The length was checked above: each attempt has its seven values.
     let mut next = || values.next().unwrap_or(Value::Null);
-    (0..attempts)
+    let decisions = (0..attempts)
         .map(|_| {
             let code = next().convert::<i64>().map_err(bad)?;
             let id = next().convert::<String>().map_err(bad)?;
@@ -144,7 +154,10 @@ pub fn decode_reserve(reply: Vec<Value>, attempts: usize) -> Result<Vec<Decision
                 [(); 5].map(|()| next().convert::<i64>().map_err(bad));
             decode_attempt((code, id, remaining?, limit?, left?, reset_ms?, retry_ms?))
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    let epoch = next().convert::<i64>().map_err(bad)?;
+    let seq = next().convert::<i64>().map_err(bad)?;
+    Ok((decisions, Moment::reported(epoch, seq)))
 }
 
 impl Reservations {
@@ -159,9 +172,10 @@ impl Reservations {
     }
 
     /// Decides purchase attempts on one product in one `reserve.lua` call: each as if it came
-    /// alone, in `users`' order, at one instant (a user may appear more than once). Under
-    /// `replicas:N` one `WAIT` covers every win of the call (on the script's own connection:
-    /// `WAIT` covers only that connection's writes).
+    /// alone, in `users`' order, at one instant (a user may appear more than once). The call
+    /// carries the latest moment this process saw of the product as a fence, and the moment it
+    /// answers becomes the next one. Under `replicas:N` one `WAIT` covers every win of the
+    /// call (on the script's own connection: `WAIT` covers only that connection's writes).
     #[tracing::instrument(skip_all, fields(%product, attempts = users.len()))]
     pub async fn reserve_many(
         &self,
@@ -182,17 +196,23 @@ impl Reservations {
             k.gate.clone(),
         ]);
         keys.extend(users.iter().map(|u| k.user_rate(*u)));
-        let mut args = Vec::with_capacity(6 + 2 * users.len());
+        let fence = self.fences.of(product);
+        let mut args = Vec::with_capacity(8 + 2 * users.len());
         args.push(product.to_string());
         args.extend(self.rate_args());
         args.push(self.clock.arg());
+        args.push(fence.epoch.to_string());
+        args.push(fence.seq.to_string());
         for user in users {
             args.push(user.to_string());
             args.push(Uuid::now_v7().to_string());
         }
         let client = self.pool.next();
         let reply: Vec<Value> = self.reserve.evalsha_with_reload(client, keys, args).await?;
-        let mut decisions = decode_reserve(reply, users.len())?;
+        let (mut decisions, moment) = decode_reserve(reply, users.len())?;
+        if let Some(moment) = moment {
+            self.fences.saw(product, moment);
+        }
         self.after_decisions(client, product, &k.state, &mut decisions)
             .await;
         Ok(decisions)
@@ -284,6 +304,7 @@ mod tests {
             (6, Outcome::Ended),
             (7, Outcome::Paused),
             (8, Outcome::UnknownProduct),
+            (9, Outcome::WentBack),
         ];
         for (code, outcome) in cases {
             let d = decode_attempt(reply(code, id)).unwrap();
@@ -298,7 +319,7 @@ mod tests {
             );
         }
         for bad in [
-            reply(9, id),
+            reply(10, id),
             reply(-1, id),
             reply(0, ""),
             reply(1, "not-a-uuid"),
@@ -321,12 +342,18 @@ mod tests {
         ]
     }
 
+    /// The moment that ends every reply.
+    fn moment(epoch: i64, seq: i64) -> [Value; 2] {
+        [Value::Integer(epoch), Value::Integer(seq)]
+    }
+
     #[test]
     fn a_batch_reply_decodes_attempt_by_attempt_and_a_misshapen_one_is_an_error() {
         let id = "0190a000-0000-7000-8000-000000000001";
         let mut two = flat(0, id);
         two.extend(flat(2, ""));
-        let decisions = decode_reserve(two.clone(), 2).unwrap();
+        two.extend(moment(3, 41));
+        let (decisions, at) = decode_reserve(two.clone(), 2).unwrap();
         assert_eq!(
             decisions,
             vec![
@@ -334,13 +361,25 @@ mod tests {
                 decode_attempt(reply(2, "")).unwrap()
             ]
         );
+        assert_eq!(at, Some(Moment::new(3, 41)));
         assert!(decode_reserve(two.clone(), 3).is_err(), "too short");
         assert!(decode_reserve(two.clone(), 1).is_err(), "too long");
+        assert!(decode_reserve(two[..14].to_vec(), 2).is_err(), "no moment");
         let mut not_a_number = two;
         not_a_number[9] = Value::from("many");
         assert!(decode_reserve(not_a_number, 2).is_err());
-        assert!(decode_reserve(flat(9, id), 1).is_err(), "unknown code");
-        assert_eq!(decode_reserve(Vec::new(), 0).unwrap(), Vec::new());
+        let mut unknown = flat(10, id);
+        unknown.extend(moment(0, 0));
+        assert!(decode_reserve(unknown, 1).is_err(), "unknown code");
+        let mut gone = flat(9, "");
+        gone.extend(moment(-1, -1));
+        let (decisions, at) = decode_reserve(gone, 1).unwrap();
+        assert_eq!(decisions[0].outcome, Outcome::WentBack);
+        assert_eq!(at, None, "no state, no moment");
+        assert_eq!(
+            decode_reserve(moment(1, 1).to_vec(), 0).unwrap(),
+            (Vec::new(), Some(Moment::new(1, 1)))
+        );
     }
 
     #[test]
@@ -361,6 +400,7 @@ mod tests {
             Outcome::Ended,
             Outcome::Paused,
             Outcome::UnknownProduct,
+            Outcome::WentBack,
         ];
         let labels: Vec<&str> = all.iter().map(Outcome::label).collect();
         assert_eq!(labels, Outcome::LABELS);

@@ -179,8 +179,9 @@ impl Reservations {
         let k = self.keys.product(product);
         let mut changed = 0;
         for chunk in updates.chunks(STATUS_CHUNK) {
-            let mut args = Vec::with_capacity(1 + chunk.len() * 5);
+            let mut args = Vec::with_capacity(2 + chunk.len() * 5);
             args.push(self.keys.events());
+            args.push(self.key_grace.as_millis().to_string());
             for (user, view) in chunk {
                 args.push(view.reservation_id.to_string());
                 args.push(view.to_json());

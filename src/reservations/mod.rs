@@ -34,11 +34,15 @@ use crate::{
 
 mod decide;
 mod lifecycle;
+mod moment;
 mod sale;
 
 pub use decide::{Decision, Outcome, RateWindow, decode_reserve};
 pub use lifecycle::{Released, ReservationView, Status, decode_release, status_event};
-pub use sale::{PreheatPlan, Preheated, Retired, SaleFigures, decode_retire};
+pub use moment::{Fences, Moment};
+pub use sale::{
+    Checked, PreheatPlan, Preheated, Retired, SaleFigures, decode_behind, decode_retire,
+};
 
 static RESERVE: &str = include_str!("../../lua/reserve.lua");
 static RELEASE: &str = include_str!("../../lua/release.lua");
@@ -47,6 +51,7 @@ static PAUSE: &str = include_str!("../../lua/pause.lua");
 static STATUS: &str = include_str!("../../lua/status.lua");
 static UNLOCK: &str = include_str!("../../lua/unlock.lua");
 static RETIRE: &str = include_str!("../../lua/retire.lua");
+static BEHIND: &str = include_str!("../../lua/behind.lua");
 
 /// Where the scripts take their time from.
 #[derive(Debug, Clone, Default)]
@@ -96,6 +101,11 @@ pub struct Reservations {
     replica_wait: Option<ReplicaWait>,
     /// This process's outbox relay, told of every win (`serve`).
     wake: Option<Arc<OutboxWake>>,
+    /// The latest moment this process saw of each product (shared by every clone).
+    fences: Arc<Fences>,
+    /// `SECKILL_KEY_GRACE_SECS`: the expiry of a key a script creates for a sale Redis does
+    /// not hold (it would otherwise outlive it).
+    key_grace: Duration,
     reserve: Script,
     release: Script,
     preheat: Script,
@@ -103,6 +113,7 @@ pub struct Reservations {
     status: Script,
     unlock: Script,
     retire: Script,
+    behind: Script,
 }
 
 impl Reservations {
@@ -115,6 +126,8 @@ impl Reservations {
             clock: Clock::Redis,
             replica_wait: None,
             wake: None,
+            fences: Arc::default(),
+            key_grace: Duration::from_secs(86_400),
             reserve: Script::from_lua(RESERVE),
             release: Script::from_lua(RELEASE),
             preheat: Script::from_lua(PREHEAT),
@@ -122,6 +135,7 @@ impl Reservations {
             status: Script::from_lua(STATUS),
             unlock: Script::from_lua(UNLOCK),
             retire: Script::from_lua(RETIRE),
+            behind: Script::from_lua(BEHIND),
         }
     }
 
@@ -135,6 +149,12 @@ impl Reservations {
     /// `WAIT N` after the script; `fsync` is Redis's own doing and `none` asks nothing).
     pub fn with_durability(mut self, durability: Durability) -> Self {
         self.replica_wait = ReplicaWait::for_setting(durability);
+        self
+    }
+
+    /// Gives a key a script creates for a sale Redis does not hold the expiry `grace`.
+    pub fn with_key_grace(mut self, grace: Duration) -> Self {
+        self.key_grace = grace;
         self
     }
 
@@ -152,6 +172,11 @@ impl Reservations {
         &self.pool
     }
 
+    /// The latest moment this process saw of each product.
+    pub fn fences(&self) -> &Fences {
+        &self.fences
+    }
+
     /// Loads every script (on every cluster primary).
     pub async fn load_scripts(&self) -> Result<(), Unavailable> {
         for script in [
@@ -162,6 +187,7 @@ impl Reservations {
             &self.status,
             &self.unlock,
             &self.retire,
+            &self.behind,
         ] {
             for client in self.pool.clients() {
                 script.load(client).await?;

@@ -7,7 +7,7 @@ use std::{collections::HashSet, time::Duration};
 use fred::prelude::*;
 use uuid::Uuid;
 
-use super::{Reservations, Unavailable, millis, parse_uuid};
+use super::{Moment, Reservations, Unavailable, millis, parse_uuid};
 use crate::domain::{ProductId, UserId};
 
 /// How long a rebuild lock lives if its holder dies.
@@ -43,6 +43,9 @@ pub struct PreheatPlan {
     pub starts_ms: i64,
     pub ends_ms: i64,
     pub force: bool,
+    /// The product's Redis epoch for a state this preheat creates (a state Redis still holds
+    /// keeps its own epoch and win sequence).
+    pub epoch: i64,
 }
 
 impl PreheatPlan {
@@ -80,6 +83,31 @@ pub fn decode_retire((code, ttl_ms): (i64, i64)) -> Result<Retired, Unavailable>
         -1 => Ok(Retired::NotInRedis),
         other => Err(Unavailable::BadReply(format!(
             "retire.lua answered code {other}"
+        ))),
+    }
+}
+
+/// What [`Reservations::check_moment`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checked {
+    /// The state is at this moment, at or past the fence.
+    Held(Moment),
+    /// No state: not loaded, or lost.
+    NotInRedis,
+    /// The state was at this moment, behind the fence: Redis went back in time, and the state
+    /// is deleted.
+    WentBack(Moment),
+}
+
+/// Decodes `behind.lua`'s answer `{code, epoch, seq}`; an unknown code is an error.
+pub fn decode_behind((code, epoch, seq): (i64, i64, i64)) -> Result<Checked, Unavailable> {
+    let at = Moment::new(epoch, seq);
+    match code {
+        1 => Ok(Checked::Held(at)),
+        0 => Ok(Checked::NotInRedis),
+        -1 => Ok(Checked::WentBack(at)),
+        other => Err(Unavailable::BadReply(format!(
+            "behind.lua answered code {other}"
         ))),
     }
 }
@@ -145,17 +173,45 @@ impl Reservations {
             if plan.force { "1" } else { "0" }.to_owned(),
             self.keys.events(),
             plan.product.to_string(),
+            plan.epoch.to_string(),
         ];
         args.extend(plan.closed.iter().map(Uuid::to_string));
         let (code, remaining, buyers): (i64, i64, i64) = self
             .preheat
-            .evalsha_with_reload(self.pool.next(), vec![k.state, k.buyers, k.released], args)
+            .evalsha_with_reload(
+                self.pool.next(),
+                vec![k.state, k.buyers, k.released, k.status],
+                args,
+            )
             .await?;
         Ok(if code == 1 {
             Preheated::Loaded { remaining, buyers }
         } else {
             Preheated::AlreadyLive { remaining, buyers }
         })
+    }
+
+    /// Compares the product's state with `fence`, a moment seen outside Redis (`behind.lua`):
+    /// `Held` with the state's own moment, `NotInRedis`, or `WentBack` — it was behind, and is
+    /// deleted now (the product is lost everywhere and rebuilt by counting).
+    pub async fn check_moment(
+        &self,
+        product: ProductId,
+        fence: Moment,
+    ) -> Result<Checked, Unavailable> {
+        let reply: (i64, i64, i64) = self
+            .behind
+            .evalsha_with_reload(
+                self.pool.next(),
+                vec![self.keys.product(product).state],
+                vec![fence.epoch.to_string(), fence.seq.to_string()],
+            )
+            .await?;
+        let checked = decode_behind(reply)?;
+        if let Checked::Held(at) = checked {
+            self.fences.saw(product, at);
+        }
+        Ok(checked)
     }
 
     /// Takes the product's rebuild lock; `None` if another rebuild holds it. The lock expires
@@ -298,6 +354,7 @@ mod tests {
             starts_ms: 0,
             ends_ms: 1,
             force: true,
+            epoch: 1,
         }
     }
 
@@ -309,6 +366,20 @@ mod tests {
         // Never below zero, never above stock.
         assert_eq!(plan(2, 5, &[], &[7]).remaining(), 0);
         assert_eq!(plan(2, -3, &[], &[]).remaining(), 2);
+    }
+
+    #[test]
+    fn every_behind_code_decodes_and_an_unknown_one_is_an_error() {
+        assert_eq!(
+            decode_behind((1, 2, 9)).unwrap(),
+            Checked::Held(Moment::new(2, 9))
+        );
+        assert_eq!(decode_behind((0, -1, -1)).unwrap(), Checked::NotInRedis);
+        assert_eq!(
+            decode_behind((-1, 2, 3)).unwrap(),
+            Checked::WentBack(Moment::new(2, 3))
+        );
+        assert!(decode_behind((5, 0, 0)).is_err());
     }
 
     #[test]

@@ -11,6 +11,7 @@ mod cluster;
 mod connections;
 mod dead_letter;
 mod durability;
+mod failover;
 mod faults;
 mod health;
 mod http_api;

@@ -51,6 +51,7 @@ async fn a_rebuild_counts_each_unit_returned_around_it_exactly_once() {
         buyers: (0..7).map(|i| (user(i as i64 + 1), won[i])).collect(),
         closed: vec![won[5], won[6]],
         force: true,
+        epoch: 1,
         ..live_plan(p, 10)
     };
     assert_eq!(plan.remaining(), 5);

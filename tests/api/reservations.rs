@@ -47,6 +47,7 @@ pub fn live_plan(p: ProductId, stock: i64) -> PreheatPlan {
         starts_ms: now_ms() - 3_600_000,
         ends_ms: now_ms() + 3_600_000,
         force: false,
+        epoch: 1,
     }
 }
 

@@ -1,0 +1,23 @@
+--[[ behind.lua — is a product's Redis state behind a moment seen outside Redis? If so, delete it.
+
+The moment (epoch, win sequence) comes from Postgres: the product's current epoch and the highest
+win sequence of it relayed to RabbitMQ. A state behind it went back in time (a failover to a
+replica that had not received the last writes): deleting it makes the product lost everywhere,
+so it is rebuilt by counting (see reserve.lua, which does the same against a process's fence).
+
+KEYS: 1 state hash
+ARGV: 1 epoch  2 seq
+RETURNS {code, epoch, seq}: the state's moment and
+  code: 1 held (at or past the moment), 0 not in Redis (no `stock`), -1 behind: deleted now
+]]
+local state = redis.call("HMGET", KEYS[1], "stock", "epoch", "seq")
+if not state[1] then
+  return {0, -1, -1}
+end
+local epoch, seq = tonumber(state[2] or "0"), tonumber(state[3] or "0")
+local fence_epoch, fence_seq = tonumber(ARGV[1]), tonumber(ARGV[2])
+if epoch < fence_epoch or (epoch == fence_epoch and seq < fence_seq) then
+  redis.call("DEL", KEYS[1])
+  return {-1, epoch, seq}
+end
+return {1, epoch, seq}
