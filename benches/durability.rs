@@ -1,11 +1,12 @@
 #![allow(clippy::expect_used)] // a bench that cannot set up should stop loudly
 //! What each `SECKILL_REDIS_DURABILITY` setting costs per decision: 64 concurrent winning
 //! attempts through `Reservations::reserve` (the product's own path, fred pipelining and, for
-//! `replicas:1`, the `WAIT` on the connection that ran the script), one Redis per setting.
+//! `replicas:1`, the `WAIT` on the connection that ran the script, and for `fsync+replicas:1`
+//! its `WAITAOF 1 1`), one Redis per setting.
 //!
-//! Run by `scripts/bench-redis durability`, which starts the Redis instances (no AOF; AOF with
-//! `appendfsync always`; a primary with one replica) and names them in
-//! `SECKILL_BENCH_DURABILITY="none=redis://…;fsync=redis://…;replicas:1=redis://…"`.
+//! Run by `scripts/bench-redis durability`, which starts the servers (no AOF; AOF with
+//! `appendfsync always`; a primary with one replica; a primary and a replica both with AOF) and
+//! names them in `SECKILL_BENCH_DURABILITY="none=redis://…;fsync=redis://…;…"`.
 //! Skips with a message when that variable is unset.
 
 use std::time::Duration;
@@ -74,7 +75,7 @@ fn bench_durability(c: &mut Criterion) {
             .expect("preheat");
         // Every attempt is a fresh user's: every one wins, so every one pays the setting.
         let want = match durability {
-            Durability::Replicas(_) => Replication::Confirmed,
+            Durability::Replicas(_) | Durability::FsyncReplicas(_) => Replication::Confirmed,
             Durability::Fsync | Durability::None => Replication::NotAsked,
         };
         // Ids `none`, `fsync`, `replicas-1`: scripts/bench-redis reads their estimates.

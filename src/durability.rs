@@ -5,8 +5,13 @@
 //!   once it no longer holds ([`ReadyCheck`], cached for a few seconds).
 //! - `replicas:N`: after every win, `WAIT N` on the connection that ran the script
 //!   ([`ReplicaWait`]). A wait that comes back short still answers `202` (the unit is taken
-//!   and the win recorded on the primary), counted and logged. At start, a primary with fewer
-//!   than N online replicas is only a warning (replicas may attach later).
+//!   and the win recorded on the primary), counted and logged; a wait that *fails* (the
+//!   connection broke: the primary may be gone, and the win with it) answers `503
+//!   unavailable`, and the shopper's `/me` tells whether the win survived. At start, a primary
+//!   with fewer than N online replicas is only a warning (replicas may attach later).
+//! - `fsync+replicas:N`: the same with `WAITAOF 1 N` (Redis 7.2+, Valkey): fsynced to the AOF
+//!   of the primary *and* of N replicas before the `202`. Refused at start, in one line, by a
+//!   server without `WAITAOF` or without `appendonly yes`.
 //! - `none`: nothing to check.
 //!
 //! The replies are decoded by pure functions; the IO only fetches them.
@@ -24,7 +29,7 @@ use anyhow::Context;
 use fred::{
     cmd,
     prelude::*,
-    types::{ClusterHash, InfoKind},
+    types::{ClusterHash, InfoKind, Value},
 };
 
 use crate::{
@@ -54,12 +59,17 @@ pub enum Replication {
     /// Not waited for: a wait came back short within [`SKIP_AFTER_SHORT_WAIT`], so the
     /// replicas are known to be missing. Only the primary holds the win yet.
     Skipped,
+    /// The wait failed: the connection that ran the script broke, so the primary may be gone
+    /// and the win with it. The attempt answers `503 unavailable`, never a `202`.
+    Failed,
 }
 
 /// The `WAIT` after a win (`replicas:N`), with a short-circuit while replicas are missing.
 #[derive(Debug, Clone)]
 pub struct ReplicaWait {
     replicas: i64,
+    /// `WAITAOF 1 N` (the primary's and N replicas' AOF fsynced) instead of `WAIT N`.
+    aof: bool,
     /// Wins skip the wait until this many ms after `epoch` (0: never skipped yet).
     skip_until_ms: Arc<AtomicU64>,
     epoch: Instant,
@@ -70,6 +80,10 @@ impl ReplicaWait {
     pub fn for_setting(durability: Durability) -> Option<Self> {
         match durability {
             Durability::Replicas(n) => Some(Self::new(n)),
+            Durability::FsyncReplicas(n) => Some(Self {
+                aof: true,
+                ..Self::new(n)
+            }),
             Durability::Fsync | Durability::None => None,
         }
     }
@@ -77,6 +91,7 @@ impl ReplicaWait {
     pub fn new(replicas: NonZeroU16) -> Self {
         Self {
             replicas: i64::from(replicas.get()),
+            aof: false,
             skip_until_ms: Arc::new(AtomicU64::new(0)),
             epoch: Instant::now(),
         }
@@ -103,10 +118,19 @@ impl ReplicaWait {
             ..Options::default()
         };
         let wait_ms = i64::try_from(REPLICA_WAIT.as_millis()).unwrap_or(500);
-        let acked = client
-            .with_options(&options)
-            .wait::<i64>(self.replicas, wait_ms)
-            .await;
+        let client = client.with_options(&options);
+        let acked = if self.aof {
+            client
+                .custom::<Vec<i64>, _>(
+                    cmd!("WAITAOF", blocking: true),
+                    vec![1, self.replicas, wait_ms],
+                )
+                .await
+                .map(|counts| waitaof_replicas(&counts))
+        } else {
+            client.wait::<i64>(self.replicas, wait_ms).await
+        };
+        let failed = acked.is_err();
         match acked {
             Ok(acked) if acked >= self.replicas => return Replication::Confirmed,
             Ok(acked) => tracing::warn!(
@@ -118,14 +142,28 @@ impl ReplicaWait {
             Err(e) => tracing::warn!(
                 error = %e,
                 want = self.replicas,
-                "a win's WAIT failed: answered 202 with the win on the primary only"
+                "a win's WAIT failed (the connection broke): answered 503, the shopper's /me \
+                 tells whether the win survived"
             ),
         }
         let until = self
             .now_ms()
             .saturating_add(u64::try_from(SKIP_AFTER_SHORT_WAIT.as_millis()).unwrap_or(u64::MAX));
         self.skip_until_ms.fetch_max(until, Ordering::Relaxed);
-        Replication::TimedOut
+        if failed {
+            Replication::Failed
+        } else {
+            Replication::TimedOut
+        }
+    }
+}
+
+/// The replicas a `WAITAOF 1 N` reply `[numlocal, numreplicas]` counts as holding the win: none
+/// unless the primary's own fsync is in it too.
+pub fn waitaof_replicas(counts: &[i64]) -> i64 {
+    match counts {
+        [local, replicas] if *local >= 1 => *replicas,
+        _ => -1,
     }
 }
 
@@ -235,7 +273,24 @@ pub async fn check_at_start(durability: Durability, pool: &Pool) -> anyhow::Resu
                 .into());
             }
         },
-        Durability::Replicas(n) => {
+        Durability::FsyncReplicas(_) => match waitaof_problem(pool).await {
+            Ok(None) => {}
+            Ok(Some((node, shortfall))) => return Err(waitaof_refusal(&node, &shortfall).into()),
+            Err(e) => {
+                return Err(ConfigError::new(
+                    "SECKILL_REDIS_DURABILITY",
+                    format!(
+                        "fsync+replicas:N needs WAITAOF and appendonly yes, and the Redis \
+                         could not be asked ({e:#})"
+                    ),
+                )
+                .into());
+            }
+        },
+        Durability::Replicas(_) => {}
+    }
+    if let Durability::Replicas(n) | Durability::FsyncReplicas(n) = durability {
+        {
             let want = usize::from(n.get());
             let short = short_of_replicas(pool, want).await.unwrap_or_else(|e| {
                 tracing::warn!(error = %format!("{e:#}"), "could not count Redis replicas");
@@ -246,14 +301,67 @@ pub async fn check_at_start(durability: Durability, pool: &Pool) -> anyhow::Resu
                     %node,
                     online,
                     want,
-                    "SECKILL_REDIS_DURABILITY=replicas:{want}, but the Redis at {node} has \
-                     {online} online replicas: until they attach, every win waits out its WAIT \
-                     timeout and is only as durable as `none`"
+                    "SECKILL_REDIS_DURABILITY={durability}, but the Redis at {node} has \
+                     {online} online replicas: until they attach, every win waits out its wait \
+                     timeout and is only as durable as the primary alone"
                 );
             }
         }
     }
     Ok(())
+}
+
+/// Why a Redis cannot give `fsync+replicas:N`, from `COMMAND INFO WAITAOF` (`[nil]` on a server
+/// without it) and `CONFIG GET appendonly`; `None` when it can.
+pub fn waitaof_shortfall(has_waitaof: bool, appendonly: &[String]) -> Option<String> {
+    let aof = appendonly
+        .chunks_exact(2)
+        .find(|pair| pair[0].eq_ignore_ascii_case("appendonly"))
+        .map(|pair| pair[1].as_str());
+    let mut wrong = Vec::new();
+    if !has_waitaof {
+        wrong.push("no WAITAOF command (Redis 7.2+ or Valkey has it)".to_owned());
+    }
+    match aof {
+        Some(v) if v.eq_ignore_ascii_case("yes") => {}
+        Some(v) => wrong.push(format!("appendonly={v}")),
+        None => wrong.push("no appendonly".to_owned()),
+    }
+    (!wrong.is_empty()).then(|| wrong.join(", "))
+}
+
+/// The first primary that cannot give `fsync+replicas:N`, as `(node, shortfall)`.
+async fn waitaof_problem(pool: &Pool) -> anyhow::Result<Option<(String, String)>> {
+    let client = pool.next();
+    for (node, options) in primaries(client) {
+        let c = client.with_options(&options);
+        let info: Vec<Value> = c
+            .custom(cmd!("COMMAND"), vec!["INFO", "WAITAOF"])
+            .await
+            .with_context(|| format!("asking the Redis at {node} for WAITAOF"))?;
+        let has_waitaof = info.first().is_some_and(|v| !v.is_null());
+        let aof: Vec<String> = c
+            .custom(cmd!("CONFIG"), vec!["GET", "appendonly"])
+            .await
+            .with_context(|| format!("reading appendonly of the Redis at {node}"))?;
+        if let Some(shortfall) = waitaof_shortfall(has_waitaof, &aof) {
+            return Ok(Some((node, shortfall)));
+        }
+    }
+    Ok(None)
+}
+
+/// The error start-up fails with when `fsync+replicas:N` cannot be given: one line naming the
+/// variable, the node and what it lacks.
+pub fn waitaof_refusal(node: &str, shortfall: &str) -> ConfigError {
+    ConfigError::new(
+        "SECKILL_REDIS_DURABILITY",
+        format!(
+            "fsync+replicas:N waits with WAITAOF on an AOF-enabled primary; the Redis at {node} \
+             has {shortfall} (use Redis 7.2+ or Valkey with appendonly yes, or choose fsync or \
+             replicas:N)"
+        ),
+    )
 }
 
 /// `/readyz`'s view of the durability setting: whether Redis still gives `fsync`, looked up
@@ -353,6 +461,32 @@ mod tests {
         );
         assert!(line.contains("127.0.0.1:6379 has appendonly=no"), "{line}");
         assert!(line.contains("replicas:N or none"), "{line}");
+    }
+
+    #[test]
+    fn fsync_replicas_needs_waitaof_and_the_aof() {
+        let yes = reply(&["appendonly", "yes"]);
+        assert_eq!(waitaof_shortfall(true, &yes), None);
+        let missing = waitaof_shortfall(false, &yes).unwrap();
+        assert!(missing.contains("no WAITAOF"), "{missing}");
+        assert_eq!(
+            waitaof_shortfall(true, &reply(&["appendonly", "no"])).as_deref(),
+            Some("appendonly=no")
+        );
+        let line = waitaof_refusal("127.0.0.1:6379", &missing).to_string();
+        assert!(
+            line.starts_with("SECKILL_REDIS_DURABILITY: fsync+replicas:N"),
+            "{line}"
+        );
+        assert!(!line.contains('\n'));
+    }
+
+    #[test]
+    fn a_waitaof_reply_counts_replicas_only_with_the_primarys_own_fsync() {
+        assert_eq!(waitaof_replicas(&[1, 2]), 2);
+        assert_eq!(waitaof_replicas(&[0, 2]), -1);
+        assert_eq!(waitaof_replicas(&[1]), -1);
+        assert_eq!(waitaof_replicas(&[]), -1);
     }
 
     #[test]

@@ -449,6 +449,8 @@ impl Metrics {
                 self.unreplicated_wins.inc();
             }
             Replication::Skipped => self.unreplicated_wins.inc(),
+            // Answered 503, not 202: not an unreplicated win.
+            Replication::Failed => self.durability_wait_timeouts.inc(),
         }
     }
 

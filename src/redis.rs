@@ -1,4 +1,5 @@
-//! The Redis connection (single node or cluster) with reconnects and command timeouts.
+//! The Redis connection (single node, cluster, or a primary found through Sentinel) with
+//! reconnects and command timeouts.
 
 use std::time::Duration;
 
@@ -16,36 +17,62 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// The oldest Redis seckill runs on: the relay's `XAUTOCLAIM` drops deleted entries from 7.0 on.
 pub const MIN_VERSION: (u32, u32) = (7, 0);
 
-/// Turns our URL forms into a fred config: `redis://h:p` or `redis-cluster://h:p,h:p,...`, and
-/// the same with TLS as `rediss://` / `rediss-cluster://` (rustls, the system's roots, which
-/// `SSL_CERT_FILE` replaces).
+/// A URL that lists nodes: `scheme://[user:password@]host:port,host:port,...[/path]`.
+struct NodeList<'a> {
+    auth: Option<&'a str>,
+    nodes: Vec<(String, u16)>,
+    /// What follows the nodes after a `/` (a Sentinel URL's service name).
+    path: &'a str,
+}
+
+/// Parses what follows the scheme of a node-list URL.
+fn node_list(rest: &str) -> anyhow::Result<NodeList<'_>> {
+    let (auth, hosts) = match rest.rsplit_once('@') {
+        Some((a, h)) => (Some(a), h),
+        None => (None, rest),
+    };
+    let (hosts, path) = hosts.split_once('/').unwrap_or((hosts, ""));
+    let nodes = hosts
+        .split(',')
+        .filter(|hp| !hp.is_empty())
+        .map(|hp| {
+            let (h, p) = hp.rsplit_once(':').context("each node needs host:port")?;
+            Ok((h.to_owned(), p.parse::<u16>().context("a node's port")?))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    anyhow::ensure!(!nodes.is_empty(), "no nodes in SECKILL_REDIS_URL");
+    Ok(NodeList { auth, nodes, path })
+}
+
+/// Turns our URL forms into a fred config: `redis://h:p`, `redis-cluster://h:p,h:p,...`, and
+/// `redis-sentinel://h:p,h:p,.../<service name>` (the sentinels' addresses; the primary is
+/// asked of them at each connection, so a failover is followed), and the same with TLS as
+/// `rediss://`, `rediss-cluster://`, `rediss-sentinel://` (rustls, the system's roots, which
+/// `SSL_CERT_FILE` replaces). `user:password@` before the nodes is the Redis servers' login.
 pub fn fred_config(settings: &RedisSettings) -> anyhow::Result<Config> {
     let url = settings.url.as_str();
-    let cluster_list = url
-        .strip_prefix("redis-cluster://")
-        .map(|rest| (rest, false))
-        .or_else(|| {
-            url.strip_prefix("rediss-cluster://")
-                .map(|rest| (rest, true))
-        });
-    if let Some((rest, tls)) = cluster_list {
-        let (auth, hosts) = match rest.rsplit_once('@') {
-            Some((a, h)) => (Some(a), h),
-            None => (None, rest),
+    let listed = [
+        ("redis-cluster://", false, false),
+        ("rediss-cluster://", false, true),
+        ("redis-sentinel://", true, false),
+        ("rediss-sentinel://", true, true),
+    ]
+    .into_iter()
+    .find_map(|(scheme, sentinel, tls)| url.strip_prefix(scheme).map(|r| (r, sentinel, tls)));
+    if let Some((rest, sentinel, tls)) = listed {
+        let list = node_list(rest)?;
+        let server = if sentinel {
+            let service = list.path.trim_end_matches('/');
+            anyhow::ensure!(
+                !service.is_empty(),
+                "a redis-sentinel:// URL ends with /<service name>"
+            );
+            ServerConfig::new_sentinel(list.nodes, service)
+        } else {
+            ServerConfig::new_clustered(list.nodes)
         };
-        let hosts = hosts.trim_end_matches('/');
-        let nodes = hosts
-            .split(',')
-            .map(|hp| {
-                let (h, p) = hp
-                    .rsplit_once(':')
-                    .context("cluster node needs host:port")?;
-                Ok((h.to_owned(), p.parse::<u16>().context("cluster node port")?))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        anyhow::ensure!(!nodes.is_empty(), "no cluster nodes in SECKILL_REDIS_URL");
         let mut config = Config {
-            server: ServerConfig::new_clustered(nodes),
+            server,
             ..Config::default()
         };
         if tls {
@@ -55,7 +82,7 @@ pub fn fred_config(settings: &RedisSettings) -> anyhow::Result<Config> {
                     .into(),
             );
         }
-        if let Some(auth) = auth {
+        if let Some(auth) = list.auth {
             let (user, pass) = auth.split_once(':').unwrap_or(("", auth));
             config.username = (!user.is_empty()).then(|| user.to_owned());
             config.password = Some(pass.to_owned());
@@ -181,6 +208,9 @@ pub fn primaries(client: &Client) -> Vec<(String, Options)> {
         None => {
             let name = match &client.client_config().server {
                 ServerConfig::Centralized { server } => server.to_string(),
+                ServerConfig::Sentinel { service_name, .. } => {
+                    format!("the primary of {service_name} (through its sentinels)")
+                }
                 _ => "the configured address".to_owned(),
             };
             vec![(name, Options::default())]
@@ -281,6 +311,40 @@ mod tests {
         }
         let c = fred_config(&settings("redis://127.0.0.1:6379", false)).unwrap();
         assert!(matches!(c.server, ServerConfig::Centralized { .. }));
+    }
+
+    #[test]
+    fn sentinel_urls_list_the_sentinels_and_name_the_service() {
+        let c = fred_config(&settings(
+            "redis-sentinel://u:pw@127.0.0.1:26379,127.0.0.1:26380/seckill",
+            false,
+        ))
+        .unwrap();
+        match &c.server {
+            ServerConfig::Sentinel {
+                hosts,
+                service_name,
+                ..
+            } => {
+                assert_eq!(hosts.len(), 2);
+                assert_eq!(hosts[1].port, 26380);
+                assert_eq!(service_name, "seckill");
+            }
+            other => panic!("not sentinel: {other:?}"),
+        }
+        assert_eq!(c.username.as_deref(), Some("u"));
+        assert_eq!(c.password.as_deref(), Some("pw"));
+        assert!(c.tls.is_none());
+        let tls = fred_config(&settings("rediss-sentinel://h:26379/s", false)).unwrap();
+        assert!(tls.tls.is_some());
+        for bad in [
+            "redis-sentinel://127.0.0.1:26379",
+            "redis-sentinel://127.0.0.1:26379/",
+            "redis-sentinel:///seckill",
+            "redis-sentinel://127.0.0.1/seckill",
+        ] {
+            assert!(fred_config(&settings(bad, false)).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -124,14 +124,34 @@ fn redis(env: &Env<'_>) -> Result<RedisSettings, ConfigError> {
         "rediss://",
         "redis-cluster://",
         "rediss-cluster://",
+        "redis-sentinel://",
+        "rediss-sentinel://",
     ]
     .iter()
     .any(|scheme| redis_url.starts_with(scheme))
     {
         return Err(ConfigError::new(
             "SECKILL_REDIS_URL",
-            "must start with redis://, rediss:// (TLS), redis-cluster:// or rediss-cluster://",
+            "must start with redis://, rediss:// (TLS), redis-cluster://, rediss-cluster://, \
+             redis-sentinel:// or rediss-sentinel://",
         ));
+    }
+    if redis_url.contains("-sentinel://") {
+        let service = redis_url
+            .split_once("://")
+            .and_then(|(_, rest)| {
+                rest.rsplit_once('@')
+                    .map_or(rest, |(_, h)| h)
+                    .split_once('/')
+            })
+            .map(|(_, service)| service.trim_end_matches('/'));
+        if service.is_none_or(str::is_empty) {
+            return Err(ConfigError::new(
+                "SECKILL_REDIS_URL",
+                "a redis-sentinel:// URL lists the sentinels and ends with the service name: \
+                 redis-sentinel://host:port,host:port/<service name>",
+            ));
+        }
     }
     let cluster = redis_url.starts_with("redis-cluster://")
         || redis_url.starts_with("rediss-cluster://")
@@ -465,6 +485,10 @@ mod tests {
                 "replicas:1000",
                 Durability::Replicas(NonZeroU16::new(1000).unwrap()),
             ),
+            (
+                "fsync+replicas:1",
+                Durability::FsyncReplicas(NonZeroU16::new(1).unwrap()),
+            ),
         ] {
             let s = Settings::from_vars(vars(&[("SECKILL_REDIS_DURABILITY", raw)])).unwrap();
             assert_eq!(s.redis_durability, want, "{raw}");
@@ -480,6 +504,11 @@ mod tests {
             "replicas:-1",
             "replicas:1001",
             "replicas:two",
+            "fsync+replicas:",
+            "fsync+replicas:0",
+            "fsync+replicas:1001",
+            "fsync+",
+            "replicas:1+fsync",
         ] {
             let err = Settings::from_vars(vars(&[("SECKILL_REDIS_DURABILITY", bad)]))
                 .err()

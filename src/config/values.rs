@@ -108,6 +108,11 @@ pub enum Durability {
     /// After every win, `WAIT N` on the connection that ran the script: the `202` waits until
     /// N replicas hold the win (or the wait times out; see `reservations`).
     Replicas(NonZeroU16),
+    /// After every win, `WAITAOF 1 N` (Redis 7.2+, Valkey): the `202` waits until the primary
+    /// and N replicas have fsynced the win to their AOF (or the wait times out). Needs
+    /// `appendonly yes` on the primary and its replicas; refused at start by a server without
+    /// `WAITAOF`.
+    FsyncReplicas(NonZeroU16),
 }
 
 impl fmt::Display for Durability {
@@ -116,6 +121,7 @@ impl fmt::Display for Durability {
             Durability::None => f.write_str("none"),
             Durability::Fsync => f.write_str("fsync"),
             Durability::Replicas(n) => write!(f, "replicas:{n}"),
+            Durability::FsyncReplicas(n) => write!(f, "fsync+replicas:{n}"),
         }
     }
 }
@@ -124,17 +130,28 @@ impl FromStr for Durability {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || format!("expected fsync, replicas:N (N from 1 to 1000) or none, got {s:?}");
+        let bad = || {
+            format!(
+                "expected fsync, replicas:N, fsync+replicas:N (N from 1 to 1000) or none, got {s:?}"
+            )
+        };
+        let count = |n: &str| {
+            n.parse()
+                .ok()
+                .filter(|n: &NonZeroU16| n.get() <= 1_000)
+                .ok_or_else(bad)
+        };
         match s {
             "none" => Ok(Durability::None),
             "fsync" => Ok(Durability::Fsync),
             _ => {
-                let n: NonZeroU16 = s
-                    .strip_prefix("replicas:")
-                    .and_then(|n| n.parse().ok())
-                    .filter(|n: &NonZeroU16| n.get() <= 1_000)
-                    .ok_or_else(bad)?;
-                Ok(Durability::Replicas(n))
+                if let Some(n) = s.strip_prefix("fsync+replicas:") {
+                    Ok(Durability::FsyncReplicas(count(n)?))
+                } else if let Some(n) = s.strip_prefix("replicas:") {
+                    Ok(Durability::Replicas(count(n)?))
+                } else {
+                    Err(bad())
+                }
             }
         }
     }

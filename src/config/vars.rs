@@ -77,7 +77,7 @@ pub const VARS: &[Var] = &[
     Var::new(
         "SECKILL_REDIS_URL",
         "redis://127.0.0.1:6379",
-        "Redis; redis-cluster://host:port,host:port,... selects cluster mode",
+        "Redis; redis-cluster://host:port,host:port,... selects cluster mode, redis-sentinel://host:port,host:port/<service name> a primary found through Sentinel",
     ),
     Var::described(
         "SECKILL_REDIS_CLUSTER",
@@ -92,7 +92,7 @@ pub const VARS: &[Var] = &[
     Var::new(
         "SECKILL_REDIS_DURABILITY",
         "fsync",
-        "when a win is durable before its 202: fsync, replicas:N (1 to 1000) or none",
+        "when a win is durable before its 202: fsync, replicas:N, fsync+replicas:N (N from 1 to 1000; WAITAOF, Redis 7.2+ / Valkey) or none",
     ),
     Var::new(
         "SECKILL_DATABASE_URL",

@@ -36,6 +36,7 @@ pub use batcher::Batcher;
 use crate::{
     auth::Auth,
     domain::{ProductId, UserId},
+    durability::Replication,
     metrics::Metrics,
     products::{ProductCache, ProductInfo},
     recovery::Recovery,
@@ -136,6 +137,11 @@ where
         return Err(Refusal::Recovering);
     }
     let decision = checks.decide(user, product).await?;
+    if decision.replication == Replication::Failed {
+        // The primary that took the unit may be gone with it: never a 202 that cannot be
+        // kept. The shopper's /me tells whether the win survived.
+        return Err(Refusal::Unavailable(Unavailable::Unconfirmed));
+    }
     if decision.outcome == Outcome::WentBack {
         checks.went_back(product);
         return Err(Refusal::Recovering);
@@ -215,7 +221,7 @@ mod tests {
     use chrono::{DateTime, Utc};
 
     use super::*;
-    use crate::{durability::Replication, reservations::RateWindow};
+    use crate::reservations::RateWindow;
 
     /// A [`Checks`] that answers from fixed facts and records each check asked, in order.
     struct Recorded {
@@ -224,6 +230,7 @@ mod tests {
         token_valid: bool,
         recovering: bool,
         decides: Outcome,
+        replication: Replication,
         ends_at: DateTime<Utc>,
         lost: bool,
         asked: Mutex<Vec<&'static str>>,
@@ -238,6 +245,7 @@ mod tests {
                 token_valid: true,
                 recovering: false,
                 decides,
+                replication: Replication::NotAsked,
                 ends_at: Utc::now() + chrono::Duration::hours(1),
                 lost: false,
                 asked: Mutex::default(),
@@ -292,7 +300,7 @@ mod tests {
                     remaining: 0,
                     reset: Duration::from_secs(1),
                 },
-                replication: Replication::NotAsked,
+                replication: self.replication,
             })
         }
 
@@ -352,6 +360,28 @@ mod tests {
                 "decide"
             ]
         );
+    }
+
+    #[test]
+    fn a_win_whose_replica_wait_failed_is_never_a_202() {
+        let won = Outcome::Won {
+            reservation_id: uuid::Uuid::now_v7(),
+            remaining: 3,
+        };
+        let failed = Recorded {
+            replication: Replication::Failed,
+            ..Recorded::live(won.clone())
+        };
+        assert!(matches!(
+            run(&failed, BODY),
+            Err(Refusal::Unavailable(Unavailable::Unconfirmed))
+        ));
+        // A wait that only timed out still answers the win (documented under replicas:N).
+        let short = Recorded {
+            replication: Replication::TimedOut,
+            ..Recorded::live(won.clone())
+        };
+        assert!(matches!(run(&short, BODY), Ok(Answer::Decided(d)) if d.outcome == won));
     }
 
     #[test]

@@ -79,6 +79,10 @@ pub enum Unavailable {
     Redis(#[from] fred::error::Error),
     #[error("Redis answered unexpectedly: {0}")]
     BadReply(String),
+    /// A win's wait for its replicas failed: the connection that ran the script broke, so the
+    /// primary (and the win) may be gone. Never answered `202`.
+    #[error("the win could not be confirmed on its replicas: the connection to the primary broke")]
+    Unconfirmed,
 }
 
 fn parse_uuid(s: &str) -> Result<Uuid, Unavailable> {

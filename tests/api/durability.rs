@@ -99,16 +99,24 @@ async fn readyz_turns_503_naming_redis_once_appendfsync_is_no_longer_always() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn replicas_1_answers_202_once_the_replica_holds_the_win_and_after_the_wait_without_it() {
-    let primary = OwnRedis::start(&["--appendonly", "no"]).await;
-    let primary_port = primary.port.to_string();
-    let mut replica = OwnRedis::start(&[
-        "--appendonly",
-        "no",
-        "--replicaof",
-        "127.0.0.1",
-        &primary_port,
+/// A primary and its replica (Valkey, or Redis 7.0), both `--appendonly aof`, once the
+/// replica is online.
+async fn replicated(valkey: bool, aof: &str) -> (OwnRedis, OwnRedis) {
+    let start = |args: Vec<String>| async move {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        if valkey {
+            OwnRedis::start_valkey(&args).await
+        } else {
+            OwnRedis::start(&args).await
+        }
+    };
+    let primary = start(vec!["--appendonly".into(), aof.into()]).await;
+    let replica = start(vec![
+        "--appendonly".into(),
+        aof.into(),
+        "--replicaof".into(),
+        "127.0.0.1".into(),
+        primary.port.to_string(),
     ])
     .await;
     assert!(
@@ -118,20 +126,12 @@ async fn replicas_1_answers_202_once_the_replica_holds_the_win_and_after_the_wai
         .await,
         "the replica never came online"
     );
-    let app = TestApp::spawn_with(
-        Role::All,
-        &[
-            ("SECKILL_REDIS_URL", &primary.url()),
-            ("SECKILL_REDIS_DURABILITY", "replicas:1"),
-        ],
-    )
-    .await;
-    let p = app.api.live_product(10).await;
-    let buyers = app.keys().product(ProductId::try_from(p).unwrap()).buyers;
-    let timeouts = "seckill_durability_wait_timeouts_total ";
-    let unreplicated = "seckill_durability_unreplicated_wins_total ";
+    (primary, replica)
+}
 
-    // With the replica: the 202 comes once the replica holds the win.
+/// User 1 wins one unit of `p`, and `replica` holds the win when the 202 arrives.
+async fn the_replica_holds_the_win_at_its_202(app: &TestApp, p: i64, replica: &OwnRedis) {
+    let buyers = app.keys().product(ProductId::try_from(p).unwrap()).buyers;
     let token = app.api.fetch_token(1, p).await;
     let res = app.api.reserve(1, p, &token).await;
     assert_eq!(res.status(), 202);
@@ -141,6 +141,25 @@ async fn replicas_1_answers_202_once_the_replica_holds_the_win_and_after_the_wai
         won["reservation_id"].as_str().unwrap(),
         "the replica must hold the win when the 202 is sent"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_1_answers_202_once_the_replica_holds_the_win_and_after_the_wait_without_it() {
+    let (primary, mut replica) = replicated(false, "no").await;
+    let app = TestApp::spawn_with(
+        Role::All,
+        &[
+            ("SECKILL_REDIS_URL", &primary.url()),
+            ("SECKILL_REDIS_DURABILITY", "replicas:1"),
+        ],
+    )
+    .await;
+    let p = app.api.live_product(10).await;
+    let timeouts = "seckill_durability_wait_timeouts_total ";
+    let unreplicated = "seckill_durability_unreplicated_wins_total ";
+
+    // With the replica: the 202 comes once the replica holds the win.
+    the_replica_holds_the_win_at_its_202(&app, p, &replica).await;
     assert_eq!(app.api.metric(timeouts).await, 0.0);
     assert_eq!(app.api.metric(unreplicated).await, 0.0);
 
@@ -318,5 +337,63 @@ async fn every_202_becomes_one_order_when_an_fsync_redis_is_killed_mid_sale() {
     .await;
     assert_eq!(twice, 0, "a user with two orders");
     assert!(orders.len() as i64 <= STOCK);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fsync_replicas_1_answers_202_once_both_aofs_hold_the_win_and_is_refused_without_waitaof() {
+    // Redis 7.0 has no WAITAOF: refused at start, in one line.
+    let old = OwnRedis::start(FSYNC).await;
+    let iso = Isolation::new();
+    let refused = Application::build(
+        iso.settings(&[
+            ("SECKILL_REDIS_URL", &old.url()),
+            ("SECKILL_REDIS_DURABILITY", "fsync+replicas:1"),
+        ]),
+        Role::All,
+        CancellationToken::new(),
+    )
+    .await
+    .err()
+    .expect("fsync+replicas:1 must refuse a Redis without WAITAOF");
+    let line = format!("{refused:#}");
+    assert!(!line.contains('\n'), "{line}");
+    assert!(
+        line.starts_with("SECKILL_REDIS_DURABILITY: fsync+replicas:N"),
+        "{line}"
+    );
+    assert!(line.contains("no WAITAOF"), "{line}");
+
+    // Valkey 8.1, a primary and a replica, both with an AOF.
+    let (primary, mut replica) = replicated(true, "yes").await;
+    let app = TestApp::spawn_isolated(
+        iso,
+        Role::All,
+        &[
+            ("SECKILL_REDIS_URL", &primary.url()),
+            ("SECKILL_REDIS_DURABILITY", "fsync+replicas:1"),
+        ],
+    )
+    .await;
+    let p = app.api.live_product(10).await;
+    let timeouts = "seckill_durability_wait_timeouts_total ";
+
+    // With the replica: the 202 comes once the primary and the replica fsynced the win.
+    the_replica_holds_the_win_at_its_202(&app, p, &replica).await;
+    assert_eq!(app.api.metric(timeouts).await, 0.0);
+
+    // Without it: the wait runs out (the unit is taken: still 202, counted).
+    replica.kill9();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            primary.online_replicas() == 0
+        })
+        .await
+    );
+    let token = app.api.fetch_token(2, p).await;
+    let started = Instant::now();
+    assert_eq!(app.api.reserve(2, p, &token).await.status(), 202);
+    assert!(started.elapsed() >= Duration::from_millis(450));
+    assert_eq!(app.api.metric(timeouts).await, 1.0);
     app.stop().await;
 }

