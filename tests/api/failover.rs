@@ -9,7 +9,7 @@ use fred::{prelude::*, types::Value as Dumped};
 use seckill::startup::Role;
 
 use crate::helpers::{
-    Proc, TestApp, amqp_channel, assert_problem, delete_prefix, eventually, http_sale,
+    Proc, TestApp, amqp_channel, assert_problem, delete_prefix, eventually, free_port, http_sale,
     passive_declare, pg_count, purchase_token, queue_len, scan_prefix,
 };
 
@@ -253,5 +253,286 @@ async fn a_worker_stalled_with_winners_keeps_a_lost_product_recovering_until_the
         0
     );
     drop(worker);
+    app.stop().await;
+}
+
+/// A Redis Sentinel deployment of one test (`scripts/redis-sentinel` on free ports, in a
+/// directory of its own): a primary, a replica, three sentinels; stopped on drop.
+struct Sentinels {
+    vars: Vec<(String, String)>,
+    dir: String,
+}
+
+impl Sentinels {
+    fn script(&self, cmd: &str) -> String {
+        let out = std::process::Command::new("bash")
+            .arg(format!(
+                "{}/scripts/redis-sentinel",
+                env!("CARGO_MANIFEST_DIR")
+            ))
+            .arg(cmd)
+            .envs(self.vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success() || cmd == "stop",
+            "scripts/redis-sentinel {cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    fn start() -> Self {
+        let port = || free_port().to_string();
+        let dir = std::env::temp_dir()
+            .join(format!(
+                "seckill-test-sentinel-{}",
+                uuid::Uuid::now_v7().simple()
+            ))
+            .to_string_lossy()
+            .into_owned();
+        let vars = vec![
+            (
+                "SECKILL_SENTINEL_NODES".into(),
+                format!("{} {}", port(), port()),
+            ),
+            (
+                "SECKILL_SENTINEL_SENTINELS".into(),
+                format!("{} {} {}", port(), port(), port()),
+            ),
+            ("SECKILL_SENTINEL_DIR".into(), dir.clone()),
+        ];
+        let s = Self { vars, dir };
+        s.script("start");
+        s
+    }
+
+    fn url(&self) -> String {
+        self.script("url")
+    }
+
+    /// `kill -9` of the node the sentinels name as primary now; its port.
+    fn kill_primary(&self) -> String {
+        let port = self.script("primary");
+        let pid = std::fs::read_to_string(format!("{}/node-{port}.pid", self.dir)).unwrap();
+        let killed = std::process::Command::new("kill")
+            .args(["-9", pid.trim()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        port
+    }
+}
+
+impl Drop for Sentinels {
+    fn drop(&mut self) {
+        self.script("stop");
+    }
+}
+
+/// What a shopper holds after pressing "buy" until the answer was definite.
+#[derive(Debug, Clone)]
+enum Held {
+    /// A 202 (or, after a retried 503, the 409 naming the same win): this reservation.
+    Won(String),
+    Nothing,
+}
+
+/// Users 1..=`shoppers` each press "buy" until the answer is definite (a `503` while Redis
+/// fails over, or a `429`, is pressed again, as a storefront would after reading `/me`);
+/// `primary` is killed once `kill_after` units are won. Every reservation id each user was
+/// ever told is theirs.
+async fn sale_through_a_failover(
+    app: &TestApp,
+    sentinels: &Sentinels,
+    product: i64,
+    shoppers: i64,
+    kill_after: usize,
+) -> HashMap<i64, Vec<String>> {
+    use futures_util::{StreamExt, stream};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let tokens: Vec<(i64, String)> = stream::iter(1..=shoppers)
+        .map(|u| async move { (u, app.api.fetch_token(u, product).await) })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    let won = AtomicUsize::new(0);
+    let killed = AtomicBool::new(false);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let results: Vec<(i64, Vec<String>)> = stream::iter(tokens)
+        .map(|(u, token)| {
+            let (won, killed) = (&won, &killed);
+            async move {
+                let mut told = Vec::new();
+                loop {
+                    if won.load(Ordering::SeqCst) >= kill_after
+                        && !killed.swap(true, Ordering::SeqCst)
+                    {
+                        let port = sentinels.kill_primary();
+                        eprintln!("killed the primary on {port} after {kill_after} wins");
+                    }
+                    let res = app.api.try_reserve(u, product, &token).await;
+                    let Ok(res) = res else { continue };
+                    let status = res.status().as_u16();
+                    let body: serde_json::Value = res.json().await.unwrap_or_default();
+                    let held = match (status, body["code"].as_str()) {
+                        (202, _) | (409, Some("already_reserved")) => {
+                            Held::Won(body["reservation_id"].as_str().unwrap().to_owned())
+                        }
+                        (410, _) => Held::Nothing,
+                        _ => {
+                            assert!(
+                                tokio::time::Instant::now() < deadline,
+                                "user {u} never got a definite answer: {status} {body}"
+                            );
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            continue;
+                        }
+                    };
+                    if let Held::Won(rid) = held {
+                        if status == 202 {
+                            won.fetch_add(1, Ordering::SeqCst);
+                        }
+                        if !told.contains(&rid) {
+                            told.push(rid);
+                        }
+                    }
+                    return (u, told);
+                }
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    assert!(
+        killed.load(Ordering::SeqCst),
+        "the primary was never killed"
+    );
+    results.into_iter().collect()
+}
+
+/// Waits until the sale settled after the failover: not recovering, nothing pending, and
+/// every unit either on sale in Redis or an order in Postgres (guarantee 4).
+async fn settled(app: &TestApp, product: i64) {
+    let ok = eventually(Duration::from_secs(90), || async {
+        let view = app.api.product(product).await;
+        let admin = app.api.admin_product(product).await;
+        view["state"] != "recovering"
+            && admin["pending"] == 0
+            && admin["remaining"].as_i64().zip(admin["sold"].as_i64())
+                == Some((
+                    FAILOVER_STOCK - orders_of(app, product).await,
+                    orders_of(app, product).await,
+                ))
+    })
+    .await;
+    assert!(
+        ok,
+        "{} {}",
+        app.api.product(product).await,
+        app.api.admin_product(product).await
+    );
+}
+
+async fn order_of(app: &TestApp, rid: &str) -> i64 {
+    pg_count(
+        &app.db,
+        &format!("select count(*) from orders where reservation_id = '{rid}'"),
+    )
+    .await
+}
+
+const FAILOVER_STOCK: i64 = 120;
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "kills a Redis primary of its own Sentinel deployment: run alone (scripts/test's second phase)"]
+async fn with_replicas_1_every_202_becomes_an_order_across_a_sentinel_failover() {
+    let sentinels = Sentinels::start();
+    let app = TestApp::spawn_with(
+        Role::All,
+        &[
+            ("SECKILL_REDIS_URL", &sentinels.url()),
+            ("SECKILL_REDIS_DURABILITY", "replicas:1"),
+            ("SECKILL_USER_RATE", "1000/1s"),
+        ],
+    )
+    .await;
+    let product = app.api.live_product(FAILOVER_STOCK).await;
+    let told = sale_through_a_failover(&app, &sentinels, product, 300, 40).await;
+    settled(&app, product).await;
+    let persisted = eventually(Duration::from_secs(60), || async {
+        orders_of(&app, product).await == told.values().filter(|t| !t.is_empty()).count() as i64
+    })
+    .await;
+    for (user, rids) in &told {
+        for rid in rids {
+            assert_eq!(
+                order_of(&app, rid).await,
+                1,
+                "the 202 of user {user} ({rid}) has no order"
+            );
+        }
+    }
+    assert!(persisted, "{} orders", orders_of(&app, product).await);
+    // 300 shoppers for 120 units: the sale went on after the failover and sold every unit once.
+    assert_eq!(orders_of(&app, product).await, FAILOVER_STOCK);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "kills a Redis primary of its own Sentinel deployment: run alone (scripts/test's second phase)"]
+async fn with_fsync_no_unit_is_promised_twice_across_a_sentinel_failover() {
+    let sentinels = Sentinels::start();
+    let app = TestApp::spawn_with(
+        Role::All,
+        &[
+            ("SECKILL_REDIS_URL", &sentinels.url()),
+            ("SECKILL_REDIS_DURABILITY", "fsync"),
+            ("SECKILL_USER_RATE", "1000/1s"),
+        ],
+    )
+    .await;
+    let product = app.api.live_product(FAILOVER_STOCK).await;
+    let told = sale_through_a_failover(&app, &sentinels, product, 300, 40).await;
+    settled(&app, product).await;
+    // Every promise ends definite: an order, or (a win only the dead primary held, the loss
+    // `fsync` documents for a failover) a `/me` that says so — never pending for ever.
+    let mut lost = 0;
+    for (user, rids) in &told {
+        for rid in rids {
+            if order_of(&app, rid).await == 1 {
+                continue;
+            }
+            let me = app
+                .api
+                .user_get(
+                    *user,
+                    &format!("/api/v1/products/{product}/reservations/me"),
+                )
+                .await;
+            let status = me.status().as_u16();
+            let body: serde_json::Value = me.json().await.unwrap_or_default();
+            let definite = (status == 404 && body["code"] == "no_reservation")
+                || (status == 200 && body["status"] == "rejected")
+                || (status == 200 && body["reservation_id"] != rid.as_str());
+            assert!(definite, "user {user}'s 202 ({rid}) ended {status} {body}");
+            lost += 1;
+        }
+    }
+    eprintln!("{lost} wins were lost with the primary and answered as such");
+    // No unit promised twice: the orders never pass the stock, one per shopper.
+    assert!(orders_of(&app, product).await <= FAILOVER_STOCK);
+    assert_eq!(
+        pg_count(
+            &app.db,
+            &format!(
+                "select count(*) from (select user_id from orders where product_id = {product} \
+                 group by user_id having count(*) > 1) t"
+            ),
+        )
+        .await,
+        0
+    );
     app.stop().await;
 }
