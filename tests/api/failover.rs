@@ -341,11 +341,11 @@ enum Held {
 
 /// Users 1..=`shoppers` each press "buy" until the answer is definite (a `503` while Redis
 /// fails over, or a `429`, is pressed again, as a storefront would after reading `/me`);
-/// `primary` is killed once `kill_after` units are won. Every reservation id each user was
+/// `kill_primary` runs once `kill_after` units are won. Every reservation id each user was
 /// ever told is theirs.
 async fn sale_through_a_failover(
     app: &TestApp,
-    sentinels: &Sentinels,
+    kill_primary: &(dyn Fn() -> String + Sync),
     product: i64,
     shoppers: i64,
     kill_after: usize,
@@ -369,7 +369,7 @@ async fn sale_through_a_failover(
                     if won.load(Ordering::SeqCst) >= kill_after
                         && !killed.swap(true, Ordering::SeqCst)
                     {
-                        let port = sentinels.kill_primary();
+                        let port = kill_primary();
                         eprintln!("killed the primary on {port} after {kill_after} wins");
                     }
                     let res = app.api.try_reserve(u, product, &token).await;
@@ -459,25 +459,35 @@ async fn with_replicas_1_every_202_becomes_an_order_across_a_sentinel_failover()
     )
     .await;
     let product = app.api.live_product(FAILOVER_STOCK).await;
-    let told = sale_through_a_failover(&app, &sentinels, product, 300, 40).await;
+    let told = sale_through_a_failover(&app, &|| sentinels.kill_primary(), product, 300, 40).await;
     settled(&app, product).await;
+    every_202_is_an_order_and_every_unit_sold_once(&app, product, &told).await;
+    app.stop().await;
+}
+
+/// After a failover with `replicas:1`: every reservation a shopper was told of is an order,
+/// and 300 shoppers for the units bought every one of them, once.
+async fn every_202_is_an_order_and_every_unit_sold_once(
+    app: &TestApp,
+    product: i64,
+    told: &HashMap<i64, Vec<String>>,
+) {
     let persisted = eventually(Duration::from_secs(60), || async {
-        orders_of(&app, product).await == told.values().filter(|t| !t.is_empty()).count() as i64
+        orders_of(app, product).await == told.values().filter(|t| !t.is_empty()).count() as i64
     })
     .await;
-    for (user, rids) in &told {
+    for (user, rids) in told {
         for rid in rids {
             assert_eq!(
-                order_of(&app, rid).await,
+                order_of(app, rid).await,
                 1,
                 "the 202 of user {user} ({rid}) has no order"
             );
         }
     }
-    assert!(persisted, "{} orders", orders_of(&app, product).await);
+    assert!(persisted, "{} orders", orders_of(app, product).await);
     // 300 shoppers for 120 units: the sale went on after the failover and sold every unit once.
-    assert_eq!(orders_of(&app, product).await, FAILOVER_STOCK);
-    app.stop().await;
+    assert_eq!(orders_of(app, product).await, FAILOVER_STOCK);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -494,7 +504,7 @@ async fn with_fsync_no_unit_is_promised_twice_across_a_sentinel_failover() {
     )
     .await;
     let product = app.api.live_product(FAILOVER_STOCK).await;
-    let told = sale_through_a_failover(&app, &sentinels, product, 300, 40).await;
+    let told = sale_through_a_failover(&app, &|| sentinels.kill_primary(), product, 300, 40).await;
     settled(&app, product).await;
     // Every promise ends definite: an order, or (a win only the dead primary held, the loss
     // `fsync` documents for a failover) a `/me` that says so — never pending for ever.
@@ -534,5 +544,130 @@ async fn with_fsync_no_unit_is_promised_twice_across_a_sentinel_failover() {
         .await,
         0
     );
+    app.stop().await;
+}
+
+/// A Redis Cluster of one test (`scripts/redis-cluster` on ports of its own, in a directory
+/// of its own): 3 primaries, each with a replica; stopped on drop.
+struct OwnCluster {
+    vars: Vec<(String, String)>,
+    dir: String,
+}
+
+impl OwnCluster {
+    fn script(&self, cmd: &str) -> String {
+        let out = std::process::Command::new("bash")
+            .arg(format!(
+                "{}/scripts/redis-cluster",
+                env!("CARGO_MANIFEST_DIR")
+            ))
+            .arg(cmd)
+            .envs(self.vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success() || cmd == "stop",
+            "scripts/redis-cluster {cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    fn start() -> Self {
+        // A node's cluster bus listens on its port + 10000: both must be free.
+        let mut ports = Vec::new();
+        while ports.len() < 6 {
+            let p = free_port();
+            if p < 50_000 && std::net::TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok() {
+                ports.push(p.to_string());
+            }
+        }
+        let dir = std::env::temp_dir()
+            .join(format!(
+                "seckill-test-cluster-{}",
+                uuid::Uuid::now_v7().simple()
+            ))
+            .to_string_lossy()
+            .into_owned();
+        let vars = vec![
+            ("SECKILL_CLUSTER_PORTS".into(), ports.join(" ")),
+            ("SECKILL_CLUSTER_DIR".into(), dir.clone()),
+            ("SECKILL_CLUSTER_REPLICAS".into(), "1".into()),
+            ("SECKILL_CLUSTER_NODE_TIMEOUT".into(), "1500".into()),
+        ];
+        let c = Self { vars, dir };
+        c.script("start");
+        c
+    }
+
+    fn url(&self) -> String {
+        self.script("url")
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let port = self.vars[0].1.split(' ').next().unwrap().to_owned();
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &port])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// `kill -9` of the primary that owns `key`'s slot; its port.
+    fn kill_primary_of(&self, key: &str) -> String {
+        let slot: u16 = self.cli(&["cluster", "keyslot", key]).parse().unwrap();
+        let nodes = self.cli(&["cluster", "nodes"]);
+        let port = nodes
+            .lines()
+            .filter(|l| l.contains("master") && !l.contains("fail"))
+            .find(|l| {
+                l.split(' ').skip(8).any(|range| {
+                    let (a, b) = range.split_once('-').unwrap_or((range, range));
+                    let (a, b): (u16, u16) = (a.parse().unwrap_or(1), b.parse().unwrap_or(0));
+                    (a..=b).contains(&slot)
+                })
+            })
+            .and_then(|l| l.split(' ').nth(1))
+            .and_then(|addr| addr.split('@').next())
+            .and_then(|addr| addr.rsplit_once(':'))
+            .map(|(_, port)| port.to_owned())
+            .unwrap_or_else(|| panic!("no primary owns slot {slot}: {nodes}"));
+        let pid = std::fs::read_to_string(format!("{}/redis-{port}.pid", self.dir)).unwrap();
+        let killed = std::process::Command::new("kill")
+            .args(["-9", pid.trim()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        port
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        self.script("stop");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "kills a primary of its own Redis Cluster: run alone (scripts/test's second phase)"]
+async fn with_replicas_1_every_202_becomes_an_order_when_a_cluster_primary_fails_over() {
+    let cluster = OwnCluster::start();
+    let app = TestApp::spawn_with(
+        Role::All,
+        &[
+            ("SECKILL_REDIS_URL", &cluster.url()),
+            ("SECKILL_REDIS_DURABILITY", "replicas:1"),
+            ("SECKILL_USER_RATE", "1000/1s"),
+        ],
+    )
+    .await;
+    let product = app.api.live_product(FAILOVER_STOCK).await;
+    let state = app.keys().product(pid(product)).state;
+    let told =
+        sale_through_a_failover(&app, &|| cluster.kill_primary_of(&state), product, 300, 40).await;
+    settled(&app, product).await;
+    every_202_is_an_order_and_every_unit_sold_once(&app, product, &told).await;
     app.stop().await;
 }
