@@ -204,7 +204,7 @@ fn bench_drain(c: &mut Criterion) {
         ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
             .await
             .ok()?;
-        declare_topology(&ch, &s.settings.amqp_queue).await.ok()?;
+        declare_topology(&conn, &s.settings.amqp_queue).await.ok()?;
         Some((conn, ch))
     }) else {
         eprintln!("worker drain bench skipped: RabbitMQ not reachable");

@@ -197,14 +197,21 @@ impl Broker {
     }
 }
 
-/// Redeliveries before a message is dead-lettered.
-pub const DELIVERY_LIMIT: i32 = 5;
+/// Redeliveries before RabbitMQ dead-letters a message. A valid winner is redelivered each time
+/// a worker's connection drops while it holds it (a restart, a network fault): 5 sent valid
+/// winners to the DLQ after five such drops. 20 (RabbitMQ 4's own default) keeps a poison
+/// message from cycling for ever while outlasting any realistic run of drops; the worker
+/// counts every redelivery (`seckill_worker_redeliveries_total`).
+pub const DELIVERY_LIMIT: i32 = 20;
 
 /// Held while this process declares queues: see [`declare_topology`].
 static DECLARING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Declares (idempotently) the durable quorum queue with at-least-once dead-lettering to
-/// `<queue>.dlq`, and the dead-letter queue itself.
+/// `<queue>.dlq`, and the dead-letter queue itself, on a channel of its own (closed after).
+/// A queue an older seckill declared with other arguments (a lower `x-delivery-limit`) is
+/// used as it is, with a warning: RabbitMQ cannot change a queue's arguments, only a policy
+/// can (`rabbitmqctl set_policy … '{"delivery-limit":20}' --apply-to queues`).
 ///
 /// One declaration at a time per process. RabbitMQ (before 4.1) records a new quorum queue
 /// before its Raft process exists and answers `declare-ok` to whoever created it only once
@@ -218,15 +225,13 @@ static DECLARING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// answer is the only sure sign. Processes that start together against a new queue can still
 /// race one another (measured: 5 of 56 rounds of two workers and a serve started at once);
 /// the consumer that hits it logs lapin's error and reconnects.
-pub async fn declare_topology(
-    channel: &lapin::Channel,
-    queue: &str,
-) -> lapin::Result<lapin::Queue> {
+pub async fn declare_topology(conn: &Connection, queue: &str) -> lapin::Result<lapin::Queue> {
     use lapin::{
         options::QueueDeclareOptions,
         types::{AMQPValue, FieldTable, LongString},
     };
     let _one_at_a_time = DECLARING.lock().await;
+    let channel = &conn.create_channel().await?;
     let durable = QueueDeclareOptions {
         durable: true,
         ..QueueDeclareOptions::default()
@@ -266,7 +271,34 @@ pub async fn declare_topology(
         "x-overflow".into(),
         AMQPValue::LongString(LongString::from("reject-publish")),
     );
-    channel.queue_declare(queue.into(), durable, args).await
+    let declared = match channel.queue_declare(queue.into(), durable, args).await {
+        Err(e) if is_precondition_failed(&e) => {
+            // The broker closed that channel: look at the queue as it is on a fresh one.
+            let ch = conn.create_channel().await?;
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            };
+            let found = ch
+                .queue_declare(queue.into(), passive, FieldTable::default())
+                .await;
+            let _ = ch.close(200, "declared".into()).await;
+            tracing::warn!(
+                queue,
+                delivery_limit = DELIVERY_LIMIT,
+                "the orders queue exists with other arguments (an older seckill declared it, with x-delivery-limit 5): using it as it is; raise its delivery limit with a policy"
+            );
+            found
+        }
+        other => other,
+    };
+    let _ = channel.close(200, "declared".into()).await;
+    declared
+}
+
+/// RabbitMQ's 406 PRECONDITION_FAILED: a declaration whose arguments differ from the queue's.
+fn is_precondition_failed(e: &lapin::Error) -> bool {
+    e.to_string().contains("PRECONDITION_FAILED")
 }
 
 #[cfg(test)]

@@ -184,7 +184,7 @@ impl Session {
             ch.confirm_select(ConfirmSelectOptions::default())
                 .await
                 .context("enabling publisher confirms")?;
-            declare_topology(&ch, queue)
+            declare_topology(&conn, queue)
                 .await
                 .context("declaring the queues")?;
             let passive = QueueDeclareOptions {

@@ -76,6 +76,9 @@ pub struct Metrics {
     pub recoveries: IntCounter,
     /// Times this process found a product's Redis state behind a moment seen outside Redis.
     pub rollbacks: IntCounter,
+    /// Deliveries the worker got a second time (or more): its connection dropped while it
+    /// held them. Past `x-delivery-limit` RabbitMQ dead-letters a message.
+    pub worker_redeliveries: IntCounter,
     pub durability_wait_timeouts: IntCounter,
     pub unreplicated_wins: IntCounter,
     /// Statements sent to Postgres by the application pool, by [`classify_sql`].
@@ -314,6 +317,10 @@ impl Metrics {
                 "product_losses_total",
                 "Times this process found a preheated product missing from Redis",
             )?,
+            worker_redeliveries: IntCounter::new(
+                "worker_redeliveries_total",
+                "Deliveries the worker got again after a connection that held them dropped (past x-delivery-limit, 20, RabbitMQ dead-letters the message)",
+            )?,
             rollbacks: IntCounter::new(
                 "product_rollbacks_total",
                 "Times this process found a product's Redis state behind a win already seen outside Redis (Redis went back in time) and dropped it for a rebuild",
@@ -408,6 +415,8 @@ impl Metrics {
         m.registry.register(Box::new(m.recovering.clone()))?;
         m.registry.register(Box::new(m.recoveries.clone()))?;
         m.registry.register(Box::new(m.rollbacks.clone()))?;
+        m.registry
+            .register(Box::new(m.worker_redeliveries.clone()))?;
         m.registry
             .register(Box::new(m.durability_wait_timeouts.clone()))?;
         m.registry.register(Box::new(m.unreplicated_wins.clone()))?;

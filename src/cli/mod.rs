@@ -135,7 +135,7 @@ pub fn run(cli: Cli) -> ExitCode {
         let shutdown = CancellationToken::new();
         tokio::spawn(cancel_on_signal(shutdown.clone()));
         match role {
-            None => crate::db::migrate(&settings.database_url).await,
+            None => migrate(&settings).await,
             Some(role) => {
                 let app = tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
@@ -298,4 +298,30 @@ async fn next_signal(term: &mut Option<tokio::signal::unix::Signal>) {
 #[cfg(not(unix))]
 async fn next_signal(_: &mut Option<()>) {
     let _ = tokio::signal::ctrl_c().await;
+}
+
+/// `seckill migrate`: the database's migrations, then the RabbitMQ queues, declared once
+/// before any process starts (processes that start together against a new quorum queue can
+/// race its creation; see [`crate::amqp::declare_topology`]). A RabbitMQ that does not answer
+/// only warns: every process declares the queues itself too.
+async fn migrate(settings: &Settings) -> anyhow::Result<()> {
+    crate::db::migrate(&settings.database_url).await?;
+    let stop = CancellationToken::new();
+    let broker = crate::amqp::Broker::start(&settings.amqp_url, stop.clone());
+    let declared = match broker.connected(std::time::Duration::from_secs(10)).await {
+        Some(conn) => crate::amqp::declare_topology(&conn, &settings.amqp_queue)
+            .await
+            .map(|_| ())
+            .map_err(anyhow::Error::from),
+        None => Err(anyhow::anyhow!("RabbitMQ did not answer within 10 s")),
+    };
+    stop.cancel();
+    match declared {
+        Ok(()) => tracing::info!(queue = %settings.amqp_queue, "queues declared"),
+        Err(e) => tracing::warn!(
+            error = %format!("{e:#}"),
+            "could not declare the RabbitMQ queues (SECKILL_AMQP_URL); the processes will declare them as they start"
+        ),
+    }
+    Ok(())
 }

@@ -73,7 +73,7 @@ impl Relay {
         ch.confirm_select(ConfirmSelectOptions::default())
             .await
             .context("enabling publisher confirms")?;
-        declare_topology(&ch, &self.queue)
+        declare_topology(&conn, &self.queue)
             .await
             .context("declaring the queues")?;
         Ok(ch)

@@ -112,7 +112,7 @@ impl Worker {
         ch.basic_qos(prefetch, BasicQosOptions::default())
             .await
             .context("setting prefetch")?;
-        let queue = declare_topology(&ch, &self.queue)
+        let queue = declare_topology(&conn, &self.queue)
             .await
             .context("declaring the queues")?;
         self.metrics
@@ -152,6 +152,8 @@ impl Worker {
                     Err(_) => break,
                 }
             }
+            let redelivered = batch.iter().filter(|d| d.redelivered).count();
+            self.metrics.worker_redeliveries.inc_by(redelivered as u64);
             if !self.handle(&ch, &dead, batch, shutdown).await? {
                 break;
             }

@@ -40,7 +40,7 @@ async fn publish(queue: &str, bodies: &[Vec<u8>]) {
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
-    declare_topology(&ch, queue).await.unwrap();
+    declare_topology(&conn, queue).await.unwrap();
     for body in bodies {
         let mut attempts = 0;
         loop {
@@ -424,5 +424,52 @@ async fn a_second_win_after_redis_lost_the_first_is_rejected_and_the_shopper_kee
     assert_eq!(remaining + 1, 5);
     assert_eq!(sold_count(&app.db, p).await, 1);
     worker.stop().await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_queue_an_older_seckill_declared_with_delivery_limit_5_is_used_as_it_is() {
+    use lapin::{
+        options::QueueDeclareOptions,
+        types::{FieldTable, LongString},
+    };
+    let iso = Isolation::new();
+    // The queues as an older seckill declared them: its x-delivery-limit was 5.
+    let (conn, ch) = amqp_channel().await.unwrap();
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    let text = |s: &str| AMQPValue::LongString(LongString::from(s));
+    let dlq = dlq_name(&iso.queue);
+    let mut dlq_args = FieldTable::default();
+    dlq_args.insert("x-queue-type".into(), text("quorum"));
+    ch.queue_declare(dlq.as_str().into(), durable, dlq_args)
+        .await
+        .unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), text("quorum"));
+    args.insert("x-delivery-limit".into(), AMQPValue::LongInt(5));
+    args.insert("x-dead-letter-exchange".into(), text(""));
+    args.insert("x-dead-letter-routing-key".into(), text(&dlq));
+    args.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+    args.insert("x-overflow".into(), text("reject-publish"));
+    ch.queue_declare(iso.queue.as_str().into(), durable, args)
+        .await
+        .unwrap();
+    let _ = conn.close(200, "bye".into()).await;
+
+    // Today's seckill declares it with other arguments: it uses it as it is, and a sale goes
+    // through it to Postgres.
+    let app = TestApp::spawn_isolated(iso, Role::All, &[]).await;
+    let product = app.api.live_product(5).await;
+    let (won, _) = crate::helpers::http_sale(&app.api, product, 1..=5, 1).await;
+    assert_eq!(won.len(), 5);
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            order_count(&app.db, product).await == 5
+        })
+        .await
+    );
     app.stop().await;
 }

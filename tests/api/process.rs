@@ -376,6 +376,17 @@ fn migrate_exits_zero_and_can_run_twice() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    // The queues are declared too, before any process starts.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (conn, ch) = crate::helpers::amqp_channel().await.unwrap();
+        for queue in [iso.queue.clone(), format!("{}.dlq", iso.queue)] {
+            crate::helpers::passive_declare(&ch, &queue)
+                .await
+                .unwrap_or_else(|e| panic!("{queue} not declared by migrate: {e}"));
+        }
+        let _ = conn.close(200, "bye".into()).await;
+    });
 }
 
 #[test]
@@ -526,6 +537,7 @@ async fn serve_with_migrate_0_checks_the_schema_instead_of_changing_it() {
         let out = seckill_command()
             .arg("migrate")
             .env("SECKILL_DATABASE_URL", iso.database_url())
+            .env("SECKILL_AMQP_QUEUE", &iso.queue)
             .env("SECKILL_DEV", "1")
             .output()
             .unwrap();
