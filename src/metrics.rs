@@ -76,6 +76,9 @@ pub struct Metrics {
     pub recoveries: IntCounter,
     /// Times this process found a product's Redis state behind a moment seen outside Redis.
     pub rollbacks: IntCounter,
+    /// Winners of ended sales that left Redis and are not orders or rejections (the sweeper's
+    /// last retirement pass): they keep their sale from retiring.
+    pub ended_unpersisted: IntGauge,
     /// Deliveries the worker got a second time (or more): its connection dropped while it
     /// held them. Past `x-delivery-limit` RabbitMQ dead-letters a message.
     pub worker_redeliveries: IntCounter,
@@ -321,6 +324,10 @@ impl Metrics {
                 "worker_redeliveries_total",
                 "Deliveries the worker got again after a connection that held them dropped (past x-delivery-limit, 20, RabbitMQ dead-letters the message)",
             )?,
+            ended_unpersisted: IntGauge::new(
+                "ended_sales_unpersisted_winners",
+                "Winners of ended sales that were relayed to RabbitMQ but are neither an order nor a rejection (in the queue, held by a worker, or in the dead-letter queue); while any remain the sale cannot retire",
+            )?,
             rollbacks: IntCounter::new(
                 "product_rollbacks_total",
                 "Times this process found a product's Redis state behind a win already seen outside Redis (Redis went back in time) and dropped it for a rebuild",
@@ -415,6 +422,7 @@ impl Metrics {
         m.registry.register(Box::new(m.recovering.clone()))?;
         m.registry.register(Box::new(m.recoveries.clone()))?;
         m.registry.register(Box::new(m.rollbacks.clone()))?;
+        m.registry.register(Box::new(m.ended_unpersisted.clone()))?;
         m.registry
             .register(Box::new(m.worker_redeliveries.clone()))?;
         m.registry

@@ -490,6 +490,39 @@ pub async fn record_relayed(
     Ok(())
 }
 
+/// [`unaccounted`] for several products at once (products with none are absent).
+pub async fn unaccounted_of(
+    db: &impl ConnectionTrait,
+    ids: &[ProductId],
+) -> anyhow::Result<HashMap<ProductId, i64>> {
+    #[derive(FromQueryResult)]
+    struct Row {
+        product_id: i64,
+        n: i64,
+    }
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    // Ids are integers: written into the statement, they cannot inject anything.
+    let list: Vec<String> = ids.iter().map(|p| p.get().to_string()).collect();
+    let rows = Row::find_by_statement(Statement::from_string(
+        db.get_database_backend(),
+        format!(
+            "select r.product_id, count(*) as n from relayed r where r.product_id in ({}) \
+             and not exists (select 1 from orders o where o.reservation_id = r.reservation_id) \
+             and not exists (select 1 from rejection j where j.reservation_id = r.reservation_id) \
+             group by r.product_id",
+            list.join(",")
+        ),
+    ))
+    .all(db)
+    .await
+    .context("counting relayed winners not yet persisted")?;
+    rows.into_iter()
+        .map(|r| Ok((ProductId::try_from(r.product_id)?, r.n)))
+        .collect()
+}
+
 /// Winners of the product that left Redis (relayed to RabbitMQ) and are not yet accounted for
 /// in Postgres: neither an order nor a rejection. Each is in the queue, held by a worker (maybe
 /// a stalled one), in a worker's backoff, or in the dead-letter queue. A lost product is

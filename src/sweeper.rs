@@ -119,25 +119,40 @@ pub async fn sweep_once(
     })
 }
 
-/// Retires every ended, drained sale (see the module's doc); returns how many were retired.
-/// A product that fails is logged and left for the next pass.
+/// What one retirement pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retirement {
+    pub retired: usize,
+    /// Winners of the ended sales looked at that left Redis for RabbitMQ and are neither an
+    /// order nor a rejection: in the queue, held by a worker, or dead-lettered. A sale with any
+    /// cannot retire; a count that stays up is a winner in the DLQ.
+    pub unpersisted: i64,
+}
+
+/// Retires every ended, drained sale (see the module's doc). A product that fails is logged
+/// and left for the next pass.
 pub async fn retire_once(
     db: &DatabaseConnection,
     reservations: &Reservations,
     grace: Duration,
-) -> anyhow::Result<usize> {
-    let mut retired = 0;
+) -> anyhow::Result<Retirement> {
+    let mut pass = Retirement::default();
     for model in products::retire_candidates(db).await? {
         let id = ProductId::try_from(model.product_id)?;
+        let unpersisted = products::unaccounted(db, id).await?;
+        if unpersisted > 0 {
+            pass.unpersisted += unpersisted;
+            continue;
+        }
         match retire(db, reservations, &model, id, grace).await {
-            Ok(true) => retired += 1,
+            Ok(true) => pass.retired += 1,
             Ok(false) => {}
             Err(e) => {
                 tracing::warn!(product_id = id.get(), error = %format!("{e:#}"), "could not retire an ended sale yet")
             }
         }
     }
-    Ok(retired)
+    Ok(pass)
 }
 
 async fn retire(
@@ -207,7 +222,10 @@ impl Sweeper {
             if last_retire.is_none_or(|t| t.elapsed() >= RETIRE_EVERY) {
                 last_retire = Some(Instant::now());
                 match retire_once(&self.db, &self.reservations, self.key_grace).await {
-                    Ok(n) => self.metrics.retired.inc_by(n as u64),
+                    Ok(pass) => {
+                        self.metrics.retired.inc_by(pass.retired as u64);
+                        self.metrics.ended_unpersisted.set(pass.unpersisted);
+                    }
                     Err(e) => tracing::warn!(error = %format!("{e:#}"), "retirement pass failed"),
                 }
             }

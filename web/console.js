@@ -132,6 +132,7 @@
     for (const [key, label] of [
       ["remaining", "Remaining"],
       ["pending", "Pending"],
+      ["in_flight", "In flight"],
       ["sold", "Orders"],
       ["stock", "Units"],
       ["when", "Window"],
@@ -190,6 +191,14 @@
     c.node.dataset.state = state;
     setText(f.remaining, p.remaining ?? "—");
     setText(f.pending, p.pending ?? "—");
+    // Relayed winners not yet orders: once the sale is over, any left are in the dead-letter
+    // queue (or workers are down), and the sale cannot retire (alert
+    // SeckillEndedSaleWinnersUnpersisted).
+    setText(f.in_flight, p.in_flight ?? 0);
+    f.in_flight.dataset.alarm = (p.in_flight || 0) > 0 && now >= Date.parse(p.ends_at) ? "1" : "0";
+    f.in_flight.title = f.in_flight.dataset.alarm === "1"
+      ? "Winners left Redis but are not orders: see the dead-letter queue (seckill dlq list)"
+      : "Winners on their way to Postgres";
     setText(f.sold, p.sold);
     setText(f.stock, p.stock);
     const starts = Date.parse(p.starts_at);

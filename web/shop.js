@@ -203,15 +203,32 @@
     if (code === "sold_out") product.remaining = 0;
   }
 
+  /**
+   * After a 503 or no answer to the purchase itself, the attempt may still have been decided (a
+   * batch whose Redis call failed after its script ran, a replica wait that broke): the
+   * shopper's /me says whether it won before anything is told. True when it did.
+   */
+  async function wonAfterAll() {
+    const res = await api("GET", `/api/v1/products/${productId}/reservations/me`, { bearer: jwt }).catch(() => null);
+    if (!res || res.status !== 200) return false;
+    setText($("answer"), "You won! The unit is yours.");
+    holds = true;
+    showReservation(res.body);
+    if (!TERMINAL.has(res.body.status)) openStream();
+    return true;
+  }
+
   $("buy").addEventListener("click", async () => {
     if (busy || !jwt) return;
     busy = true;
     render();
     setText($("answer"), "Sending your order…");
+    let sent = false;
     try {
       let res = await api("POST", `/api/v1/products/${productId}/token`, { bearer: jwt });
       if (res.status !== 200) return answerProblem(res);
       const token = res.body.token;
+      sent = true;
       res = await api("POST", `/api/v1/products/${productId}/reservations`, {
         bearer: jwt,
         json: { token },
@@ -225,11 +242,15 @@
         setText($("answer"), ANSWERS.already_reserved);
         holds = true;
         checkReservation();
+      } else if (res.status >= 500 && (await wonAfterAll())) {
+        // Decided after all: /me told.
       } else {
         answerProblem(res);
       }
     } catch (_) {
-      setText($("answer"), "Unavailable — the shop could not be reached. Try again shortly.");
+      if (!(sent && (await wonAfterAll()))) {
+        setText($("answer"), "Unavailable — the shop could not be reached. Try again shortly.");
+      }
     } finally {
       busy = false;
       render();

@@ -116,7 +116,10 @@ struct Stock {
 
 /// Units still free (`stock - sold`) of the batch's products that exist. With `lock`, the rows
 /// are locked (`FOR NO KEY UPDATE`, the lock an `UPDATE` of `sold` takes, in id order like every
-/// writer of product rows, so consumers and sweepers never deadlock; this serialises the locked
+/// writer of product rows, so product-row locks alone never deadlock consumers and sweepers — a
+/// batch on this path and one on the unlocked path holding the same winner can still wait on
+/// each other through the order's unique key, which Postgres breaks with `40P01`, a transient
+/// failure the worker retries ([`super::classify`]); this serialises the locked
 /// batches of one product, so what is read stays true until commit, and still lets other
 /// batches' inserts check their foreign key); without, it is a plain read.
 async fn read_free(
