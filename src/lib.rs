@@ -30,7 +30,10 @@
 //!   rules, decides one attempt or a batch (window, rate, admission, dedup, stock, outbox) in one
 //!   atomic step (under `SECKILL_REDIS_DURABILITY=replicas:N` a win then waits for its replicas,
 //!   [`durability::ReplicaWait`]); the reservation lifecycle ([`reservations::Status`]), the
-//!   sale's scripts (preheat, pause, retire) and pure decoders of the scripts' replies.
+//!   sale's scripts (preheat, pause, retire) and pure decoders of the scripts' replies. Each
+//!   product's state carries a [`reservations::Moment`] (epoch, win sequence) that only moves
+//!   forward: a state found behind one seen outside Redis went back in time (a failover to a
+//!   replica that lagged) and is dropped for a rebuild.
 //! - [`soldout`] — the in-memory sold-out answer (no Redis call once a product is gone).
 //! - [`events`] — Redis pub/sub: clears sold-out memory, wakes SSE streams.
 //! - [`sse`] — the open Server-Sent Events streams: caps per user and process, wake-ups routed
@@ -40,8 +43,8 @@
 //! **Relay** (in every `serve` process):
 //! - [`relay`] — reads the outbox streams of the products whose sale is live or still draining
 //!   (a blocking read, woken by Redis; [`outbox`] wakes it on a cluster), publishes winners with
-//!   confirms, and acknowledges an entry only after the broker took it; a product that fails is
-//!   backed off alone.
+//!   confirms, records each confirmed winner in Postgres (`relayed`, what a rebuild counts), and
+//!   acknowledges an entry only after that; a product that fails is backed off alone.
 //! - [`amqp`] — the self-healing RabbitMQ connection, the queue topology, the order message.
 //!
 //! **Persist** (in `worker`):
@@ -58,8 +61,8 @@
 //!   retires ended, drained sales from Redis (their keys expire, `lua/retire.lua`).
 //! - [`products`] — creating products and loading (or rebuilding) a sale into Redis from
 //!   Postgres; [`recovery`] — the preheat's rules, and the watch in every `serve` process that
-//!   finds a product Redis lost, keeps it `recovering` until no winner is in flight, and
-//!   rebuilds it ([`http::admin`] is the operators' face of both, and of the console's live
+//!   finds a product Redis lost (or whose Redis went back in time), keeps it `recovering` until
+//!   every winner that left Redis is counted in Postgres, and rebuilds it ([`http::admin`] is the operators' face of both, and of the console's live
 //!   figures).
 //!
 //! **Process** (what every stage runs on):

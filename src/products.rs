@@ -657,7 +657,9 @@ pub async fn unsettled_orders(db: &impl ConnectionTrait, id: ProductId) -> anyho
 }
 
 /// Records that the product's sale was retired from Redis (unless a preheat brought it back
-/// meanwhile: only a product still marked preheated before `since` is retired).
+/// meanwhile: only a product still marked preheated before `since` is retired), and drops the
+/// records of its relayed winners: each is an order or a rejection by then (the caller checked
+/// [`unaccounted`]), and no rebuild of an ended sale will count them.
 pub async fn mark_retired(
     db: &DatabaseConnection,
     id: ProductId,
@@ -672,6 +674,15 @@ pub async fn mark_retired(
         ))
         .await
         .context("recording the retirement")?;
+    if done.rows_affected() == 1 {
+        db.execute_raw(Statement::from_sql_and_values(
+            db.get_database_backend(),
+            "delete from relayed where product_id = $1",
+            [id.get().into()],
+        ))
+        .await
+        .context("dropping the retired sale's relayed records")?;
+    }
     Ok(done.rows_affected() == 1)
 }
 

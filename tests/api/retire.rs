@@ -91,6 +91,14 @@ async fn an_ended_drained_sale_expires_from_redis_and_is_never_taken_for_lost() 
     })
     .await;
     assert!(recorded);
+    // Its relayed winners' records (what a rebuild counts) go with it; the live sale's stay.
+    let relayed = |p: i64| format!("select count(*) from relayed where product_id = {p}");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            pg_count(&app.db, &relayed(product)).await == 0
+        })
+        .await
+    );
     assert!(!in_products_set(&app, product).await);
     assert!(in_products_set(&app, other).await);
     assert!(api.metric("seckill_products_retired_total").await >= 1.0);
