@@ -5,7 +5,10 @@ win sequence of it relayed to RabbitMQ. A state behind it went back in time (a f
 replica that had not received the last writes): deleting it makes the product lost everywhere,
 so it is rebuilt by counting (see reserve.lua, which does the same against a process's fence).
 
-KEYS: 1 state hash
+A state that won at least once (seq > 0) whose buyers hash or outbox stream is gone lost part of
+the sale (they exist from the first win on): it is deleted the same way.
+
+KEYS: 1 state hash  2 buyers hash  3 outbox stream
 ARGV: 1 epoch  2 seq
 RETURNS {code, epoch, seq}: the state's moment and
   code: 1 held (at or past the moment), 0 not in Redis (no `stock`), -1 behind: deleted now
@@ -16,7 +19,8 @@ if not state[1] then
 end
 local epoch, seq = tonumber(state[2] or "0"), tonumber(state[3] or "0")
 local fence_epoch, fence_seq = tonumber(ARGV[1]), tonumber(ARGV[2])
-if epoch < fence_epoch or (epoch == fence_epoch and seq < fence_seq) then
+if epoch < fence_epoch or (epoch == fence_epoch and seq < fence_seq)
+    or (seq > 0 and (redis.call("EXISTS", KEYS[2]) == 0 or redis.call("EXISTS", KEYS[3]) == 0)) then
   redis.call("DEL", KEYS[1])
   return {-1, epoch, seq}
 end

@@ -5,8 +5,9 @@ Each attempt, in the order given, at one instant (Redis TIME), goes through the 
 the same order:
   1 paused (a forced rebuild)          -> 7        2 unknown product (not preheated) -> 8
   2b behind the caller's fence: Redis went back in time (a failover to a replica that had
-     not received the last writes): the state is deleted, so every process finds the product
-     lost and it is rebuilt by counting                                              -> 9
+     not received the last writes), or part of the sale is gone (after a win, the buyers hash
+     and the outbox stream always exist): the state is deleted, so every process finds the
+     product lost and it is rebuilt by counting                                      -> 9
   3 sale window: before / after        -> 5 / 6    4 the user's rate window          -> 3
   5 the product's admission gate (GCRA)-> 4        6 dedup: the user already won     -> 1
   7 stock left                         -> 2        else won                          -> 0
@@ -96,9 +97,11 @@ if state[5] == "1" then
 elseif not state[1] then
   early = {8, nil}
   epoch, seq = -1, -1
-elseif epoch < fence_epoch or (epoch == fence_epoch and seq < fence_seq) then
-  -- Redis is behind a moment someone outside it saw: what it holds of this sale can no longer
-  -- be trusted to count units. Deleting the state makes it a lost product everywhere.
+elseif epoch < fence_epoch or (epoch == fence_epoch and seq < fence_seq)
+    or (seq > 0 and (redis.call("EXISTS", KEYS[2]) == 0 or redis.call("EXISTS", KEYS[4]) == 0)) then
+  -- Redis is behind a moment someone outside it saw, or lost part of the sale: what it holds
+  -- can no longer be trusted to count units. Deleting the state makes it a lost product
+  -- everywhere.
   redis.call("DEL", KEYS[1])
   early = {9, nil}
   epoch, seq = -1, -1

@@ -192,8 +192,9 @@ impl Reservations {
     }
 
     /// Compares the product's state with `fence`, a moment seen outside Redis (`behind.lua`):
-    /// `Held` with the state's own moment, `NotInRedis`, or `WentBack` — it was behind, and is
-    /// deleted now (the product is lost everywhere and rebuilt by counting).
+    /// `Held` with the state's own moment, `NotInRedis`, or `WentBack` — it was behind, or part
+    /// of the sale is gone (buyers or outbox, after a win), and it is deleted now (the product
+    /// is lost everywhere and rebuilt by counting).
     pub async fn check_moment(
         &self,
         product: ProductId,
@@ -203,7 +204,10 @@ impl Reservations {
             .behind
             .evalsha_with_reload(
                 self.pool.next(),
-                vec![self.keys.product(product).state],
+                {
+                    let k = self.keys.product(product);
+                    vec![k.state, k.buyers, k.outbox]
+                },
                 vec![fence.epoch.to_string(), fence.seq.to_string()],
             )
             .await?;

@@ -13,7 +13,10 @@ use seckill::{
     domain::{ProductId, UserId},
     keys::Keys,
     purchase::Batcher,
-    reservations::{Clock, Decision, Outcome, PreheatPlan, Preheated, Released, Reservations},
+    reservations::{
+        Clock, Decision, Outcome, PreheatPlan, Preheated, Released, ReservationView, Reservations,
+        Status,
+    },
 };
 use uuid::Uuid;
 
@@ -490,5 +493,67 @@ async fn recording_a_status_records_a_buyer_redis_does_not_know() {
     match r.reserve(user(78), p).await.unwrap().outcome {
         Outcome::AlreadyReserved { reservation_id } => assert_eq!(reservation_id, own),
         other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn scripts_leave_no_key_without_an_expiry_for_a_sale_redis_does_not_hold() {
+    let (scope, r) = setup("10/1s", "1000000/1s").await;
+    let r = r.with_key_grace(Duration::from_secs(600));
+    let p = product(31);
+    let k = r.keys().product(p);
+    // No state hash at all (lost, or expired after retirement).
+    let view = ReservationView {
+        reservation_id: Uuid::now_v7(),
+        status: Status::Confirmed,
+        order_id: Some(Uuid::now_v7()),
+        expires_at: None,
+        reason: None,
+    };
+    assert!(r.record_status(p, user(5), &view).await.unwrap());
+    for key in [&k.status, &k.buyers] {
+        let ttl: i64 = scope.pool.pttl(key).await.unwrap();
+        assert!(
+            ttl > 590_000 && ttl <= 600_000,
+            "{key}: {ttl} (a key a late status write creates gets the grace)"
+        );
+    }
+    // A pause writes nothing for a sale Redis does not hold.
+    r.set_paused(p, true).await.unwrap();
+    let exists: i64 = scope.pool.exists(&k.state).await.unwrap();
+    assert_eq!(exists, 0, "pause.lua created a state hash");
+    // A preheat makes the sale's keys lasting again.
+    r.preheat(&live_plan(p, 3)).await.unwrap();
+    for key in [&k.state, &k.status, &k.buyers] {
+        let ttl: i64 = scope.pool.pttl(key).await.unwrap();
+        assert_eq!(ttl, -1, "{key} keeps an expiry after the preheat");
+    }
+}
+
+#[tokio::test]
+async fn a_sale_that_lost_its_buyers_or_its_outbox_after_a_win_is_dropped_as_lost() {
+    let (scope, r) = setup("10/1s", "1000000/1s").await;
+    for (n, lose) in [(41, "buyers"), (42, "outbox")] {
+        let p = product(n);
+        let k = r.keys().product(p);
+        r.preheat(&live_plan(p, 5)).await.unwrap();
+        assert!(matches!(
+            r.reserve(user(1), p).await.unwrap().outcome,
+            Outcome::Won { .. }
+        ));
+        let key = if lose == "buyers" {
+            &k.buyers
+        } else {
+            &k.outbox
+        };
+        let _: i64 = scope.pool.del(key).await.unwrap();
+        // Not a second unit for user 1 (whose win the buyers hash held), not a sale from a
+        // half-lost state: the state is dropped, and the product is lost everywhere.
+        assert_eq!(
+            r.reserve(user(1), p).await.unwrap().outcome,
+            Outcome::WentBack,
+            "{lose}"
+        );
+        assert_eq!(r.remaining(p).await.unwrap(), None, "{lose}");
     }
 }
