@@ -9,7 +9,10 @@
 //! names them in `SECKILL_BENCH_DURABILITY="none=redis://…;fsync=redis://…;…"`.
 //! Skips with a message when that variable is unset.
 
-use std::time::Duration;
+use std::{
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
 
 mod common;
 
@@ -78,17 +81,30 @@ fn bench_durability(c: &mut Criterion) {
             Durability::Replicas(_) | Durability::FsyncReplicas(_) => Replication::Confirmed,
             Durability::Fsync | Durability::None => Replication::NotAsked,
         };
-        // Ids `none`, `fsync`, `replicas-1`: scripts/bench-redis reads their estimates.
+        // Waits that did not come back confirmed (timed out, or skipped right after one that
+        // did): counted and printed, since they are part of what the setting costs here.
+        let (short, wins) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        // Ids `none`, `fsync`, `replicas-1`, `fsync+replicas-1`: scripts/bench-redis reads
+        // their estimates.
         group.bench_function(durability.to_string().replace(':', "-"), |b| {
             b.to_async(&rt).iter(|| async {
                 let calls = (0..64).map(|_| r.reserve(users.next(), product));
                 for d in futures_util::future::join_all(calls).await {
                     let d = d.expect("reserve");
                     assert!(matches!(d.outcome, Outcome::Won { .. }), "{d:?}");
-                    assert_eq!(d.replication, want, "{durability}");
+                    assert_ne!(d.replication, Replication::Failed, "{durability}");
+                    wins.fetch_add(1, Ordering::Relaxed);
+                    if d.replication != want {
+                        short.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             })
         });
+        eprintln!(
+            "{durability}: {} of {} wins answered without their wait confirmed",
+            short.load(Ordering::Relaxed),
+            wins.load(Ordering::Relaxed)
+        );
     }
     group.finish();
 }
