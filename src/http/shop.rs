@@ -325,10 +325,17 @@ pub async fn reservation_view(
         ctx.reservations.knows_every_buyer(id),
     )?;
     let Some(rid) = won else {
-        if knows_every_buyer && !ctx.recovery.is_recovering(id) {
+        let recovering = ctx.recovery.is_recovering(id);
+        if knows_every_buyer && !recovering {
             return Ok(None);
         }
-        return persisted_view(ctx, user, id, None).await;
+        let view = persisted_view(ctx, user, id, None).await?;
+        // While the product is recovering a win may still be on its way to Postgres (in the
+        // queue, at a worker): "no reservation" is not yet definite.
+        if view.is_none() && recovering {
+            return Err(ApiError::Recovering);
+        }
+        return Ok(view);
     };
     let cached = ctx
         .reservations
@@ -371,6 +378,7 @@ async fn persisted_view(
         (status = 200, description = "OK", body = ReservationView),
         (status = 401, description = "`unauthorized`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
         (status = 404, description = "`no_reservation` or `product_not_found`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`recovering`: the product is being rebuilt and this shopper's win, if any, may still be on its way to Postgres (ask again shortly); or `unavailable`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
     ),
     security(("user_jwt" = [])),
     tag = "shoppers"
@@ -528,7 +536,7 @@ async fn stream_user(
         (status = 401, description = "`unauthorized` (also an expired stream token, another product's, or a JWT in `?token=`)", body = crate::http::problem::Problem, content_type = "application/problem+json"),
         (status = 404, description = "`no_reservation` or `product_not_found`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
         (status = 429, description = "`too_many_streams`: this shopper holds `SECKILL_SSE_PER_USER` streams already (or `rate_limited` per IP)", body = crate::http::problem::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`streams_exhausted` (with `Retry-After`): the process holds `SECKILL_SSE_MAX` streams; or `unavailable`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`streams_exhausted` (with `Retry-After`): the process holds `SECKILL_SSE_MAX` streams; `recovering` (as `/me`); or `unavailable`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
     ),
     security(("user_jwt" = []), ("stream_token" = [])),
     tag = "shoppers"

@@ -112,6 +112,17 @@ async fn a_redis_rolled_back_after_relaying_later_winners_sells_nothing_twice() 
     )
     .await;
     assert_eq!(app.api.product(product).await["state"], "recovering");
+    // A winner the rollback erased from Redis, on its way to Postgres: not told "no
+    // reservation" while that is not yet definite.
+    let (later, _) = second.iter().next().unwrap();
+    let me = |user: i64| {
+        let api = &app.api;
+        async move {
+            api.user_get(user, &format!("/api/v1/products/{product}/reservations/me"))
+                .await
+        }
+    };
+    assert_problem(me(*later).await, 503, "recovering").await;
 
     // A worker persists the 120 relayed winners; then the product is rebuilt by counting.
     let _worker = Proc::start(&app.iso, "worker", &[]);
@@ -126,6 +137,8 @@ async fn a_redis_rolled_back_after_relaying_later_winners_sells_nothing_twice() 
     );
     assert_eq!(orders_of(&app, product).await, 120);
     assert_eq!(app.api.product(product).await["remaining"], 80);
+    let view: serde_json::Value = me(*later).await.json().await.unwrap();
+    assert_eq!(view["status"], "confirmed", "{view}");
 
     // The rest of the sale sells exactly the 80 units left.
     let (third, _) = http_sale(&app.api, product, 2_001..=2_300, 1).await;
