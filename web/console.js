@@ -194,7 +194,7 @@
     // Relayed winners not yet orders: once the sale is over, any left are in the dead-letter
     // queue (or workers are down), and the sale cannot retire (alert
     // SeckillEndedSaleWinnersUnpersisted).
-    setText(f.in_flight, p.in_flight ?? 0);
+    setText(f.in_flight, p.in_flight ?? "—");
     f.in_flight.dataset.alarm = (p.in_flight || 0) > 0 && now >= Date.parse(p.ends_at) ? "1" : "0";
     f.in_flight.title = f.in_flight.dataset.alarm === "1"
       ? "Winners left Redis but are not orders: see the dead-letter queue (seckill dlq list)"

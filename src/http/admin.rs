@@ -199,9 +199,11 @@ pub struct ProductOverview {
     /// A forced preheat is rebuilding it: purchases answer `503 paused`.
     pub paused: bool,
     /// Winners relayed to RabbitMQ that are neither an order nor a rejection yet: in the queue,
-    /// held by a worker, or in the dead-letter queue. After the sale ended and the queue
+    /// held by a worker, or in the dead-letter queue. Counted for a sale that has ended or is
+    /// recovering (`null` while it is live: the count would cost a scan of its winners every
+    /// second; `pending` and the queue show the flow then). After the sale ended and the queue
     /// drained, a count that stays above 0 is a winner in the DLQ, and the sale cannot retire.
-    pub in_flight: i64,
+    pub in_flight: Option<i64>,
     /// Purchase decisions on this product by outcome (`won`, `sold_out`, `rate_limited`, …),
     /// counted by *this process* since it started (not summed over several `serve`
     /// processes): two readings give decisions per second.
@@ -228,11 +230,14 @@ pub async fn overview(ctx: web::Data<Ctx>, _admin: Admin) -> Result<HttpResponse
         views,
         ctx.deps.broker.queue_depths(&ctx.deps.settings.amqp_queue)
     );
-    let ids: Vec<ProductId> = recent
+    let now = Utc::now();
+    let counted: Vec<ProductId> = recent
         .iter()
-        .filter_map(|p| ProductId::try_from(p.product_id).ok())
+        .filter_map(|p| ProductId::try_from(p.product_id).ok().map(|id| (p, id)))
+        .filter(|(p, id)| now >= p.ends_at || ctx.recovery.is_recovering(*id))
+        .map(|(_, id)| id)
         .collect();
-    let in_flight = products::unaccounted_of(&ctx.deps.db, &ids).await?;
+    let in_flight = products::unaccounted_of(&ctx.deps.db, &counted).await?;
     let products = views?
         .into_iter()
         .map(|(product, paused)| {
@@ -241,7 +246,9 @@ pub async fn overview(ctx: web::Data<Ctx>, _admin: Admin) -> Result<HttpResponse
             ProductOverview {
                 recovering: id.is_some_and(|id| ctx.recovery.is_recovering(id)),
                 paused,
-                in_flight: id.and_then(|id| in_flight.get(&id).copied()).unwrap_or(0),
+                in_flight: id
+                    .filter(|id| counted.contains(id))
+                    .map(|id| in_flight.get(&id).copied().unwrap_or(0)),
                 decisions: Outcome::LABELS
                     .iter()
                     .zip(counts.unwrap_or_default())

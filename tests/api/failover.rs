@@ -224,6 +224,10 @@ async fn a_worker_stalled_with_winners_keeps_a_lost_product_recovering_until_the
         })
         .await
     );
+    // The console shows where they are: relayed, not yet orders.
+    let overview = app.api.get_admin("/api/v1/admin/overview").await;
+    let overview: serde_json::Value = overview.json().await.unwrap();
+    assert_eq!(overview["products"][0]["in_flight"], 300, "{overview}");
     // For as long as the worker holds them, no rebuild: a rebuild from Postgres now would put
     // the 300 units on sale a second time.
     let stalled_until = tokio::time::Instant::now() + Duration::from_secs(6);

@@ -147,6 +147,10 @@ async fn the_console_figures_are_behind_the_admin_token_and_count_each_products_
         (sold["recovering"].clone(), sold["paused"].clone()),
         (json!(false), json!(false))
     );
+    assert!(
+        sold["in_flight"].is_null(),
+        "not counted while the sale is live: {sold}"
+    );
     assert_eq!(sold["decisions"]["won"], 1, "{sold}");
     assert_eq!(sold["decisions"]["sold_out"], 1, "{sold}");
     assert_eq!(products[0]["decisions"]["won"], 0, "per product: {o}");
