@@ -367,6 +367,10 @@ async fn a_second_win_after_redis_lost_the_first_is_rejected_and_the_shopper_kee
     let _: i64 = app.redis.hdel(&k.status, first.to_string()).await.unwrap();
     let _: i64 = app.redis.srem(&k.pending, first.to_string()).await.unwrap();
     let _: i64 = app.redis.hincrby(&k.state, "remaining", 1).await.unwrap();
+    // As a rebuild writes it: a new epoch, its win sequence from 0 (a state that won before
+    // and has no buyers left would be taken for a partial loss).
+    let _: i64 = app.redis.hincrby(&k.state, "epoch", 1).await.unwrap();
+    let _: i64 = app.redis.hset(&k.state, ("seq", 0)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(5)).await;
     let Outcome::Won {
         reservation_id: second,
