@@ -688,3 +688,57 @@ async fn with_replicas_1_every_202_becomes_an_order_when_a_cluster_primary_fails
     every_202_is_an_order_and_every_unit_sold_once(&app, product, &told).await;
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_win_only_the_rolled_back_moment_held_ends_a_definite_no_reservation() {
+    // A serve process whose relay cannot reach RabbitMQ: every win stays in Redis' outbox.
+    let app = TestApp::spawn_with(
+        Role::Serve,
+        &[("SECKILL_AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f")],
+    )
+    .await;
+    let product = app.api.live_product(100).await;
+    let (first, _) = http_sale(&app.api, product, 1..=30, 1).await;
+    assert_eq!(first.len(), 30);
+    let moment = snapshot(&app, product).await;
+    // 20 more wins, answered 202, never relayed: only the moment after this one holds them.
+    let (lost, _) = http_sale(&app.api, product, 31..=50, 1).await;
+    assert_eq!(lost.len(), 20);
+    roll_back(&app, product, &moment).await;
+    let token = purchase_token(1_000, product);
+    assert_problem(
+        app.api.reserve(1_000, product, &token).await,
+        503,
+        "recovering",
+    )
+    .await;
+    let me = |user: i64| {
+        let api = &app.api;
+        async move {
+            api.user_get(user, &format!("/api/v1/products/{product}/reservations/me"))
+                .await
+        }
+    };
+    // Not yet definite while the product recovers.
+    let (gone, _) = lost.iter().next().unwrap();
+    assert_problem(me(*gone).await, 503, "recovering").await;
+
+    // A relay that reaches RabbitMQ and a worker: the 30 the rolled-back outbox still holds
+    // become orders, and the product is rebuilt by counting them.
+    let relay = crate::helpers::Sibling::spawn(&app.iso, Role::Serve, &[]).await;
+    let _worker = Proc::start(&app.iso, "worker", &[]);
+    let rebuilt = eventually(Duration::from_secs(40), || async {
+        app.api.product(product).await["state"] == "live"
+    })
+    .await;
+    assert!(rebuilt, "{}", app.api.product(product).await);
+    assert_eq!(orders_of(&app, product).await, 30);
+    assert_eq!(app.api.product(product).await["remaining"], 70);
+    every_202_is_an_order(&app, product, &first).await;
+    // The 20 the failover erased: a definite answer, never `pending` for ever.
+    for user in lost.keys() {
+        assert_problem(me(*user).await, 404, "no_reservation").await;
+    }
+    relay.stop().await;
+    app.stop().await;
+}
