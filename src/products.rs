@@ -424,15 +424,13 @@ pub async fn relayed_moments(
     if ids.is_empty() {
         return Ok(HashMap::new());
     }
-    // Ids are integers: written into the statement, they cannot inject anything.
-    let list: Vec<String> = ids.iter().map(|p| p.get().to_string()).collect();
     let rows = Row::find_by_statement(Statement::from_string(
         db.get_database_backend(),
         format!(
             "select p.product_id, p.redis_epoch, coalesce((select max(r.seq) from relayed r \
              where r.product_id = p.product_id and r.epoch = p.redis_epoch), 0) as seq \
              from product p where p.product_id in ({})",
-            list.join(",")
+            id_list(ids)
         ),
     ))
     .all(db)
@@ -490,6 +488,15 @@ pub async fn record_relayed(
     Ok(())
 }
 
+/// Product ids as a SQL list. Ids are integers: written into a statement, they cannot inject
+/// anything.
+fn id_list(ids: &[ProductId]) -> String {
+    ids.iter()
+        .map(|p| p.get().to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// [`unaccounted`] for several products at once (products with none are absent).
 pub async fn unaccounted_of(
     db: &impl ConnectionTrait,
@@ -503,8 +510,6 @@ pub async fn unaccounted_of(
     if ids.is_empty() {
         return Ok(HashMap::new());
     }
-    // Ids are integers: written into the statement, they cannot inject anything.
-    let list: Vec<String> = ids.iter().map(|p| p.get().to_string()).collect();
     let rows = Row::find_by_statement(Statement::from_string(
         db.get_database_backend(),
         format!(
@@ -512,7 +517,7 @@ pub async fn unaccounted_of(
              and not exists (select 1 from orders o where o.reservation_id = r.reservation_id) \
              and not exists (select 1 from rejection j where j.reservation_id = r.reservation_id) \
              group by r.product_id",
-            list.join(",")
+            id_list(ids)
         ),
     ))
     .all(db)
@@ -528,17 +533,11 @@ pub async fn unaccounted_of(
 /// a stalled one), in a worker's backoff, or in the dead-letter queue. A lost product is
 /// rebuilt only at 0.
 pub async fn unaccounted(db: &impl ConnectionTrait, id: ProductId) -> anyhow::Result<i64> {
-    let row = Count::find_by_statement(Statement::from_sql_and_values(
-        db.get_database_backend(),
-        "select count(*) as n from relayed r where r.product_id = $1 \
-         and not exists (select 1 from orders o where o.reservation_id = r.reservation_id) \
-         and not exists (select 1 from rejection j where j.reservation_id = r.reservation_id)",
-        [id.get().into()],
-    ))
-    .one(db)
-    .await
-    .context("counting relayed winners not yet persisted")?;
-    Ok(row.map_or(0, |r| r.n))
+    Ok(unaccounted_of(db, &[id])
+        .await?
+        .get(&id)
+        .copied()
+        .unwrap_or(0))
 }
 
 /// Loads (or rebuilds) a product's sale in Redis from Postgres. The caller holds the product's
