@@ -1,7 +1,7 @@
 --[[ preheat.lua — load a product's sale into Redis (idempotent), or rebuild it from Postgres.
 
 KEYS (the product's hash tag):
-  1 state     hash: stock, remaining, starts_ms, ends_ms, paused, epoch, seq
+  1 state     hash: stock, remaining, starts_ms, ends_ms, paused, epoch, seq, rseq
   2 buyers    hash: user_id -> reservation_id (loaded before this call, in chunks)
   3 released  set: reservation ids whose unit went back on sale
   4 status    hash: reservation_id -> status (status.lua may have created it, with the grace
@@ -11,7 +11,7 @@ ARGV:
   1 stock  2 remaining  3 starts_ms  4 ends_ms  5 force ("1" rebuilds a live sale)
   6 pub/sub channel  7 product_id
   8 epoch: the product's Redis epoch for a state this call creates (the caller bumped it in
-    Postgres); a state that exists keeps its epoch and win sequence
+    Postgres); a state that exists keeps its epoch and its win and release sequences
   9… every reservation id Postgres had as cancelled or expired when the caller read it
 RETURNS {code, remaining, buyers}
   code: 1 loaded, 0 refused: the sale is live in Redis (starts_ms <= now) and force is not set
@@ -47,7 +47,7 @@ if remaining > stock then remaining = stock end
 redis.call("HSET", KEYS[1], "stock", stock, "remaining", remaining, "starts_ms", ARGV[3],
   "ends_ms", ARGV[4], "paused", "0")
 if fresh then
-  redis.call("HSET", KEYS[1], "epoch", ARGV[8], "seq", 0)
+  redis.call("HSET", KEYS[1], "epoch", ARGV[8], "seq", 0, "rseq", 0)
 end
 for i = 1, 4 do
   redis.call("PERSIST", KEYS[i])

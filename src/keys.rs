@@ -3,7 +3,7 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `<prefix>:{p<id>}:state` | hash | `stock`, `remaining`, `starts_ms`, `ends_ms`, `paused` |
+//! | `<prefix>:{p<id>}:state` | hash | `stock`, `remaining`, `starts_ms`, `ends_ms`, `paused`, `epoch`, `seq` (wins), `rseq` (units returned) |
 //! | `<prefix>:{p<id>}:buyers` | hash | user id → reservation id (one win per user, ever) |
 //! | `<prefix>:{p<id>}:pending` | set | reservation ids won, not yet persisted as orders |
 //! | `<prefix>:{p<id>}:released` | set | reservation ids whose unit went back on sale |

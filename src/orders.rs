@@ -249,17 +249,25 @@ pub async fn return_unit(
     let view = ReservationView::from(o);
     // Returned now, returned before, or not in Redis (the next preheat counts Postgres): all
     // three leave the unit accounted for.
-    reservations
+    let released = reservations
         .release(product, o.reservation_id, &view.to_json())
         .await
         .context("returning the unit through release.lua")?;
+    // The state's (epoch, release sequence) after the release: a Redis found behind it forgot
+    // the unit (a failover, a rollback) and is rebuilt by counting (`recovery`).
+    let at = released.at();
     if let Ok(user) = UserId::try_from(o.user_id) {
         reservations.notify_status(product, user).await.ok();
     }
     db.execute_raw(Statement::from_sql_and_values(
         db.get_database_backend(),
-        "update orders set released_at = now() where order_id = $1 and released_at is null",
-        [o.order_id.into()],
+        "update orders set released_at = now(), released_epoch = $2, released_seq = $3 \
+         where order_id = $1 and released_at is null",
+        [
+            o.order_id.into(),
+            at.map(|m| m.epoch).into(),
+            at.map(|m| m.seq).into(),
+        ],
     ))
     .await
     .context("marking the unit released")?;

@@ -408,18 +408,20 @@ async fn mark_preheated(
     Ok(row.redis_epoch)
 }
 
-/// Each product's latest moment outside Redis: its current Redis epoch and the highest win
-/// sequence of that epoch relayed to RabbitMQ (0 before any). A Redis state behind it went back
-/// in time.
+/// Each product's latest moments outside Redis: its current Redis epoch with the highest win
+/// sequence of that epoch relayed to RabbitMQ (0 before any), and the highest release sequence
+/// of that epoch recorded with a returned unit's order (0 before any). A Redis state behind
+/// either went back in time.
 pub async fn relayed_moments(
     db: &impl ConnectionTrait,
     ids: &[ProductId],
-) -> anyhow::Result<HashMap<ProductId, Moment>> {
+) -> anyhow::Result<HashMap<ProductId, Outside>> {
     #[derive(FromQueryResult)]
     struct Row {
         product_id: i64,
         redis_epoch: i64,
         seq: i64,
+        rseq: i64,
     }
     if ids.is_empty() {
         return Ok(HashMap::new());
@@ -428,7 +430,9 @@ pub async fn relayed_moments(
         db.get_database_backend(),
         format!(
             "select p.product_id, p.redis_epoch, coalesce((select max(r.seq) from relayed r \
-             where r.product_id = p.product_id and r.epoch = p.redis_epoch), 0) as seq \
+             where r.product_id = p.product_id and r.epoch = p.redis_epoch), 0) as seq, \
+             coalesce((select max(o.released_seq) from orders o \
+             where o.product_id = p.product_id and o.released_epoch = p.redis_epoch), 0) as rseq \
              from product p where p.product_id in ({})",
             id_list(ids)
         ),
@@ -439,9 +443,24 @@ pub async fn relayed_moments(
     rows.into_iter()
         .map(|r| {
             let id = ProductId::try_from(r.product_id)?;
-            Ok((id, Moment::new(r.redis_epoch, r.seq)))
+            Ok((
+                id,
+                Outside {
+                    won: Moment::new(r.redis_epoch, r.seq),
+                    released: r.rseq,
+                },
+            ))
         })
         .collect()
+}
+
+/// A product's latest moments seen outside Redis (see [`relayed_moments`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Outside {
+    /// The epoch and the highest win sequence relayed.
+    pub won: Moment,
+    /// The highest release sequence of that epoch recorded with an order.
+    pub released: i64,
 }
 
 /// A winner handed to RabbitMQ: its reservation and its moment in Redis.

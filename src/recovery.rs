@@ -213,8 +213,13 @@ impl Recovery {
         // The latest moment of each outside Redis: a state behind it went back in time.
         let moments = products::relayed_moments(&self.db, &ids).await?;
         for id in ids {
-            let fence = moments.get(&id).copied().unwrap_or_default();
-            match self.reservations.check_moment(id, fence).await? {
+            let outside = moments.get(&id).copied().unwrap_or_default();
+            let fence = outside.won;
+            match self
+                .reservations
+                .check_moment(id, fence, outside.released)
+                .await?
+            {
                 Checked::Held(_) => {
                     if self.recovering.contains(id) {
                         self.unmark(id);
@@ -228,7 +233,8 @@ impl Recovery {
                         redis_seq = at.seq,
                         relayed_epoch = fence.epoch,
                         relayed_seq = fence.seq,
-                        "Redis is behind the winners already relayed"
+                        released_seq = outside.released,
+                        "Redis is behind the winners already relayed or the units already returned"
                     );
                     self.went_back(id);
                 }

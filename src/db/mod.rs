@@ -156,6 +156,10 @@ impl MigratorTrait for Migrator {
                 name: "0005_relayed",
                 sql: include_str!("../../migrations/0005_relayed.sql"),
             }),
+            Box::new(SqlMigration {
+                name: "0006_released_moment",
+                sql: include_str!("../../migrations/0006_released_moment.sql"),
+            }),
         ]
     }
 }

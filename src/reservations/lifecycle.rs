@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::{Reservations, Unavailable, parse_uuid};
+use super::{Moment, Reservations, Unavailable, parse_uuid};
 use crate::domain::{ProductId, UserId};
 
 /// Statuses recorded per `status.lua` call.
@@ -109,11 +109,15 @@ impl ReservationView {
     }
 }
 
-/// Decodes `release.lua`'s answer `{code, remaining}`; an unknown code is an error.
-pub fn decode_release((code, remaining): (i64, i64)) -> Result<Released, Unavailable> {
+/// Decodes `release.lua`'s answer `{code, remaining, epoch, rseq}`; an unknown code is an
+/// error.
+pub fn decode_release(
+    (code, remaining, epoch, rseq): (i64, i64, i64, i64),
+) -> Result<Released, Unavailable> {
+    let at = Moment::new(epoch, rseq);
     match code {
-        1 => Ok(Released::Returned { remaining }),
-        0 => Ok(Released::AlreadyReturned),
+        1 => Ok(Released::Returned { remaining, at }),
+        0 => Ok(Released::AlreadyReturned { at }),
         -1 => Ok(Released::NotPreheated),
         other => Err(Unavailable::BadReply(format!(
             "release.lua answered code {other}"
@@ -121,15 +125,27 @@ pub fn decode_release((code, remaining): (i64, i64)) -> Result<Released, Unavail
     }
 }
 
-/// What a release did.
+/// What a release did. `at` is the state's epoch and *release sequence* (+1 per unit returned)
+/// after it: recorded with the order, it is a moment Redis must not be found behind (a state
+/// that forgot a returned unit is rebuilt by counting; see `behind.lua`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Released {
     /// The unit is back on sale.
-    Returned { remaining: i64 },
+    Returned { remaining: i64, at: Moment },
     /// This reservation's unit was returned before: nothing changed.
-    AlreadyReturned,
+    AlreadyReturned { at: Moment },
     /// The product is not in Redis; the next preheat rebuilds remaining from Postgres.
     NotPreheated,
+}
+
+impl Released {
+    /// The moment to record with the order (none when the product was not in Redis).
+    pub fn at(&self) -> Option<Moment> {
+        match *self {
+            Self::Returned { at, .. } | Self::AlreadyReturned { at } => Some(at),
+            Self::NotPreheated => None,
+        }
+    }
 }
 
 impl Reservations {
@@ -142,7 +158,7 @@ impl Reservations {
         status_json: &str,
     ) -> Result<Released, Unavailable> {
         let k = self.keys.product(product);
-        let reply: (i64, i64) = self
+        let reply: (i64, i64, i64, i64) = self
             .release
             .evalsha_with_reload(
                 self.pool.next(),
@@ -257,14 +273,23 @@ mod tests {
 
     #[test]
     fn every_release_code_decodes_and_an_unknown_one_is_an_error() {
+        let at = Moment::new(2, 5);
         assert_eq!(
-            decode_release((1, 7)).unwrap(),
-            Released::Returned { remaining: 7 }
+            decode_release((1, 7, 2, 5)).unwrap(),
+            Released::Returned { remaining: 7, at }
         );
-        assert_eq!(decode_release((0, 7)).unwrap(), Released::AlreadyReturned);
-        assert_eq!(decode_release((-1, -1)).unwrap(), Released::NotPreheated);
+        assert_eq!(
+            decode_release((0, 7, 2, 5)).unwrap(),
+            Released::AlreadyReturned { at }
+        );
+        assert_eq!(
+            decode_release((-1, -1, -1, -1)).unwrap(),
+            Released::NotPreheated
+        );
+        assert_eq!(Released::NotPreheated.at(), None);
+        assert_eq!(Released::AlreadyReturned { at }.at(), Some(at));
         for bad in [2, -2, 99] {
-            assert!(decode_release((bad, 0)).is_err(), "code {bad}");
+            assert!(decode_release((bad, 0, 0, 0)).is_err(), "code {bad}");
         }
     }
 

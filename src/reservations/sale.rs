@@ -191,14 +191,17 @@ impl Reservations {
         })
     }
 
-    /// Compares the product's state with `fence`, a moment seen outside Redis (`behind.lua`):
-    /// `Held` with the state's own moment, `NotInRedis`, or `WentBack` — it was behind, or part
+    /// Compares the product's state with `fence`, a moment seen outside Redis, and with
+    /// `released`, the highest release sequence of the fence's epoch recorded with an order
+    /// (`behind.lua`): `Held` with the state's own moment, `NotInRedis`, or `WentBack` — it was
+    /// behind either (it forgot a win or a returned unit), or part
     /// of the sale is gone (buyers or outbox, after a win), and it is deleted now (the product
     /// is lost everywhere and rebuilt by counting).
     pub async fn check_moment(
         &self,
         product: ProductId,
         fence: Moment,
+        released: i64,
     ) -> Result<Checked, Unavailable> {
         let reply: (i64, i64, i64) = self
             .behind
@@ -208,7 +211,11 @@ impl Reservations {
                     let k = self.keys.product(product);
                     vec![k.state, k.buyers, k.outbox]
                 },
-                vec![fence.epoch.to_string(), fence.seq.to_string()],
+                vec![
+                    fence.epoch.to_string(),
+                    fence.seq.to_string(),
+                    released.to_string(),
+                ],
             )
             .await?;
         let checked = decode_behind(reply)?;

@@ -746,3 +746,57 @@ async fn a_win_only_the_rolled_back_moment_held_ends_a_definite_no_reservation()
     relay.stop().await;
     app.stop().await;
 }
+
+/// Found by `scripts/chaos` (seed 3, `replicas:1`): a unit returned to stock (a cancelled order)
+/// that Redis then forgets — a rollback, or a failover to a replica that had not received the
+/// release — was neither sold nor on sale for good: Postgres said it was back, Redis did not,
+/// and nothing compared the two. A release now moves the state's release sequence, recorded
+/// with the order, and a state behind it is rebuilt by counting like one behind a win.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_unit_returned_before_a_rollback_is_on_sale_again_after_it() {
+    let app = TestApp::spawn_with(Role::All, &[]).await;
+    let product = app.api.live_product(5).await;
+    let (winners, _) = http_sale(&app.api, product, 1..=5, 1).await;
+    assert_eq!(winners.len(), 5);
+    let persisted = eventually(Duration::from_secs(20), || async {
+        orders_of(&app, product).await == 5 && app.api.admin_product(product).await["pending"] == 0
+    })
+    .await;
+    assert!(persisted);
+    // The moment a lagging replica holds: sold out, nothing returned yet.
+    let moment = snapshot(&app, product).await;
+
+    let me: serde_json::Value = app.api.me(1, product).await.json().await.unwrap();
+    let cancelled = app.api.cancel(1, me["order_id"].as_str().unwrap()).await;
+    assert_eq!(cancelled.status(), 200);
+    let released = eventually(Duration::from_secs(10), || async {
+        pg_count(
+            &app.db,
+            &format!(
+                "select count(*) from orders where product_id = {product} and released_at is not null"
+            ),
+        )
+        .await
+            == 1
+    })
+    .await;
+    assert!(released, "the cancelled order's unit is back");
+    assert_eq!(app.api.product(product).await["remaining"], 1);
+
+    // The failover: Redis is back at the sold-out moment, the release forgotten.
+    roll_back(&app, product, &moment).await;
+    assert_eq!(app.api.admin_product(product).await["remaining"], 0);
+    let on_sale = eventually(Duration::from_secs(20), || async {
+        let view = app.api.admin_product(product).await;
+        view["remaining"] == 1 && view["preheated"] == true
+    })
+    .await;
+    assert!(
+        on_sale,
+        "the returned unit is on sale again: {}",
+        app.api.admin_product(product).await
+    );
+    let token = purchase_token(100, product);
+    assert_eq!(app.api.reserve(100, product, &token).await.status(), 202);
+    app.stop().await;
+}

@@ -205,11 +205,12 @@ pub async fn check_concurrent_releases(r: &Reservations, p: ProductId) {
     let mut returned = 0;
     for t in tasks {
         match t.await.unwrap() {
-            Released::Returned { remaining } => {
+            Released::Returned { remaining, at } => {
                 returned += 1;
                 assert_eq!(remaining, 1);
+                assert_eq!(at.seq, 1, "the sale's first release");
             }
-            Released::AlreadyReturned => {}
+            Released::AlreadyReturned { .. } => {}
             Released::NotPreheated => panic!("product is preheated"),
         }
     }
@@ -230,8 +231,11 @@ pub async fn check_concurrent_releases(r: &Reservations, p: ProductId) {
     assert_eq!(
         r.release(p, reservation_id, r#"{"status":"cancelled"}"#)
             .await
-            .unwrap(),
-        Released::AlreadyReturned
+            .unwrap()
+            .at()
+            .map(|at| at.seq),
+        Some(1),
+        "a no-op: the release sequence stays where the one release put it"
     );
     assert_eq!(r.remaining(p).await.unwrap(), Some(0));
 }
