@@ -1,0 +1,362 @@
+"""The chaos run's checker: judges what clients saw (the history), what was sampled while the
+run went on, and the settled end state against seckill's promises (docs/guarantees.md).
+
+Pure: `check(run)` takes plain data and returns a report; nothing here talks to a server, so the
+unit tests (test_check.py) feed it hand-made histories. The shapes (written by run.py):
+
+- history: one record per request, in the order it ended:
+  {"t": start s, "d": duration s, "op": "token"|"reserve"|"me"|"pay"|"cancel"|"sse"|...,
+   "u": user, "p": product, "s": HTTP status or None (no answer), "err": "timeout"|"conn"|None,
+   "code": problem code, "r": reservation id, "st": reservation status (from /me and SSE),
+   "final": True for the settling phase's reads}
+- samples: {"t", "kind": "live", "live": {product: live orders}} from Postgres and
+  {"t", "kind": "remaining", "remaining": {product: units left or None}} from Redis
+- faults: {"t0", "t1", "kind", "target"}; kind "promoted" marks a Redis replica promoted (a
+  failover, whatever caused it), observed rather than injected
+- final: {"products": {p: {"stock", "remaining" (None: no state in Redis), "pending"}},
+  "orders": [{"id", "user", "product", "reservation", "status"}], "queue": n, "dlq": n}
+- setting: the SECKILL_REDIS_DURABILITY of the run
+"""
+
+from collections import defaultdict
+
+LIVE = ("pending_payment", "paid")
+# A reservation status /me reports once an order backs it; none of them may become a 404.
+ORDER_BACKED = ("confirmed", "paid", "cancelled", "expired")
+
+# What each durability setting may lose, by the fault that loses it (docs/failure-model.md,
+# "Durability: what a 202 survives"): a 202 lost after one of these is "allowed by the setting".
+# A rollback is an old snapshot restored, which no setting survives.
+ALLOWED_LOSS = {
+    "fsync": {"promoted", "rollback"},
+    "replicas:1": {"rollback"},
+    "none": {"promoted", "rollback", "redis-kill"},
+}
+
+# A 410 sold_out while Redis counted a unit free, for longer than this, contradicts the sold-out
+# memory's bound: every process drops it on the release's pub/sub message (or on a lost
+# subscription), so it may be stale for a message's flight, not for seconds.
+SOLD_OUT_BOUND_S = 2.0
+
+PROMISES = (
+    "oversold",
+    "lost",
+    "duplicated",
+    "phantom",
+    "stranded",
+    "stuck",
+    "contradiction",
+)
+
+
+class Report:
+    def __init__(self, setting):
+        self.setting = setting
+        # promise -> {"allowed": [...], "violations": [...]}; each entry a dict with details
+        self.found = {p: {"allowed": [], "violations": []} for p in PROMISES}
+        self.stats = defaultdict(int)
+        self.unverifiable = []
+
+    def violate(self, promise, **detail):
+        self.found[promise]["violations"].append(detail)
+
+    def allow(self, promise, **detail):
+        self.found[promise]["allowed"].append(detail)
+
+    def count(self, promise, allowed=False):
+        return len(self.found[promise]["allowed" if allowed else "violations"])
+
+    @property
+    def ok(self):
+        return all(not v["violations"] for v in self.found.values())
+
+
+def _key(p):
+    return str(p)
+
+
+def check(run):
+    setting = run["setting"]
+    history = run["history"]
+    samples = run.get("samples", [])
+    faults = run.get("faults", [])
+    final = run["final"]
+    report = Report(setting)
+    allowed_kinds = ALLOWED_LOSS.get(setting, set())
+    stocks = {_key(p): v["stock"] for p, v in final["products"].items()}
+
+    _oversold(report, samples, final, stocks)
+    seen, indefinite, wins = _observations(history, report)
+    orders_by_res, orders_by_user = _orders(final["orders"])
+    _lost(report, history, wins, orders_by_res, faults, allowed_kinds)
+    _duplicated(report, final["orders"])
+    _phantom(report, final["orders"], seen, indefinite)
+    _stranded(report, final, orders_by_user)
+    _stuck(report, history, final)
+    _contradictions(report, history, samples)
+    return report
+
+
+def _oversold(report, samples, final, stocks):
+    for s in samples:
+        if s.get("kind") != "live":
+            continue
+        for p, live in s["live"].items():
+            stock = stocks.get(_key(p))
+            if stock is not None and live > stock:
+                report.violate("oversold", product=p, t=s["t"], live=live, stock=stock, at="sampled")
+    live_end = defaultdict(int)
+    for o in final["orders"]:
+        if o["status"] in LIVE:
+            live_end[_key(o["product"])] += 1
+    for p, n in live_end.items():
+        stock = stocks.get(p)
+        if stock is not None and n > stock:
+            report.violate("oversold", product=p, live=n, stock=stock, at="end")
+
+
+def _observations(history, report):
+    """Reservation ids a client saw during the run (a 202, a 409's id, /me, an event), the
+    (user, product) pairs with an indefinite purchase answer (no answer, or 503 unavailable: a
+    replica wait that failed), and every 202: (user, product) -> (reservation, time)."""
+    seen, indefinite, wins = set(), set(), {}
+    for h in history:
+        if h.get("final"):
+            if h["op"] == "me":
+                report.stats[f"settled /me: {h.get('s')} {h.get('st') or h.get('code') or ''}".rstrip()] += 1
+            continue
+        if h["op"] in ("reserve", "me", "pay", "cancel", "sse", "force", "preheat"):
+            answer = h.get("code") or h.get("st") or h.get("err") or ""
+            report.stats[f"{h['op']}: {h.get('s')} {answer}".rstrip()] += 1
+        if h.get("r"):
+            seen.add(h["r"])
+        if h["op"] != "reserve":
+            continue
+        report.stats["attempts"] += 1
+        up = (h["u"], _key(h["p"]))
+        if h.get("s") is None or (h["s"] == 503 and h.get("code") == "unavailable"):
+            indefinite.add(up)
+            report.stats["indefinite answers"] += 1
+        elif h["s"] == 202:
+            report.stats["202s"] += 1
+            if any(r != h["r"] for r, _ in wins.get(up, [])):
+                report.stats["second wins"] += 1
+            wins.setdefault(up, []).append((h["r"], h["t"]))
+    return seen, indefinite, wins
+
+
+def _orders(orders):
+    by_res, by_user = {}, defaultdict(list)
+    for o in orders:
+        by_res[o["reservation"]] = o
+        by_user[(o["user"], _key(o["product"]))].append(o)
+    return by_res, by_user
+
+
+def _final_me(history):
+    """The settling phase's /me answer per (user, product)."""
+    out = {}
+    for h in history:
+        if h.get("final") and h["op"] == "me":
+            out[(h["u"], _key(h["p"]))] = h
+    return out
+
+
+def _lost(report, history, wins, orders_by_res, faults, allowed_kinds):
+    final_me = _final_me(history)
+    for up, list_ in wins.items():
+        for r, t in list_:
+            if r in orders_by_res:
+                continue
+            me = final_me.get(up)
+            detail = dict(user=up[0], product=up[1], reservation=r, t=t)
+            if me is None:
+                report.violate("lost", why="no final /me read", **detail)
+                continue
+            if me.get("s") == 200 and me.get("st") == "rejected":
+                report.stats["rejected (definite)"] += 1
+                continue
+            definite = True
+            if me.get("s") == 200 and me.get("r") != r and me.get("st") in ORDER_BACKED:
+                why = f"/me shows another reservation ({me.get('r')}, {me.get('st')})"
+            elif me.get("s") == 404 and me.get("code") == "no_reservation":
+                why = "404 no_reservation"
+            else:
+                why = f"final /me {me.get('s')} {me.get('code') or me.get('st')}"
+                definite = False
+            # Only a definite end may be a loss the setting allows, and only after a fault that
+            # loses wins under it.
+            causes = sorted(
+                {f["kind"] for f in faults if f["kind"] in allowed_kinds and f["t0"] >= t - 1.0}
+            )
+            if definite and causes:
+                report.allow("lost", why=why, causes=causes, **detail)
+            else:
+                report.violate("lost", why=why, **detail)
+
+
+def _duplicated(report, orders):
+    per_user, per_res = defaultdict(list), defaultdict(list)
+    for o in orders:
+        per_user[(o["user"], _key(o["product"]))].append(o["id"])
+        per_res[o["reservation"]].append(o["id"])
+    for (u, p), ids in per_user.items():
+        if len(ids) > 1:
+            report.violate("duplicated", user=u, product=p, orders=ids, why="two orders for one user")
+    for r, ids in per_res.items():
+        if len(ids) > 1:
+            report.violate("duplicated", reservation=r, orders=ids, why="two orders for one reservation")
+
+
+def _phantom(report, orders, seen, indefinite):
+    for o in orders:
+        if o["reservation"] in seen:
+            continue
+        detail = dict(user=o["user"], product=o["product"], reservation=o["reservation"])
+        if (o["user"], _key(o["product"])) in indefinite:
+            report.allow("phantom", why="its request had no definite answer", **detail)
+        else:
+            report.violate("phantom", why="no client was told of it", **detail)
+
+
+def _stranded(report, final, orders_by_user):
+    live = defaultdict(int)
+    for (_, p), os_ in orders_by_user.items():
+        live[p] += sum(1 for o in os_ if o["status"] in LIVE)
+    for p, v in final["products"].items():
+        p = _key(p)
+        if v.get("remaining") is None:
+            report.unverifiable.append(dict(product=p, why="no state in Redis at the end"))
+            continue
+        total = v["remaining"] + v.get("pending", 0) + live[p]
+        if total != v["stock"] or v["remaining"] > v["stock"]:
+            report.violate(
+                "stranded",
+                product=p,
+                remaining=v["remaining"],
+                pending=v.get("pending", 0),
+                live=live[p],
+                stock=v["stock"],
+                why="a unit returned twice" if total > v["stock"] else "a unit neither sold nor on sale",
+            )
+
+
+def _stuck(report, history, final):
+    for p, v in final["products"].items():
+        if v.get("pending"):
+            report.violate("stuck", product=_key(p), pending=v["pending"], why="won, never persisted")
+    for (u, p), me in _final_me(history).items():
+        if me.get("s") == 200 and me.get("st") == "pending":
+            report.violate("stuck", user=u, product=p, why="/me still pending after settling")
+        elif me.get("s") == 503:
+            report.violate("stuck", user=u, product=p, why=f"/me 503 {me.get('code')} after settling")
+    for q in ("queue", "dlq"):
+        n = final.get(q)
+        if n:
+            report.violate("stuck", queue=q, messages=n, why=f"{n} message(s) left in the {q}")
+
+
+def _contradictions(report, history, samples):
+    remaining = defaultdict(list)  # product -> [(t, remaining)]
+    for s in samples:
+        if s.get("kind") == "remaining":
+            for p, n in s["remaining"].items():
+                remaining[_key(p)].append((s["t"], n))
+    for series in remaining.values():
+        series.sort()
+    # Units leave Redis only by wins, and every win is an answer some client got (or did not
+    # get: a timeout). Requests that may have won, per product: (start, end).
+    may_win = defaultdict(list)
+    for h in history:
+        if h["op"] == "reserve" and (h.get("s") in (202, 503, None)):
+            may_win[_key(h["p"])].append((h["t"], h["t"] + h.get("d", 0)))
+    for h in history:
+        if not (h["op"] == "reserve" and h.get("s") == 410 and h.get("code") == "sold_out"):
+            continue
+        p = _key(h["p"])
+        end = h["t"] + h.get("d", 0)
+        # The last reading at least the bound before the answer: if it counted more units than
+        # could have been won since, units were free from then until the answer.
+        before = [(t, n) for t, n in remaining.get(p, []) if t <= h["t"] - SOLD_OUT_BOUND_S]
+        if not before or before[-1][1] is None:
+            continue
+        t1, n1 = before[-1]
+        wins = sum(1 for a, b in may_win[p] if b >= t1 and a <= end)
+        if n1 > wins:
+            report.violate(
+                "contradiction",
+                user=h["u"],
+                product=h["p"],
+                t=h["t"],
+                why=f"410 sold_out {h['t'] - t1:.1f} s after Redis counted {n1} units free, of which at most {wins} were won since",
+            )
+    last = {}
+    for h in history:
+        if h["op"] not in ("me", "sse") or h.get("s") is None:
+            continue
+        up = (h["u"], _key(h["p"]))
+        prev = last.get(up)
+        if h["s"] == 200 and h.get("st"):
+            if prev == "paid" and h["st"] in ("pending", "confirmed"):
+                report.violate("contradiction", user=up[0], product=up[1], t=h["t"], why=f"/me said paid, then {h['st']}")
+            last[up] = h["st"]
+        elif h["s"] == 404 and h.get("code") == "no_reservation" and prev in ORDER_BACKED:
+            report.violate("contradiction", user=up[0], product=up[1], t=h["t"], why=f"/me said {prev}, then 404")
+
+
+def attribute(report, faults, window=(-2.0, 30.0)):
+    """Per fault kind: how many were injected, and how many findings of each promise had one of
+    that kind start within `window` seconds of them (findings without a time count for every
+    kind injected). A hint for where to look, not a cause."""
+    kinds = defaultdict(lambda: {"injected": 0, "seconds": 0.0})
+    for f in faults:
+        k = kinds[f["kind"]]
+        k["injected"] += 1
+        k["seconds"] += max(0.0, f["t1"] - f["t0"])
+    table = {}
+    for kind, k in kinds.items():
+        row = {"injected": k["injected"], "seconds": round(k["seconds"], 1)}
+        starts = [f["t0"] for f in faults if f["kind"] == kind]
+        for promise in PROMISES:
+            n = 0
+            for side in ("violations", "allowed"):
+                for v in report.found[promise][side]:
+                    t = v.get("t")
+                    if t is None or any(t + window[0] <= s <= t + window[1] for s in starts):
+                        n += 1
+            row[promise] = n
+        table[kind] = row
+    return table
+
+
+def render(report, faults, seed, minutes):
+    lines = [f"# chaos run: seed {seed}, {minutes} min, SECKILL_REDIS_DURABILITY={report.setting}", ""]
+    lines.append("## Faults (near: findings of each promise within -2 s..+30 s of one)")
+    lines.append("")
+    table = attribute(report, faults)
+    head = "| fault | injected | seconds | " + " | ".join(PROMISES) + " |"
+    lines += [head, "|" + "---|" * (3 + len(PROMISES))]
+    for kind in sorted(table):
+        row = table[kind]
+        lines.append(
+            f"| {kind} | {row['injected']} | {row['seconds']} | "
+            + " | ".join(str(row[p]) for p in PROMISES)
+            + " |"
+        )
+    lines += ["", "## Promises", "", "| promise | violations | allowed by the setting |", "|---|---|---|"]
+    for p in PROMISES:
+        lines.append(f"| {p} | {report.count(p)} | {report.count(p, allowed=True)} |")
+    lines += ["", "## Counts", ""]
+    for k in sorted(report.stats):
+        lines.append(f"- {k}: {report.stats[k]}")
+    if report.unverifiable:
+        lines.append(f"- not verifiable: {len(report.unverifiable)} product(s) ({report.unverifiable[:3]})")
+    for p in PROMISES:
+        for side, title in (("violations", "VIOLATION"), ("allowed", "allowed")):
+            items = report.found[p][side]
+            for v in items[:10]:
+                lines.append(f"- {title} {p}: {v}")
+            if len(items) > 10:
+                lines.append(f"- … and {len(items) - 10} more {title} {p}")
+    lines += ["", "verdict: " + ("ok" if report.ok else "VIOLATIONS not allowed by the setting")]
+    return "\n".join(lines) + "\n"

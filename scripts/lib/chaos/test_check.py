@@ -1,0 +1,173 @@
+"""The checker against hand-made histories: a clean one passes, and each violation kind, put in
+alone, is reported as exactly that (run by scripts/test: python3 -m unittest)."""
+
+import copy
+import unittest
+
+from check import check, render
+
+R1, R2, R3 = "r-1", "r-2", "r-3"
+
+
+def clean():
+    """Product 1, stock 2: user 10 won (paid), user 11 won (expired: unit back), user 12 won
+    (pending payment), user 13 was told sold out while nothing was free."""
+    history = [
+        {"t": 1.0, "d": 0.01, "op": "reserve", "u": 10, "p": 1, "s": 202, "r": R1},
+        {"t": 1.1, "d": 0.01, "op": "reserve", "u": 11, "p": 1, "s": 202, "r": R2},
+        {"t": 1.2, "d": 0.01, "op": "reserve", "u": 13, "p": 1, "s": 410, "code": "sold_out"},
+        {"t": 2.0, "d": 0.01, "op": "me", "u": 10, "p": 1, "s": 200, "st": "confirmed", "r": R1},
+        {"t": 3.0, "d": 0.01, "op": "me", "u": 10, "p": 1, "s": 200, "st": "paid", "r": R1},
+        {"t": 20.0, "d": 0.01, "op": "reserve", "u": 12, "p": 1, "s": 202, "r": R3},
+        {"t": 60.0, "d": 0.01, "op": "me", "u": 10, "p": 1, "s": 200, "st": "paid", "r": R1, "final": True},
+        {"t": 60.0, "d": 0.01, "op": "me", "u": 11, "p": 1, "s": 200, "st": "expired", "r": R2, "final": True},
+        {"t": 60.0, "d": 0.01, "op": "me", "u": 12, "p": 1, "s": 200, "st": "confirmed", "r": R3, "final": True},
+    ]
+    samples = [
+        {"t": 0.5, "kind": "remaining", "remaining": {"1": 2}},
+        {"t": 1.15, "kind": "remaining", "remaining": {"1": 0}},
+        {"t": 1.3, "kind": "remaining", "remaining": {"1": 0}},
+        {"t": 1.5, "kind": "live", "live": {"1": 2}},
+        {"t": 30.0, "kind": "live", "live": {"1": 2}},
+    ]
+    final = {
+        "products": {"1": {"stock": 2, "remaining": 0, "pending": 0}},
+        "orders": [
+            {"id": 1, "user": 10, "product": 1, "reservation": R1, "status": "paid"},
+            {"id": 2, "user": 11, "product": 1, "reservation": R2, "status": "expired"},
+            {"id": 3, "user": 12, "product": 1, "reservation": R3, "status": "pending_payment"},
+        ],
+        "queue": 0,
+        "dlq": 0,
+    }
+    return {"setting": "fsync", "history": history, "samples": samples, "faults": [], "final": final}
+
+
+def only(report, promise, allowed=False):
+    """The one promise with findings, and how many."""
+    found = {
+        p: report.count(p, allowed=allowed)
+        for p in report.found
+        if report.count(p, allowed=allowed)
+    }
+    return found
+
+
+class Checker(unittest.TestCase):
+    def test_a_clean_history_passes(self):
+        report = check(clean())
+        self.assertTrue(report.ok, render(report, [], 1, 1))
+        self.assertEqual(report.stats["202s"], 3)
+
+    def test_oversold_sampled_and_at_the_end(self):
+        run = clean()
+        run["samples"].append({"t": 5.0, "kind": "live", "live": {"1": 3}})
+        self.assertEqual(only(check(run), "oversold"), {"oversold": 1})
+        run = clean()
+        run["final"]["orders"].append({"id": 4, "user": 14, "product": 1, "reservation": "r-4", "status": "paid"})
+        run["history"].append({"t": 21.0, "d": 0.01, "op": "reserve", "u": 14, "p": 1, "s": 202, "r": "r-4"})
+        run["history"].append({"t": 60.0, "op": "me", "u": 14, "p": 1, "s": 200, "st": "paid", "r": "r-4", "final": True})
+        found = only(check(run), "oversold")
+        self.assertEqual(found["oversold"], 1)
+
+    def test_a_202_without_an_order_is_lost_unless_the_setting_allows_its_fault(self):
+        run = clean()
+        run["final"]["orders"].pop()  # user 12's order never came
+        run["final"]["products"]["1"]["remaining"] = 1  # and its unit is back (not stranded)
+        run["history"][-1] = {"t": 60.0, "op": "me", "u": 12, "p": 1, "s": 404, "code": "no_reservation", "final": True}
+        self.assertEqual(only(check(run), "lost"), {"lost": 1})
+        # The same after a failover: fsync may lose it, replicas:1 may not.
+        run["faults"] = [{"t0": 20.5, "t1": 25.0, "kind": "promoted", "target": "7101"}]
+        report = check(run)
+        self.assertTrue(report.ok, render(report, run["faults"], 1, 1))
+        self.assertEqual(only(report, "lost", allowed=True), {"lost": 1})
+        run["setting"] = "replicas:1"
+        self.assertEqual(only(check(run), "lost"), {"lost": 1})
+        # A failover before the win cannot have lost it.
+        run["setting"] = "fsync"
+        run["faults"][0]["t0"] = 5.0
+        self.assertEqual(only(check(run), "lost"), {"lost": 1})
+
+    def test_a_rejected_win_is_a_definite_outcome_and_a_pending_one_is_lost_and_stuck(self):
+        run = clean()
+        run["final"]["orders"].pop()
+        run["final"]["products"]["1"]["remaining"] = 1
+        run["history"][-1] = {"t": 60.0, "op": "me", "u": 12, "p": 1, "s": 200, "st": "rejected", "r": R3, "final": True}
+        self.assertTrue(check(run).ok)
+        run["history"][-1] = {"t": 60.0, "op": "me", "u": 12, "p": 1, "s": 200, "st": "pending", "r": R3, "final": True}
+        run["faults"] = [{"t0": 21.0, "t1": 22.0, "kind": "promoted", "target": "7101"}]
+        self.assertEqual(only(check(run), "lost"), {"lost": 1, "stuck": 1})
+
+    def test_duplicated_orders(self):
+        run = clean()
+        run["final"]["orders"][1]["user"] = 10  # two orders for user 10
+        report = check(run)
+        self.assertEqual(report.count("duplicated"), 1)
+        run = clean()
+        run["final"]["orders"][1]["reservation"] = R1  # two orders for one reservation
+        self.assertEqual(check(run).count("duplicated"), 1)
+
+    def test_phantom_orders_apart_from_those_whose_request_had_no_answer(self):
+        run = clean()
+        run["final"]["orders"].append({"id": 4, "user": 15, "product": 1, "reservation": "r-9", "status": "expired"})
+        self.assertEqual(only(check(run), "phantom"), {"phantom": 1})
+        run["history"].insert(0, {"t": 0.9, "d": 10.0, "op": "reserve", "u": 15, "p": 1, "s": None, "err": "timeout"})
+        report = check(run)
+        self.assertTrue(report.ok)
+        self.assertEqual(only(report, "phantom", allowed=True), {"phantom": 1})
+
+    def test_stranded_units_and_a_unit_returned_twice(self):
+        run = clean()
+        run["final"]["products"]["1"]["remaining"] = 1  # one too many on sale
+        found = check(run).found["stranded"]["violations"]
+        self.assertEqual([v["why"] for v in found], ["a unit returned twice"])
+        run["final"]["products"]["1"]["stock"] = 4  # one unit nowhere
+        run["final"]["products"]["1"]["remaining"] = 1
+        found = check(run).found["stranded"]["violations"]
+        self.assertEqual([v["why"] for v in found], ["a unit neither sold nor on sale"])
+
+    def test_stuck_reservations_and_messages(self):
+        run = clean()
+        run["final"]["dlq"] = 2
+        self.assertEqual(only(check(run), "stuck"), {"stuck": 1})
+        run = clean()
+        run["final"]["products"]["1"]["pending"] = 1
+        run["final"]["products"]["1"]["remaining"] = -1 + 0  # keep the count whole: -1 + 1 + 2 = 2
+        found = only(check(run), "stuck")
+        self.assertEqual(found.get("stuck"), 1)
+
+    def test_sold_out_while_units_were_free_beyond_the_bound(self):
+        run = clean()
+        run["samples"] += [
+            {"t": 40.0, "kind": "remaining", "remaining": {"1": 1}},
+            {"t": 41.0, "kind": "remaining", "remaining": {"1": 1}},
+            {"t": 42.0, "kind": "remaining", "remaining": {"1": 1}},
+            {"t": 43.0, "kind": "remaining", "remaining": {"1": 1}},
+        ]
+        run["history"].append({"t": 42.5, "d": 0.01, "op": "reserve", "u": 16, "p": 1, "s": 410, "code": "sold_out"})
+        self.assertEqual(only(check(run), "contradiction"), {"contradiction": 1})
+        # Within the bound after a unit came back: allowed (the memory clears by message).
+        run["history"][-1]["t"] = 40.2
+        self.assertTrue(check(run).ok)
+
+    def test_me_confirmed_then_404(self):
+        run = clean()
+        run["history"].insert(5, {"t": 4.0, "d": 0.01, "op": "me", "u": 10, "p": 1, "s": 404, "code": "no_reservation"})
+        self.assertEqual(only(check(run), "contradiction"), {"contradiction": 1})
+        run = clean()
+        run["history"].insert(5, {"t": 4.0, "d": 0.01, "op": "sse", "u": 10, "p": 1, "s": 200, "st": "confirmed", "r": R1})
+        self.assertEqual(only(check(run), "contradiction"), {"contradiction": 1})
+
+    def test_the_report_names_every_fault_kind_and_the_verdict(self):
+        run = clean()
+        faults = [
+            {"t0": 1.0, "t1": 3.0, "kind": "serve-kill", "target": "serve-1"},
+            {"t0": 5.0, "t1": 6.0, "kind": "serve-kill", "target": "serve-2"},
+        ]
+        text = render(check(run), faults, 42, 2)
+        self.assertIn("| serve-kill | 2 | 3.0 |", text)
+        self.assertIn("verdict: ok", text)
+
+
+if __name__ == "__main__":
+    unittest.main()
