@@ -42,6 +42,7 @@ fn secrets() -> Secrets {
         jwt_secret: SecretString::from(JWT_SECRET),
         admin_token: SecretString::from(ADMIN_TOKEN),
         token_secret: SecretString::from(TOKEN_SECRET),
+        service_tokens: Vec::new(),
     }
 }
 

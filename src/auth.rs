@@ -56,6 +56,8 @@ pub struct Auth {
     /// SHA-256 of the operators' token: comparing digests takes the same time whatever the
     /// length of the presented token.
     admin_digest: [u8; 32],
+    /// Digests of the storefront backend's tokens (`SECKILL_SERVICE_TOKENS`).
+    service_digests: Vec<[u8; 32]>,
     /// `SECKILL_TOKEN_SECRET`: signs purchase and stream tokens.
     token_encoding: EncodingKey,
     token_decoding: DecodingKey,
@@ -161,6 +163,11 @@ impl Auth {
             user_key: DecodingKey::from_secret(secrets.jwt_secret.expose_secret().as_bytes()),
             user_validation,
             admin_digest: Sha256::digest(secrets.admin_token.expose_secret().as_bytes()).into(),
+            service_digests: secrets
+                .service_tokens
+                .iter()
+                .map(|t| Sha256::digest(t.expose_secret().as_bytes()).into())
+                .collect(),
             token_encoding: EncodingKey::from_secret(token_secret),
             token_decoding: DecodingKey::from_secret(token_secret),
             purchase_validation: token_validation(PURCHASE_AUDIENCE),
@@ -208,6 +215,18 @@ impl Auth {
     pub fn is_admin(&self, token: &str) -> bool {
         let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         bool::from(presented.ct_eq(&self.admin_digest))
+    }
+
+    /// Whether `token` is one of the storefront backend's tokens: compared with every one of
+    /// them, digests in constant time and without stopping at a match, so neither which token
+    /// matched nor how many there are leaks through timing.
+    pub fn is_service(&self, token: &str) -> bool {
+        let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let matched = self
+            .service_digests
+            .iter()
+            .fold(subtle::Choice::from(0), |acc, d| acc | presented.ct_eq(d));
+        bool::from(matched)
     }
 
     /// Signs a token for `user` on `product` with `audience`, expiring after `ttl`.
@@ -349,6 +368,10 @@ mod tests {
             jwt_secret: SecretString::from("jwt-secret-0123456789"),
             admin_token: SecretString::from("admin-token-0123456789"),
             token_secret: SecretString::from("token-secret-0123456789"),
+            service_tokens: vec![
+                SecretString::from("service-token-a-0123456789abcdef0123"),
+                SecretString::from("service-token-b-0123456789abcdef0123"),
+            ],
         }
     }
 
@@ -620,6 +643,28 @@ mod tests {
             UserId::try_from(1_i64).unwrap(),
             ProductId::try_from(9_i64).unwrap()
         ));
+    }
+
+    #[test]
+    fn any_service_token_opens_the_service_door_and_no_other_token_does() {
+        let auth = Auth::new(&secrets(), Duration::from_secs(60));
+        assert!(auth.is_service("service-token-a-0123456789abcdef0123"));
+        assert!(auth.is_service("service-token-b-0123456789abcdef0123"));
+        assert!(!auth.is_service("service-token-c-0123456789abcdef0123"));
+        assert!(!auth.is_service("service-token-a-0123456789abcdef012"));
+        assert!(!auth.is_service(""));
+        // The doors are apart: the admin token is not a service token, nor the reverse.
+        assert!(!auth.is_service("admin-token-0123456789"));
+        assert!(!auth.is_admin("service-token-a-0123456789abcdef0123"));
+        let none = Auth::new(
+            &Secrets {
+                service_tokens: Vec::new(),
+                ..secrets()
+            },
+            Duration::from_secs(60),
+        );
+        assert!(!none.is_service("service-token-a-0123456789abcdef0123"));
+        assert!(!none.is_service(""));
     }
 
     #[test]

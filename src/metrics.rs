@@ -17,7 +17,7 @@ use crate::{
     reservations::Outcome,
 };
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -97,6 +97,18 @@ pub struct Metrics {
     pub sse_wakeups: IntCounter,
     /// Resyncs: every open stream woken (spread over time) after the subscription lost messages.
     pub sse_resyncs: IntCounter,
+    /// Order events published to the events exchange (confirmed by RabbitMQ), by `type`.
+    pub events_published: IntCounterVec,
+    /// Order events not yet published to the exchange (last seen by this process's dispatcher).
+    pub events_unpublished: IntGauge,
+    /// Webhook deliveries by `result` (`delivered`, `failed`: a non-2xx answer or none).
+    pub webhook_deliveries: IntCounterVec,
+    /// Order events not yet delivered to the webhook (last seen), and the age in seconds of the
+    /// oldest of them: the figure to page on.
+    pub webhook_undelivered: IntGauge,
+    pub webhook_oldest_undelivered: Gauge,
+    /// Time from sending an event to the webhook's answer.
+    pub webhook_latency: Histogram,
     /// `decisions` children resolved once, in [`Outcome::index`] order (the purchase path
     /// counts without a label lookup).
     decision_counters: Vec<IntCounter>,
@@ -294,6 +306,37 @@ impl Metrics {
                 buckets_latency(),
             )?,
             orders_persisted: IntCounter::new("orders_persisted_total", "Orders inserted")?,
+            events_published: IntCounterVec::new(
+                Opts::new(
+                    "events_published_total",
+                    "Order events published to the events exchange and confirmed, by type",
+                ),
+                &["type"],
+            )?,
+            events_unpublished: IntGauge::new(
+                "events_unpublished",
+                "Order events not yet published to the events exchange (last seen)",
+            )?,
+            webhook_deliveries: IntCounterVec::new(
+                Opts::new(
+                    "webhook_deliveries_total",
+                    "Webhook deliveries of order events, by result (delivered, failed)",
+                ),
+                &["result"],
+            )?,
+            webhook_undelivered: IntGauge::new(
+                "webhook_undelivered",
+                "Order events not yet delivered to the webhook (last seen)",
+            )?,
+            webhook_oldest_undelivered: Gauge::new(
+                "webhook_oldest_undelivered_seconds",
+                "Age of the oldest order event not yet delivered to the webhook (last seen)",
+            )?,
+            webhook_latency: hist(
+                "webhook_latency_seconds",
+                "Time from sending an order event to the webhook's answer",
+                buckets_latency(),
+            )?,
             dead_lettered: IntCounter::new(
                 "dead_lettered_total",
                 "Messages sent to the dead-letter queue",
@@ -437,6 +480,19 @@ impl Metrics {
         }
         m.registry.register(Box::new(m.sse_wakeups.clone()))?;
         m.registry.register(Box::new(m.sse_resyncs.clone()))?;
+        m.registry.register(Box::new(m.events_published.clone()))?;
+        m.registry
+            .register(Box::new(m.events_unpublished.clone()))?;
+        m.registry
+            .register(Box::new(m.webhook_deliveries.clone()))?;
+        for result in ["delivered", "failed"] {
+            m.webhook_deliveries.with_label_values(&[result]);
+        }
+        m.registry
+            .register(Box::new(m.webhook_undelivered.clone()))?;
+        m.registry
+            .register(Box::new(m.webhook_oldest_undelivered.clone()))?;
+        m.registry.register(Box::new(m.webhook_latency.clone()))?;
         Ok(m)
     }
 

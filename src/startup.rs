@@ -128,6 +128,7 @@ impl Application {
             }
             app.start_worker(&reservations);
             app.start_sweeper(&reservations);
+            app.start_order_events()?;
         }
         Ok(app)
     }
@@ -186,6 +187,17 @@ impl Application {
     fn start_worker(&mut self, reservations: &Reservations) {
         let worker = Worker::new(&self.deps, reservations.clone());
         self.tasks.spawn(worker.run(self.stop.child_token()));
+    }
+
+    /// The order events' dispatchers: to the events exchange, and to the webhook if one is set.
+    fn start_order_events(&mut self) -> anyhow::Result<()> {
+        let publisher = crate::order_events::publish::Publisher::new(&self.deps);
+        self.tasks.spawn(publisher.run(self.stop.child_token()));
+        if let Some(webhook) = &self.deps.settings.webhook {
+            let webhook = crate::order_events::webhook::Webhook::new(&self.deps, webhook)?;
+            self.tasks.spawn(webhook.run(self.stop.child_token()));
+        }
+        Ok(())
     }
 
     /// The expiry sweeper and reconciler.

@@ -156,6 +156,11 @@
     preheatButton.addEventListener("click", () => preheat(id, false));
     const forceButton = el("button", { type: "button", class: "secondary" }, "Force rebuild…");
     forceButton.addEventListener("click", () => preheat(id, true));
+    const ordersButton = el("button", { type: "button", class: "secondary" }, "Orders");
+    const downloadButton = el("button", { type: "button", class: "secondary" }, "Download CSV");
+    const orders = el("div", { class: "orders", hidden: "" });
+    ordersButton.addEventListener("click", () => showOrders(id, orders, null));
+    downloadButton.addEventListener("click", () => downloadOrders(id));
     const node = el(
       "article",
       { class: "card", "data-product-id": id, "aria-labelledby": `p${id}-title` },
@@ -164,11 +169,69 @@
       el("h4", {}, "Decisions per second, by outcome"),
       rates,
       canvas,
-      el("div", { class: "actions" }, preheatButton, forceButton),
+      el("div", { class: "actions" }, preheatButton, forceButton, ordersButton, downloadButton),
+      orders,
     );
+    ordersButton.setAttribute("aria-label", `Orders of product ${id}`);
+    downloadButton.setAttribute("aria-label", `Download the orders of product ${id} as CSV`);
     preheatButton.setAttribute("aria-label", `Preheat product ${id}`);
     forceButton.setAttribute("aria-label", `Force rebuild of product ${id}`);
     return { node, fields, history: [], last: null };
+  }
+
+  // ---- Orders: a page at a time, or all of them as CSV --------------------------------------
+  const ORDER_COLUMNS = [
+    ["order_id", "Order"],
+    ["user_id", "Shopper"],
+    ["status", "Status"],
+    ["created_at", "Created"],
+    ["paid_at", "Paid"],
+    ["payment_reference", "Payment"],
+  ];
+
+  async function showOrders(id, box, after) {
+    const query = `?limit=50${after ? `&after=${encodeURIComponent(after)}` : ""}`;
+    const res = await api("GET", `/api/v1/admin/products/${id}/orders${query}`, { bearer: token }).catch(() => null);
+    if (!res) {
+      notice("The orders could not be read; try again.");
+      return;
+    }
+    if (refused(res)) return;
+    if (res.status !== 200) {
+      notice(problem(res));
+      return;
+    }
+    const rows = res.body.orders.map((o) =>
+      el("tr", {}, ...ORDER_COLUMNS.map(([key]) => el("td", {}, o[key] === undefined || o[key] === null ? "" : String(o[key])))),
+    );
+    const table = el(
+      "table",
+      { class: "orders-table" },
+      el("caption", {}, `Orders of product ${id}${after ? " (next page)" : ""}: ${rows.length}`),
+      el("thead", {}, el("tr", {}, ...ORDER_COLUMNS.map(([, label]) => el("th", { scope: "col" }, label)))),
+      el("tbody", {}, ...rows),
+    );
+    const more = el("button", { type: "button", class: "secondary" }, "Next page");
+    more.hidden = !res.body.next;
+    more.addEventListener("click", () => showOrders(id, box, res.body.next));
+    box.replaceChildren(table, more);
+    box.hidden = false;
+  }
+
+  async function downloadOrders(id) {
+    const res = await fetch(`/api/v1/admin/products/${id}/orders`, {
+      headers: { authorization: `Bearer ${token}`, accept: "text/csv" },
+      cache: "no-store",
+    }).catch(() => null);
+    if (!res || res.status !== 200) {
+      notice(res && res.status === 401 ? "Signed out: the token was refused." : "The orders could not be downloaded; try again.");
+      return;
+    }
+    const link = el("a", { href: URL.createObjectURL(await res.blob()), download: `product-${id}-orders.csv` });
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(link.href), 10_000);
   }
 
   function stateOf(p, now) {

@@ -6,6 +6,9 @@
   const { el, setText, api, clock, duration, money } = seckill;
   const $ = (id) => document.getElementById(id);
   const dev = document.body.dataset.dev === "1";
+  // Where a winner pays (SECKILL_CHECKOUT_URL, with {order_id}); outside development mode only
+  // the shop's own checkout records a payment.
+  const checkout = document.body.dataset.checkout || "";
   const JWT_KEY = "seckill.jwt";
 
   // ---- Signing in -------------------------------------------------------------------------
@@ -284,7 +287,10 @@
     if (view.status === "rejected" && view.reason) more = view.reason;
     setText($("reservation-detail"), more);
     const payable = view.status === "confirmed" && Boolean(view.order_id);
-    $("pay").hidden = !payable;
+    if (payable && !dev && !checkout) {
+      setText($("reservation-detail"), `${more} Complete the payment at the shop.`);
+    }
+    $("pay").hidden = !payable || (!dev && !checkout);
     $("cancel").hidden = !payable;
     if (TERMINAL.has(view.status)) closeStream();
   }
@@ -359,7 +365,13 @@
       setText($("reservation-detail"), "Unavailable — try again shortly.");
     }
   }
-  $("pay").addEventListener("click", () => settle("pay"));
+  $("pay").addEventListener("click", () => {
+    if (dev) {
+      settle("pay");
+    } else if (checkout && reservation && reservation.order_id) {
+      location.assign(checkout.replace("{order_id}", encodeURIComponent(reservation.order_id)));
+    }
+  });
   $("cancel").addEventListener("click", () => settle("cancel"));
   $("reservation-status").setAttribute("tabindex", "-1");
   $("name").setAttribute("tabindex", "-1");

@@ -174,7 +174,7 @@ pub async fn run(args: LoadtestArgs, secrets: &Secrets) -> anyhow::Result<bool> 
         !args.winners || args.mode == Mode::Sale,
         "--winners needs --mode sale"
     );
-    let client = reqwest::Client::builder()
+    let client = crate::tls::http_client()
         .pool_max_idle_per_host(args.concurrency)
         .timeout(Duration::from_secs(30))
         .tcp_nodelay(true)

@@ -59,6 +59,40 @@ pub enum Command {
     /// Inspect or replay the dead-letter queue (`<SECKILL_AMQP_QUEUE>.dlq`).
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Inspect or send again the order events (the exchange and the webhook).
+    #[command(subcommand)]
+    Events(EventsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventsCommand {
+    /// Print order events as JSON lines, newest first: type, order's reservation and sequence,
+    /// when published to the exchange and delivered to the webhook, attempts, last error.
+    List {
+        /// Only this product's events.
+        #[arg(long)]
+        product: Option<i64>,
+        /// Only events not yet published (or, with a webhook set, not yet delivered).
+        #[arg(long)]
+        undelivered: bool,
+        /// Print at most this many (1 to 10,000).
+        #[arg(long, default_value_t = 100)]
+        limit: u64,
+    },
+    /// Send events again, to the exchange and the webhook, with their ids unchanged (so
+    /// receivers that saw them deduplicate): one event, or every event of a product since a
+    /// moment.
+    Replay {
+        /// One event's id.
+        #[arg(long, conflicts_with_all = ["product", "since"])]
+        id: Option<uuid::Uuid>,
+        /// Every event of this product (with --since).
+        #[arg(long, requires = "since")]
+        product: Option<i64>,
+        /// Created at or after this moment (RFC 3339, e.g. 2026-12-07T10:00:00Z).
+        #[arg(long, requires = "product")]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -107,6 +141,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Migrate => None,
         Command::Loadtest(args) => return loadtest(args, &settings),
         Command::Dlq(command) => return dlq(command, &settings),
+        Command::Events(command) => return events(command, &settings),
         Command::DevToken { user, ttl_secs } => return dev_token(user, ttl_secs, &settings),
     };
     if role.is_some_and(|r| r.serves_http())
@@ -254,6 +289,54 @@ fn dlq(command: DlqCommand, settings: &Settings) -> ExitCode {
     }
 }
 
+/// `seckill events …`: JSON lines (or a summary) on stdout, errors on stderr.
+fn events(command: EventsCommand, settings: &Settings) -> ExitCode {
+    use crate::order_events::{ListFilter, ReplaySelection};
+    let runtime = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let result = runtime.block_on(async {
+        let db = crate::db::connect(&settings.database_url, 2).await?;
+        match command {
+            EventsCommand::List {
+                product,
+                undelivered,
+                limit,
+            } => {
+                let filter = ListFilter {
+                    product,
+                    undelivered,
+                    webhook: settings.webhook.is_some(),
+                    limit,
+                };
+                let mut out = std::io::stdout().lock();
+                for row in crate::order_events::list(&db, &filter).await? {
+                    writeln!(out, "{}", serde_json::to_string(&row)?)?;
+                }
+            }
+            EventsCommand::Replay { id, product, since } => {
+                let which = match (id, product, since) {
+                    (Some(id), _, _) => ReplaySelection::One(id),
+                    (None, Some(p), Some(since)) => ReplaySelection::ProductSince(p, since),
+                    _ => anyhow::bail!("give --id, or --product with --since"),
+                };
+                let n = crate::order_events::replay(&db, &which).await?;
+                writeln!(std::io::stdout(), "{n} event(s) will be sent again")?;
+            }
+        }
+        anyhow::Ok(())
+    });
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("seckill events: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// The multi-threaded tokio runtime, or the exit code for failing to build one.
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
     tokio::runtime::Builder::new_multi_thread()
@@ -309,15 +392,19 @@ async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let broker = crate::amqp::Broker::start(&settings.amqp_url, stop.clone());
     let declared = match broker.connected(std::time::Duration::from_secs(10)).await {
-        Some(conn) => crate::amqp::declare_topology(&conn, &settings.amqp_queue)
-            .await
-            .map(|_| ())
-            .map_err(anyhow::Error::from),
+        Some(conn) => async {
+            crate::amqp::declare_topology(&conn, &settings.amqp_queue).await?;
+            crate::order_events::publish::declare_exchange(&conn, &settings.events_exchange).await
+        }
+        .await
+        .map_err(anyhow::Error::from),
         None => Err(anyhow::anyhow!("RabbitMQ did not answer within 10 s")),
     };
     stop.cancel();
     match declared {
-        Ok(()) => tracing::info!(queue = %settings.amqp_queue, "queues declared"),
+        Ok(()) => {
+            tracing::info!(queue = %settings.amqp_queue, exchange = %settings.events_exchange, "queues and the events exchange declared")
+        }
         Err(e) => tracing::warn!(
             error = %format!("{e:#}"),
             "could not declare the RabbitMQ queues (SECKILL_AMQP_URL); the processes will declare them as they start"

@@ -21,7 +21,13 @@ use super::{
 pub(super) const DEV_JWT_SECRET: &str = "seckill-dev-jwt-secret-do-not-use-in-production";
 pub(super) const DEV_ADMIN_TOKEN: &str = "seckill-dev-admin-token";
 pub(super) const DEV_TOKEN_SECRET: &str = "seckill-dev-purchase-token-secret";
-pub(super) const DEV_SECRETS: &[&str] = &[DEV_JWT_SECRET, DEV_ADMIN_TOKEN, DEV_TOKEN_SECRET];
+pub(super) const DEV_SERVICE_TOKEN: &str = "seckill-dev-service-token-do-not-use-in-production";
+pub(super) const DEV_SECRETS: &[&str] = &[
+    DEV_JWT_SECRET,
+    DEV_ADMIN_TOKEN,
+    DEV_TOKEN_SECRET,
+    DEV_SERVICE_TOKEN,
+];
 
 /// The variables being read. Every read goes through [`Env::get`], which notes the name (so a
 /// test can check that the parser reads exactly the variables of [`VARS`]); defaults and bounds

@@ -65,6 +65,25 @@ pub struct Secrets {
     pub jwt_secret: SecretString,
     pub admin_token: SecretString,
     pub token_secret: SecretString,
+    /// The storefront backend's tokens (`SECKILL_SERVICE_TOKENS`; several, so one can be
+    /// rotated without downtime); none: no service access.
+    pub service_tokens: Vec<SecretString>,
+}
+
+/// Where order events are POSTed, and the key that signs them.
+#[derive(Clone)]
+pub struct WebhookSettings {
+    pub url: String,
+    pub secret: SecretString,
+}
+
+impl std::fmt::Debug for WebhookSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookSettings")
+            .field("url", &self.url)
+            .field("secret", &"[redacted]")
+            .finish()
+    }
 }
 
 /// How attempts are gathered into one call (`SECKILL_RESERVE_BATCH_*`).
@@ -101,6 +120,13 @@ pub struct Settings {
     pub jwt_audience: Option<String>,
     /// When set, shoppers' JWTs must carry this `iss` (unset: `iss` is not checked).
     pub jwt_issuer: Option<String>,
+    /// `SECKILL_CHECKOUT_URL`: where the storefront page sends a winner to pay (a template with
+    /// `{order_id}`).
+    pub checkout_url: Option<String>,
+    /// `SECKILL_EVENTS_EXCHANGE`: the topic exchange order events are published to.
+    pub events_exchange: String,
+    /// `SECKILL_WEBHOOK_URL` with its secret, when order events also go to a webhook.
+    pub webhook: Option<WebhookSettings>,
     /// `None` when unset (and not in development mode): `serve`/`all` refuse to start.
     secrets: Result<Secrets, ConfigError>,
     /// An unpaid order expires after this and its unit returns to stock.

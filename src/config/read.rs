@@ -3,11 +3,11 @@
 
 use std::{collections::HashMap, time::Duration};
 
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 
 use super::{
     BatchSettings, ConfigError, DrainSettings, IpNet, RedisSettings, Secrets, Settings, SseLimits,
-    env::{DEV_ADMIN_TOKEN, DEV_JWT_SECRET, DEV_TOKEN_SECRET, Env},
+    env::{DEV_ADMIN_TOKEN, DEV_JWT_SECRET, DEV_SECRETS, DEV_SERVICE_TOKEN, DEV_TOKEN_SECRET, Env},
     var,
 };
 
@@ -56,6 +56,9 @@ impl Settings {
             redis_durability: env.parse("SECKILL_REDIS_DURABILITY")?,
             jwt_audience: env.optional("SECKILL_JWT_AUDIENCE")?,
             jwt_issuer: env.optional("SECKILL_JWT_ISSUER")?,
+            checkout_url: checkout_url(env)?,
+            events_exchange: events_exchange(env)?,
+            webhook: webhook(env, dev)?,
             secrets,
             payment_timeout: Duration::from_secs(env.ranged("SECKILL_PAYMENT_TIMEOUT_SECS")?),
             purchase_token_ttl: Duration::from_secs(env.ranged("SECKILL_PURCHASE_TOKEN_TTL_SECS")?),
@@ -219,10 +222,11 @@ fn secrets(
     dev: bool,
     dev_filled: &mut Vec<&'static str>,
 ) -> Result<Secrets, ConfigError> {
-    let secrets = Secrets {
+    let mut secrets = Secrets {
         jwt_secret: env.secret("SECKILL_JWT_SECRET", dev, DEV_JWT_SECRET, dev_filled)?,
         admin_token: env.secret("SECKILL_ADMIN_TOKEN", dev, DEV_ADMIN_TOKEN, dev_filled)?,
         token_secret: env.secret("SECKILL_TOKEN_SECRET", dev, DEV_TOKEN_SECRET, dev_filled)?,
+        service_tokens: Vec::new(),
     };
     if secrets.token_secret.expose_secret() == secrets.jwt_secret.expose_secret() {
         return Err(ConfigError::new(
@@ -230,7 +234,166 @@ fn secrets(
             "must differ from SECKILL_JWT_SECRET",
         ));
     }
+    secrets.service_tokens = service_tokens(env, dev, dev_filled, &secrets)?;
     Ok(secrets)
+}
+
+/// The shortest service token: a server-to-server secret has no human to remember it.
+const SERVICE_TOKEN_MIN: usize = 32;
+
+/// `SECKILL_SERVICE_TOKENS`: comma-separated, each at least [`SERVICE_TOKEN_MIN`] characters,
+/// none a public development secret (outside development mode) or a placeholder, none equal to
+/// another secret (a token that opens two doors is one door). Unset: none, or in development
+/// mode the development token.
+fn service_tokens(
+    env: &Env<'_>,
+    dev: bool,
+    dev_filled: &mut Vec<&'static str>,
+    others: &Secrets,
+) -> Result<Vec<SecretString>, ConfigError> {
+    const VAR: &str = "SECKILL_SERVICE_TOKENS";
+    let Some(list) = env.get(VAR) else {
+        if dev {
+            dev_filled.push(VAR);
+            return Ok(vec![SecretString::from(DEV_SERVICE_TOKEN.to_owned())]);
+        }
+        return Ok(Vec::new());
+    };
+    let mut tokens: Vec<SecretString> = Vec::new();
+    for (i, token) in list.split(',').map(str::trim).enumerate() {
+        let which = i + 1;
+        let refuse = |why: &str| Err(ConfigError::new(VAR, format!("token {which} {why}")));
+        if token.is_empty() {
+            return refuse("is empty (no empty entries between commas)");
+        }
+        if !dev && DEV_SECRETS.contains(&token) {
+            return refuse("is a public development secret; set a secret of your own");
+        }
+        if token.len() < SERVICE_TOKEN_MIN {
+            return refuse("must be at least 32 characters");
+        }
+        if is_placeholder(token) {
+            return refuse("looks like a placeholder; generate one (e.g. openssl rand -hex 32)");
+        }
+        let clash = [
+            ("SECKILL_ADMIN_TOKEN", &others.admin_token),
+            ("SECKILL_JWT_SECRET", &others.jwt_secret),
+            ("SECKILL_TOKEN_SECRET", &others.token_secret),
+        ]
+        .into_iter()
+        .find(|(_, s)| s.expose_secret() == token);
+        if let Some((name, _)) = clash {
+            return refuse(&format!("must differ from {name}"));
+        }
+        if !tokens.iter().any(|t| t.expose_secret() == token) {
+            tokens.push(SecretString::from(token.to_owned()));
+        }
+    }
+    Ok(tokens)
+}
+
+/// Text a template or an example leaves in place of a secret: one repeated character, or a
+/// word that says so.
+fn is_placeholder(token: &str) -> bool {
+    let lower = token.to_ascii_lowercase();
+    let mut chars = token.chars();
+    let first = chars.next();
+    chars.all(|c| Some(c) == first)
+        || [
+            "changeme",
+            "change-me",
+            "change_me",
+            "replace",
+            "placeholder",
+            "example",
+            "your-",
+            "your_",
+            "<",
+            "xxxx",
+        ]
+        .iter()
+        .any(|w| lower.contains(w))
+}
+
+/// `SECKILL_EVENTS_EXCHANGE`: an exchange name RabbitMQ takes (1 to 200 characters).
+fn events_exchange(env: &Env<'_>) -> Result<String, ConfigError> {
+    let name = env.string("SECKILL_EVENTS_EXCHANGE")?;
+    if name.is_empty() || name.len() > 200 || name.starts_with("amq.") {
+        return Err(ConfigError::new(
+            "SECKILL_EVENTS_EXCHANGE",
+            "must be 1 to 200 characters, not starting with amq. (reserved by RabbitMQ)",
+        ));
+    }
+    Ok(name)
+}
+
+/// `SECKILL_WEBHOOK_URL` and `SECKILL_WEBHOOK_SECRET`: both or neither; the secret at least 32
+/// characters and not a placeholder (nor, outside development mode, a public one).
+fn webhook(env: &Env<'_>, dev: bool) -> Result<Option<super::WebhookSettings>, ConfigError> {
+    let url = env.get("SECKILL_WEBHOOK_URL");
+    let secret = env.get("SECKILL_WEBHOOK_SECRET");
+    let (url, secret) = match (url, secret) {
+        (None, None) => return Ok(None),
+        (None, Some(_)) => {
+            return Err(ConfigError::new(
+                "SECKILL_WEBHOOK_SECRET",
+                "is set without SECKILL_WEBHOOK_URL",
+            ));
+        }
+        (Some(_), None) => {
+            return Err(ConfigError::new(
+                "SECKILL_WEBHOOK_SECRET",
+                "required with SECKILL_WEBHOOK_URL (it signs every delivery)",
+            ));
+        }
+        (Some(url), Some(secret)) => (url, secret),
+    };
+    if !(url.starts_with("https://") || url.starts_with("http://")) {
+        return Err(ConfigError::new(
+            "SECKILL_WEBHOOK_URL",
+            "must be an http:// or https:// URL",
+        ));
+    }
+    if secret.len() < SERVICE_TOKEN_MIN {
+        return Err(ConfigError::new(
+            "SECKILL_WEBHOOK_SECRET",
+            "must be at least 32 characters",
+        ));
+    }
+    if is_placeholder(secret) || (!dev && DEV_SECRETS.contains(&secret.as_str())) {
+        return Err(ConfigError::new(
+            "SECKILL_WEBHOOK_SECRET",
+            "looks like a placeholder; generate one (e.g. openssl rand -hex 32)",
+        ));
+    }
+    Ok(Some(super::WebhookSettings {
+        url: url.clone(),
+        secret: SecretString::from(secret.clone()),
+    }))
+}
+
+/// `SECKILL_CHECKOUT_URL`: an http(s) URL template holding `{order_id}`.
+fn checkout_url(env: &Env<'_>) -> Result<Option<String>, ConfigError> {
+    const VAR: &str = "SECKILL_CHECKOUT_URL";
+    let Some(url) = env.get(VAR) else {
+        return Ok(None);
+    };
+    if !(url.starts_with("https://") || url.starts_with("http://")) {
+        return Err(ConfigError::new(VAR, "must be an http:// or https:// URL"));
+    }
+    if !url.contains("{order_id}") {
+        return Err(ConfigError::new(
+            VAR,
+            "must contain {order_id}, where the order's id goes",
+        ));
+    }
+    if url
+        .chars()
+        .any(|c| c.is_whitespace() || c == '"' || c == '\'')
+    {
+        return Err(ConfigError::new(VAR, "must not contain spaces or quotes"));
+    }
+    Ok(Some(url.clone()))
 }
 
 /// `SECKILL_TRUSTED_PROXIES`: a comma-separated list of addresses and CIDR blocks.
@@ -559,19 +722,27 @@ mod tests {
             [
                 "SECKILL_JWT_SECRET",
                 "SECKILL_ADMIN_TOKEN",
-                "SECKILL_TOKEN_SECRET"
+                "SECKILL_TOKEN_SECRET",
+                "SECKILL_SERVICE_TOKENS",
             ]
         );
         let s = Settings::from_vars(vars(&[("SECKILL_DEV", "1"), OWN[1]])).unwrap();
         assert_eq!(
             s.dev_secrets_filled(),
-            ["SECKILL_JWT_SECRET", "SECKILL_TOKEN_SECRET"]
+            [
+                "SECKILL_JWT_SECRET",
+                "SECKILL_TOKEN_SECRET",
+                "SECKILL_SERVICE_TOKENS"
+            ]
         );
         let secrets = s.secrets().unwrap();
         assert_eq!(secrets.admin_token.expose_secret(), OWN[1].1);
         assert_eq!(secrets.jwt_secret.expose_secret(), DEV_JWT_SECRET);
         let mut all = OWN.to_vec();
         all.push(("SECKILL_DEV", "1"));
+        let s = Settings::from_vars(vars(&all)).unwrap();
+        assert_eq!(s.dev_secrets_filled(), ["SECKILL_SERVICE_TOKENS"]);
+        all.push(("SECKILL_SERVICE_TOKENS", SERVICE_A));
         let s = Settings::from_vars(vars(&all)).unwrap();
         assert!(s.dev_secrets_filled().is_empty());
         let s = Settings::from_vars(vars(&OWN)).unwrap();
@@ -597,6 +768,97 @@ mod tests {
                 assert!(s.secrets().is_ok(), "{var}={dev_value} in development");
             }
         }
+    }
+
+    const SERVICE_A: &str = "svc-a-5f0c1e9d7b3a46e28c1d0f9e8a7b6c5d";
+    const SERVICE_B: &str = "svc-b-0a9b8c7d6e5f40312a3b4c5d6e7f8091";
+
+    /// The service tokens read with `value`, or the error's message.
+    fn service_tokens_of(value: &str) -> Result<Vec<String>, String> {
+        let mut set = OWN.to_vec();
+        set.push(("SECKILL_SERVICE_TOKENS", value));
+        let s = Settings::from_vars(vars(&set)).unwrap();
+        s.secrets()
+            .map(|x| {
+                x.service_tokens
+                    .iter()
+                    .map(|t| t.expose_secret().to_owned())
+                    .collect()
+            })
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn service_tokens_are_several_long_and_unlike_any_other_secret() {
+        assert_eq!(
+            service_tokens_of(&format!("{SERVICE_A}, {SERVICE_B},{SERVICE_A}")),
+            Ok(vec![SERVICE_A.to_owned(), SERVICE_B.to_owned()])
+        );
+        // Unset outside development mode: no service access at all.
+        let s = Settings::from_vars(vars(&OWN)).unwrap();
+        assert!(s.secrets().unwrap().service_tokens.is_empty());
+        for (value, why) in [
+            (
+                "short-token-0123456789",
+                "token 1 must be at least 32 characters",
+            ),
+            (&format!("{SERVICE_A},,{SERVICE_B}"), "token 2 is empty"),
+            (
+                "changeme-changeme-changeme-changeme",
+                "token 1 looks like a placeholder",
+            ),
+            (
+                "your-service-token-goes-here-0123456789",
+                "token 1 looks like a placeholder",
+            ),
+            (&"x".repeat(40), "token 1 looks like a placeholder"),
+            (
+                "seckill-dev-service-token-do-not-use-in-production",
+                "token 1 is a public development secret",
+            ),
+        ] {
+            let err = service_tokens_of(value).unwrap_err();
+            assert!(
+                err.starts_with(&format!("SECKILL_SERVICE_TOKENS: {why}")),
+                "{value}: {err}"
+            );
+        }
+        // A token that is also the operators' token would open both doors.
+        let same = "the-same-long-secret-0123456789abcdef";
+        let s = Settings::from_vars(vars(&[
+            OWN[0],
+            ("SECKILL_ADMIN_TOKEN", same),
+            OWN[2],
+            ("SECKILL_SERVICE_TOKENS", same),
+        ]))
+        .unwrap();
+        assert_eq!(
+            s.secrets().err().unwrap().to_string(),
+            "SECKILL_SERVICE_TOKENS: token 1 must differ from SECKILL_ADMIN_TOKEN"
+        );
+    }
+
+    #[test]
+    fn the_checkout_url_is_an_http_template_with_the_order_id() {
+        let read = |url: &str| {
+            Settings::from_vars(vars(&[("SECKILL_DEV", "1"), ("SECKILL_CHECKOUT_URL", url)]))
+                .map(|s| s.checkout_url)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            read("https://shop.example/checkout/{order_id}"),
+            Ok(Some("https://shop.example/checkout/{order_id}".to_owned()))
+        );
+        for bad in [
+            "https://shop.example/checkout",
+            "javascript:alert(1)//{order_id}",
+            "ftp://shop.example/{order_id}",
+            "https://shop.example/\"{order_id}",
+        ] {
+            assert!(read(bad).is_err(), "{bad}");
+        }
+        let s = Settings::from_vars(vars(&[("SECKILL_DEV", "1")])).unwrap();
+        assert_eq!(s.checkout_url, None);
     }
 
     #[test]

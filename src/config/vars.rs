@@ -130,6 +130,31 @@ pub const VARS: &[Var] = &[
         "signs purchase tokens (at least 16 characters, not the JWT secret)",
     ),
     Var::described(
+        "SECKILL_SERVICE_TOKENS",
+        "unset (no service access; SECKILL_DEV=1: a development token)",
+        "comma-separated bearer tokens of the storefront's backend (each at least 32 characters): read orders, record payments",
+    ),
+    Var::described(
+        "SECKILL_CHECKOUT_URL",
+        "unset (the page says to pay at the shop)",
+        "where the storefront page sends a winner to pay: an http(s) URL template with {order_id}",
+    ),
+    Var::new(
+        "SECKILL_EVENTS_EXCHANGE",
+        "seckill.events",
+        "RabbitMQ topic exchange the order events go to (routing key: the event's type)",
+    ),
+    Var::described(
+        "SECKILL_WEBHOOK_URL",
+        "unset (no webhook)",
+        "http(s) URL each order event is POSTed to, signed (Seckill-Signature), retried with backoff until a 2xx",
+    ),
+    Var::described(
+        "SECKILL_WEBHOOK_SECRET",
+        "required with SECKILL_WEBHOOK_URL",
+        "HMAC-SHA256 key of the webhook's signatures (at least 32 characters)",
+    ),
+    Var::described(
         "SECKILL_JWT_AUDIENCE",
         "unset (not checked)",
         "when set, shoppers' JWTs must carry this aud",

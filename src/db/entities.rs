@@ -91,6 +91,9 @@ pub mod orders {
         pub paid_at: Option<ChronoDateTimeUtc>,
         pub closed_at: Option<ChronoDateTimeUtc>,
         pub released_at: Option<ChronoDateTimeUtc>,
+        /// The payment provider's reference, once the storefront's backend recorded a payment.
+        pub payment_reference: Option<String>,
+        pub paid_amount_cents: Option<i64>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

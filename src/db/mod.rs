@@ -160,6 +160,14 @@ impl MigratorTrait for Migrator {
                 name: "0006_released_moment",
                 sql: include_str!("../../migrations/0006_released_moment.sql"),
             }),
+            Box::new(SqlMigration {
+                name: "0007_payment",
+                sql: include_str!("../../migrations/0007_payment.sql"),
+            }),
+            Box::new(SqlMigration {
+                name: "0008_order_event",
+                sql: include_str!("../../migrations/0008_order_event.sql"),
+            }),
         ]
     }
 }

@@ -8,7 +8,7 @@ use utoipa::{
 };
 use utoipa_swagger_ui::SwaggerUi;
 
-use crate::http::{admin, dev, health, orders, shop};
+use crate::http::{admin, dev, export, health, orders, shop};
 
 struct Security;
 
@@ -37,6 +37,18 @@ impl Modify for Security {
             "admin_token",
             SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
         );
+        components.add_security_scheme(
+            "service_token",
+            SecurityScheme::Http(
+                Http::builder()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "One of SECKILL_SERVICE_TOKENS: the storefront's backend (reads orders, \
+                         records payments; cannot create or preheat sales)",
+                    ))
+                    .build(),
+            ),
+        );
     }
 }
 
@@ -45,14 +57,15 @@ impl Modify for Security {
     info(title = "seckill", description = "Flash-sale reservation service. Errors are application/problem+json with a stable `code`."),
     paths(
         shop::product_view, shop::issue_token, shop::reserve, shop::my_reservation, shop::my_reservation_events, shop::issue_stream_token, dev::dev_token,
-        orders::pay, orders::cancel,
-        admin::create_product, admin::get_product, admin::overview, admin::preheat, admin::metrics,
+        orders::pay, orders::cancel, orders::record_payment, orders::get_order,
+        admin::create_product, admin::get_product, admin::overview, admin::preheat, export::product_orders, admin::metrics,
         health::healthz, health::readyz,
     ),
     modifiers(&Security),
     tags(
         (name = "shoppers", description = "On SECKILL_HTTP_ADDR"),
         (name = "orders", description = "On SECKILL_HTTP_ADDR"),
+        (name = "backend", description = "On SECKILL_HTTP_ADDR, for the storefront's backend (a service token)"),
         (name = "operators", description = "Only on SECKILL_ADMIN_ADDR"),
         (name = "service", description = "Health on both listeners; /metrics only on SECKILL_ADMIN_ADDR"),
     )

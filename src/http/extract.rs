@@ -79,6 +79,76 @@ impl FromRequest for Admin {
     }
 }
 
+/// The storefront's backend, authenticated by `Authorization: Bearer <one of
+/// SECKILL_SERVICE_TOKENS>`: it reads orders and records payments, nothing else.
+#[derive(Debug, Clone, Copy)]
+pub struct Service;
+
+impl FromRequest for Service {
+    type Error = ApiError;
+    type Future = std::future::Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        std::future::ready((|| {
+            let token = bearer(req).ok_or(ApiError::Unauthorized)?;
+            if ctx(req)?.auth.is_service(token) {
+                Ok(Service)
+            } else {
+                Err(ApiError::Unauthorized)
+            }
+        })())
+    }
+}
+
+/// Who may cancel an order: its shopper (a JWT), or the storefront's backend (a service token).
+#[derive(Debug, Clone, Copy)]
+pub struct Canceller(pub crate::orders::Closer);
+
+impl FromRequest for Canceller {
+    type Error = ApiError;
+    type Future = std::future::Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        use crate::orders::Closer;
+        std::future::ready((|| {
+            let token = bearer(req).ok_or(ApiError::Unauthorized)?;
+            let auth = &ctx(req)?.auth;
+            if auth.is_service(token) {
+                return Ok(Canceller(Closer::Backend));
+            }
+            auth.user(token)
+                .map(|user| Canceller(Closer::Shopper(user)))
+                .ok_or(ApiError::Unauthorized)
+        })())
+    }
+}
+
+/// An operator or the storefront's backend: who may read a sale's orders.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrderReader {
+    Admin,
+    Service,
+}
+
+impl FromRequest for OrderReader {
+    type Error = ApiError;
+    type Future = std::future::Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        std::future::ready((|| {
+            let token = bearer(req).ok_or(ApiError::Unauthorized)?;
+            let auth = &ctx(req)?.auth;
+            // Both compared, whichever matches, so timing does not say which door it is.
+            let (admin, service) = (auth.is_admin(token), auth.is_service(token));
+            match (admin, service) {
+                (true, _) => Ok(OrderReader::Admin),
+                (_, true) => Ok(OrderReader::Service),
+                _ => Err(ApiError::Unauthorized),
+            }
+        })())
+    }
+}
+
 /// The client's address: the TCP peer, or — when the peer is a trusted proxy — the right-most
 /// `X-Forwarded-For` entry that is not itself a trusted proxy. `forwarded_for` holds every
 /// `X-Forwarded-For` line of the request in order: several lines are one list, as if joined by

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod dev;
 pub mod docs;
+pub mod export;
 pub mod extract;
 pub mod fallback;
 pub mod health;
@@ -403,6 +404,7 @@ pub fn admin_server(listener: TcpListener, ctx: web::Data<Ctx>) -> anyhow::Resul
             .app_data(deps.clone())
             .configure(common)
             .configure(admin::routes)
+            .configure(export::routes)
             .configure(pages::console_routes)
             .app_data(known.clone())
             .default_service(web::to(fallback))

@@ -53,11 +53,33 @@ fn asset(content_type: &'static str, body: &'static str) -> HttpResponse {
         .body(body)
 }
 
-/// The storefront page; whether the development login is offered is the only thing the
-/// server fills in (never anything a client sent).
+/// The storefront page; whether the development login (and paying from the page) is offered,
+/// and `SECKILL_CHECKOUT_URL`, are the only things the server fills in (from its settings,
+/// never from anything a client sent).
 fn storefront(ctx: &Ctx) -> HttpResponse {
-    let dev = if ctx.deps.settings.dev { "1" } else { "0" };
-    page(SHOP_HTML.replace("{{dev}}", dev))
+    let settings = &ctx.deps.settings;
+    let dev = if settings.dev { "1" } else { "0" };
+    let checkout = attribute(settings.checkout_url.as_deref().unwrap_or(""));
+    page(
+        SHOP_HTML
+            .replace("{{dev}}", dev)
+            .replace("{{checkout}}", &checkout),
+    )
+}
+
+/// `text` escaped for a double-quoted HTML attribute.
+fn attribute(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '"' => out.push_str("&quot;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 #[get("/")]

@@ -34,6 +34,12 @@ pub struct Problem {
     /// For `unavailable` from `/readyz`: which dependency is down.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub checks: Option<serde_json::Value>,
+    /// For `order_closed`: the order's status (`cancelled`/`expired`: refund the payment).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub order_status: Option<OrderStatus>,
+    /// For `amount_mismatch`: the order's price, the amount a payment must have.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub price_cents: Option<i64>,
 }
 
 /// Errors of the HTTP API, one variant per outcome a client can act on.
@@ -64,6 +70,12 @@ pub enum ApiError {
     AlreadyLive,
     #[error("the order is {0} and can no longer change")]
     OrderClosed(OrderStatus),
+    #[error("the payment's amount must be the order's price, {price_cents} cents")]
+    AmountMismatch { price_cents: i64 },
+    #[error(
+        "the order is already paid under another payment reference, or this reference paid another order"
+    )]
+    PaymentConflict,
     #[error("sold out")]
     SoldOut,
     #[error("the sale has ended")]
@@ -147,6 +159,8 @@ impl ApiError {
             ApiError::AlreadyReserved(_) => (S::CONFLICT, "already_reserved", "Already reserved"),
             ApiError::AlreadyLive => (S::CONFLICT, "already_live", "Sale already live"),
             ApiError::OrderClosed(_) => (S::CONFLICT, "order_closed", "Order closed"),
+            ApiError::AmountMismatch { .. } => (S::CONFLICT, "amount_mismatch", "Amount mismatch"),
+            ApiError::PaymentConflict => (S::CONFLICT, "payment_conflict", "Payment conflict"),
             ApiError::SoldOut => (S::GONE, "sold_out", "Sold out"),
             ApiError::Ended => (S::GONE, "ended", "Sale ended"),
             ApiError::NotStarted => (too_early(), "not_started", "Sale not started"),
@@ -205,6 +219,14 @@ impl ApiError {
             },
             checks: match self {
                 ApiError::NotReady { checks, .. } => Some(checks.clone()),
+                _ => None,
+            },
+            order_status: match self {
+                ApiError::OrderClosed(status) => Some(*status),
+                _ => None,
+            },
+            price_cents: match self {
+                ApiError::AmountMismatch { price_cents } => Some(*price_cents),
                 _ => None,
             },
         }
@@ -273,6 +295,8 @@ impl From<OrderError> for ApiError {
         match e {
             OrderError::NotFound => ApiError::OrderNotFound,
             OrderError::Closed(status) => ApiError::OrderClosed(status),
+            OrderError::AmountMismatch { price_cents } => ApiError::AmountMismatch { price_cents },
+            OrderError::PaymentConflict => ApiError::PaymentConflict,
             OrderError::Unexpected(e) => e.into(),
         }
     }
@@ -376,6 +400,8 @@ mod tests {
             ApiError::AlreadyReserved(Uuid::nil()),
             ApiError::AlreadyLive,
             ApiError::OrderClosed(OrderStatus::Paid),
+            ApiError::AmountMismatch { price_cents: 100 },
+            ApiError::PaymentConflict,
             ApiError::SoldOut,
             ApiError::Ended,
             ApiError::NotStarted,
@@ -415,6 +441,8 @@ mod tests {
                 | ApiError::AlreadyReserved(_)
                 | ApiError::AlreadyLive
                 | ApiError::OrderClosed(_)
+                | ApiError::AmountMismatch { .. }
+                | ApiError::PaymentConflict
                 | ApiError::SoldOut
                 | ApiError::Ended
                 | ApiError::NotStarted

@@ -366,7 +366,7 @@ async fn connections_past_the_total_cap_get_503_at_capacity() {
     assert_eq!(refused.header("connection"), Some("close"));
     // Once they are closed, a new connection is served.
     let served = crate::helpers::eventually(Duration::from_secs(5), || async {
-        let client = reqwest::Client::builder()
+        let client = seckill::tls::http_client()
             .pool_max_idle_per_host(0)
             .build()
             .unwrap();

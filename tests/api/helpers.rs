@@ -18,8 +18,8 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 pub use crate::services::{
-    ADMIN_TOKEN, JWT_SECRET, PG, SECRET_VARS, TOKEN_SECRET, amqp_channel, delete_queues,
-    drop_database,
+    ADMIN_TOKEN, JWT_SECRET, PG, SECRET_VARS, SERVICE_TOKEN, TOKEN_SECRET, amqp_channel,
+    delete_queues, drop_database, events_exchange,
 };
 
 /// Names unique to one test.
@@ -55,6 +55,10 @@ impl Isolation {
             ("SECKILL_DATABASE_URL".into(), self.database_url()),
             ("SECKILL_REDIS_PREFIX".into(), self.prefix.clone()),
             ("SECKILL_AMQP_QUEUE".into(), self.queue.clone()),
+            (
+                "SECKILL_EVENTS_EXCHANGE".into(),
+                events_exchange(&self.queue),
+            ),
         ];
         vars.extend(SECRET_VARS.map(|(k, v)| (k.into(), v.into())));
         // One loopback address stands for thousands of shoppers in these tests.
@@ -239,7 +243,10 @@ pub fn at(secs: i64) -> String {
 }
 
 fn http_client(timeout: Duration) -> reqwest::Client {
-    reqwest::Client::builder().timeout(timeout).build().unwrap()
+    seckill::tls::http_client()
+        .timeout(timeout)
+        .build()
+        .unwrap()
 }
 
 /// The HTTP API of one deployment, typed: `http` is the shoppers' listener and `admin` the
@@ -447,9 +454,45 @@ impl Api {
         send(self.shopper(Method::GET, &path, None)).await
     }
 
+    /// The shopper's own payment (development mode only).
     pub async fn pay(&self, user: i64, order: impl Display) -> Response {
         self.user_post(user, &format!("/api/v1/orders/{order}/pay"))
             .await
+    }
+
+    // The storefront's backend, with the service token, on the shoppers' listener.
+
+    /// A request from the storefront's backend.
+    pub fn backend(&self, method: Method, path: &str) -> RequestBuilder {
+        self.client
+            .request(method, format!("{}{path}", self.http))
+            .bearer_auth(SERVICE_TOKEN)
+    }
+
+    /// Records a payment of `amount_cents` under `reference`.
+    pub async fn record_payment(
+        &self,
+        order: impl Display,
+        reference: &str,
+        amount_cents: i64,
+    ) -> Response {
+        send(
+            self.backend(Method::POST, &format!("/api/v1/orders/{order}/payment"))
+                .json(&json!({"payment_reference": reference, "amount_cents": amount_cents})),
+        )
+        .await
+    }
+
+    /// Pays an order as a shop's checkout would: its price (the test products' 19,900 cents)
+    /// under a reference of its own.
+    pub async fn paid_at_checkout(&self, order: impl Display) -> Response {
+        self.record_payment(&order, &format!("ch_{order}"), 19_900)
+            .await
+    }
+
+    /// `GET /api/v1/orders/{order}` as the storefront's backend.
+    pub async fn order(&self, order: impl Display) -> Response {
+        send(self.backend(Method::GET, &format!("/api/v1/orders/{order}"))).await
     }
 
     pub async fn cancel(&self, user: i64, order: impl Display) -> Response {

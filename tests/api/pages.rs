@@ -186,3 +186,25 @@ async fn the_development_sign_in_exists_only_in_development_mode() {
     assert_problem(me.await.unwrap(), 404, "no_reservation").await;
     dev.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_storefront_sends_a_winner_to_the_shops_checkout_outside_development_mode() {
+    let checkout = "https://shop.example/checkout?order={order_id}&from=seckill";
+    let app = TestApp::spawn_with(Role::Serve, &[("SECKILL_CHECKOUT_URL", checkout)]).await;
+    let api = &app.api;
+    let (_, _, _, page) = fetch(&api.client, format!("{}/p/1", api.http)).await;
+    assert!(page.contains(r#"data-dev="0""#));
+    // The template, escaped for the attribute (the & of its query).
+    assert!(
+        page.contains(
+            r#"data-checkout="https://shop.example/checkout?order={order_id}&amp;from=seckill""#
+        ),
+        "{page}"
+    );
+    app.stop().await;
+    // Without one, the attribute is empty: the page says to complete the payment at the shop.
+    let app = TestApp::spawn_with(Role::Serve, &[]).await;
+    let (_, _, _, page) = fetch(&app.api.client, format!("{}/", app.api.http)).await;
+    assert!(page.contains(r#"data-checkout="""#));
+    app.stop().await;
+}

@@ -146,7 +146,7 @@ async fn the_status_stream_pushes_pending_then_confirmed_then_paid_and_ends() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert_eq!(api.pay(1, &order_id).await.status(), 200);
+    assert_eq!(api.paid_at_checkout(&order_id).await.status(), 200);
     let seen = tokio::time::timeout(Duration::from_secs(15), reader)
         .await
         .unwrap()
@@ -408,9 +408,9 @@ async fn pay_and_two_sweepers_racing_over_1000_orders_end_each_exactly_once() {
     .collect();
     assert_eq!(orders.len(), 1_000);
     let answers: Vec<u16> = stream::iter(orders)
-        .map(|(u, o)| {
+        .map(|(_, o)| {
             let api = &app.api;
-            async move { api.pay(u, o).await.status().as_u16() }
+            async move { api.paid_at_checkout(o).await.status().as_u16() }
         })
         .buffer_unordered(32)
         .collect()

@@ -143,7 +143,7 @@ fn version_names_the_package_version_and_the_git_commit() {
 
 /// `GET url` answers 200.
 async fn answers(url: &str) -> bool {
-    let client = reqwest::Client::builder()
+    let client = seckill::tls::http_client()
         .timeout(Duration::from_secs(2))
         .build()
         .unwrap();

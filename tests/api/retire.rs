@@ -55,7 +55,10 @@ async fn an_ended_drained_sale_expires_from_redis_and_is_never_taken_for_lost() 
     await_orders(&app.db, product, 3, Duration::from_secs(20)).await;
     // One winner pays, one cancels, one lets the order expire.
     let paid = me(&app, 1, product).await["order_id"].clone();
-    assert_eq!(api.pay(1, paid.as_str().unwrap()).await.status(), 200);
+    assert_eq!(
+        api.paid_at_checkout(paid.as_str().unwrap()).await.status(),
+        200
+    );
     let cancelled = me(&app, 2, product).await["order_id"].clone();
     assert_eq!(
         api.cancel(2, cancelled.as_str().unwrap()).await.status(),
@@ -131,7 +134,7 @@ async fn an_ended_drained_sale_expires_from_redis_and_is_never_taken_for_lost() 
     assert_eq!(me(&app, 1, product).await["status"], "paid");
     assert_eq!(me(&app, 2, product).await["status"], "cancelled");
     assert_eq!(me(&app, 3, product).await["status"], "expired");
-    let again = api.pay(1, paid.as_str().unwrap()).await;
+    let again = api.paid_at_checkout(paid.as_str().unwrap()).await;
     assert_eq!(again.status(), 200, "paying a paid order is still a no-op");
     assert_problem(api.token(4, product).await, 410, "ended").await;
     // Give the recovery watch a few rounds to be wrong.

@@ -13,13 +13,21 @@ pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const JWT_SECRET: &str = "test-jwt-secret-0123456789";
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 pub const TOKEN_SECRET: &str = "test-token-secret-0123456789";
+/// The storefront backend's token (`SECKILL_SERVICE_TOKENS`).
+pub const SERVICE_TOKEN: &str = "test-service-token-0123456789abcdef01";
 
-/// The three secrets as the app reads them from its environment.
-pub const SECRET_VARS: [(&str, &str); 3] = [
+/// The secrets as the app reads them from its environment.
+pub const SECRET_VARS: [(&str, &str); 4] = [
     ("SECKILL_JWT_SECRET", JWT_SECRET),
     ("SECKILL_ADMIN_TOKEN", ADMIN_TOKEN),
     ("SECKILL_TOKEN_SECRET", TOKEN_SECRET),
+    ("SECKILL_SERVICE_TOKENS", SERVICE_TOKEN),
 ];
+
+/// The events exchange of a deployment whose orders queue is `queue`.
+pub fn events_exchange(queue: &str) -> String {
+    format!("{queue}.events")
+}
 
 /// A fresh connection to the local RabbitMQ and a channel on it; close the connection when done.
 pub async fn amqp_channel() -> lapin::Result<(lapin::Connection, lapin::Channel)> {
@@ -70,6 +78,13 @@ pub async fn delete_queues(queue: &str) {
                 )
                 .await;
         }
+        // The test's events exchange (named after its queue: see `events_exchange`).
+        let _ = ch
+            .exchange_delete(
+                events_exchange(queue).as_str().into(),
+                lapin::options::ExchangeDeleteOptions::default(),
+            )
+            .await;
         let _ = conn.close(200, "bye".into()).await;
     }
 }

@@ -5,7 +5,7 @@ preheats it (and backs out of a forced rebuild at its confirmation). Two shopper
 browser of their own (one desktop-sized, one phone-sized), sign in on the storefront with the
 development sign-in and watch the countdown; at the start both press "Buy now": the first wins,
 watches the reservation reach "confirmed", pays and sees "paid"; the other is told it is sold
-out. The console then shows remaining 0 and one order.
+out. The console then shows remaining 0 and one order, and lists it, paid.
 
 Every step asserts what a person would read; any miss raises, and the script exits non-zero.
 Screenshots of each page go to $ARTIFACTS. Environment: SHOP_URL, CONSOLE_URL, ADMIN_TOKEN,
@@ -219,6 +219,11 @@ def main():
     wait_text(console, f'{card} dd[data-figure="pending"]', r"^0$")
     time.sleep(1.5)  # one more refresh, so the chart has a few points
     shot(console, "console-sold-out")
+    step("operator: the sale's orders: one, paid")
+    find(console, f'{card} .actions button[aria-label^="Orders of product"]').click()
+    wait_text(console, f"{card} .orders-table caption", r": 1$")
+    wait_text(console, f"{card} .orders-table tbody", r"paid")
+    shot(console, "console-orders")
     console.set_window_size(390, 844)
     console.execute_script("arguments[0].scrollIntoView()", find(console, card))
     time.sleep(1.2)

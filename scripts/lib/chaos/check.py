@@ -329,8 +329,18 @@ def attribute(report, faults, window=(-2.0, 30.0)):
     return table
 
 
+# Said up front in every report: what the run's setting may lose, and to which faults.
+MAY_LOSE = {
+    "fsync": "a win a promoted replica had not received (a failover), and a rolled-back product's wins",
+    "replicas:1": "a rolled-back product's wins only (every 202 waited for the replica)",
+    "none": "a win Redis had not persisted or replicated (a restart, a failover), and a rolled-back product's wins",
+}
+
+
 def render(report, faults, seed, minutes):
     lines = [f"# chaos run: seed {seed}, {minutes} min, SECKILL_REDIS_DURABILITY={report.setting}", ""]
+    lines.append(f"May lose (allowed): {MAY_LOSE.get(report.setting, 'nothing stated')}.")
+    lines.append("")
     lines.append("## Faults (near: findings of each promise within -2 s..+30 s of one)")
     lines.append("")
     table = attribute(report, faults)

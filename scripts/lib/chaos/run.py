@@ -26,6 +26,7 @@ import infra
 import plot
 
 STOP = threading.Event()  # the workload and the nemesis stop
+PRICE_CENTS = 100
 T0 = time.monotonic()
 
 
@@ -170,7 +171,7 @@ def operator(args, sales, history, rng):
             body = {
                 "name": "chaos",
                 "stock": stock,
-                "price_cents": 100,
+                "price_cents": PRICE_CENTS,
                 "starts_at": iso(start),
                 "ends_at": iso(start + timedelta(seconds=length)),
             }
@@ -307,7 +308,11 @@ def follower(args, winners, seed):
             continue
         roll = rng.random()
         if roll < 0.4:
-            c.call("pay", "POST", f"/api/v1/orders/{order}/pay", auth=auth, rec=rec)
+            # The shop's backend records the payment its provider confirmed (a retry now and
+            # then, as after a timeout: the same answer).
+            pay = {"payment_reference": f"ch_{order}", "amount_cents": PRICE_CENTS}
+            for _ in range(2 if rng.random() < 0.2 else 1):
+                c.call("pay", "POST", f"/api/v1/orders/{order}/payment", body=pay, auth=args.service_token, rec=rec)
         elif roll < 0.6:
             c.call("cancel", "POST", f"/api/v1/orders/{order}/cancel", auth=auth, rec=rec)
 
@@ -586,6 +591,7 @@ def main():
     ap.add_argument("--skip", default="", help="fault kinds not to inject, comma-separated")
     ap.add_argument("--jwt-secret", default="seckill-dev-jwt-secret-do-not-use-in-production")
     ap.add_argument("--admin-token", default="seckill-dev-admin-token")
+    ap.add_argument("--service-token", default="seckill-dev-service-token-do-not-use-in-production")
     args = ap.parse_args()
     if args.check_only:
         sys.exit(0 if judge(args.out, args.setting, args.seed, args.minutes) else 1)
