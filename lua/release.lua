@@ -4,6 +4,9 @@ KEYS (the product's hash tag):
   1 state     hash: stock, remaining, epoch, rseq (release sequence: +1 per unit returned), …
   2 released  set: reservation ids whose unit was returned
   3 status    hash: reservation_id -> "pending" | JSON
+  4 pending   set: reservation ids won but not yet persisted (a closed order is not: it leaves
+              the set here too, should the write that recorded its order have been lost, e.g.
+              by a failover)
 ARGV:
   1 reservation_id  2 status JSON to record  3 product_id  4 pub/sub channel
 A retired sale's keys expire (retire.lua): a key this call creates expires with the state hash.
@@ -23,6 +26,7 @@ end
 local stock, remaining = tonumber(state[1]), tonumber(state[2])
 local epoch, rseq = tonumber(state[3] or "0"), tonumber(state[4] or "0")
 if redis.call("SISMEMBER", KEYS[2], rid) == 1 then
+  redis.call("SREM", KEYS[4], rid)
   return {0, remaining, epoch, rseq}
 end
 redis.call("SADD", KEYS[2], rid)
@@ -31,6 +35,7 @@ if remaining < stock then
 end
 rseq = redis.call("HINCRBY", KEYS[1], "rseq", 1)
 redis.call("HSET", KEYS[3], rid, ARGV[2])
+redis.call("SREM", KEYS[4], rid)
 local ttl = redis.call("PTTL", KEYS[1])
 if ttl > 0 then
   for i = 2, 3 do

@@ -210,6 +210,7 @@ impl Recovery {
             .iter()
             .map(|m| ProductId::try_from(m.product_id))
             .collect::<Result<Vec<_>, _>>()?;
+        self.reservations.list_for_relay(&ids).await?;
         // The latest moment of each outside Redis: a state behind it went back in time.
         let moments = products::relayed_moments(&self.db, &ids).await?;
         for id in ids {

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use fred::{
+    cmd,
     prelude::*,
     types::{InfoKind, config::UnresponsiveConfig},
 };
@@ -142,7 +143,8 @@ async fn until_connected(
     Ok(())
 }
 
-/// Builds and connects a pool; fails if Redis does not answer within `wait`.
+/// Builds and connects a pool; fails if Redis does not answer within `wait`. With Sentinel,
+/// the pool follows the primary ([`primary_changes`]).
 pub async fn connect(
     settings: &RedisSettings,
     size: usize,
@@ -158,7 +160,119 @@ pub async fn connect(
         wait,
     )
     .await?;
+    if let Some(mut changes) = primary_changes(settings)? {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                if let Err(e) = pool.force_reconnection().await {
+                    tracing::warn!(error = %e, "could not reconnect to the new Redis primary; retrying as commands fail");
+                }
+            }
+        });
+    }
     Ok(pool)
+}
+
+/// How often each process asks the sentinels which node is the primary.
+pub const PRIMARY_POLL: Duration = Duration::from_millis(250);
+
+/// The processes' Sentinel followers, by `SECKILL_REDIS_URL`: each bumps its counter when the
+/// sentinels name another primary.
+static FOLLOWERS: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<String, tokio::sync::watch::Sender<u64>>>,
+> = std::sync::LazyLock::new(Default::default);
+
+/// With Sentinel: a receiver that changes each time the sentinels name another primary, so
+/// that every client reconnects to it at once — not only when its own connection breaks.
+/// Found by `scripts/chaos`: after a failover that a blackhole (not a crash) caused, the old
+/// primary came back still taking writes from the connections that had never broken, until
+/// the sentinels demoted it ~10 s later, and everything written there was lost (statuses,
+/// returned units, a product's listing for the relay). Polled every [`PRIMARY_POLL`] from
+/// one task per process and URL. `None` without Sentinel.
+fn primary_changes(
+    settings: &RedisSettings,
+) -> anyhow::Result<Option<tokio::sync::watch::Receiver<u64>>> {
+    let config = fred_config(settings)?;
+    let ServerConfig::Sentinel {
+        hosts,
+        service_name,
+        ..
+    } = &config.server
+    else {
+        return Ok(None);
+    };
+    let mut followers = FOLLOWERS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(tx) = followers.get(&settings.url) {
+        return Ok(Some(tx.subscribe()));
+    }
+    let (tx, rx) = tokio::sync::watch::channel(0u64);
+    followers.insert(settings.url.clone(), tx.clone());
+    let sentinels: Vec<Config> = hosts
+        .iter()
+        .map(|host| Config {
+            server: ServerConfig::Centralized {
+                server: host.clone(),
+            },
+            tls: config.tls.clone(),
+            username: config.username.clone(),
+            password: config.password.clone(),
+            ..Config::default()
+        })
+        .collect();
+    tokio::spawn(follow_sentinels(sentinels, service_name.clone(), tx));
+    Ok(Some(rx))
+}
+
+/// Asks the sentinels (the first that answers) for the primary every [`PRIMARY_POLL`]; bumps
+/// `tx` when it changes.
+async fn follow_sentinels(
+    sentinels: Vec<Config>,
+    service: String,
+    tx: tokio::sync::watch::Sender<u64>,
+) {
+    let mut clients = Vec::new();
+    for config in sentinels {
+        let Ok(client) = Builder::from_config(config)
+            .with_connection_config(|c| {
+                c.connection_timeout = Duration::from_secs(1);
+                c.internal_command_timeout = Duration::from_secs(1);
+            })
+            .with_performance_config(|p| p.default_command_timeout = Duration::from_secs(1))
+            .set_policy(ReconnectPolicy::new_constant(0, 500))
+            .build()
+        else {
+            continue;
+        };
+        client.connect();
+        clients.push(client);
+    }
+    let mut known: Option<String> = None;
+    loop {
+        tokio::time::sleep(PRIMARY_POLL).await;
+        let mut named = None;
+        for client in clients.iter().filter(|c| c.is_connected()) {
+            let reply: Result<Vec<String>, _> = client
+                .custom(
+                    cmd!("SENTINEL"),
+                    vec!["get-master-addr-by-name", service.as_str()],
+                )
+                .await;
+            if let Ok(addr) = reply
+                && addr.len() == 2
+            {
+                named = Some(format!("{}:{}", addr[0], addr[1]));
+                break;
+            }
+        }
+        let Some(named) = named else { continue };
+        if known.as_ref().is_some_and(|k| *k != named) {
+            tracing::warn!(primary = %named, previous = ?known, "the sentinels name a new Redis primary: reconnecting every client to it");
+            tx.send_modify(|n| *n += 1);
+        }
+        known = Some(named);
+    }
 }
 
 /// Messages a subscriber buffers for its listener. fred's default (32) lags whenever one
@@ -177,6 +291,18 @@ pub async fn subscriber(
         .context("building the Redis subscriber")?;
     client.connect();
     until_connected(|| client.is_connected(), settings, wait).await?;
+    if let Some(mut changes) = primary_changes(settings)? {
+        // A message published on the new primary would not reach a subscription left on the
+        // old one; the reconnect also tells the listener to drop what it remembers.
+        let client = client.clone();
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                if let Err(e) = client.force_reconnection().await {
+                    tracing::warn!(error = %e, "could not resubscribe on the new Redis primary");
+                }
+            }
+        });
+    }
     Ok(client)
 }
 

@@ -343,9 +343,12 @@ pub async fn reservation_view(
         .await?
         .and_then(|raw| ReservationView::from_redis(rid, &raw));
     // A rejected win may be the second win of a shopper who holds an order: show the order.
+    // So may a win Redis still calls pending: its order's status writes may have been lost
+    // (a failover; found by `scripts/chaos`, seed 11), and Postgres is the record. (Pending
+    // lasts milliseconds normally: this read is rare.)
     if cached
         .as_ref()
-        .is_some_and(|v| v.status != Status::Rejected)
+        .is_some_and(|v| !matches!(v.status, Status::Rejected | Status::Pending))
     {
         return Ok(cached);
     }

@@ -162,7 +162,7 @@ impl Reservations {
             .release
             .evalsha_with_reload(
                 self.pool.next(),
-                vec![k.state, k.released, k.status],
+                vec![k.state, k.released, k.status, k.pending],
                 vec![
                     reservation.to_string(),
                     status_json.to_owned(),

@@ -127,6 +127,20 @@ pub enum Preheated {
 }
 
 impl Reservations {
+    /// Lists `products` for the relay (`<prefix>:products`, which it reads the outboxes of),
+    /// again: idempotent. The recovery watch does it every round for every sale Postgres says
+    /// is preheated and not ended, so a listing Redis lost (a failover after the preheat's
+    /// write, found by `scripts/chaos`, seed 12: the sale's winners were never relayed) comes
+    /// back within a second.
+    pub async fn list_for_relay(&self, products: &[ProductId]) -> Result<(), Unavailable> {
+        if products.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<i64> = products.iter().map(|p| p.get()).collect();
+        let _: i64 = self.pool.sadd(self.keys.products(), ids).await?;
+        Ok(())
+    }
+
     /// Pauses (or resumes) reservations of `product`.
     pub async fn set_paused(&self, product: ProductId, paused: bool) -> Result<(), Unavailable> {
         let k = self.keys.product(product);

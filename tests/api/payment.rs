@@ -188,3 +188,29 @@ async fn a_shopper_cannot_mark_their_own_order_paid_outside_development_mode() {
     assert_eq!(api.cancel(1, &ids[0]).await.status(), 200);
     app.stop().await;
 }
+
+/// Found by `scripts/chaos` (seed 11): a failover lost the writes that recorded a winner's
+/// order in Redis, which kept calling it "pending" while Postgres had it confirmed, then paid.
+/// `/me` takes Postgres' word over a Redis "pending".
+#[tokio::test(flavor = "multi_thread")]
+async fn me_shows_the_order_postgres_has_when_redis_still_says_pending() {
+    use fred::prelude::*;
+    let app = TestApp::spawn_with(Role::All, &[]).await;
+    let (p, ids) = orders(&app, &[1]).await;
+    assert_eq!(app.api.paid_at_checkout(&ids[0]).await.status(), 200);
+    let me = body(app.api.me(1, p).await).await;
+    let rid = me["reservation_id"].as_str().unwrap().to_owned();
+    // Redis as the lost writes left it: the win still pending.
+    let keys = app
+        .keys()
+        .product(seckill::domain::ProductId::try_from(p).unwrap());
+    let client = app.redis.next();
+    let _: i64 = client
+        .hset(&keys.status, (rid.as_str(), "pending"))
+        .await
+        .unwrap();
+    let _: i64 = client.sadd(&keys.pending, rid.as_str()).await.unwrap();
+    let me = body(app.api.me(1, p).await).await;
+    assert_eq!(me["status"], "paid", "{me}");
+    app.stop().await;
+}

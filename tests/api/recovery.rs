@@ -285,3 +285,27 @@ async fn a_product_being_preheated_is_not_taken_for_one_redis_lost() {
     assert_eq!(app.api.metric("seckill_product_losses_total").await, 0.0);
     app.stop().await;
 }
+
+/// Found by `scripts/chaos` (seed 12, `replicas:1`): a failover lost the preheat's listing of
+/// the product for the relay (`<prefix>:products`, a write apart from the sale's state), so
+/// its winners stayed in their outbox for good. The recovery watch lists every preheated sale
+/// again each round.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sale_redis_forgot_to_list_for_the_relay_is_listed_again_and_its_winners_relayed() {
+    use fred::prelude::*;
+    let app = TestApp::spawn_with(Role::All, &[]).await;
+    let p = app.api.live_product(5).await;
+    let listed = app.keys().products();
+    let client = app.redis.next();
+    let removed: i64 = client.srem(&listed, p).await.unwrap();
+    assert_eq!(removed, 1);
+    let back = crate::helpers::eventually(Duration::from_secs(5), || async {
+        client.sismember::<bool, _, _>(&listed, p).await.unwrap()
+    })
+    .await;
+    assert!(back, "listed again by the recovery watch");
+    let (won, _) = crate::helpers::http_sale(&app.api, p, 1..=5, 1).await;
+    assert_eq!(won.len(), 5);
+    crate::helpers::await_orders(&app.db, p, 5, Duration::from_secs(20)).await;
+    app.stop().await;
+}

@@ -407,6 +407,26 @@ async fn preheat_refuses_a_live_sale_unless_forced_and_the_forced_rebuild_counts
     ));
 }
 
+/// Found by `scripts/chaos` (seed 11): a failover lost the status write that took a winner
+/// off the pending set, and the reservation stayed "pending" in Redis for good (its order
+/// paid, then expired) — blocking its sale's retirement. Closing the order clears it now.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_released_reservation_leaves_the_pending_set_even_if_its_order_was_never_recorded() {
+    let (_scope, r) = setup("100/1s", "1000000/1s").await;
+    let p = product(11);
+    r.preheat(&live_plan(p, 2)).await.unwrap();
+    let Outcome::Won { reservation_id, .. } = r.reserve(user(1), p).await.unwrap().outcome else {
+        panic!("wins")
+    };
+    // The write that would have recorded the order (and left the pending set) never happened.
+    assert!(r.pending_ids(p).await.unwrap().contains(&reservation_id));
+    r.release(p, reservation_id, r#"{"status":"expired"}"#)
+        .await
+        .unwrap();
+    assert_eq!(r.pending_count(p).await.unwrap(), 0);
+    assert_eq!(r.remaining(p).await.unwrap(), Some(2));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn statuses_recorded_in_one_call_never_go_back_and_leave_the_pending_set() {
     use seckill::reservations::{ReservationView, Status};

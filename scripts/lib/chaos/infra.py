@@ -136,12 +136,24 @@ class Resp:
             return None if n < 0 else [self._reply() for _ in range(n)]
         raise RuntimeError(f"unexpected reply {line!r}")
 
-    def cmd(self, *args):
+    @staticmethod
+    def _encode(args):
         out = [b"*%d\r\n" % len(args)]
         for a in args:
             a = a if isinstance(a, bytes) else str(a).encode()
             out.append(b"$%d\r\n%s\r\n" % (len(a), a))
-        self.sock.sendall(b"".join(out))
+        return b"".join(out)
+
+    def cmd(self, *args):
+        self.sock.sendall(self._encode(args))
+        return self._reply()
+
+    def transaction(self, commands):
+        """The commands in one MULTI/EXEC: their replies, all from one moment."""
+        self.sock.sendall(b"".join(self._encode(c) for c in [("MULTI",), *commands, ("EXEC",)]))
+        self._reply()  # OK
+        for _ in commands:
+            self._reply()  # QUEUED
         return self._reply()
 
 

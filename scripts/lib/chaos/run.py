@@ -405,27 +405,20 @@ class Nemesis:
         self.log("redis-failover", port, t0)
 
     def rollback(self):
-        """A product's keys put back as they were 2..8 s earlier (DUMP now, RESTORE later), as a
-        restored snapshot or a lagging replica would."""
+        """A product's keys put back as they were 2..8 s earlier, as a restored snapshot or a
+        lagging replica would: DUMPed in one MULTI/EXEC (one moment) and RESTOREd in another
+        (no client sees them half put back)."""
         pid = self.sales.live(self.rng)
         if pid is None:
             return
         keys = [f"{self.args.prefix}:{{p{pid}}}:{k}" for k in ("state", "outbox", "pending", "buyers", "status", "released")]
         t0 = now()
-        snap = self.redis.on_primary(lambda c: [c.cmd("DUMP", k) for k in keys])
+        snap = self.redis.on_primary(lambda c: c.transaction([("DUMP", k) for k in keys]))
         if snap is None:
             return
         self.hold(2, 8)
-
-        def restore(c):
-            for k, v in zip(keys, snap):
-                if v is None:
-                    c.cmd("DEL", k)
-                else:
-                    c.cmd("RESTORE", k, 0, v, "REPLACE")
-            return True
-
-        self.redis.on_primary(restore)
+        back = [("DEL", k) if v is None else ("RESTORE", k, 0, v, "REPLACE") for k, v in zip(keys, snap)]
+        self.redis.on_primary(lambda c: c.transaction(back))
         self.log("rollback", pid, t0)
 
     def rabbitmq_stop(self):
@@ -508,9 +501,12 @@ def settle(args, procs, redis, sales, timeout):
 def final_state(args, redis, sales, history):
     products = {}
     for pid, v in sales.all().items():
-        got = redis.on_primary(lambda c: (c.cmd("HGET", f"{args.prefix}:{{p{pid}}}:state", "remaining"), c.cmd("SCARD", f"{args.prefix}:{{p{pid}}}:pending")))
-        remaining, pending = got if got else (None, 0)
-        products[str(pid)] = {"stock": v["stock"], "remaining": int(remaining) if remaining is not None else None, "pending": pending}
+        got = redis.on_primary(lambda c: (c.cmd("HGET", f"{args.prefix}:{{p{pid}}}:state", "remaining"), c.cmd("SMEMBERS", f"{args.prefix}:{{p{pid}}}:pending")))
+        remaining, pending_ids = got if got else (None, [])
+        pending_ids = [r.decode() if isinstance(r, bytes) else r for r in (pending_ids or [])]
+        pending = len(pending_ids)
+        ends_t = round(v["ends"] - (time.time() - now()), 3)
+        products[str(pid)] = {"stock": v["stock"], "remaining": int(remaining) if remaining is not None else None, "pending": pending, "pending_ids": pending_ids, "ends_t": ends_t}
     rows = None
     for _ in range(10):
         rows = infra.psql(args.db, "select order_id, user_id, product_id, reservation_id, status from orders", timeout=30)

@@ -126,6 +126,27 @@ class Checker(unittest.TestCase):
         found = check(run).found["stranded"]["violations"]
         self.assertEqual([v["why"] for v in found], ["a unit neither sold nor on sale"])
 
+    def test_a_unit_redis_forgot_after_the_sale_ended_is_allowed_only_after_a_fault_that_loses_it(self):
+        run = clean()
+        run["final"]["products"]["1"]["stock"] = 3  # one unit neither sold nor on sale
+        run["final"]["products"]["1"]["ends_t"] = 50.0
+        self.assertEqual(only(check(run), "stranded"), {"stranded": 1})
+        run["faults"] = [{"t0": 55.0, "t1": 56.0, "kind": "promoted", "target": "7301"}]
+        report = check(run)
+        self.assertTrue(report.ok, render(report, run["faults"], 1, 1))
+        self.assertEqual(only(report, "stranded", allowed=True), {"stranded": 1})
+        # While the sale was on, the fences must have caught it: a violation.
+        run["faults"][0]["t0"] = 40.0
+        self.assertEqual(only(check(run), "stranded"), {"stranded": 1})
+
+    def test_a_stale_pending_entry_of_an_order_counts_once(self):
+        run = clean()
+        run["final"]["products"]["1"]["pending"] = 1
+        run["final"]["products"]["1"]["pending_ids"] = [R3]  # R3 is an order already
+        report = check(run)
+        self.assertEqual(report.count("stranded"), 0)
+        self.assertEqual(report.count("stuck"), 1)
+
     def test_stuck_reservations_and_messages(self):
         run = clean()
         run["final"]["dlq"] = 2
@@ -150,7 +171,7 @@ class Checker(unittest.TestCase):
         run["history"][-1]["t"] = 40.2
         self.assertTrue(check(run).ok)
 
-    def test_me_confirmed_then_404(self):
+    def test_me_regresses(self):
         run = clean()
         run["history"].insert(5, {"t": 4.0, "d": 0.01, "op": "me", "u": 10, "p": 1, "s": 404, "code": "no_reservation"})
         self.assertEqual(only(check(run), "contradiction"), {"contradiction": 1})
