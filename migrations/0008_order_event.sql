@@ -45,7 +45,8 @@ create table if not exists webhook_attempt (
 create or replace function seckill_add_order_events(changed orders[]) returns void language sql as $$
     insert into order_event (event_id, reservation_id, seq, type, product_id, body, created_at)
     select e.id, e.reservation_id, e.seq, e.type, e.product_id,
-           jsonb_build_object('id', e.id, 'type', e.type, 'created_at', e.at, 'data', e.data), e.at
+           jsonb_build_object('id', e.id, 'type', e.type, 'created_at', e.at,
+                              'data', e.data || jsonb_build_object('seq', e.seq)), e.at
     from (
         select gen_random_uuid() as id, n.reservation_id, n.product_id, now() as at,
                coalesce((select max(x.seq) from order_event x where x.reservation_id = n.reservation_id), 0) + 1 as seq,
@@ -79,7 +80,8 @@ create or replace function seckill_rejection_events() returns trigger language p
 begin
     insert into order_event (event_id, reservation_id, seq, type, product_id, body, created_at)
     select e.id, e.reservation_id, e.seq, 'order.rejected', e.product_id,
-           jsonb_build_object('id', e.id, 'type', 'order.rejected', 'created_at', e.at, 'data', e.data), e.at
+           jsonb_build_object('id', e.id, 'type', 'order.rejected', 'created_at', e.at,
+                              'data', e.data || jsonb_build_object('seq', e.seq)), e.at
     from (
         select gen_random_uuid() as id, n.reservation_id, n.product_id, now() as at,
                coalesce((select max(x.seq) from order_event x where x.reservation_id = n.reservation_id), 0) + 1 as seq,

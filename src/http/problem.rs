@@ -260,13 +260,22 @@ fn database_unreachable(e: &DbErr) -> bool {
     match e {
         DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => true,
         DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e)) => {
-            matches!(
-                **e,
-                Sqlx::Io(_) | Sqlx::PoolTimedOut | Sqlx::PoolClosed | Sqlx::WorkerCrashed
-            )
+            match &**e {
+                Sqlx::Io(_) | Sqlx::PoolTimedOut | Sqlx::PoolClosed | Sqlx::WorkerCrashed => true,
+                Sqlx::Database(db) => db.code().is_some_and(|c| unavailable_sqlstate(&c)),
+                _ => false,
+            }
         }
         _ => false,
     }
+}
+
+/// SQLSTATEs of a Postgres going away, not of a bad request: class 08 (connection exception)
+/// and 57P01–57P03 (shut down by its operator or a crash, or not accepting connections yet).
+/// Found by `scripts/chaos` (seed 21): a Postgres stopped with `-m fast` ends the open
+/// sessions with 57P01, which was answered `500 internal` instead of `503 unavailable`.
+fn unavailable_sqlstate(code: &str) -> bool {
+    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03")
 }
 
 /// Anything unforeseen is a `500` — except Postgres being unreachable, or Redis not answering
@@ -383,6 +392,17 @@ impl ResponseError for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_postgres_going_away_is_unavailable_not_internal() {
+        for code in ["57P01", "57P02", "57P03", "08006", "08003", "08000"] {
+            assert!(unavailable_sqlstate(code), "{code}");
+        }
+        // A statement Postgres refused is a bug or bad data, not an outage.
+        for code in ["23505", "22P02", "42P01", "40001", "57014"] {
+            assert!(!unavailable_sqlstate(code), "{code}");
+        }
+    }
 
     /// One value of every variant. The match fails to compile when a variant is added, so
     /// whoever adds one is sent here, and the documentation test below sees it.

@@ -158,6 +158,15 @@ async fn every_order_change_reaches_the_events_exchange_once_in_order() {
     for events in by_order.values() {
         assert_eq!(events[0]["type"], "order.confirmed");
         assert_eq!(events[0]["data"]["status"], "pending_payment");
+        let seqs: Vec<i64> = events
+            .iter()
+            .map(|e| e["data"]["seq"].as_i64().unwrap())
+            .collect();
+        assert_eq!(
+            seqs,
+            (1..=seqs.len() as i64).collect::<Vec<_>>(),
+            "numbered in order"
+        );
     }
     let paid = got.iter().find(|(k, _)| k == "order.paid").unwrap();
     assert_eq!(paid.1["data"]["user_id"], 1);
@@ -407,6 +416,39 @@ async fn a_worker_killed_mid_delivery_loses_no_event() {
     // At least once: an event in flight at the kill may come twice, with its id unchanged.
     assert!(receiver.ids().values().all(|n| *n <= 2));
     assert_eq!(*receiver.bad_signatures.lock().unwrap(), 0);
+    app.stop().await;
+    receiver.handle.stop(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_workers_share_the_deliveries_without_sending_an_event_twice() {
+    let receiver = Receiver::start(0, Duration::from_millis(20)).await;
+    let vars = [
+        ("SECKILL_WEBHOOK_URL", receiver.url.as_str()),
+        ("SECKILL_WEBHOOK_SECRET", WEBHOOK_SECRET),
+    ];
+    let app = TestApp::spawn_with(Role::Serve, &vars).await;
+    let _a = Proc::start(&app.iso, "worker", &vars);
+    let _b = Proc::start(&app.iso, "worker", &vars);
+    let p = app.api.live_product(60).await;
+    let (won, _) = http_sale(&app.api, p, 1..=60, 1).await;
+    assert_eq!(won.len(), 60);
+    let all = eventually(Duration::from_secs(60), || async {
+        receiver.ids().len() == 60
+    })
+    .await;
+    assert!(all, "{} of 60 events", receiver.ids().len());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        receiver.ids().values().all(|n| *n == 1),
+        "each event once: {:?}",
+        receiver.ids().values().filter(|n| **n > 1).count()
+    );
+    assert_eq!(
+        pg_count(&app.db, "select count(*) from webhook_attempt").await,
+        60,
+        "one attempt each"
+    );
     app.stop().await;
     receiver.handle.stop(true).await;
 }

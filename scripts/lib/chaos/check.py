@@ -46,6 +46,7 @@ PROMISES = (
     "stranded",
     "stuck",
     "contradiction",
+    "internal",
 )
 
 
@@ -94,7 +95,17 @@ def check(run):
     _stranded(report, final, orders_by_user, faults)
     _stuck(report, history, final)
     _contradictions(report, history, samples)
+    _internal(report, history)
     return report
+
+
+def _internal(report, history):
+    """A 5xx other than 503: a failure seckill did not foresee (every outage it knows of is a
+    503 with a code saying which)."""
+    for h in history:
+        s = h.get("s")
+        if s is not None and s >= 500 and s != 503:
+            report.violate("internal", op=h["op"], user=h.get("u"), product=h.get("p"), t=h["t"], why=f"{s} {h.get('code') or ''}".strip())
 
 
 def _oversold(report, samples, final, stocks):

@@ -17,6 +17,7 @@ COLOURS = {
     "rabbitmq-stop": "#59a14f",
     "postgres-stop": "#4e79a7",
     "blackhole": "#9c755f",
+    "exited": "#000000",
 }
 ANSWERS = (("202", "#2e7d32"), ("409", "#1565c0"), ("410", "#6d4c41"), ("503", "#c62828"), ("other", "#9e9e9e"))
 

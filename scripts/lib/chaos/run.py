@@ -366,7 +366,11 @@ class Nemesis:
 
     def _kill(self, kind, role):
         p = self.rng.choice([p for p in self.procs if p.role == role])
-        self._outage(kind, p.name, p.kill9, p.start, 0.5, 3)
+        p.held = True  # down on purpose: the supervisor leaves it to the nemesis
+        try:
+            self._outage(kind, p.name, p.kill9, p.start, 0.5, 3)
+        finally:
+            p.held = False
 
     def serve_kill(self):
         self._kill("serve-kill", "serve")
@@ -456,6 +460,21 @@ def sampler(args, redis, sales, samples, faults, interval=1.0):
             primary = p
         if STOP.wait(interval) and args.sampling_done.is_set():
             break
+
+
+def supervise(procs, faults):
+    """What a process manager does (systemd's Restart=always): a process that exited by itself
+    (e.g. one restarted while Postgres was stopped cannot start, and exits) is started again
+    a second later; each is recorded as an `exited` event."""
+    while not STOP.is_set():
+        for p in procs:
+            if not getattr(p, "held", False) and p.popen is not None and not p.alive():
+                t = now()
+                code = p.popen.returncode
+                p.start()
+                faults.write({"t0": t, "t1": now(), "kind": "exited", "target": f"{p.name} (exit {code})"})
+                print(f"chaos: {t:7.1f}s {p.name} exited ({code}); started again", flush=True)
+        STOP.wait(1.0)
 
 
 def heal(procs, redis):
@@ -640,7 +659,8 @@ def main():
         nemesis = Nemesis(args, procs, redis, sales, faults, random.Random(rng.random()))
         nem = threading.Thread(target=nemesis.run, daemon=True)
         samp = threading.Thread(target=sampler, args=(args, redis, sales, samples, faults), daemon=True)
-        for t in threads + [nem, samp]:
+        sup = threading.Thread(target=supervise, args=(procs, faults), daemon=True)
+        for t in threads + [nem, samp, sup]:
             t.start()
         end = time.monotonic() + args.minutes * 60
         while time.monotonic() < end:

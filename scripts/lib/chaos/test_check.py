@@ -179,6 +179,13 @@ class Checker(unittest.TestCase):
         run["history"].insert(5, {"t": 4.0, "d": 0.01, "op": "sse", "u": 10, "p": 1, "s": 200, "st": "confirmed", "r": R1})
         self.assertEqual(only(check(run), "contradiction"), {"contradiction": 1})
 
+    def test_a_5xx_other_than_503_is_a_violation(self):
+        run = clean()
+        run["history"].append({"t": 5.0, "d": 0.01, "op": "pay", "u": 10, "p": 1, "s": 500, "code": "internal"})
+        self.assertEqual(only(check(run), "internal"), {"internal": 1})
+        run["history"][-1].update(s=503, code="unavailable")
+        self.assertTrue(check(run).ok)
+
     def test_the_report_names_every_fault_kind_and_the_verdict(self):
         run = clean()
         faults = [
