@@ -33,6 +33,7 @@ pub struct OrdersQuery {
     /// The `next` of the previous page (an order id): the orders after it.
     pub after: Option<Uuid>,
     /// Orders per page, 1 to 1000 (default 100; ignored by the CSV export, which sends all).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u64>,
 }
 

@@ -83,9 +83,12 @@ pub async fn cancel(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RecordPayment {
-    /// The payment provider's reference (1 to 200 characters): one reference pays one order.
+    /// The payment provider's reference (1 to 200 characters, not all spaces, no control
+    /// characters): one reference pays one order.
+    #[schema(min_length = 1, max_length = 200, pattern = r"\S")]
     pub payment_reference: String,
     /// Must equal the product's `price_cents`.
+    #[schema(minimum = 0)]
     pub amount_cents: i64,
 }
 
