@@ -496,12 +496,19 @@ async fn a_unit_left_unreturned_by_a_dead_process_is_reconciled_once() {
         .await
         .unwrap();
     await_ledger(&app, p, (1, 0, 0), Duration::from_secs(5)).await;
-    let released = pg_count(
-        &app.db,
-        &format!("select count(*) from orders where product_id = {p} and released_at is not null"),
-    )
+    // Marked released in Postgres just after release.lua answered.
+    let released = crate::helpers::eventually(Duration::from_secs(5), || async {
+        pg_count(
+            &app.db,
+            &format!(
+                "select count(*) from orders where product_id = {p} and released_at is not null"
+            ),
+        )
+        .await
+            == 1
+    })
     .await;
-    assert_eq!(released, 1);
+    assert!(released);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(ledger(&app, p).await, (1, 0, 0), "released exactly once");
     let me: Value = app.api.me(1, p).await.json().await.unwrap();
