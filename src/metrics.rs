@@ -62,6 +62,12 @@ pub struct Metrics {
     pub relay_products_failing: IntGauge,
     /// Sales retired from Redis (their keys expire).
     pub retired: IntCounter,
+    /// Winners Postgres had decided that Redis still called pending (a lost status write).
+    pub pending_settled: IntCounter,
+    /// Fetches of the shoppers' JWKS, by outcome (`ok`, `failed`).
+    pub jwks_fetches: IntCounterVec,
+    /// Keys of the shoppers' JWKS held.
+    pub jwks_keys: IntGauge,
     pub queue_depth: IntGauge,
     pub dlq_depth: IntGauge,
     pub worker_batch: Histogram,
@@ -290,6 +296,16 @@ impl Metrics {
                 "products_retired_total",
                 "Ended, drained sales whose Redis keys were given an expiry",
             )?,
+            jwks_fetches: counter_vec(
+                "jwks_fetches_total",
+                "Fetches of the shoppers' JWKS (SECKILL_JWT_JWKS_URL), by outcome",
+                &["outcome"],
+            )?,
+            jwks_keys: IntGauge::new("jwks_keys", "Keys of the shoppers' JWKS held")?,
+            pending_settled: IntCounter::new(
+                "pending_settled_total",
+                "Winners Postgres had decided that Redis still called pending (their status write was lost), recorded again",
+            )?,
             dlq_depth: IntGauge::new("dlq_depth", "Messages in the dead-letter queue (last seen)")?,
             queue_depth: IntGauge::new(
                 "queue_depth",
@@ -450,6 +466,9 @@ impl Metrics {
         m.registry
             .register(Box::new(m.relay_products_failing.clone()))?;
         m.registry.register(Box::new(m.retired.clone()))?;
+        m.registry.register(Box::new(m.pending_settled.clone()))?;
+        m.registry.register(Box::new(m.jwks_fetches.clone()))?;
+        m.registry.register(Box::new(m.jwks_keys.clone()))?;
         m.registry.register(Box::new(m.queue_depth.clone()))?;
         m.registry.register(Box::new(m.dlq_depth.clone()))?;
         m.registry.register(Box::new(m.worker_batch.clone()))?;

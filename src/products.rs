@@ -154,6 +154,8 @@ pub struct ProductCache {
     highest: TtlCache<(), i64>,
     /// Redis' units left (`None`: Redis does not have the product).
     remaining: TtlCache<ProductId, Option<i64>>,
+    /// The sales on now or coming ([`listed`]).
+    listing: TtlCache<(), Arc<Vec<product::Model>>>,
 }
 
 impl Default for ProductCache {
@@ -163,6 +165,7 @@ impl Default for ProductCache {
             rows: TtlCache::new(CACHED_IDS, ROW_TTL),
             highest: TtlCache::new(1, ROW_TTL),
             remaining: TtlCache::new(CACHED_IDS, REMAINING_TTL),
+            listing: TtlCache::new(1, ROW_TTL),
         }
     }
 }
@@ -230,10 +233,25 @@ impl ProductCache {
         Ok(remaining)
     }
 
+    /// The sales on now or coming, soonest first ([`listed`]; at most [`ROW_TTL`] old).
+    pub async fn listing(
+        &self,
+        db: &DatabaseConnection,
+    ) -> anyhow::Result<Arc<Vec<product::Model>>> {
+        let conn = db.clone();
+        self.listing
+            .get(
+                (),
+                move || async move { Ok(Arc::new(listed(&conn).await?)) },
+            )
+            .await
+    }
+
     /// Forgets what this process remembers of `id` (created or preheated here), so its next
     /// answer is current.
     pub fn changed(&self, id: ProductId) {
         self.highest.invalidate(&());
+        self.listing.invalidate(&());
         self.rows.invalidate(&id);
         self.remaining.invalidate(&id);
     }
@@ -350,28 +368,79 @@ pub async fn closed_reservations(
     Ok(rows.into_iter().map(|r| r.reservation_id).collect())
 }
 
-/// What every persisted reservation of the product (order or rejected win) looks like to its
-/// shopper.
-pub async fn order_views(
-    db: &impl ConnectionTrait,
-    id: ProductId,
+/// Each order's and rejected win's shopper, and what they see of it.
+fn views(
+    orders: &[orders::Model],
+    rejected: &[crate::db::entities::rejection::Model],
 ) -> anyhow::Result<Vec<(UserId, ReservationView)>> {
-    let rows = orders::Model::find_by_statement(Statement::from_sql_and_values(
-        db.get_database_backend(),
-        "select * from orders where product_id = $1",
-        [id.get().into()],
-    ))
-    .all(db)
-    .await
-    .context("reading the product's orders")?;
-    let rejected = rejections::of_product(db, id).await?;
-    let orders = rows
+    let orders = orders
         .iter()
         .map(|o| Ok((UserId::try_from(o.user_id)?, ReservationView::from(o))));
     let rejected = rejected
         .iter()
         .map(|r| Ok((UserId::try_from(r.user_id)?, ReservationView::from(r))));
     orders.chain(rejected).collect()
+}
+
+/// What every persisted reservation of the product (order or rejected win) looks like to its
+/// shopper.
+pub async fn order_views(
+    db: &impl ConnectionTrait,
+    id: ProductId,
+) -> anyhow::Result<Vec<(UserId, ReservationView)>> {
+    views_of(db, Of::Product(id)).await
+}
+
+/// What each of these reservations looks like to its shopper, for those Postgres has decided
+/// (an order, or a rejected win); the others are left out.
+pub async fn decided_views(
+    db: &impl ConnectionTrait,
+    ids: &[Uuid],
+) -> anyhow::Result<Vec<(UserId, ReservationView)>> {
+    views_of(db, Of::Reservations(ids)).await
+}
+
+/// Whose persisted reservations [`views_of`] reads.
+enum Of<'a> {
+    Product(ProductId),
+    Reservations(&'a [Uuid]),
+}
+
+async fn views_of(
+    db: &impl ConnectionTrait,
+    of: Of<'_>,
+) -> anyhow::Result<Vec<(UserId, ReservationView)>> {
+    let (sql, value, rejected) = match of {
+        Of::Product(id) => (
+            "select * from orders where product_id = $1",
+            id.get().into(),
+            rejections::of_product(db, id).await?,
+        ),
+        Of::Reservations(ids) => (
+            "select * from orders where reservation_id = any($1)",
+            ids.to_vec().into(),
+            rejections::of_reservations(db, ids.to_vec()).await?,
+        ),
+    };
+    let rows = orders::Model::find_by_statement(Statement::from_sql_and_values(
+        db.get_database_backend(),
+        sql,
+        [value],
+    ))
+    .all(db)
+    .await
+    .context("reading orders")?;
+    views(&rows, &rejected)
+}
+
+/// Products whose sale Redis should still hold, ended or not: preheated and not retired.
+pub async fn held_in_redis(db: &DatabaseConnection) -> anyhow::Result<Vec<product::Model>> {
+    product::Entity::find()
+        .filter(product::Column::PreheatedAt.is_not_null())
+        .filter(product::Column::RetiredAt.is_null())
+        .all(db)
+        .await
+        .context("listing the products Redis holds")
 }
 
 /// Whether Redis should hold the product's sale, from Postgres alone: it was preheated, has
@@ -633,6 +702,23 @@ async fn load(
         Preheated::AlreadyLive { .. } => Err(PreheatError::AlreadyLive),
         loaded => Ok(loaded),
     }
+}
+
+/// Most sales the public listing shows.
+pub const LISTED: u64 = 50;
+
+/// The sales that have not ended, the soonest start first (live ones, then upcoming), at most
+/// [`LISTED`]: the storefront's listing.
+pub async fn listed(db: &DatabaseConnection) -> anyhow::Result<Vec<product::Model>> {
+    use sea_orm::{QueryOrder, QuerySelect};
+    product::Entity::find()
+        .filter(product::Column::EndsAt.gt(Utc::now()))
+        .order_by_asc(product::Column::StartsAt)
+        .order_by_asc(product::Column::ProductId)
+        .limit(LISTED)
+        .all(db)
+        .await
+        .context("listing the sales")
 }
 
 /// Products loaded into Redis whose sale has not ended (the ones a loss would hurt).

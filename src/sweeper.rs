@@ -12,7 +12,7 @@
 //! records `product.retired_at` (so the recovery watch never takes it for lost).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap, HashSet},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -20,6 +20,7 @@ use std::{
 use anyhow::Context;
 use sea_orm::{ConnectionTrait, DatabaseConnection, FromQueryResult, Statement, TransactionTrait};
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::{
     db::entities::orders::{
@@ -27,11 +28,11 @@ use crate::{
         status_sql::{CLOSED, EXPIRED, PENDING_PAYMENT},
     },
     deps::Deps,
-    domain::ProductId,
+    domain::{ProductId, UserId},
     metrics::Metrics,
     orders::{OrderStatus, return_unit},
     products,
-    reservations::{Reservations, Retired},
+    reservations::{ReservationView, Reservations, Retired},
 };
 
 /// Orders handled per sweep.
@@ -194,6 +195,53 @@ async fn retire(
     Ok(marked)
 }
 
+/// The pending entries of each sale one [`settle_pending`] pass saw.
+pub type PendingSeen = HashMap<ProductId, HashSet<Uuid>>;
+
+/// Takes off each sale's pending set the winners that were already pending at the previous
+/// pass and that Postgres has decided (an order, or a rejected win), recording their status
+/// again: the worker's status write for them was lost (Redis went back in time, or failed over,
+/// after it; found by `scripts/chaos`, fsync seed 21). Left there, such an entry would keep the
+/// sale from ever retiring. A winner Postgres does not have is left to the worker. Returns how
+/// many were settled.
+pub async fn settle_pending(
+    db: &DatabaseConnection,
+    reservations: &Reservations,
+    seen: &mut PendingSeen,
+) -> anyhow::Result<usize> {
+    let mut settled = 0;
+    let mut now_seen = PendingSeen::new();
+    for model in products::held_in_redis(db).await? {
+        let id = ProductId::try_from(model.product_id)?;
+        if reservations.pending_count(id).await? == 0 {
+            continue;
+        }
+        let pending = reservations.pending_ids(id).await?;
+        let stale: Vec<Uuid> = seen
+            .get(&id)
+            .map(|before| pending.intersection(before).copied().collect())
+            .unwrap_or_default();
+        now_seen.insert(id, pending);
+        if stale.is_empty() {
+            continue;
+        }
+        let views = products::decided_views(db, &stale).await?;
+        if views.is_empty() {
+            continue;
+        }
+        let updates: Vec<(UserId, &ReservationView)> = views.iter().map(|(u, v)| (*u, v)).collect();
+        reservations.record_statuses(id, &updates).await?;
+        tracing::warn!(
+            product_id = id.get(),
+            settled = views.len(),
+            "winners Postgres had decided were still pending in Redis (their status write was lost): recorded again"
+        );
+        settled += views.len();
+    }
+    *seen = now_seen;
+    Ok(settled)
+}
+
 /// The sweeper loop around [`sweep_once`] (and, every few seconds, [`retire_once`]).
 pub struct Sweeper {
     pub db: DatabaseConnection,
@@ -218,9 +266,16 @@ impl Sweeper {
     /// Sweeps every `interval` until shutdown; errors are logged and retried next time.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let mut last_retire: Option<Instant> = None;
+        let mut pending_seen = PendingSeen::new();
         loop {
             if last_retire.is_none_or(|t| t.elapsed() >= RETIRE_EVERY) {
                 last_retire = Some(Instant::now());
+                match settle_pending(&self.db, &self.reservations, &mut pending_seen).await {
+                    Ok(n) => self.metrics.pending_settled.inc_by(n as u64),
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "settling stale pending winners failed")
+                    }
+                }
                 match retire_once(&self.db, &self.reservations, self.key_grace).await {
                     Ok(pass) => {
                         self.metrics.retired.inc_by(pass.retired as u64);

@@ -147,3 +147,61 @@ async fn an_ended_drained_sale_expires_from_redis_and_is_never_taken_for_lost() 
     assert_eq!(api.product(product).await["state"], "ended");
     app.stop().await;
 }
+
+/// A winner whose order is in Postgres but whom Redis still calls pending (the worker's status
+/// write went to a Redis that then went back in time, or failed over: found by `scripts/chaos`,
+/// fsync seed 21) is taken off the pending set and shown as its order again — else the sale
+/// would never retire.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_winner_left_pending_by_a_lost_status_write_is_settled_and_the_sale_retires() {
+    let app = TestApp::spawn_with(
+        Role::All,
+        &[
+            ("SECKILL_KEY_GRACE_SECS", "3"),
+            ("SECKILL_SWEEP_INTERVAL_MS", "100"),
+            // The orders expire (nothing left that could change Redis), so the sale can retire.
+            ("SECKILL_PAYMENT_TIMEOUT_SECS", "20"),
+        ],
+    )
+    .await;
+    let api = &app.api;
+    let product = api.create_product(5, -1, 4).await;
+    assert_eq!(api.preheat(product, false).await.status(), 200);
+    for user in 1..=2 {
+        assert_eq!(api.buy(user, product).await.status(), 202);
+    }
+    await_orders(&app.db, product, 2, Duration::from_secs(20)).await;
+    let keys = app.keys().product(ProductId::try_from(product).unwrap());
+    let settled = eventually(Duration::from_secs(10), || async {
+        app.redis.scard::<i64, _>(&keys.pending).await.unwrap() == 0
+    })
+    .await;
+    assert!(settled, "the worker takes its winners off the pending set");
+    // Redis loses the worker's status write of user 1's order.
+    let won = me(&app, 1, product).await;
+    assert_eq!(won["status"], "confirmed", "{won}");
+    let rid = won["reservation_id"].as_str().unwrap().to_owned();
+    let _: i64 = app.redis.sadd(&keys.pending, &rid).await.unwrap();
+    let _: i64 = app
+        .redis
+        .hset(&keys.status, (&rid, "pending"))
+        .await
+        .unwrap();
+
+    // Within two passes of the sweeper (5 s apart), well before the order expires.
+    let cleared = eventually(Duration::from_secs(12), || async {
+        app.redis.scard::<i64, _>(&keys.pending).await.unwrap() == 0
+    })
+    .await;
+    assert!(cleared, "the stale pending entry is taken off");
+    let status: String = app.redis.hget(&keys.status, &rid).await.unwrap();
+    assert!(status.contains("\"confirmed\""), "{status}");
+    assert_eq!(api.metric("seckill_pending_settled_total").await, 1.0);
+    // And the ended sale retires (once its orders expired and their units came back).
+    let retired = eventually(Duration::from_secs(45), || async {
+        ttls(&app, product).await.iter().any(|(_, t)| *t > 0)
+    })
+    .await;
+    assert!(retired, "{:?}", ttls(&app, product).await);
+    app.stop().await;
+}

@@ -94,7 +94,7 @@ def check(run):
     _phantom(report, final["orders"], seen, indefinite)
     _stranded(report, final, orders_by_user, faults)
     _stuck(report, history, final)
-    _contradictions(report, history, samples)
+    _contradictions(report, history, samples, faults)
     _internal(report, history)
     return report
 
@@ -284,7 +284,17 @@ def _stuck(report, history, final):
             report.violate("stuck", queue=q, messages=n, why=f"{n} message(s) left in the {q}")
 
 
-def _contradictions(report, history, samples):
+def _frozen(faults, port, start, end):
+    """Seconds of [start, end] during which the serve answering on `port` was paused (SIGSTOP):
+    it could not read the message that clears its sold-out memory then."""
+    total = 0.0
+    for f in faults:
+        if f.get("kind") == "pause" and f.get("port") == port:
+            total += max(0.0, min(end, f["t1"]) - max(start, f["t0"]))
+    return total
+
+
+def _contradictions(report, history, samples, faults=()):
     remaining = defaultdict(list)  # product -> [(t, remaining)]
     for s in samples:
         if s.get("kind") == "remaining":
@@ -305,7 +315,13 @@ def _contradictions(report, history, samples):
         end = h["t"] + h.get("d", 0)
         # The last reading at least the bound before the answer: if it counted more units than
         # could have been won since, units were free from then until the answer.
-        before = [(t, n) for t, n in remaining.get(p, []) if t <= h["t"] - SOLD_OUT_BOUND_S]
+        # The bound counts the time the answering process ran: paused, it read no message.
+        port = h.get("port")
+        before = [
+            (t, n)
+            for t, n in remaining.get(p, [])
+            if h["t"] - t - _frozen(faults, port, t, h["t"]) >= SOLD_OUT_BOUND_S
+        ]
         if not before or before[-1][1] is None:
             continue
         t1, n1 = before[-1]

@@ -339,8 +339,11 @@ class Nemesis:
         self.faults, self.rng = faults, rng
         self.kinds = [k for k in self.KINDS if k not in args.skip]
 
-    def log(self, kind, target, t0):
-        self.faults.write({"t0": t0, "t1": now(), "kind": kind, "target": str(target)})
+    def log(self, kind, target, t0, port=None):
+        entry = {"t0": t0, "t1": now(), "kind": kind, "target": str(target)}
+        if port is not None:
+            entry["port"] = port  # a serve's: the port its answers carry in the history
+        self.faults.write(entry)
         print(f"chaos: {now():7.1f}s {kind} {target} ({now() - t0:.1f} s)", flush=True)
 
     def run(self):
@@ -356,13 +359,13 @@ class Nemesis:
     def hold(self, lo, hi):
         STOP.wait(self.rng.uniform(lo, hi))
 
-    def _outage(self, kind, target, stop, start, lo, hi):
+    def _outage(self, kind, target, stop, start, lo, hi, port=None):
         """stop(), a hold of lo..hi seconds, start(): one fault, logged with its span."""
         t0 = now()
         stop()
         self.hold(lo, hi)
         start()
-        self.log(kind, target, t0)
+        self.log(kind, target, t0, port)
 
     def _kill(self, kind, role):
         p = self.rng.choice([p for p in self.procs if p.role == role])
@@ -380,7 +383,8 @@ class Nemesis:
 
     def pause(self):
         p = self.rng.choice(self.procs)
-        self._outage("pause", p.name, p.pause, p.resume, 0.5, 10)
+        port = p.port if p.role == "serve" else None
+        self._outage("pause", p.name, p.pause, p.resume, 0.5, 10, port)
 
     def redis_kill(self):
         """kill -9 of the primary and a restart on its AOF before the sentinels judge it down."""
@@ -449,9 +453,13 @@ def sampler(args, redis, sales, samples, faults, interval=1.0):
             samples.write({"t": t, "kind": "live", "live": {r[0]: int(r[1]) for r in rows}})
         ids = list(sales.all())
         if ids:
+            # Stamped with the moment the reads began: each value was read at or after it (a
+            # stamp taken after them claimed units free later than Redis had them: wins made
+            # during the reads then looked like units left; found in fsync seed 21's run).
+            read_at = now()
             got = redis.on_primary(lambda c: [c.cmd("HGET", f"{args.prefix}:{{p{p}}}:state", "remaining") for p in ids])
             if got is not None:
-                samples.write({"t": now(), "kind": "remaining", "remaining": {str(p): (int(v) if v is not None else None) for p, v in zip(ids, got)}})
+                samples.write({"t": read_at, "kind": "remaining", "remaining": {str(p): (int(v) if v is not None else None) for p, v in zip(ids, got)}})
         p = redis.primary()
         if p is not None and primary is not None and p != primary:
             faults.write({"t0": t, "t1": t, "kind": "promoted", "target": str(p)})

@@ -171,6 +171,18 @@ class Checker(unittest.TestCase):
         run["history"][-1]["t"] = 40.2
         self.assertTrue(check(run).ok)
 
+    def test_sold_out_right_after_its_serve_was_paused_is_within_the_bound(self):
+        run = clean()
+        run["samples"] += [{"t": 40.0, "kind": "remaining", "remaining": {"1": 3}}]
+        run["history"].append({"t": 45.0, "d": 0.01, "op": "reserve", "u": 16, "p": 1, "s": 410, "code": "sold_out", "port": 8001})
+        self.assertEqual(only(check(run), "contradiction"), {"contradiction": 1})
+        # Its serve was frozen from 39 to 44.9: it ran 0.1 s since the units came back.
+        run["faults"].append({"t0": 39.0, "t1": 44.9, "kind": "pause", "target": "serve-1", "port": 8001})
+        self.assertTrue(check(run).ok)
+        # The other serve's pause excuses nothing.
+        run["faults"][-1]["port"] = 8002
+        self.assertEqual(only(check(run), "contradiction"), {"contradiction": 1})
+
     def test_me_regresses(self):
         run = clean()
         run["history"].insert(5, {"t": 4.0, "d": 0.01, "op": "me", "u": 10, "p": 1, "s": 404, "code": "no_reservation"})
