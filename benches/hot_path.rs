@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 fn secrets() -> Secrets {
     Secrets {
-        jwt_secret: SecretString::from(JWT_SECRET),
+        jwt_secret: Some(SecretString::from(JWT_SECRET)),
         admin_token: SecretString::from(ADMIN_TOKEN),
         token_secret: SecretString::from(TOKEN_SECRET),
         service_tokens: Vec::new(),
@@ -165,6 +165,7 @@ fn bench_handler(c: &mut Criterion) {
             reservations,
             Arc::new(SoldOutCache::default()),
             Arc::new(Recovering::default()),
+            seckill::auth::keys::UserKeys::new(Some(JWT_SECRET.as_bytes()), Vec::new(), None),
         )
         .expect("ctx"),
     );

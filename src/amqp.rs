@@ -108,7 +108,8 @@ async fn supervise(
             };
             if let Some(why) = failed {
                 let delay = backoff.next_delay();
-                tracing::warn!(error = %why, "RabbitMQ connection failed; retrying in {delay:?}");
+                let (host, port) = crate::db::endpoint(&url, 5672);
+                tracing::warn!(error = %why, "SECKILL_AMQP_URL: cannot connect to RabbitMQ at {host}:{port}; retrying in {delay:?}");
                 sleep_or_stop(&shutdown, delay).await;
                 continue;
             }

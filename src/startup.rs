@@ -139,6 +139,7 @@ impl Application {
         let settings = &self.deps.settings;
         let (public, http_port) = bind(settings.http_addr, "SECKILL_HTTP_ADDR")?;
         let (admin, admin_port) = bind(settings.admin_addr, "SECKILL_ADMIN_ADDR")?;
+        let user_keys = crate::auth::keys::UserKeys::load(settings, &self.deps.metrics).await?;
         let soldout = Arc::new(SoldOutCache::default());
         let recovering = Arc::new(Recovering::default());
         let listener = events::listen(
@@ -155,7 +156,12 @@ impl Application {
             reservations.clone(),
             soldout,
             recovering,
+            user_keys,
         )?);
+        self.tasks.spawn(crate::auth::refresh_jwks(
+            ctx.auth.clone(),
+            self.stop.child_token(),
+        ));
         // Every API process watches for products Redis lost, and rebuilds them.
         self.tasks
             .spawn(ctx.recovery.clone().run(self.stop.child_token()));

@@ -2,10 +2,14 @@
 
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
-/// Installs the global subscriber once; `RUST_LOG` is respected (default `info`).
 /// The log directive that silences actix's per-connection errors caused by clients.
 const QUIET_CLIENT_ERRORS: &str = "actix_http::h1::dispatcher=off";
 
+/// Postgres' notices ("relation \"seaql_migrations\" already exists, skipping", at every start)
+/// read as errors; they are routine: shown from `warn` up only.
+const QUIET_NOTICES: &str = "sqlx::postgres::notice=warn";
+
+/// Installs the global subscriber once; `RUST_LOG` is respected (default `info`).
 pub fn init(pretty: bool) {
     let default = crate::config::var("RUST_LOG")
         .map(|v| v.default_text())
@@ -16,6 +20,11 @@ pub fn init(pretty: bool) {
     // `RUST_LOG=actix_http=…` brings them back.
     if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("actix_http"))
         && let Ok(directive) = QUIET_CLIENT_ERRORS.parse()
+    {
+        filter = filter.add_directive(directive);
+    }
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("sqlx"))
+        && let Ok(directive) = QUIET_NOTICES.parse()
     {
         filter = filter.add_directive(directive);
     }

@@ -27,7 +27,7 @@
 
   // ---- Signing in ---------------------------------------------------------------------------
   function showSignIn() {
-    $("login").hidden = Boolean(token);
+    $("signed-out").hidden = Boolean(token);
     $("signed-in").hidden = !token;
     $("work").hidden = !token;
   }

@@ -387,9 +387,43 @@
       const id = String(Number($("pick-id").value));
       if (/^[1-9][0-9]*$/.test(id)) location.assign(`/p/${id}`);
     });
-    // Nothing to show without a product: hint at the API for the rest.
-    $("pick").append(
-      el("p", { class: "hint" }, "Each product has its own page, /p/ followed by its number."),
-    );
+    listSales();
+  }
+
+  // The sales on now or coming (GET /api/v1/products), each a link to its page.
+  async function listSales() {
+    const box = $("sales");
+    let res;
+    try {
+      res = await api("GET", "/api/v1/products");
+    } catch (_) {
+      setText(box, "The sales could not be loaded: the server is not reachable.");
+      return;
+    }
+    if (res.status !== 200 || !res.body || !Array.isArray(res.body.products)) {
+      setText(box, "The sales could not be loaded.");
+      return;
+    }
+    box.textContent = "";
+    if (res.body.products.length === 0) {
+      box.append(el("p", { class: "hint" }, "No sale is on or coming up."));
+      return;
+    }
+    const now = Date.now() + clock.offset();
+    const list = el("ul", { class: "sales", id: "sales-list" });
+    for (const p of res.body.products) {
+      const starts = Date.parse(p.starts_at);
+      const when = starts <= now ? "on now" : `starts ${new Date(starts).toLocaleString()}`;
+      list.append(
+        el(
+          "li",
+          {},
+          el("a", { href: `/p/${Number(p.product_id)}` }, p.name),
+          " ",
+          el("span", { class: "hint" }, `${money(p.price_cents, p.currency)} · ${when}`),
+        ),
+      );
+    }
+    box.append(list);
   }
 })();

@@ -1,4 +1,4 @@
-//! Who is asking: shoppers (HS256 JWTs), operators (a bearer token), purchase tokens (the
+//! Who is asking: shoppers (their login's JWTs: HS256, RS256, ES256 or EdDSA, see [`keys`]), operators (a bearer token), purchase tokens (the
 //! hidden purchase path) and stream tokens (a browser's `EventSource`, which cannot send
 //! `Authorization`), both bound to user, product and expiry. Pure functions over secrets; the
 //! actix extractors live in `http::extract`.
@@ -8,6 +8,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+use anyhow::Context;
 use chrono::{DateTime, Utc};
 use hashlink::LruCache;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -20,6 +21,10 @@ use crate::{
     config::Secrets,
     domain::{ProductId, UserId},
 };
+
+pub mod keys;
+
+use keys::UserKeys;
 
 /// Clock skew tolerated on `exp`/`nbf` of shoppers' JWTs.
 const LEEWAY_SECS: u64 = 5;
@@ -40,6 +45,48 @@ struct UserClaims {
     exp: f64,
 }
 
+/// What a shopper's JWT is.
+enum UserCheck {
+    Valid(UserId),
+    Invalid,
+    /// It names a `kid` the JWKS does not hold (yet).
+    UnknownKid(String),
+}
+
+/// The algorithms a shopper's key may verify (each key verifies one of them, its own).
+const USER_ALGORITHMS: [Algorithm; 4] = [
+    Algorithm::HS256,
+    Algorithm::RS256,
+    Algorithm::ES256,
+    Algorithm::EdDSA,
+];
+
+/// One validation of shoppers' JWTs per algorithm in [`USER_ALGORITHMS`], each accepting only
+/// that one; `aud`/`iss` required when given.
+fn user_validations(audience: Option<&str>, issuer: Option<&str>) -> Vec<Validation> {
+    USER_ALGORITHMS
+        .iter()
+        .map(|alg| {
+            let mut v = Validation::new(*alg);
+            v.leeway = LEEWAY_SECS;
+            v.validate_nbf = true;
+            v.validate_aud = false;
+            let mut required = vec!["exp", "sub"];
+            if let Some(audience) = audience {
+                v.set_audience(&[audience]);
+                v.validate_aud = true;
+                required.push("aud");
+            }
+            if let Some(issuer) = issuer {
+                v.set_issuer(&[issuer]);
+                required.push("iss");
+            }
+            v.set_required_spec_claims(&required);
+            v
+        })
+        .collect()
+}
+
 /// The claims of purchase and stream tokens (told apart by `aud`).
 #[derive(Debug, Serialize, Deserialize)]
 struct TokenClaims {
@@ -51,8 +98,9 @@ struct TokenClaims {
 
 /// Verifies shoppers, operators and purchase tokens.
 pub struct Auth {
-    user_key: DecodingKey,
-    user_validation: Validation,
+    user_keys: UserKeys,
+    /// One validation per algorithm a shopper's key may have (each pinned to it).
+    user_validations: Vec<Validation>,
     /// SHA-256 of the operators' token: comparing digests takes the same time whatever the
     /// length of the presented token.
     admin_digest: [u8; 32],
@@ -99,23 +147,38 @@ impl<V: Copy> Verified<V> {
         now: u64,
         verify: impl FnOnce() -> Option<(V, u64)>,
     ) -> Option<V> {
+        if let Some(named) = self.get(token, now) {
+            return Some(named);
+        }
+        let (named, exp) = verify()?;
+        self.insert(token, named, exp);
+        Some(named)
+    }
+
+    /// What `token` names, from memory, while its `exp` is ahead of `now`.
+    fn get(&self, token: &str, now: u64) -> Option<V> {
         let hit = self
             .slots
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(token)
             .copied();
-        if let Some((named, exp)) = hit
-            && now < exp
-        {
-            return Some(named);
-        }
-        let (named, exp) = verify()?;
+        hit.and_then(|(named, exp)| (now < exp).then_some(named))
+    }
+
+    fn insert(&self, token: &str, named: V, exp: u64) {
         self.slots
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(token.into(), (named, exp));
-        Some(named)
+    }
+
+    /// Forgets every token (a key they may have been verified with is withdrawn).
+    fn clear(&self) {
+        self.slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
     }
 
     #[cfg(test)]
@@ -144,12 +207,6 @@ pub struct IssuedToken {
 
 impl Auth {
     pub fn new(secrets: &Secrets, purchase_ttl: Duration) -> Self {
-        let mut user_validation = Validation::new(Algorithm::HS256);
-        user_validation.leeway = LEEWAY_SECS;
-        user_validation.validate_nbf = true;
-        user_validation.validate_aud = false;
-        user_validation.set_required_spec_claims(&["exp", "sub"]);
-
         let token_validation = |audience: &str| {
             let mut v = Validation::new(Algorithm::HS256);
             v.leeway = 0;
@@ -160,8 +217,15 @@ impl Auth {
 
         let token_secret = secrets.token_secret.expose_secret().as_bytes();
         Self {
-            user_key: DecodingKey::from_secret(secrets.jwt_secret.expose_secret().as_bytes()),
-            user_validation,
+            user_keys: UserKeys::new(
+                secrets
+                    .jwt_secret
+                    .as_ref()
+                    .map(|s| s.expose_secret().as_bytes()),
+                Vec::new(),
+                None,
+            ),
+            user_validations: user_validations(None, None),
             admin_digest: Sha256::digest(secrets.admin_token.expose_secret().as_bytes()).into(),
             service_digests: secrets
                 .service_tokens
@@ -180,34 +244,87 @@ impl Auth {
 
     /// Requires shoppers' JWTs to carry this `aud` and/or `iss` (`None`: not checked).
     pub fn with_user_claims(mut self, audience: Option<&str>, issuer: Option<&str>) -> Self {
-        let mut required = vec!["exp", "sub"];
-        if let Some(audience) = audience {
-            self.user_validation.set_audience(&[audience]);
-            self.user_validation.validate_aud = true;
-            required.push("aud");
-        }
-        if let Some(issuer) = issuer {
-            self.user_validation.set_issuer(&[issuer]);
-            required.push("iss");
-        }
-        self.user_validation.set_required_spec_claims(&required);
+        self.user_validations = user_validations(audience, issuer);
         self
     }
 
-    /// The shopper a bearer JWT names, or `None` for anything not a valid, unexpired HS256
-    /// token with a positive 64-bit `sub` (`alg: none`, other algorithms and keys included).
-    /// A token verified before is answered from memory until its `exp` ([`Verified`]).
+    /// Verifies shoppers' JWTs with these keys (the PEM files' and the JWKS' too).
+    pub fn with_user_keys(mut self, keys: UserKeys) -> Self {
+        self.user_keys = keys;
+        self.users.clear();
+        self
+    }
+
+    pub fn user_keys(&self) -> &UserKeys {
+        &self.user_keys
+    }
+
+    /// The shopper a bearer JWT names, or `None` for anything not a valid, unexpired token
+    /// signed by one of the shoppers' keys with that key's own algorithm, with a positive
+    /// 64-bit `sub` (`alg: none`, other algorithms and keys included). A token verified before
+    /// is answered from memory until its `exp` ([`Verified`]). A token naming a `kid` the JWKS
+    /// does not hold is refused here; [`Auth::user_fetching`] fetches the JWKS for it.
     pub fn user(&self, jwt: &str) -> Option<UserId> {
-        self.users.get_or_verify(jwt, unix_now(), || {
-            let claims =
-                jsonwebtoken::decode::<UserClaims>(jwt, &self.user_key, &self.user_validation)
-                    .ok()?
-                    .claims;
-            Some((
-                UserId::try_from(claims.sub.as_str()).ok()?,
-                claims.exp as u64,
-            ))
-        })
+        match self.check_user(jwt) {
+            UserCheck::Valid(user) => Some(user),
+            UserCheck::Invalid | UserCheck::UnknownKid(_) => None,
+        }
+    }
+
+    /// [`Auth::user`], fetching the JWKS first when the token names a `kid` it does not hold
+    /// (at most once per [`keys::JWKS_MIN_INTERVAL`] for every request at once).
+    pub async fn user_fetching(&self, jwt: &str) -> Option<UserId> {
+        let UserCheck::UnknownKid(kid) = self.check_user(jwt) else {
+            return self.user(jwt);
+        };
+        let jwks = self.user_keys.jwks()?;
+        match jwks.refresh_for(&kid).await {
+            Some(Ok(fetched)) => self.fetched(fetched),
+            Some(Err(e)) => {
+                tracing::warn!(error = %format!("{e:#}"), "fetching the JWKS for an unknown kid failed; the keys held are kept");
+            }
+            None => {}
+        }
+        self.user(jwt)
+    }
+
+    /// After a JWKS fetch: a withdrawn key's tokens must not pass from memory any more.
+    pub fn fetched(&self, fetched: keys::Fetched) {
+        if fetched.withdrew {
+            self.users.clear();
+        }
+    }
+
+    fn check_user(&self, jwt: &str) -> UserCheck {
+        let now = unix_now();
+        if let Some(user) = self.users.get(jwt, now) {
+            return UserCheck::Valid(user);
+        }
+        let Ok(header) = jsonwebtoken::decode_header(jwt) else {
+            return UserCheck::Invalid;
+        };
+        let candidates = self.user_keys.candidates(&header);
+        for key in &candidates.keys {
+            let Some(validation) = self
+                .user_validations
+                .iter()
+                .find(|v| v.algorithms == [key.alg])
+            else {
+                continue;
+            };
+            let Ok(data) = jsonwebtoken::decode::<UserClaims>(jwt, &key.key, validation) else {
+                continue;
+            };
+            let Ok(user) = UserId::try_from(data.claims.sub.as_str()) else {
+                return UserCheck::Invalid;
+            };
+            self.users.insert(jwt, user, data.claims.exp as u64);
+            return UserCheck::Valid(user);
+        }
+        match header.kid {
+            Some(kid) if candidates.unknown_kid => UserCheck::UnknownKid(kid),
+            _ => UserCheck::Invalid,
+        }
     }
 
     /// Whether `token` is the operators' token: fixed-length digests compared in constant
@@ -299,6 +416,31 @@ impl Auth {
     }
 }
 
+/// Fetches the shoppers' JWKS every [`keys::JWKS_REFRESH`] until shutdown (without one, it only
+/// waits for the shutdown).
+pub async fn refresh_jwks(
+    auth: std::sync::Arc<Auth>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    let Some(jwks) = auth.user_keys().jwks() else {
+        // Every task of the process runs until shutdown (one that ends stops the process).
+        shutdown.cancelled().await;
+        return Ok(());
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(keys::JWKS_REFRESH) => {}
+        }
+        match jwks.refresh().await {
+            Ok(fetched) => auth.fetched(fetched),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "fetching the shoppers' JWKS failed; the keys held are kept")
+            }
+        }
+    }
+}
+
 /// Signs a shopper's JWT (HS256) with `secret`, as a storefront's login would: for the tools
 /// (`seckill dev-token`, the load test). The server itself only verifies these.
 pub fn sign_user_jwt(secret: &str, claims: &serde_json::Value) -> anyhow::Result<String> {
@@ -352,7 +494,10 @@ pub fn dev_user_jwt(
             settings.jwt_audience.as_deref(),
             settings.jwt_issuer.as_deref(),
         );
-        sign_user_jwt(secrets.jwt_secret.expose_secret(), &claims)
+        let secret = secrets.jwt_secret.as_ref().context(
+            "development tokens are signed with SECKILL_JWT_SECRET, which is not set (the shoppers' keys come from SECKILL_JWT_JWKS_URL or SECKILL_JWT_PUBLIC_KEYS)",
+        )?;
+        sign_user_jwt(secret.expose_secret(), &claims)
     })())
 }
 
@@ -365,7 +510,7 @@ mod tests {
 
     fn secrets() -> Secrets {
         Secrets {
-            jwt_secret: SecretString::from("jwt-secret-0123456789"),
+            jwt_secret: Some(SecretString::from("jwt-secret-0123456789")),
             admin_token: SecretString::from("admin-token-0123456789"),
             token_secret: SecretString::from("token-secret-0123456789"),
             service_tokens: vec![

@@ -256,7 +256,12 @@ async fn sale(
         }
     );
 
-    let jwt_secret = secrets.jwt_secret.expose_secret().to_owned();
+    let jwt_secret = secrets
+        .jwt_secret
+        .as_ref()
+        .context("the load test signs its shoppers' JWTs with SECKILL_JWT_SECRET, which is not set (a login's public keys cannot sign)")?
+        .expose_secret()
+        .to_owned();
     let exp = Utc::now().timestamp() + 3_600;
     let auths: Vec<String> = (1..=users)
         .map(|u| bearer(&jwt_secret, json!({"sub": u.to_string(), "exp": exp})))

@@ -37,12 +37,16 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Migrations, API, outbox relay, order worker and expiry sweeper in one process.
+    #[command(after_help = crate::config::help())]
     All,
     /// The shoppers' and operators' HTTP API plus the outbox relay.
+    #[command(after_help = crate::config::help())]
     Serve,
     /// The order persister (RabbitMQ → Postgres) plus the expiry sweeper.
+    #[command(after_help = crate::config::help())]
     Worker,
     /// Create the database if missing, apply migrations, exit.
+    #[command(after_help = crate::config::help())]
     Migrate,
     /// Run a whole flash sale against a running server and verify the guarantees.
     Loadtest(loadtest::LoadtestArgs),
@@ -197,7 +201,7 @@ pub fn run(cli: Cli) -> ExitCode {
             ExitCode::from(2)
         }
         Err(e) => {
-            tracing::error!(error = ?e, "seckill failed");
+            tracing::error!(error = %format!("{e:#}"), "seckill failed");
             eprintln!("seckill: {e:#}");
             ExitCode::FAILURE
         }

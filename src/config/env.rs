@@ -146,6 +146,10 @@ impl<'a> Env<'a> {
                 var,
                 "is a public development secret; set a secret of your own",
             )),
+            Some(v) if !dev && super::read::is_placeholder(v) => Err(ConfigError::new(
+                var,
+                "looks like a placeholder (the .env.example value?); generate one, e.g. openssl rand -hex 32",
+            )),
             Some(v) if v.len() >= 16 => Ok(SecretString::from(v.clone())),
             Some(_) => Err(ConfigError::new(var, "must be at least 16 characters")),
             None if dev => {

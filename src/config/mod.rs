@@ -1,4 +1,4 @@
-//! Typed settings read once from the environment (the README's configuration table).
+//! Typed settings read once from the environment (docs/configuration.md's table).
 //!
 //! Every variable has the documented default; a bad value fails start-up with one line that
 //! names the variable. Secrets are wrapped in [`SecretString`] so they never reach a log.
@@ -62,7 +62,9 @@ pub struct DrainSettings {
 /// Secrets the HTTP API needs; present unless the variable was unset (checked per command).
 #[derive(Clone)]
 pub struct Secrets {
-    pub jwt_secret: SecretString,
+    /// `SECKILL_JWT_SECRET`: the HS256 key of shoppers' JWTs (`None`: their keys are public
+    /// keys only, from `SECKILL_JWT_JWKS_URL` or `SECKILL_JWT_PUBLIC_KEYS`).
+    pub jwt_secret: Option<SecretString>,
     pub admin_token: SecretString,
     pub token_secret: SecretString,
     /// The storefront backend's tokens (`SECKILL_SERVICE_TOKENS`; several, so one can be
@@ -120,6 +122,10 @@ pub struct Settings {
     pub jwt_audience: Option<String>,
     /// When set, shoppers' JWTs must carry this `iss` (unset: `iss` is not checked).
     pub jwt_issuer: Option<String>,
+    /// `SECKILL_JWT_JWKS_URL`: the storefront login's JWKS (RS256/ES256/EdDSA keys by `kid`).
+    pub jwt_jwks_url: Option<String>,
+    /// `SECKILL_JWT_PUBLIC_KEYS`: PEM files of shoppers' public keys.
+    pub jwt_public_keys: Vec<std::path::PathBuf>,
     /// `SECKILL_CHECKOUT_URL`: where the storefront page sends a winner to pay (a template with
     /// `{order_id}`).
     pub checkout_url: Option<String>,

@@ -56,6 +56,8 @@ impl Settings {
             redis_durability: env.parse("SECKILL_REDIS_DURABILITY")?,
             jwt_audience: env.optional("SECKILL_JWT_AUDIENCE")?,
             jwt_issuer: env.optional("SECKILL_JWT_ISSUER")?,
+            jwt_jwks_url: jwks_url(env)?,
+            jwt_public_keys: public_keys(env)?,
             checkout_url: checkout_url(env)?,
             events_exchange: events_exchange(env)?,
             webhook: webhook(env, dev)?,
@@ -222,17 +224,47 @@ fn secrets(
     dev: bool,
     dev_filled: &mut Vec<&'static str>,
 ) -> Result<Secrets, ConfigError> {
+    // Any one source of shoppers' keys is enough; development mode fills in the secret only
+    // when there is none.
+    let public =
+        env.get("SECKILL_JWT_JWKS_URL").is_some() || env.get("SECKILL_JWT_PUBLIC_KEYS").is_some();
+    let jwt_secret = if public && env.get("SECKILL_JWT_SECRET").is_none() {
+        None
+    } else {
+        Some(env.secret("SECKILL_JWT_SECRET", dev, DEV_JWT_SECRET, dev_filled).map_err(|e| {
+            if e.var == "SECKILL_JWT_SECRET" && !dev && env.get("SECKILL_JWT_SECRET").is_none() {
+                ConfigError::new(
+                    "SECKILL_JWT_SECRET",
+                    "required: the shoppers' JWT keys (set SECKILL_JWT_SECRET for HS256, SECKILL_JWT_JWKS_URL or SECKILL_JWT_PUBLIC_KEYS for the login's public keys, or SECKILL_DEV=1 for development secrets)",
+                )
+            } else {
+                e
+            }
+        })?)
+    };
     let mut secrets = Secrets {
-        jwt_secret: env.secret("SECKILL_JWT_SECRET", dev, DEV_JWT_SECRET, dev_filled)?,
+        jwt_secret,
         admin_token: env.secret("SECKILL_ADMIN_TOKEN", dev, DEV_ADMIN_TOKEN, dev_filled)?,
         token_secret: env.secret("SECKILL_TOKEN_SECRET", dev, DEV_TOKEN_SECRET, dev_filled)?,
         service_tokens: Vec::new(),
     };
-    if secrets.token_secret.expose_secret() == secrets.jwt_secret.expose_secret() {
-        return Err(ConfigError::new(
-            "SECKILL_TOKEN_SECRET",
-            "must differ from SECKILL_JWT_SECRET",
-        ));
+    // A secret that opens two doors is one door.
+    let named = [
+        ("SECKILL_JWT_SECRET", secrets.jwt_secret.as_ref()),
+        ("SECKILL_ADMIN_TOKEN", Some(&secrets.admin_token)),
+        ("SECKILL_TOKEN_SECRET", Some(&secrets.token_secret)),
+    ];
+    for (i, (later, b)) in named.iter().enumerate() {
+        for (earlier, a) in &named[..i] {
+            if let (Some(a), Some(b)) = (a, b)
+                && a.expose_secret() == b.expose_secret()
+            {
+                return Err(ConfigError::new(
+                    later,
+                    format!("must differ from {earlier}"),
+                ));
+            }
+        }
     }
     secrets.service_tokens = service_tokens(env, dev, dev_filled, &secrets)?;
     Ok(secrets)
@@ -276,12 +308,12 @@ fn service_tokens(
             return refuse("looks like a placeholder; generate one (e.g. openssl rand -hex 32)");
         }
         let clash = [
-            ("SECKILL_ADMIN_TOKEN", &others.admin_token),
-            ("SECKILL_JWT_SECRET", &others.jwt_secret),
-            ("SECKILL_TOKEN_SECRET", &others.token_secret),
+            ("SECKILL_ADMIN_TOKEN", Some(&others.admin_token)),
+            ("SECKILL_JWT_SECRET", others.jwt_secret.as_ref()),
+            ("SECKILL_TOKEN_SECRET", Some(&others.token_secret)),
         ]
         .into_iter()
-        .find(|(_, s)| s.expose_secret() == token);
+        .find(|(_, s)| s.is_some_and(|s| s.expose_secret() == token));
         if let Some((name, _)) = clash {
             return refuse(&format!("must differ from {name}"));
         }
@@ -294,7 +326,7 @@ fn service_tokens(
 
 /// Text a template or an example leaves in place of a secret: one repeated character, or a
 /// word that says so.
-fn is_placeholder(token: &str) -> bool {
+pub(super) fn is_placeholder(token: &str) -> bool {
     let lower = token.to_ascii_lowercase();
     let mut chars = token.chars();
     let first = chars.next();
@@ -394,6 +426,56 @@ fn checkout_url(env: &Env<'_>) -> Result<Option<String>, ConfigError> {
         return Err(ConfigError::new(VAR, "must not contain spaces or quotes"));
     }
     Ok(Some(url.clone()))
+}
+
+/// `SECKILL_JWT_JWKS_URL`: an https:// URL (http:// only on a loopback host).
+fn jwks_url(env: &Env<'_>) -> Result<Option<String>, ConfigError> {
+    const VAR: &str = "SECKILL_JWT_JWKS_URL";
+    let Some(raw) = env.get(VAR) else {
+        return Ok(None);
+    };
+    let url = reqwest::Url::parse(raw.trim())
+        .map_err(|e| ConfigError::new(VAR, format!("is not a URL ({e})")))?;
+    let host = url.host_str().unwrap_or_default();
+    let loopback = host == "localhost"
+        || host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    match url.scheme() {
+        "https" => {}
+        "http" if loopback => {}
+        "http" => {
+            return Err(ConfigError::new(
+                VAR,
+                "must be an https:// URL (http:// only on a loopback address): the keys that admit shoppers must not travel in the clear",
+            ));
+        }
+        _ => return Err(ConfigError::new(VAR, "must be an https:// URL")),
+    }
+    Ok(Some(url.to_string()))
+}
+
+/// `SECKILL_JWT_PUBLIC_KEYS`: comma-separated paths of PEM files (read at start).
+fn public_keys(env: &Env<'_>) -> Result<Vec<std::path::PathBuf>, ConfigError> {
+    const VAR: &str = "SECKILL_JWT_PUBLIC_KEYS";
+    let Some(list) = env.get(VAR) else {
+        return Ok(Vec::new());
+    };
+    list.split(',')
+        .map(str::trim)
+        .enumerate()
+        .map(|(i, path)| {
+            if path.is_empty() {
+                Err(ConfigError::new(
+                    VAR,
+                    format!("path {} is empty (no empty entries between commas)", i + 1),
+                ))
+            } else {
+                Ok(std::path::PathBuf::from(path))
+            }
+        })
+        .collect()
 }
 
 /// `SECKILL_TRUSTED_PROXIES`: a comma-separated list of addresses and CIDR blocks.
@@ -527,6 +609,104 @@ mod tests {
             s.worker_addr.port(),
         ];
         assert_eq!(ports, [8080, 8081, 8082]);
+    }
+
+    #[test]
+    fn every_secret_is_its_own_and_none_a_placeholder() {
+        let base = [
+            ("SECKILL_JWT_SECRET", "own-jwt-secret-0123456789"),
+            ("SECKILL_ADMIN_TOKEN", "own-admin-token-0123456789"),
+            ("SECKILL_TOKEN_SECRET", "own-token-secret-0123456789"),
+        ];
+        let with = |var: &'static str, value: &'static str| {
+            let mut all: Vec<(&str, &str)> =
+                base.iter().filter(|(k, _)| *k != var).copied().collect();
+            all.push((var, value));
+            Settings::from_vars(vars(&all)).unwrap().secrets().err()
+        };
+        assert!(Settings::from_vars(vars(&base)).unwrap().secrets().is_ok());
+        let err = with("SECKILL_ADMIN_TOKEN", "own-jwt-secret-0123456789").unwrap();
+        assert_eq!(
+            err.to_string(),
+            "SECKILL_ADMIN_TOKEN: must differ from SECKILL_JWT_SECRET"
+        );
+        let err = with("SECKILL_TOKEN_SECRET", "own-admin-token-0123456789").unwrap();
+        assert_eq!(
+            err.to_string(),
+            "SECKILL_TOKEN_SECRET: must differ from SECKILL_ADMIN_TOKEN"
+        );
+        // The values .env.example ships with, and other obvious ones.
+        for (var, value) in [
+            (
+                "SECKILL_JWT_SECRET",
+                "replace-with-a-long-random-jwt-secret",
+            ),
+            (
+                "SECKILL_ADMIN_TOKEN",
+                "replace-with-a-long-random-admin-token",
+            ),
+            (
+                "SECKILL_TOKEN_SECRET",
+                "replace-with-another-long-random-secret",
+            ),
+            ("SECKILL_ADMIN_TOKEN", "aaaaaaaaaaaaaaaaaaaa"),
+            ("SECKILL_JWT_SECRET", "changeme-changeme-changeme"),
+        ] {
+            let err = with(var, value).unwrap();
+            assert_eq!(err.var, var, "{value}");
+            assert!(err.message.contains("placeholder"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_login_s_public_keys_are_enough_without_a_jwt_secret() {
+        let others = [
+            ("SECKILL_ADMIN_TOKEN", "own-admin-token-0123456789"),
+            ("SECKILL_TOKEN_SECRET", "own-token-secret-0123456789"),
+        ];
+        let with = |extra: &[(&'static str, &'static str)]| {
+            let mut all = others.to_vec();
+            all.extend_from_slice(extra);
+            Settings::from_vars(vars(&all))
+        };
+        let none = with(&[]).unwrap();
+        let err = none.secrets().err().unwrap();
+        assert_eq!(err.var, "SECKILL_JWT_SECRET");
+        assert!(err.message.contains("SECKILL_JWT_JWKS_URL"), "{err}");
+        let jwks = with(&[(
+            "SECKILL_JWT_JWKS_URL",
+            "https://id.example/.well-known/jwks.json",
+        )])
+        .unwrap();
+        assert!(jwks.secrets().unwrap().jwt_secret.is_none());
+        assert_eq!(
+            jwks.jwt_jwks_url.as_deref(),
+            Some("https://id.example/.well-known/jwks.json")
+        );
+        let pem = with(&[("SECKILL_JWT_PUBLIC_KEYS", "/etc/a.pem, /etc/b.pem")]).unwrap();
+        assert!(pem.secrets().unwrap().jwt_secret.is_none());
+        assert_eq!(pem.jwt_public_keys.len(), 2);
+        // In the clear only on loopback; an empty path is a typo.
+        for (var, value) in [
+            ("SECKILL_JWT_JWKS_URL", "http://id.example/jwks.json"),
+            ("SECKILL_JWT_JWKS_URL", "ftp://127.0.0.1/jwks.json"),
+            ("SECKILL_JWT_JWKS_URL", "not a url"),
+            ("SECKILL_JWT_PUBLIC_KEYS", "/etc/a.pem,,/etc/b.pem"),
+        ] {
+            let err = with(&[(var, value)]).err().unwrap();
+            assert_eq!(err.var, var, "{value}");
+        }
+        for loopback in [
+            "http://127.0.0.1:9/jwks",
+            "http://[::1]:9/jwks",
+            "http://localhost:9/jwks",
+        ] {
+            let s = Settings::from_vars(vars(&[
+                ("SECKILL_DEV", "1"),
+                ("SECKILL_JWT_JWKS_URL", loopback),
+            ]));
+            assert!(s.is_ok(), "{loopback}");
+        }
     }
 
     #[test]
@@ -737,7 +917,10 @@ mod tests {
         );
         let secrets = s.secrets().unwrap();
         assert_eq!(secrets.admin_token.expose_secret(), OWN[1].1);
-        assert_eq!(secrets.jwt_secret.expose_secret(), DEV_JWT_SECRET);
+        assert_eq!(
+            secrets.jwt_secret.as_ref().unwrap().expose_secret(),
+            DEV_JWT_SECRET
+        );
         let mut all = OWN.to_vec();
         all.push(("SECKILL_DEV", "1"));
         let s = Settings::from_vars(vars(&all)).unwrap();

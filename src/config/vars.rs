@@ -1,7 +1,7 @@
 //! The variables table: every environment variable the configuration reads, with its default,
 //! bounds and meaning ([`VARS`]), and `seckill --help` made from it.
 
-/// How a variable's default reads in `seckill --help` and the README's table.
+/// How a variable's default reads in `seckill --help` and docs/configuration.md's table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VarDefault {
     /// The value the parser reads when the variable is unset.
@@ -11,7 +11,7 @@ pub enum VarDefault {
 }
 
 /// One environment variable this service reads: the one definition that the parser's defaults
-/// and bounds, `seckill --help` and the check of the README's table all come from.
+/// and bounds, `seckill --help` and the check of docs/configuration.md's table all come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Var {
     pub name: &'static str,
@@ -48,7 +48,7 @@ impl Var {
         }
     }
 
-    /// The default as the help and the README write it.
+    /// The default as the help and docs/configuration.md write it.
     pub fn default_text(&self) -> &'static str {
         match self.default {
             VarDefault::Value(v) | VarDefault::Described(v) => v,
@@ -116,8 +116,18 @@ pub const VARS: &[Var] = &[
     ),
     Var::described(
         "SECKILL_JWT_SECRET",
-        "required unless SECKILL_DEV=1",
+        "required unless SECKILL_DEV=1 or one of the next two is set",
         "HS256 key of shoppers' JWTs (at least 16 characters)",
+    ),
+    Var::described(
+        "SECKILL_JWT_JWKS_URL",
+        "unset",
+        "the storefront login's JWKS (https://, or http:// on loopback): RS256/ES256/EdDSA keys by kid, fetched at start, every 5 min and on an unknown kid (at most every 10 s), kept up to 24 h while it fails",
+    ),
+    Var::described(
+        "SECKILL_JWT_PUBLIC_KEYS",
+        "unset",
+        "comma-separated PEM files of shoppers' public keys (RSA: RS256, P-256: ES256, Ed25519: EdDSA), read at start",
     ),
     Var::described(
         "SECKILL_ADMIN_TOKEN",
@@ -409,14 +419,13 @@ mod tests {
         assert!(help.contains("[default: 16; 1 to 1000]"), "{help}");
     }
 
-    /// The rows of the README's configuration table: name and default, backticks removed.
+    /// The rows of docs/configuration.md's table: name and default, backticks removed.
     fn readme_rows() -> Vec<(String, String)> {
-        let readme = include_str!("../../README.md");
-        let section = readme
-            .split("\n## Configuration\n")
-            .nth(1)
-            .and_then(|rest| rest.split("\n## ").next())
-            .expect("README.md has a Configuration section");
+        let doc = include_str!("../../docs/configuration.md");
+        let section = doc
+            .split("\n## ")
+            .next()
+            .expect("docs/configuration.md has a table before its first section");
         section
             .lines()
             .filter(|l| l.starts_with("| `"))
@@ -428,13 +437,13 @@ mod tests {
     }
 
     #[test]
-    fn the_readme_table_lists_every_variable_with_its_default() {
+    fn the_configuration_page_lists_every_variable_with_its_default() {
         let rows = readme_rows();
         let names: BTreeSet<&str> = rows.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(names, table_names(), "README.md's configuration table");
+        assert_eq!(names, table_names(), "docs/configuration.md's table");
         for (name, default) in &rows {
             let want = var(name).unwrap().default_text();
-            assert_eq!(default, want, "README.md's default of {name}");
+            assert_eq!(default, want, "docs/configuration.md's default of {name}");
         }
     }
 }

@@ -50,12 +50,64 @@ fn options(url: &str, max_connections: u32) -> ConnectOptions {
     opts
 }
 
+/// `host:port` of a URL, without user or password (`?` for a URL that does not parse).
+pub fn endpoint(url: &str, default_port: u16) -> (String, u16) {
+    reqwest::Url::parse(url).map_or_else(
+        |_| ("?".to_owned(), default_port),
+        |u| {
+            (
+                u.host_str().unwrap_or("localhost").to_owned(),
+                u.port().unwrap_or(default_port),
+            )
+        },
+    )
+}
+
+/// Why Postgres at `url` refused a connection, in one line naming `SECKILL_DATABASE_URL`, the
+/// host and port (never the password) and the cause: refused, timed out, authentication, TLS,
+/// a missing database, or what the server said.
+pub async fn connect_error(url: &str, e: &DbErr) -> anyhow::Error {
+    let (host, port) = endpoint(url, 5432);
+    let probe = tokio::time::timeout(
+        Duration::from_secs(3),
+        tokio::net::TcpStream::connect((host.as_str(), port)),
+    )
+    .await;
+    let text = e.to_string();
+    let cause = match probe {
+        Err(_) => {
+            "timed out (nothing answered in 3 s: a firewall, or a host that is down)".to_owned()
+        }
+        Ok(Err(io)) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+            "connection refused (is Postgres running and listening there?)".to_owned()
+        }
+        Ok(Err(io)) => io.to_string(),
+        Ok(Ok(_)) if text.contains("password authentication failed") || text.contains("28P01") => {
+            "authentication failed (check the user and password in the URL)".to_owned()
+        }
+        Ok(Ok(_))
+            if text.to_ascii_lowercase().contains("tls")
+                || text.to_ascii_lowercase().contains("ssl") =>
+        {
+            format!("TLS failed ({text})")
+        }
+        Ok(Ok(_)) if text.contains("does not exist") => text.clone(),
+        Ok(Ok(_)) => format!("it answered, then: {text}"),
+    };
+    anyhow::anyhow!("SECKILL_DATABASE_URL: cannot connect to Postgres at {host}:{port}: {cause}")
+}
+
+async fn open(url: &str, max_connections: u32) -> anyhow::Result<DatabaseConnection> {
+    match Database::connect(options(url, max_connections)).await {
+        Ok(db) => Ok(db),
+        Err(e) => Err(connect_error(url, &e).await),
+    }
+}
+
 /// Creates the database named in `url` if it does not exist (safe when several processes race).
 pub async fn create_database_if_missing(url: &str) -> anyhow::Result<()> {
     let (admin_url, name) = split_database_name(url)?;
-    let admin = Database::connect(options(&admin_url, 1))
-        .await
-        .context("connecting to Postgres to create the database")?;
+    let admin = open(&admin_url, 1).await?;
     let exists = admin
         .query_one_raw(Statement::from_sql_and_values(
             admin.get_database_backend(),
@@ -85,9 +137,7 @@ fn is_already_exists(e: &DbErr) -> bool {
 
 /// Connects the application pool.
 pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<DatabaseConnection> {
-    Database::connect(options(url, max_connections))
-        .await
-        .context("connecting to Postgres")
+    open(url, max_connections).await
 }
 
 /// Creates the database if missing and applies pending migrations, one process at a time.

@@ -10,6 +10,8 @@ use actix_web::{
     http::header,
     web,
 };
+use futures_util::future::{Either, LocalBoxFuture};
+use std::future::{Ready, ready};
 use tracing::Span;
 use tracing_actix_web::{DefaultRootSpanBuilder, RequestId, RootSpanBuilder};
 
@@ -45,18 +47,46 @@ pub struct AuthUser(pub UserId);
 
 impl FromRequest for AuthUser {
     type Error = ApiError;
-    type Future = std::future::Ready<Result<Self, ApiError>>;
+    type Future = MaybeLater<Self>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        std::future::ready((|| {
-            let token = bearer(req).ok_or(ApiError::Unauthorized)?;
-            ctx(req)?
-                .auth
-                .user(token)
-                .map(AuthUser)
-                .ok_or(ApiError::Unauthorized)
-        })())
+        shopper(req, |user| Ok(AuthUser(user)))
     }
+}
+
+/// An extractor's answer: now, or once a fetch of the login's keys is done.
+type MaybeLater<T> =
+    Either<Ready<Result<T, ApiError>>, LocalBoxFuture<'static, Result<T, ApiError>>>;
+
+/// The shopper a bearer JWT names, then `done` with them: answered at once for a token the
+/// keys verify (or one they refuse); a token naming a `kid` the login's JWKS does not hold
+/// waits for one fetch of it ([`crate::auth::Auth::user_fetching`]).
+fn shopper<T: 'static>(
+    req: &HttpRequest,
+    done: impl FnOnce(UserId) -> Result<T, ApiError> + 'static,
+) -> MaybeLater<T> {
+    let Some(token) = bearer(req) else {
+        return Either::Left(ready(Err(ApiError::Unauthorized)));
+    };
+    let ctx = match ctx(req) {
+        Ok(ctx) => ctx,
+        Err(e) => return Either::Left(ready(Err(e))),
+    };
+    if let Some(user) = ctx.auth.user(token) {
+        return Either::Left(ready(done(user)));
+    }
+    if ctx.auth.user_keys().jwks().is_none() {
+        return Either::Left(ready(Err(ApiError::Unauthorized)));
+    }
+    let (ctx, token) = (ctx.clone(), token.to_owned());
+    Either::Right(Box::pin(async move {
+        let user = ctx
+            .auth
+            .user_fetching(&token)
+            .await
+            .ok_or(ApiError::Unauthorized)?;
+        done(user)
+    }))
 }
 
 /// An operator authenticated by `Authorization: Bearer <SECKILL_ADMIN_TOKEN>`.
@@ -106,20 +136,16 @@ pub struct Canceller(pub crate::orders::Closer);
 
 impl FromRequest for Canceller {
     type Error = ApiError;
-    type Future = std::future::Ready<Result<Self, ApiError>>;
+    type Future = MaybeLater<Self>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         use crate::orders::Closer;
-        std::future::ready((|| {
-            let token = bearer(req).ok_or(ApiError::Unauthorized)?;
-            let auth = &ctx(req)?.auth;
-            if auth.is_service(token) {
-                return Ok(Canceller(Closer::Backend));
-            }
-            auth.user(token)
-                .map(|user| Canceller(Closer::Shopper(user)))
-                .ok_or(ApiError::Unauthorized)
-        })())
+        if let (Some(token), Ok(ctx)) = (bearer(req), ctx(req))
+            && ctx.auth.is_service(token)
+        {
+            return Either::Left(ready(Ok(Canceller(Closer::Backend))));
+        }
+        shopper(req, |user| Ok(Canceller(Closer::Shopper(user))))
     }
 }
 

@@ -2,27 +2,21 @@
 //! its path is one of this listener's routes under another method, `404 not_found` otherwise.
 //! The routes are read from the OpenAPI document, so the answer and the contract agree.
 
+use crate::http::{
+    docs::{Routes, listener_doc},
+    problem::ApiError,
+};
 use actix_web::{HttpRequest, HttpResponse, dev::ResourceDef, web};
-use utoipa::{OpenApi, openapi::path::Operation};
-
-use crate::http::{docs::ApiDoc, problem::ApiError};
 
 /// The paths a listener serves and the methods each takes.
 pub struct KnownPaths(Vec<(ResourceDef, String)>);
 
 impl KnownPaths {
-    /// The document's operations tagged with one of `tags`, except the paths in `skip`.
-    pub fn from_doc(tags: &[&str], skip: &[&str]) -> Self {
-        let doc = ApiDoc::openapi();
-        let tagged = |op: &Option<Operation>| {
-            op.as_ref()
-                .is_some_and(|op| op.tags.iter().flatten().any(|t| tags.contains(&t.as_str())))
-        };
+    /// The operations of the listener's own document ([`listener_doc`]).
+    pub fn of(routes: Routes) -> Self {
+        let doc = listener_doc(routes);
         let mut known = Vec::new();
         for (path, item) in &doc.paths.paths {
-            if skip.contains(&path.as_str()) {
-                continue;
-            }
             let methods: Vec<&str> = [
                 ("GET", &item.get),
                 ("POST", &item.post),
@@ -31,7 +25,7 @@ impl KnownPaths {
                 ("DELETE", &item.delete),
             ]
             .into_iter()
-            .filter(|(_, op)| tagged(op))
+            .filter(|(_, op)| op.is_some())
             .map(|(method, _)| method)
             .collect();
             if !methods.is_empty() {
@@ -69,7 +63,7 @@ mod tests {
 
     #[test]
     fn a_listener_knows_its_own_paths_and_their_methods() {
-        let shop = KnownPaths::from_doc(&["shoppers", "orders", "service"], &["/metrics"]);
+        let shop = KnownPaths::of(crate::http::docs::SHOPPERS);
         assert_eq!(shop.allowed("/api/v1/products/7"), Some("GET"));
         assert_eq!(
             shop.allowed("/api/v1/products/7/reservations"),
@@ -82,9 +76,12 @@ mod tests {
             None,
             "another listener's"
         );
-        assert_eq!(shop.allowed("/api/v1/products"), None);
+        assert_eq!(shop.allowed("/api/v1/products"), Some("GET"), "the listing");
         assert_eq!(shop.allowed("/api/v1/products/7/nope"), None);
-        let ops = KnownPaths::from_doc(&["operators", "service"], &[]);
+        // The storefront backend's routes are the shoppers' listener's too.
+        assert_eq!(shop.allowed("/api/v1/orders/1"), Some("GET"));
+        assert_eq!(shop.allowed("/api/v1/orders/1/payment"), Some("POST"));
+        let ops = KnownPaths::of(crate::http::docs::OPERATORS);
         assert_eq!(ops.allowed("/api/v1/admin/products"), Some("POST"));
         assert_eq!(ops.allowed("/metrics"), Some("GET"));
         assert_eq!(ops.allowed("/api/v1/products/7"), None);

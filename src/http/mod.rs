@@ -90,6 +90,7 @@ impl Ctx {
         reservations: Reservations,
         soldout: Arc<SoldOutCache>,
         recovering: Arc<Recovering>,
+        user_keys: crate::auth::keys::UserKeys,
     ) -> anyhow::Result<Self> {
         let settings = deps.settings.clone();
         let trusted = TrustedProxies(settings.trusted_proxies.clone().into());
@@ -100,10 +101,12 @@ impl Ctx {
             recovering,
         ));
         let auth = Arc::new(
-            Auth::new(settings.secrets()?, settings.purchase_token_ttl).with_user_claims(
-                settings.jwt_audience.as_deref(),
-                settings.jwt_issuer.as_deref(),
-            ),
+            Auth::new(settings.secrets()?, settings.purchase_token_ttl)
+                .with_user_claims(
+                    settings.jwt_audience.as_deref(),
+                    settings.jwt_issuer.as_deref(),
+                )
+                .with_user_keys(user_keys),
         );
         let products = Arc::new(ProductCache::default());
         let purchase = Purchase {
@@ -276,6 +279,11 @@ async fn deadline(
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let path = req.path().to_owned();
+    // A preheat loads a sale of any size and must never be cut off half way (a forced one
+    // pauses the sale until it is done): no deadline.
+    if req.method() == actix_web::http::Method::POST && path.ends_with("/preheat") {
+        return next.call(req).await;
+    }
     match tokio::time::timeout(REQUEST_DEADLINE, next.call(req)).await {
         Ok(res) => res,
         Err(_) => {
@@ -337,10 +345,8 @@ fn drain_secs(deps: &Deps) -> u64 {
 
 /// The shoppers' server.
 pub fn public_server(listener: TcpListener, ctx: web::Data<Ctx>) -> anyhow::Result<Server> {
-    let known = web::Data::new(KnownPaths::from_doc(
-        &["shoppers", "orders", "service"],
-        &["/metrics"],
-    ));
+    let known = web::Data::new(KnownPaths::of(docs::SHOPPERS));
+    let doc = web::Data::new(docs::ListenerDoc::new(docs::SHOPPERS));
     let settings = &ctx.deps.settings;
     let body_timeout = BodyTimeout {
         limit: settings.body_timeout,
@@ -361,6 +367,7 @@ pub fn public_server(listener: TcpListener, ctx: web::Data<Ctx>) -> anyhow::Resu
             .app_data(body_timeout.clone())
             .app_data(ctx.trusted_proxies.clone())
             .configure(configure_public(ctx.clone()))
+            .app_data(doc.clone())
             .app_data(known.clone())
             .default_service(web::to(fallback))
     })
@@ -386,15 +393,27 @@ pub fn public_server(listener: TcpListener, ctx: web::Data<Ctx>) -> anyhow::Resu
 /// The operators' server (admin API and metrics live only here).
 pub fn admin_server(listener: TcpListener, ctx: web::Data<Ctx>) -> anyhow::Result<Server> {
     let deps = web::Data::from(ctx.deps.clone());
-    let known = web::Data::new(KnownPaths::from_doc(&["operators", "service"], &[]));
+    let known = web::Data::new(KnownPaths::of(docs::OPERATORS));
+    let doc = web::Data::new(docs::ListenerDoc::new(docs::OPERATORS));
     let body_timeout = BodyTimeout {
         limit: ctx.deps.settings.body_timeout,
         metrics: ctx.deps.metrics.clone(),
     };
     let drain = drain_secs(&ctx.deps);
+    // Caps of its own, as large as the shoppers' listener's: the operators' connections are
+    // not counted against the shoppers' (nor the other way round).
+    let settings = &ctx.deps.settings;
+    let conns = Arc::new(Connections::new(
+        settings.max_connections_per_ip,
+        settings.max_connections,
+        ctx.trusted_proxies.clone(),
+    ));
+    let max_per_worker = connections_per_worker(settings.max_connections, 1);
     let server = HttpServer::new(move || {
         App::new()
+            .wrap(from_fn(deadline))
             .wrap(from_fn(limit_admin_per_ip))
+            .wrap(from_fn(limits::limit_connections))
             .wrap(from_fn(limits::body_deadline))
             .wrap(from_fn(record_metrics))
             .wrap(TracingLogger::<ClientSpan>::new())
@@ -406,9 +425,12 @@ pub fn admin_server(listener: TcpListener, ctx: web::Data<Ctx>) -> anyhow::Resul
             .configure(admin::routes)
             .configure(export::routes)
             .configure(pages::console_routes)
+            .app_data(doc.clone())
             .app_data(known.clone())
             .default_service(web::to(fallback))
     })
+    .on_connect(move |io, data| limits::on_connect(&conns, io, data))
+    .max_connections(max_per_worker)
     .workers(1)
     .listen(listener)?
     .client_request_timeout(Duration::from_secs(5))
@@ -423,7 +445,7 @@ pub fn admin_server(listener: TcpListener, ctx: web::Data<Ctx>) -> anyhow::Resul
 pub fn worker_ops_server(listener: TcpListener, deps: Arc<Deps>) -> anyhow::Result<Server> {
     let drain = drain_secs(&deps);
     let deps = web::Data::from(deps);
-    let known = web::Data::new(KnownPaths::from_doc(&["service"], &[]));
+    let known = web::Data::new(KnownPaths::of(docs::WORKER));
     let server = HttpServer::new(move || {
         App::new()
             .wrap(from_fn(record_metrics))

@@ -35,6 +35,7 @@ use crate::{
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(reserve)
         .service(product_view)
+        .service(product_list)
         .service(issue_token)
         .service(my_reservation)
         .service(my_reservation_events)
@@ -117,6 +118,51 @@ pub async fn product_view(
         state,
         remaining,
     }))
+}
+
+/// A sale in the storefront's listing (what changes second to second, units left and state,
+/// is in the product's own view).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ListedProduct {
+    pub product_id: i64,
+    pub name: String,
+    pub price_cents: i64,
+    pub starts_at: DateTime<Utc>,
+    pub ends_at: DateTime<Utc>,
+}
+
+/// The sales on now or coming.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ProductList {
+    /// Soonest start first, at most 50.
+    pub products: Vec<ListedProduct>,
+}
+
+/// The sales that have not ended, soonest first (at most 50): public, the same for everyone,
+/// and cacheable for 5 s by a CDN (each process reads Postgres at most once a second for it).
+#[utoipa::path(
+    responses(
+        (status = 200, description = "OK", body = ProductList, headers(("Cache-Control" = String, description = "`public, max-age=5`"))),
+        (status = 503, description = "`unavailable`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+    ),
+    tag = "shoppers"
+)]
+#[get("/api/v1/products")]
+pub async fn product_list(ctx: web::Data<Ctx>) -> Result<HttpResponse, ApiError> {
+    let listed = ctx.products.listing(&ctx.deps.db).await?;
+    let products = listed
+        .iter()
+        .map(|p| ListedProduct {
+            product_id: p.product_id,
+            name: p.name.clone(),
+            price_cents: p.price_cents,
+            starts_at: p.starts_at,
+            ends_at: p.ends_at,
+        })
+        .collect();
+    Ok(HttpResponse::Ok()
+        .insert_header((actix_web::http::header::CACHE_CONTROL, "public, max-age=5"))
+        .json(ProductList { products }))
 }
 
 /// A purchase token: bound to this user and product, valid until `expires_at`.

@@ -726,3 +726,32 @@ async fn the_attacks_of_a_flash_sale_are_each_answered_fast_with_their_code() {
     assert!(won, "a legitimate purchase still wins");
     app.stop().await;
 }
+
+/// The operators' listener caps connections per client like the shoppers' one, counted apart:
+/// a client over the cap there still reaches the shoppers' listener.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_operators_listener_caps_connections_per_client_apart_from_the_shoppers() {
+    let app = TestApp::spawn_with(Role::Serve, &[("SECKILL_MAX_CONNECTIONS_PER_IP", "3")]).await;
+    let (admin, http) = (app.api.admin.clone(), app.api.http.clone());
+    let (held, refused, shop) = tokio::task::spawn_blocking(move || {
+        let held: Vec<TcpStream> = (0..3)
+            .map(|_| {
+                let mut s = connect(&admin);
+                assert_eq!(request_on(&mut s, "/healthz").status, 200);
+                s
+            })
+            .collect();
+        let mut s = connect(&admin);
+        let refused = request_on(&mut s, "/healthz");
+        let mut s = connect(&http);
+        let shop = request_on(&mut s, "/healthz");
+        (held, refused, shop)
+    })
+    .await
+    .unwrap();
+    assert_eq!(refused.status, 429, "{refused:?}");
+    assert_eq!(refused.body["code"], "too_many_connections");
+    assert_eq!(shop.status, 200, "the shoppers' listener counts its own");
+    drop(held);
+    app.stop().await;
+}

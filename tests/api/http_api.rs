@@ -556,18 +556,65 @@ async fn the_openapi_document_is_openapi_3_and_lists_every_route() {
         ("/api/v1/products/{id}/reservations/me/stream-token", "post"),
         ("/api/v1/orders/{order_id}/pay", "post"),
         ("/api/v1/orders/{order_id}/cancel", "post"),
-        ("/api/v1/admin/products", "post"),
-        ("/api/v1/admin/products/{id}", "get"),
-        ("/api/v1/admin/products/{id}/preheat", "post"),
+        ("/api/v1/orders/{order_id}/payment", "post"),
+        ("/api/v1/orders/{order_id}", "get"),
         ("/healthz", "get"),
         ("/readyz", "get"),
-        ("/metrics", "get"),
     ] {
         assert!(
             paths.get(path).and_then(|p| p.get(method)).is_some(),
             "{method} {path} missing"
         );
     }
+    // Each listener's document lists its own routes only: the operators' are on theirs.
+    for path in [
+        "/api/v1/admin/products",
+        "/api/v1/admin/products/{id}",
+        "/metrics",
+    ] {
+        assert!(
+            paths.get(path).is_none(),
+            "{path} is not the shoppers' listener's"
+        );
+    }
+    let ops: Value = app
+        .api
+        .get_admin("/api-docs/openapi.json")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let ops_paths = ops["paths"].as_object().unwrap();
+    for (path, method) in [
+        ("/api/v1/admin/products", "post"),
+        ("/api/v1/admin/products/{id}", "get"),
+        ("/api/v1/admin/products/{id}/preheat", "post"),
+        ("/metrics", "get"),
+        ("/healthz", "get"),
+    ] {
+        assert!(
+            ops_paths.get(path).and_then(|p| p.get(method)).is_some(),
+            "operators: {method} {path} missing"
+        );
+    }
+    assert!(
+        ops_paths
+            .get("/api/v1/products/{id}/reservations")
+            .is_none()
+    );
+    // Links: a created product's id leads to its routes, a purchase token to the purchase.
+    let created = &ops_paths["/api/v1/admin/products"]["post"]["responses"]["201"]["links"];
+    assert_eq!(created["Preheat"]["operationId"], "preheat", "{created}");
+    assert_eq!(
+        created["Preheat"]["parameters"]["id"],
+        "$response.body#/product_id"
+    );
+    let token = &paths["/api/v1/products/{id}/token"]["post"]["responses"]["200"]["links"];
+    assert_eq!(token["Reserve"]["operationId"], "reserve", "{token}");
+    assert_eq!(
+        token["Reserve"]["requestBody"]["token"],
+        "$response.body#/token"
+    );
     let codes: Vec<&str> = paths["/api/v1/products/{id}/reservations"]["post"]["responses"]
         .as_object()
         .unwrap()
@@ -720,5 +767,39 @@ async fn paying_an_open_order_gives_200_paid_and_cancelling_one_returns_its_unit
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(status, 202);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_listing_shows_the_sales_on_now_or_coming_soonest_first_and_a_cdn_may_cache_it() {
+    let app = TestApp::spawn_with(Role::Serve, &[]).await;
+    let api = &app.api;
+    let later = api.create_product(5, 3_600, 7_200).await;
+    let live = api.create_product(5, -10, 3_600).await;
+    let ended = api.create_product(5, -20, -10).await;
+    let res = api.get("/api/v1/products").await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        res.headers()["cache-control"].to_str().unwrap(),
+        "public, max-age=5"
+    );
+    let body: Value = res.json().await.unwrap();
+    let ids: Vec<i64> = body["products"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["product_id"].as_i64().unwrap())
+        .collect();
+    let (at_live, at_later) = (
+        ids.iter().position(|i| *i == live).expect("the live sale is listed"),
+        ids.iter().position(|i| *i == later).expect("the coming sale is listed"),
+    );
+    assert!(at_live < at_later, "soonest first: {ids:?}");
+    assert!(!ids.contains(&ended), "an ended sale is not: {ids:?}");
+    assert!(ids.len() <= 50);
+    let first = &body["products"][at_live];
+    for field in ["name", "price_cents", "starts_at", "ends_at"] {
+        assert!(first.get(field).is_some(), "{field}: {first}");
+    }
     app.stop().await;
 }

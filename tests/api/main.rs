@@ -17,6 +17,7 @@ mod failover;
 mod faults;
 mod health;
 mod http_api;
+mod jwks;
 mod loadtest;
 mod metrics;
 mod pages;

@@ -577,3 +577,33 @@ async fn serve_with_migrate_0_checks_the_schema_instead_of_changing_it() {
     app.wait_healthy().await;
     app.kill9();
 }
+
+/// Postgres unreachable at start: one line naming the variable, where (never the password) and
+/// why — refused here — and no backtrace even with `RUST_BACKTRACE=1`.
+#[test]
+fn postgres_unreachable_at_start_is_one_line_naming_the_variable_and_the_cause() {
+    let port = free_port();
+    let out = seckill_command()
+        .arg("migrate")
+        .env("SECKILL_DEV", "1")
+        .env(
+            "SECKILL_DATABASE_URL",
+            format!("postgres://postgres:hunter2-secret@127.0.0.1:{port}/seckill_nowhere"),
+        )
+        .env("RUST_BACKTRACE", "1")
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("SECKILL_DATABASE_URL"), "{stderr}");
+    assert!(stderr.contains(&format!("127.0.0.1:{port}")), "{stderr}");
+    assert!(stderr.contains("connection refused"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        !stdout.contains("stack backtrace") && !stdout.contains("hunter2"),
+        "{stdout}"
+    );
+}

@@ -114,9 +114,13 @@ def operator_creates_and_preheats(console):
     step("operator: console, sign in")
     console.get(f"{CONSOLE}/console")
     wait(console, "the sign-in form", EC.visibility_of_element_located((By.ID, "admin-token")))
+    # Signed out, the page body is the sign-in: a heading and how to get the token.
+    wait_text(console, "#signin-title", r"^Sign in$")
+    assert "SECKILL_ADMIN_TOKEN" in find(console, "#signed-out").text
     find(console, "#admin-token").send_keys(ADMIN_TOKEN)
     find(console, "#login button[type=submit]").click()
     wait(console, "the console", EC.visibility_of_element_located((By.ID, "create")))
+    assert not find(console, "#signed-out").is_displayed(), "the sign-in goes once signed in"
     wait_text(console, "#queue-depth", r"^\d+$")
 
     step("operator: create a sale of 1 unit")
@@ -148,8 +152,23 @@ def operator_creates_and_preheats(console):
     return product, card
 
 
-def shopper_signs_in(driver, product, user):
-    driver.get(f"{SHOP}/p/{product}")
+def shopper_finds_the_sale(driver, product):
+    """The storefront's front page lists the sales on now or coming; the shopper follows it."""
+    driver.get(f"{SHOP}/")
+    link = wait(
+        driver,
+        "the sale in the front page's listing",
+        EC.element_to_be_clickable((By.CSS_SELECTOR, f"#sales-list a[href='/p/{product}']")),
+    )
+    assert "Lucky cat" in link.text, link.text
+    item = link.find_element(By.XPATH, "..")
+    assert re.search(r"19\.99", item.text), item.text
+    link.click()
+
+
+def shopper_signs_in(driver, product, user, navigate=True):
+    if navigate:
+        driver.get(f"{SHOP}/p/{product}")
     wait_text(driver, "#name", r"Lucky cat")
     wait_text(driver, "#price", r"^19\.99$")
     user_field = wait(driver, "the development sign-in", EC.visibility_of_element_located((By.ID, "dev-user")))
@@ -172,7 +191,8 @@ def main():
     product, card = operator_creates_and_preheats(console)
 
     step("shoppers: open the product page and sign in (development sign-in)")
-    shopper_signs_in(alice, product, 1)
+    shopper_finds_the_sale(alice, product)
+    shopper_signs_in(alice, product, 1, navigate=False)
     shopper_signs_in(bob, product, 2)
     shot(alice, "storefront-before-start")
     shot(bob, "storefront-phone-before-start")
