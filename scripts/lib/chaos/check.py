@@ -18,6 +18,7 @@ unit tests (test_check.py) feed it hand-made histories. The shapes (written by r
 - setting: the SECKILL_REDIS_DURABILITY of the run
 """
 
+import bisect
 from collections import defaultdict
 
 LIVE = ("pending_payment", "paid")
@@ -284,14 +285,10 @@ def _stuck(report, history, final):
             report.violate("stuck", queue=q, messages=n, why=f"{n} message(s) left in the {q}")
 
 
-def _frozen(faults, port, start, end):
-    """Seconds of [start, end] during which the serve answering on `port` was paused (SIGSTOP):
-    it could not read the message that clears its sold-out memory then."""
-    total = 0.0
-    for f in faults:
-        if f.get("kind") == "pause" and f.get("port") == port:
-            total += max(0.0, min(end, f["t1"]) - max(start, f["t0"]))
-    return total
+def _frozen(pauses, start, end):
+    """Seconds of [start, end] during which a serve was paused (SIGSTOP), from its `pauses`
+    [(t0, t1)]: it could not read the message that clears its sold-out memory then."""
+    return sum(max(0.0, min(end, t1) - max(start, t0)) for t0, t1 in pauses)
 
 
 def _contradictions(report, history, samples, faults=()):
@@ -301,31 +298,54 @@ def _contradictions(report, history, samples, faults=()):
             for p, n in s["remaining"].items():
                 remaining[_key(p)].append((s["t"], n))
     for series in remaining.values():
-        series.sort()
+        series.sort(key=lambda tn: tn[0])
+    times = {p: [t for t, _ in series] for p, series in remaining.items()}
+    pauses = defaultdict(list)  # a serve's port -> its pauses
+    for f in faults:
+        if f.get("kind") == "pause" and f.get("port") is not None:
+            pauses[f["port"]].append((f["t0"], f["t1"]))
     # Units leave Redis only by wins, and every win is an answer some client got (or did not
-    # get: a timeout). Requests that may have won, per product: (start, end).
+    # get: a timeout). Requests that may have won, per product: (start, end), by end.
+    # A request its client gave up on may still be decided later: one a paused serve held is
+    # decided when it resumes (up to a second after), whatever the client saw by then.
     may_win = defaultdict(list)
     for h in history:
         if h["op"] == "reserve" and (h.get("s") in (202, 503, None)):
-            may_win[_key(h["p"])].append((h["t"], h["t"] + h.get("d", 0)))
+            end = h["t"] + h.get("d", 0)
+            if h.get("s") is None:
+                for t0, t1 in pauses.get(h.get("port"), ()):
+                    if t0 <= end and t1 >= h["t"]:
+                        end = max(end, t1 + 1.0)
+            may_win[_key(h["p"])].append((end, h["t"]))
+    for wins in may_win.values():
+        wins.sort()
     for h in history:
         if not (h["op"] == "reserve" and h.get("s") == 410 and h.get("code") == "sold_out"):
             continue
         p = _key(h["p"])
-        end = h["t"] + h.get("d", 0)
-        # The last reading at least the bound before the answer: if it counted more units than
-        # could have been won since, units were free from then until the answer.
-        # The bound counts the time the answering process ran: paused, it read no message.
-        port = h.get("port")
-        before = [
-            (t, n)
-            for t, n in remaining.get(p, [])
-            if h["t"] - t - _frozen(faults, port, t, h["t"]) >= SOLD_OUT_BOUND_S
-        ]
-        if not before or before[-1][1] is None:
+        series = remaining.get(p)
+        if not series:
             continue
-        t1, n1 = before[-1]
-        wins = sum(1 for a, b in may_win[p] if b >= t1 and a <= end)
+        end = h["t"] + h.get("d", 0)
+        # The last reading at least the bound before the answer — counting only the time the
+        # answering process ran (paused, it read no message): if it counted more units than could
+        # have been won since, units were free from then until the answer. The running time
+        # shrinks as the reading gets later: the last one that qualifies is found by bisection.
+        own = pauses.get(h.get("port"), ())
+        lo, hi = 0, bisect.bisect_right(times[p], h["t"] - SOLD_OUT_BOUND_S)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            t = series[mid][0]
+            if h["t"] - t - _frozen(own, t, h["t"]) >= SOLD_OUT_BOUND_S:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo == 0 or not series[lo - 1][1]:
+            continue  # no reading that old, no state, or none free
+        t1, n1 = series[lo - 1]
+        ended = may_win[p]
+        first = bisect.bisect_left(ended, (t1, float("-inf")))
+        wins = sum(1 for _, a in ended[first:] if a <= end)
         if n1 > wins:
             report.violate(
                 "contradiction",

@@ -386,31 +386,33 @@ class Nemesis:
         port = p.port if p.role == "serve" else None
         self._outage("pause", p.name, p.pause, p.resume, 0.5, 10, port)
 
-    def redis_kill(self):
-        """kill -9 of the primary and a restart on its AOF before the sentinels judge it down."""
+    def _kill_primary(self, kind, then):
+        """kill -9 of the Redis primary (once the deployment is healthy), `then(port)`, and the
+        old primary started again on its AOF; logged as `kind`."""
         self.redis.wait_healthy(30)
         port = self.redis.primary()
         if port is None:
             return
         t0 = now()
         self.redis.kill_node(port)
+        then(port)
         self.redis.start_node(port)
-        self.log("redis-kill", port, t0)
+        self.log(kind, port, t0)
+
+    def redis_kill(self):
+        """kill -9 of the primary and a restart on its AOF before the sentinels judge it down."""
+        self._kill_primary("redis-kill", lambda port: None)
 
     def redis_failover(self):
         """kill -9 of the primary, the sentinels promote its replica (however far it lagged),
         then the old primary comes back as a replica."""
-        self.redis.wait_healthy(30)
-        port = self.redis.primary()
-        if port is None:
-            return
-        t0 = now()
-        self.redis.kill_node(port)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and self.redis.primary() in (port, None):
-            time.sleep(0.2)
-        self.redis.start_node(port)
-        self.log("redis-failover", port, t0)
+
+        def until_promoted(port):
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and self.redis.primary() in (port, None):
+                time.sleep(0.2)
+
+        self._kill_primary("redis-failover", until_promoted)
 
     def rollback(self):
         """A product's keys put back as they were 2..8 s earlier, as a restored snapshot or a

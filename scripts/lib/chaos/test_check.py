@@ -183,6 +183,19 @@ class Checker(unittest.TestCase):
         run["faults"][-1]["port"] = 8002
         self.assertEqual(only(check(run), "contradiction"), {"contradiction": 1})
 
+    def test_a_request_a_paused_serve_held_may_win_when_it_resumes(self):
+        run = clean()
+        run["samples"] += [
+            {"t": 40.0, "kind": "remaining", "remaining": {"1": 1}},
+            {"t": 46.0, "kind": "remaining", "remaining": {"1": 0}},
+        ]
+        # Its client gave up at 35 s; the serve, paused from 34 to 44 s, decided it at 44 s.
+        run["history"].append({"t": 30.0, "d": 5.0, "op": "reserve", "u": 17, "p": 1, "s": None, "err": "timeout", "port": 8001})
+        run["history"].append({"t": 44.5, "d": 0.01, "op": "reserve", "u": 16, "p": 1, "s": 410, "code": "sold_out", "port": 8002})
+        self.assertEqual(only(check(run), "contradiction"), {"contradiction": 1})
+        run["faults"].append({"t0": 34.0, "t1": 44.0, "kind": "pause", "target": "serve-1", "port": 8001})
+        self.assertEqual(only(check(run), "contradiction"), {})
+
     def test_me_regresses(self):
         run = clean()
         run["history"].insert(5, {"t": 4.0, "d": 0.01, "op": "me", "u": 10, "p": 1, "s": 404, "code": "no_reservation"})
