@@ -141,6 +141,7 @@ fn bench_handler(c: &mut Criterion) {
                 name: "bench".into(),
                 stock: 10_000_000,
                 price_cents: 1,
+                currency: "USD".into(),
                 starts_at: now - chrono::Duration::seconds(1),
                 ends_at: now + chrono::Duration::hours(1),
             },

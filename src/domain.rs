@@ -70,6 +70,11 @@ macro_rules! positive_id {
 positive_id!(UserId);
 positive_id!(ProductId);
 
+/// Whether `code` has the form of an ISO 4217 currency code (three capital letters, e.g. EUR).
+pub fn is_currency_code(code: &str) -> bool {
+    code.len() == 3 && code.bytes().all(|b| b.is_ascii_uppercase())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -39,7 +39,10 @@ pub const MAX_STOCK: i64 = 10_000_000;
 pub struct NewProduct {
     pub name: String,
     pub stock: i64,
+    /// In the currency's minor unit (cents; yen for JPY).
     pub price_cents: i64,
+    /// ISO 4217 code: three capital letters.
+    pub currency: String,
     pub starts_at: DateTime<Utc>,
     pub ends_at: DateTime<Utc>,
 }
@@ -53,6 +56,11 @@ impl NewProduct {
         }
         if !(0..=MAX_STOCK).contains(&self.stock) {
             return Err(format!("stock must be between 0 and {MAX_STOCK}"));
+        }
+        if !crate::domain::is_currency_code(&self.currency) {
+            return Err(
+                "currency must be an ISO 4217 code: three capital letters, e.g. EUR".into(),
+            );
         }
         if self.price_cents < 0 {
             return Err("price_cents must not be negative".into());
@@ -71,6 +79,7 @@ pub async fn create(db: &DatabaseConnection, new: &NewProduct) -> anyhow::Result
         stock: Set(i32::try_from(new.stock).context("stock")?),
         sold: Set(0),
         price_cents: Set(new.price_cents),
+        currency: Set(new.currency.clone()),
         starts_at: Set(new.starts_at),
         ends_at: Set(new.ends_at),
         created_at: Set(Utc::now()),
@@ -800,6 +809,7 @@ mod tests {
             name: name.into(),
             stock,
             price_cents: price,
+            currency: "EUR".into(),
             starts_at: start,
             ends_at: start + chrono::Duration::seconds(span_secs),
         }
@@ -815,6 +825,11 @@ mod tests {
         assert!(new("p", MAX_STOCK + 1, 1, 60).validate().is_err());
         assert!(new("p", 1, -1, 60).validate().is_err());
         assert!(new("p", 1, 1, 0).validate().is_err());
+        for bad in ["eur", "EURO", "E1R", "", "€"] {
+            let mut p = new("p", 1, 1, 60);
+            p.currency = bad.into();
+            assert!(p.validate().is_err(), "{bad:?}");
+        }
     }
 
     fn model(preheated: bool, retired: bool, ends_in_secs: i64) -> product::Model {
@@ -828,6 +843,7 @@ mod tests {
             starts_at: now - chrono::Duration::hours(1),
             ends_at: now + chrono::Duration::seconds(ends_in_secs),
             created_at: now,
+            currency: "USD".into(),
             preheated_at: preheated.then_some(now),
             retired_at: retired.then_some(now),
         }

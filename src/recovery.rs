@@ -36,7 +36,7 @@ use crate::{
     domain::ProductId,
     metrics::Metrics,
     products::{self, PreheatError},
-    reservations::{Checked, Preheated, Reservations},
+    reservations::{Checked, Preheated, Reservations, Unavailable},
     soldout::{Recovering, SoldOutCache},
 };
 
@@ -50,6 +50,10 @@ pub struct Recovery {
     metrics: Arc<Metrics>,
     soldout: Arc<SoldOutCache>,
     recovering: Arc<Recovering>,
+    /// The latest moments outside Redis of each watched product, as the watch last read them
+    /// from Postgres (at most a second old): what a shopper's `/me` checks Redis against
+    /// without asking Postgres.
+    outside: std::sync::RwLock<std::collections::HashMap<ProductId, products::Outside>>,
 }
 
 impl Recovery {
@@ -65,6 +69,35 @@ impl Recovery {
             metrics: deps.metrics.clone(),
             soldout,
             recovering,
+            outside: std::sync::RwLock::default(),
+        }
+    }
+
+    /// Whether Redis went back in time for `product`, judged against the moments the watch
+    /// last read outside Redis: a shopper Redis does not know may be a winner a failover to a
+    /// lagging replica forgot (found by `scripts/chaos`, fsync seed 21: `/me` said `confirmed`,
+    /// then `404` for the second before the watch's next pass). If it did, the state is deleted
+    /// and the product is recovering, as the watch would have made it.
+    pub async fn went_back_for_me(&self, product: ProductId) -> Result<bool, Unavailable> {
+        let known = self
+            .outside
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&product)
+            .copied();
+        let Some(outside) = known else {
+            return Ok(false);
+        };
+        match self
+            .reservations
+            .check_moment(product, outside.won, outside.released)
+            .await?
+        {
+            Checked::WentBack(_) => {
+                self.went_back(product);
+                Ok(true)
+            }
+            Checked::Held(_) | Checked::NotInRedis => Ok(false),
         }
     }
 
@@ -213,6 +246,10 @@ impl Recovery {
         self.reservations.list_for_relay(&ids).await?;
         // The latest moment of each outside Redis: a state behind it went back in time.
         let moments = products::relayed_moments(&self.db, &ids).await?;
+        *self
+            .outside
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = moments.clone();
         for id in ids {
             let outside = moments.get(&id).copied().unwrap_or_default();
             let fence = outside.won;

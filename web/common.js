@@ -99,8 +99,20 @@ const seckill = (() => {
   }
 
   /** 1999 → "19.99" (prices are in cents of the storefront's currency, which seckill does not know). */
-  function money(cents) {
-    return (Number(cents) / 100).toFixed(2);
+  /**
+   * A price in its currency, as the browser's language writes it ("€19.99", "19,99 €",
+   * "¥1,999"): `minor` is in the currency's minor unit (cents; yen for JPY). Without a currency
+   * the bare amount in hundredths.
+   */
+  function money(minor, currency) {
+    if (!/^[A-Z]{3}$/.test(currency || "")) return (Number(minor) / 100).toFixed(2);
+    try {
+      const format = new Intl.NumberFormat(undefined, { style: "currency", currency });
+      const digits = format.resolvedOptions().maximumFractionDigits;
+      return format.format(Number(minor) / 10 ** digits);
+    } catch (_) {
+      return `${(Number(minor) / 100).toFixed(2)} ${currency}`;
+    }
   }
 
   return { el, setText, api, clock, duration, money };

@@ -3,7 +3,7 @@
 "use strict";
 
 (() => {
-  const { el, setText, api, clock, duration } = seckill;
+  const { el, setText, api, clock, duration, money } = seckill;
   const $ = (id) => document.getElementById(id);
   const TOKEN_KEY = "seckill.admin";
   let token = sessionStorage.getItem(TOKEN_KEY);
@@ -75,6 +75,7 @@
       name: $("c-name").value,
       stock: Number($("c-stock").value),
       price_cents: Number($("c-price").value),
+      currency: $("c-currency").value.trim().toUpperCase() || undefined,
       starts_at: new Date(starts).toISOString(),
       ends_at: new Date(ends).toISOString(),
     };
@@ -135,6 +136,7 @@
       ["in_flight", "In flight"],
       ["sold", "Orders"],
       ["stock", "Units"],
+      ["price", "Price"],
       ["when", "Window"],
     ]) {
       const [row, dd] = figure(label);
@@ -264,6 +266,7 @@
       : "Winners on their way to Postgres";
     setText(f.sold, p.sold);
     setText(f.stock, p.stock);
+    setText(f.price, money(p.price_cents, p.currency));
     const starts = Date.parse(p.starts_at);
     const ends = Date.parse(p.ends_at);
     setText(f.when, now < starts ? `starts in ${duration(starts - now)}`

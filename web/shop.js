@@ -108,7 +108,7 @@
     product.ends = Date.parse(product.ends_at);
     setText($("name"), product.name);
     document.title = `${product.name} — seckill`;
-    setText($("price"), money(product.price_cents));
+    setText($("price"), money(product.price_cents, product.currency));
     setText($("remaining"), product.remaining);
     $("product").hidden = false;
     if (first) {

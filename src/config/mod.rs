@@ -126,6 +126,8 @@ pub struct Settings {
     pub jwt_jwks_url: Option<String>,
     /// `SECKILL_JWT_PUBLIC_KEYS`: PEM files of shoppers' public keys.
     pub jwt_public_keys: Vec<std::path::PathBuf>,
+    /// `SECKILL_CURRENCY`: the currency of a product created without one (ISO 4217).
+    pub currency: String,
     /// `SECKILL_CHECKOUT_URL`: where the storefront page sends a winner to pay (a template with
     /// `{order_id}`).
     pub checkout_url: Option<String>,

@@ -59,6 +59,7 @@ impl Settings {
             jwt_jwks_url: jwks_url(env)?,
             jwt_public_keys: public_keys(env)?,
             checkout_url: checkout_url(env)?,
+            currency: currency(env)?,
             events_exchange: events_exchange(env)?,
             webhook: webhook(env, dev)?,
             secrets,
@@ -426,6 +427,18 @@ fn checkout_url(env: &Env<'_>) -> Result<Option<String>, ConfigError> {
         return Err(ConfigError::new(VAR, "must not contain spaces or quotes"));
     }
     Ok(Some(url.clone()))
+}
+
+/// `SECKILL_CURRENCY`: an ISO 4217 code (three capital letters).
+fn currency(env: &Env<'_>) -> Result<String, ConfigError> {
+    let code = env.string("SECKILL_CURRENCY")?;
+    if !crate::domain::is_currency_code(&code) {
+        return Err(ConfigError::new(
+            "SECKILL_CURRENCY",
+            "must be an ISO 4217 code: three capital letters, e.g. EUR",
+        ));
+    }
+    Ok(code)
 }
 
 /// `SECKILL_JWT_JWKS_URL`: an https:// URL (http:// only on a loopback host).

@@ -175,6 +175,11 @@ pub const VARS: &[Var] = &[
         "when set, shoppers' JWTs must carry this iss",
     ),
     Var::new(
+        "SECKILL_CURRENCY",
+        "USD",
+        "currency (ISO 4217 code) of a product created without one",
+    ),
+    Var::new(
         "SECKILL_PAYMENT_TIMEOUT_SECS",
         "900",
         "an unpaid order expires and its unit returns to stock",

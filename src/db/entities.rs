@@ -15,6 +15,8 @@ pub mod product {
         pub starts_at: ChronoDateTimeUtc,
         pub ends_at: ChronoDateTimeUtc,
         pub created_at: ChronoDateTimeUtc,
+        /// ISO 4217 code of the price's currency; `price_cents` is in its minor unit.
+        pub currency: String,
         /// Set when the product is first loaded into Redis (and at every preheat since).
         pub preheated_at: Option<ChronoDateTimeUtc>,
         /// Set when the ended, drained sale was retired from Redis (its keys expire); cleared

@@ -218,6 +218,10 @@ impl MigratorTrait for Migrator {
                 name: "0008_order_event",
                 sql: include_str!("../../migrations/0008_order_event.sql"),
             }),
+            Box::new(SqlMigration {
+                name: "0009_currency",
+                sql: include_str!("../../migrations/0009_currency.sql"),
+            }),
         ]
     }
 }

@@ -36,8 +36,13 @@ pub struct CreateProduct {
     /// Units on sale, 0 to 10,000,000.
     #[schema(minimum = 0, maximum = 10_000_000)]
     pub stock: i64,
+    /// In the currency's minor unit (cents; yen for JPY).
     #[schema(minimum = 0)]
     pub price_cents: i64,
+    /// ISO 4217 code (three capital letters); default `SECKILL_CURRENCY`.
+    #[schema(pattern = "^[A-Z]{3}$", min_length = 3, max_length = 3)]
+    #[serde(default)]
+    pub currency: Option<String>,
     pub starts_at: DateTime<Utc>,
     /// After `starts_at` (else `400 bad_request`).
     pub ends_at: DateTime<Utc>,
@@ -52,6 +57,8 @@ pub struct AdminProduct {
     /// Orders holding a unit, from Postgres.
     pub sold: i64,
     pub price_cents: i64,
+    /// ISO 4217 code of `price_cents`' currency.
+    pub currency: String,
     pub starts_at: DateTime<Utc>,
     pub ends_at: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
@@ -73,6 +80,7 @@ impl From<&product::Model> for AdminProduct {
             stock: i64::from(p.stock),
             sold: i64::from(p.sold),
             price_cents: p.price_cents,
+            currency: p.currency.clone(),
             starts_at: p.starts_at,
             ends_at: p.ends_at,
             created_at: p.created_at,
@@ -108,6 +116,9 @@ pub async fn create_product(
         name: body.name,
         stock: body.stock,
         price_cents: body.price_cents,
+        currency: body
+            .currency
+            .unwrap_or_else(|| ctx.deps.settings.currency.clone()),
         starts_at: body.starts_at,
         ends_at: body.ends_at,
     };

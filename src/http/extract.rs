@@ -89,23 +89,27 @@ fn shopper<T: 'static>(
     }))
 }
 
+/// Who a bearer token is, by `check` (`None`: nobody this route takes): `401` without one.
+fn bearer_matching<T>(
+    req: &HttpRequest,
+    check: impl FnOnce(&crate::auth::Auth, &str) -> Option<T>,
+) -> Result<T, ApiError> {
+    let token = bearer(req).ok_or(ApiError::Unauthorized)?;
+    check(&ctx(req)?.auth, token).ok_or(ApiError::Unauthorized)
+}
+
 /// An operator authenticated by `Authorization: Bearer <SECKILL_ADMIN_TOKEN>`.
 #[derive(Debug, Clone, Copy)]
 pub struct Admin;
 
 impl FromRequest for Admin {
     type Error = ApiError;
-    type Future = std::future::Ready<Result<Self, ApiError>>;
+    type Future = Ready<Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        std::future::ready((|| {
-            let token = bearer(req).ok_or(ApiError::Unauthorized)?;
-            if ctx(req)?.auth.is_admin(token) {
-                Ok(Admin)
-            } else {
-                Err(ApiError::Unauthorized)
-            }
-        })())
+        ready(bearer_matching(req, |auth, token| {
+            auth.is_admin(token).then_some(Admin)
+        }))
     }
 }
 
@@ -116,17 +120,12 @@ pub struct Service;
 
 impl FromRequest for Service {
     type Error = ApiError;
-    type Future = std::future::Ready<Result<Self, ApiError>>;
+    type Future = Ready<Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        std::future::ready((|| {
-            let token = bearer(req).ok_or(ApiError::Unauthorized)?;
-            if ctx(req)?.auth.is_service(token) {
-                Ok(Service)
-            } else {
-                Err(ApiError::Unauthorized)
-            }
-        })())
+        ready(bearer_matching(req, |auth, token| {
+            auth.is_service(token).then_some(Service)
+        }))
     }
 }
 
@@ -158,20 +157,17 @@ pub enum OrderReader {
 
 impl FromRequest for OrderReader {
     type Error = ApiError;
-    type Future = std::future::Ready<Result<Self, ApiError>>;
+    type Future = Ready<Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        std::future::ready((|| {
-            let token = bearer(req).ok_or(ApiError::Unauthorized)?;
-            let auth = &ctx(req)?.auth;
+        ready(bearer_matching(req, |auth, token| {
             // Both compared, whichever matches, so timing does not say which door it is.
-            let (admin, service) = (auth.is_admin(token), auth.is_service(token));
-            match (admin, service) {
-                (true, _) => Ok(OrderReader::Admin),
-                (_, true) => Ok(OrderReader::Service),
-                _ => Err(ApiError::Unauthorized),
+            match (auth.is_admin(token), auth.is_service(token)) {
+                (true, _) => Some(OrderReader::Admin),
+                (_, true) => Some(OrderReader::Service),
+                _ => None,
             }
-        })())
+        }))
     }
 }
 

@@ -59,7 +59,10 @@ pub enum SaleState {
 pub struct PublicProduct {
     pub product_id: i64,
     pub name: String,
+    /// In the currency's minor unit (cents; yen for JPY).
     pub price_cents: i64,
+    /// ISO 4217 code.
+    pub currency: String,
     pub starts_at: DateTime<Utc>,
     pub ends_at: DateTime<Utc>,
     pub state: SaleState,
@@ -113,6 +116,7 @@ pub async fn product_view(
         product_id: product.product_id,
         name: product.name.clone(),
         price_cents: product.price_cents,
+        currency: product.currency.clone(),
         starts_at: product.starts_at,
         ends_at: product.ends_at,
         state,
@@ -126,7 +130,10 @@ pub async fn product_view(
 pub struct ListedProduct {
     pub product_id: i64,
     pub name: String,
+    /// In the currency's minor unit.
     pub price_cents: i64,
+    /// ISO 4217 code.
+    pub currency: String,
     pub starts_at: DateTime<Utc>,
     pub ends_at: DateTime<Utc>,
 }
@@ -156,6 +163,7 @@ pub async fn product_list(ctx: web::Data<Ctx>) -> Result<HttpResponse, ApiError>
             product_id: p.product_id,
             name: p.name.clone(),
             price_cents: p.price_cents,
+            currency: p.currency.clone(),
             starts_at: p.starts_at,
             ends_at: p.ends_at,
         })
@@ -371,9 +379,14 @@ pub async fn reservation_view(
         ctx.reservations.knows_every_buyer(id),
     )?;
     let Some(rid) = won else {
-        let recovering = ctx.recovery.is_recovering(id);
+        let mut recovering = ctx.recovery.is_recovering(id);
         if knows_every_buyer && !recovering {
-            return Ok(None);
+            // Unknown to a Redis that knows every buyer: none — unless that Redis went back in
+            // time and forgot this winner (one Redis call; Postgres is not asked).
+            if !ctx.recovery.went_back_for_me(id).await? {
+                return Ok(None);
+            }
+            recovering = true;
         }
         let view = persisted_view(ctx, user, id, None).await?;
         // While the product is recovering a win may still be on its way to Postgres (in the

@@ -800,3 +800,45 @@ async fn a_unit_returned_before_a_rollback_is_on_sale_again_after_it() {
     assert_eq!(app.api.reserve(100, product, &token).await.status(), 202);
     app.stop().await;
 }
+
+/// A winner whose win a rolled-back Redis forgot is never told "no reservation" while their
+/// win is on its way to Postgres — not even by the first `/me` after the rollback, before any
+/// purchase or the recovery watch's next pass noticed it (found by `scripts/chaos`, fsync seed
+/// 21: `/me` said `confirmed`, then `404` for a second after a failover to a lagging replica).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_first_me_after_a_rollback_does_not_tell_a_forgotten_winner_no_reservation() {
+    // API + relay only: the relayed winners wait in RabbitMQ, not yet orders.
+    let app = TestApp::spawn_with(Role::Serve, &[]).await;
+    let product = app.api.live_product(50).await;
+    let (first, _) = http_sale(&app.api, product, 1..=10, 1).await;
+    assert_eq!(first.len(), 10);
+    let outbox_empty = eventually(Duration::from_secs(10), || async {
+        app.reservations().outbox_len(pid(product)).await.unwrap() == 0
+    })
+    .await;
+    assert!(outbox_empty);
+    let moment = snapshot(&app, product).await;
+    let (second, _) = http_sale(&app.api, product, 11..=20, 1).await;
+    assert_eq!(second.len(), 10);
+    let relayed = format!("select count(*) from relayed where product_id = {product}");
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            pg_count(&app.db, &relayed).await == 20
+        })
+        .await
+    );
+    // The watch has read the relayed moments (it does every second), then Redis goes back.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    roll_back(&app, product, &moment).await;
+    let (later, _) = second.iter().next().unwrap();
+    let res = app
+        .api
+        .user_get(
+            *later,
+            &format!("/api/v1/products/{product}/reservations/me"),
+        )
+        .await;
+    assert_problem(res, 503, "recovering").await;
+    assert_eq!(app.api.product(product).await["state"], "recovering");
+    app.stop().await;
+}

@@ -791,8 +791,12 @@ async fn the_listing_shows_the_sales_on_now_or_coming_soonest_first_and_a_cdn_ma
         .map(|p| p["product_id"].as_i64().unwrap())
         .collect();
     let (at_live, at_later) = (
-        ids.iter().position(|i| *i == live).expect("the live sale is listed"),
-        ids.iter().position(|i| *i == later).expect("the coming sale is listed"),
+        ids.iter()
+            .position(|i| *i == live)
+            .expect("the live sale is listed"),
+        ids.iter()
+            .position(|i| *i == later)
+            .expect("the coming sale is listed"),
     );
     assert!(at_live < at_later, "soonest first: {ids:?}");
     assert!(!ids.contains(&ended), "an ended sale is not: {ids:?}");
@@ -800,6 +804,44 @@ async fn the_listing_shows_the_sales_on_now_or_coming_soonest_first_and_a_cdn_ma
     let first = &body["products"][at_live];
     for field in ["name", "price_cents", "starts_at", "ends_at"] {
         assert!(first.get(field).is_some(), "{field}: {first}");
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_product_s_price_carries_its_currency() {
+    let app = TestApp::spawn_with(Role::Serve, &[("SECKILL_CURRENCY", "JPY")]).await;
+    let api = &app.api;
+    let create = |currency: Option<&str>| {
+        let mut body = json!({"name": "lucky cat", "stock": 3, "price_cents": 1999,
+                              "starts_at": at(60), "ends_at": at(3_600)});
+        if let Some(c) = currency {
+            body["currency"] = c.into();
+        }
+        api.post_admin("/api/v1/admin/products", Some(body))
+    };
+    let res = create(Some("EUR")).await;
+    assert_eq!(res.status(), 201);
+    let euro: Value = res.json().await.unwrap();
+    assert_eq!(euro["currency"], "EUR");
+    let id = euro["product_id"].as_i64().unwrap();
+    assert_eq!(api.product(id).await["currency"], "EUR");
+    // Without one: the deployment's default.
+    let yen: Value = create(None).await.json().await.unwrap();
+    assert_eq!(yen["currency"], "JPY");
+    let listed: Value = api.get("/api/v1/products").await.json().await.unwrap();
+    let currencies: Vec<&str> = listed["products"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["currency"].as_str().unwrap())
+        .collect();
+    assert!(
+        currencies.contains(&"EUR") && currencies.contains(&"JPY"),
+        "{listed}"
+    );
+    for bad in ["eur", "EURO", "E1R", ""] {
+        assert_problem(create(Some(bad)).await, 400, "bad_request").await;
     }
     app.stop().await;
 }

@@ -34,6 +34,10 @@ STARTS_IN = 25  # seconds from creation to the sale's start
 browsers = []
 
 
+# 1999 minor units of EUR as the browser's language writes them ("€19.99" in en-US).
+EURO = r"€\s?19\.99|19,99\s?€"
+
+
 def step(text):
     print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
 
@@ -123,10 +127,10 @@ def operator_creates_and_preheats(console):
     assert not find(console, "#signed-out").is_displayed(), "the sign-in goes once signed in"
     wait_text(console, "#queue-depth", r"^\d+$")
 
-    step("operator: create a sale of 1 unit")
+    step("operator: create a sale of 1 unit, priced in euros")
     name = find(console, "#c-name")
     name.send_keys("Lucky cat")
-    for css, value in (("#c-stock", 1), ("#c-price", 1999), ("#c-starts", STARTS_IN), ("#c-lasts", 10)):
+    for css, value in (("#c-stock", 1), ("#c-price", 1999), ("#c-currency", "EUR"), ("#c-starts", STARTS_IN), ("#c-lasts", 10)):
         field = find(console, css)
         field.clear()
         field.send_keys(str(value))
@@ -135,6 +139,7 @@ def operator_creates_and_preheats(console):
     product = int(re.search(r"Created product (\d+)", text).group(1))
     card = f'.card[data-product-id="{product}"]'
     wait_text(console, f"{card} .badge", r"Not preheated")
+    wait_text(console, f'{card} [data-figure="price"]', EURO)
 
     step(f"operator: preheat product {product}")
     find(console, f"{card} .actions button:not(.secondary)").click()
@@ -162,7 +167,7 @@ def shopper_finds_the_sale(driver, product):
     )
     assert "Lucky cat" in link.text, link.text
     item = link.find_element(By.XPATH, "..")
-    assert re.search(r"19\.99", item.text), item.text
+    assert re.search(EURO, item.text), item.text
     link.click()
 
 
@@ -170,7 +175,7 @@ def shopper_signs_in(driver, product, user, navigate=True):
     if navigate:
         driver.get(f"{SHOP}/p/{product}")
     wait_text(driver, "#name", r"Lucky cat")
-    wait_text(driver, "#price", r"^19\.99$")
+    wait_text(driver, "#price", rf"^({EURO})$")
     user_field = wait(driver, "the development sign-in", EC.visibility_of_element_located((By.ID, "dev-user")))
     user_field.send_keys(str(user), Keys.ENTER)  # the keyboard, as a person would
     wait_text(driver, "#who-text", rf"Signed in as shopper {user}")
