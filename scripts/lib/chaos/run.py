@@ -618,7 +618,13 @@ def main():
     ap.add_argument("--admin-token", default="seckill-dev-admin-token")
     ap.add_argument("--service-token", default="seckill-dev-service-token-do-not-use-in-production")
     args = ap.parse_args()
+    meta_path = os.path.join(args.out, "meta.json")
     if args.check_only:
+        # The run's own seed and length, for the report (older runs kept none: the arguments).
+        if os.path.exists(meta_path):
+            with open(meta_path) as f:
+                meta = json.load(f)
+            args.seed, args.minutes = meta["seed"], meta["minutes"]
         sys.exit(0 if judge(args.out, args.setting, args.seed, args.minutes) else 1)
 
     args.skip = set(filter(None, args.skip.split(",")))
@@ -628,6 +634,8 @@ def main():
     args.redis_nodes = [int(p) for p in args.redis_nodes.split(",")]
     args.sampling_done = threading.Event()
     os.makedirs(args.out, exist_ok=True)
+    with open(meta_path, "w") as f:
+        json.dump({"seed": args.seed, "minutes": args.minutes, "setting": args.setting}, f)
     history = Log(os.path.join(args.out, "history.jsonl"))
     samples = Log(os.path.join(args.out, "samples.jsonl"))
     faults = Log(os.path.join(args.out, "faults.jsonl"))
