@@ -433,6 +433,21 @@ async fn persisted_view(
         .map(|r| ReservationView::from(&r)))
 }
 
+/// One event of a reservation's stream, as an `EventSource` parses it (the OpenAPI schema of
+/// each item of the `text/event-stream` answer; the stream itself is built as text).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReservationEvent {
+    /// `status` (its `data` is a ReservationView, as JSON), or the last one, `close` (its `data`
+    /// is `{"reason": "shutting_down", "detail": …}`).
+    #[schema(pattern = "^(status|close)$")]
+    pub event: Option<String>,
+    /// JSON text (see `event`).
+    pub data: Option<String>,
+    /// Milliseconds the client waits before it reconnects (with the last event, or alone when
+    /// the stream's lifetime is reached).
+    pub retry: Option<u64>,
+}
+
 /// The caller's reservation for this product.
 #[utoipa::path(
     params(("id" = String, Path, description = "product id")),
@@ -593,7 +608,7 @@ async fn stream_user(
 #[utoipa::path(
     params(("id" = String, Path, description = "product id"), StreamQuery),
     responses(
-        (status = 200, description = "`text/event-stream` of `status` events whose data is a ReservationView; when the server shuts down, a last `close` event (data `{\"reason\": \"shutting_down\", \"detail\": …}`) with a `retry:` hint", content_type = "text/event-stream", body = ReservationView),
+        (status = 200, description = "`text/event-stream` of `status` events whose data is a ReservationView; when the server shuts down, a last `close` event (data `{\"reason\": \"shutting_down\", \"detail\": …}`) with a `retry:` hint", content_type = "text/event-stream", body = ReservationEvent),
         (status = 400, description = "`bad_request`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized` (also an expired stream token, another product's, or a JWT in `?token=`)", body = crate::http::problem::Problem, content_type = "application/problem+json"),
         (status = 404, description = "`no_reservation` or `product_not_found`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
