@@ -46,7 +46,7 @@ struct UserClaims {
 }
 
 /// What a shopper's JWT is.
-enum UserCheck {
+pub enum UserCheck {
     Valid(UserId),
     Invalid,
     /// It names a `kid` the JWKS does not hold (yet).
@@ -263,7 +263,7 @@ impl Auth {
     /// signed by one of the shoppers' keys with that key's own algorithm, with a positive
     /// 64-bit `sub` (`alg: none`, other algorithms and keys included). A token verified before
     /// is answered from memory until its `exp` ([`Verified`]). A token naming a `kid` the JWKS
-    /// does not hold is refused here; [`Auth::user_fetching`] fetches the JWKS for it.
+    /// does not hold is refused here; [`Auth::user_after_fetch`] fetches the JWKS for it.
     pub fn user(&self, jwt: &str) -> Option<UserId> {
         match self.check_user(jwt) {
             UserCheck::Valid(user) => Some(user),
@@ -271,14 +271,12 @@ impl Auth {
         }
     }
 
-    /// [`Auth::user`], fetching the JWKS first when the token names a `kid` it does not hold
-    /// (at most once per [`keys::JWKS_MIN_INTERVAL`] for every request at once).
-    pub async fn user_fetching(&self, jwt: &str) -> Option<UserId> {
-        let UserCheck::UnknownKid(kid) = self.check_user(jwt) else {
-            return self.user(jwt);
-        };
+    /// [`Auth::user`] of a token [`Auth::check_user`] found naming `kid`, which the JWKS does
+    /// not hold: after one fetch of the JWKS (at most once per [`keys::JWKS_MIN_INTERVAL`] for
+    /// every request at once).
+    pub async fn user_after_fetch(&self, jwt: &str, kid: &str) -> Option<UserId> {
         let jwks = self.user_keys.jwks()?;
-        match jwks.refresh_for(&kid).await {
+        match jwks.refresh_for(kid).await {
             Some(Ok(fetched)) => self.fetched(fetched),
             Some(Err(e)) => {
                 tracing::warn!(error = %format!("{e:#}"), "fetching the JWKS for an unknown kid failed; the keys held are kept");
@@ -295,7 +293,9 @@ impl Auth {
         }
     }
 
-    fn check_user(&self, jwt: &str) -> UserCheck {
+    /// What a shopper's JWT is: verified once (or answered from memory), so a caller can tell
+    /// a refused token from one worth a JWKS fetch without verifying it again.
+    pub fn check_user(&self, jwt: &str) -> UserCheck {
         let now = unix_now();
         if let Some(user) = self.users.get(jwt, now) {
             return UserCheck::Valid(user);

@@ -16,6 +16,7 @@ use tracing::Span;
 use tracing_actix_web::{DefaultRootSpanBuilder, RequestId, RootSpanBuilder};
 
 use crate::{
+    auth::UserCheck,
     config::IpNet,
     domain::{ProductId, UserId},
     http::Ctx,
@@ -60,7 +61,7 @@ type MaybeLater<T> =
 
 /// The shopper a bearer JWT names, then `done` with them: answered at once for a token the
 /// keys verify (or one they refuse); a token naming a `kid` the login's JWKS does not hold
-/// waits for one fetch of it ([`crate::auth::Auth::user_fetching`]).
+/// waits for one fetch of it ([`crate::auth::Auth::user_after_fetch`]).
 fn shopper<T: 'static>(
     req: &HttpRequest,
     done: impl FnOnce(UserId) -> Result<T, ApiError> + 'static,
@@ -72,17 +73,17 @@ fn shopper<T: 'static>(
         Ok(ctx) => ctx,
         Err(e) => return Either::Left(ready(Err(e))),
     };
-    if let Some(user) = ctx.auth.user(token) {
-        return Either::Left(ready(done(user)));
-    }
-    if ctx.auth.user_keys().jwks().is_none() {
-        return Either::Left(ready(Err(ApiError::Unauthorized)));
-    }
+    // Verified once: a refused token is answered now, and only an unknown `kid` waits.
+    let kid = match ctx.auth.check_user(token) {
+        UserCheck::Valid(user) => return Either::Left(ready(done(user))),
+        UserCheck::Invalid => return Either::Left(ready(Err(ApiError::Unauthorized))),
+        UserCheck::UnknownKid(kid) => kid,
+    };
     let (ctx, token) = (ctx.clone(), token.to_owned());
     Either::Right(Box::pin(async move {
         let user = ctx
             .auth
-            .user_fetching(&token)
+            .user_after_fetch(&token, &kid)
             .await
             .ok_or(ApiError::Unauthorized)?;
         done(user)
