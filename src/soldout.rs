@@ -4,23 +4,32 @@
 //!
 //! Sold-out in memory: after a `SoldOut` decision this process answers `410 sold_out` for the
 //! product without a Redis call, until a release or a preheat (Redis pub/sub `stock:<id>` on
-//! `<prefix>:events`) says otherwise. After a lost subscription the whole cache is dropped,
-//! since a message may have been missed.
+//! `<prefix>:events`) says otherwise, and for at most [`SOLD_OUT_TRUST`]: then the next purchase
+//! asks Redis again (and its answer is remembered again). After a lost subscription the whole
+//! cache is dropped, since a message may have been missed. The time bound covers a change no
+//! message announces and no connection loss reveals — a product's keys put back in place (a
+//! restored snapshot; `scripts/chaos`' rollback, replicas:1 seed 22, where both `serve`s answered
+//! `410` for minutes while Redis counted 28 units free): it costs one Redis call per sold-out
+//! product per process per second.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     sync::{
         RwLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
+    time::{Duration, Instant},
 };
 
 use crate::domain::ProductId;
 
-/// The products this process knows to be sold out.
-#[derive(Default)]
+/// How long a sold-out answer from Redis is trusted without a message clearing it.
+pub const SOLD_OUT_TRUST: Duration = Duration::from_secs(1);
+
+/// The products this process knows to be sold out, each with when Redis last said so.
 pub struct SoldOutCache {
-    products: RwLock<HashSet<ProductId>>,
+    products: RwLock<HashMap<ProductId, Instant>>,
+    trust: Duration,
     /// Only trusted while the subscription that clears it is up.
     listening: AtomicBool,
     /// Bumped by every clear, so a sold-out decision that raced a release is not cached.
@@ -32,10 +41,29 @@ pub struct SoldOutCache {
 #[derive(Debug, Clone, Copy)]
 pub struct Ticket(u64);
 
+impl Default for SoldOutCache {
+    fn default() -> Self {
+        Self::trusting_for(SOLD_OUT_TRUST)
+    }
+}
+
 impl SoldOutCache {
+    /// A cache whose marks are trusted for `trust` (tests shorten it).
+    pub fn trusting_for(trust: Duration) -> Self {
+        Self {
+            products: RwLock::default(),
+            trust,
+            listening: AtomicBool::new(false),
+            clears: AtomicU64::new(0),
+        }
+    }
+
     pub fn is_sold_out(&self, product: ProductId) -> bool {
         self.listening.load(Ordering::Acquire)
-            && self.products.read().is_ok_and(|s| s.contains(&product))
+            && self
+                .products
+                .read()
+                .is_ok_and(|s| s.get(&product).is_some_and(|at| at.elapsed() < self.trust))
     }
 
     pub fn ticket(&self) -> Ticket {
@@ -47,7 +75,7 @@ impl SoldOutCache {
             && let Ok(mut s) = self.products.write()
             && self.clears.load(Ordering::Acquire) == ticket.0
         {
-            s.insert(product);
+            s.insert(product, Instant::now());
         }
     }
 
@@ -153,6 +181,19 @@ mod tests {
         cache.on_event("stock:3"); // the release landed while Redis was answering
         cache.mark(p, ticket);
         assert!(!cache.is_sold_out(p));
+    }
+
+    #[test]
+    fn a_sold_out_mark_is_trusted_for_a_bounded_time_then_marked_again() {
+        let cache = SoldOutCache::trusting_for(Duration::from_millis(30));
+        cache.set_listening(true);
+        let p = ProductId::try_from(4_i64).unwrap();
+        cache.mark(p, cache.ticket());
+        assert!(cache.is_sold_out(p));
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(!cache.is_sold_out(p), "Redis is asked again");
+        cache.mark(p, cache.ticket());
+        assert!(cache.is_sold_out(p), "and its answer remembered again");
     }
 
     #[test]

@@ -126,6 +126,49 @@ async fn sold_out_is_410_and_then_answered_from_memory_without_redis() {
     app.stop().await;
 }
 
+/// Found by `scripts/chaos` (replicas:1, seed 22): a product's keys put back in place (as a
+/// restored snapshot would) with units free again, and no `stock:` message to say so — every
+/// `serve` kept answering `410 sold_out` from memory and never asked Redis again. A remembered
+/// sold-out is trusted for a bounded time, then Redis is asked again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sold_out_memory_no_message_cleared_asks_redis_again_within_two_seconds() {
+    let app = TestApp::spawn_with(Role::Serve, &generous()).await;
+    let api = &app.api;
+    let p = api.live_product(1).await;
+    assert_eq!(api.buy(1, p).await.status(), 202);
+    let mut next = 2;
+    let remembered = eventually(Duration::from_secs(5), || {
+        next += 1;
+        let u = next;
+        async move {
+            let before = api.metric("seckill_soldout_cache_hits_total").await;
+            assert_problem(api.buy(u, p).await, 410, "sold_out").await;
+            api.metric("seckill_soldout_cache_hits_total").await > before
+        }
+    })
+    .await;
+    assert!(remembered, "sold out is answered from memory");
+    // A unit free again in Redis, and no message about it.
+    let state = app.keys().product(ProductId::try_from(p).unwrap()).state;
+    let _: i64 = fred::prelude::HashesInterface::hset(&app.redis, &state, ("remaining", 1))
+        .await
+        .unwrap();
+    let since = std::time::Instant::now();
+    let sold = eventually(Duration::from_secs(5), || {
+        next += 1;
+        let u = next;
+        async move { api.buy(u, p).await.status() == 202 }
+    })
+    .await;
+    assert!(sold, "the free unit is sold");
+    assert!(
+        since.elapsed() < Duration::from_secs(2),
+        "sold after {:?}",
+        since.elapsed()
+    );
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_user_rate_window_answers_429_with_retry_after_and_headers() {
     let app = TestApp::spawn_with(Role::Serve, &[("SECKILL_USER_RATE", "2/1m")]).await;

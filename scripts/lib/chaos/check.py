@@ -36,7 +36,8 @@ ALLOWED_LOSS = {
 
 # A 410 sold_out while Redis counted a unit free, for longer than this, contradicts the sold-out
 # memory's bound: every process drops it on the release's pub/sub message (or on a lost
-# subscription), so it may be stale for a message's flight, not for seconds.
+# subscription) and trusts it for at most 1 s without one (src/soldout.rs), so it may be stale
+# for a second and a message's flight, not longer.
 SOLD_OUT_BOUND_S = 2.0
 
 PROMISES = (
