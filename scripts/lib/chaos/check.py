@@ -345,9 +345,18 @@ def _contradictions(report, history, samples, faults=()):
             continue  # no reading that old, no state, or none free
         t1, n1 = series[lo - 1]
         ended = may_win[p]
-        first = bisect.bisect_left(ended, (t1, float("-inf")))
-        wins = sum(1 for _, a in ended[first:] if a <= end)
-        if n1 > wins:
+
+        def won_since(t):
+            first = bisect.bisect_left(ended, (t, float("-inf")))
+            return sum(1 for _, a in ended[first:] if a <= end)
+
+        wins = won_since(t1)
+        # Units were free all along only if every reading since then still counted more than
+        # could have been won after it: a state Redis forgot and rebuilt (a failover to a
+        # lagging replica, a rollback — found by seed 21: 6 "free" units that had been won)
+        # drops to what is really left without a win, and a 410 after that is the truth.
+        later = series[lo : bisect.bisect_left(times[p], h["t"])]
+        if n1 > wins and all(n is not None and n > won_since(t) for t, n in later):
             report.violate(
                 "contradiction",
                 user=h["u"],

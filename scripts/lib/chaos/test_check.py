@@ -171,6 +171,21 @@ class Checker(unittest.TestCase):
         run["history"][-1]["t"] = 40.2
         self.assertTrue(check(run).ok)
 
+    def test_free_units_a_rebuild_took_back_without_a_win_are_not_free(self):
+        # Seed 21 (fsync): a promoted replica that lagged counted 6 units free that had been
+        # won; a second later the state was rebuilt (0 free, no win in between), and the 410s
+        # 2.1 s after the first reading were the truth.
+        run = clean()
+        run["samples"] += [
+            {"t": 40.0, "kind": "remaining", "remaining": {"1": 2}},
+            {"t": 41.0, "kind": "remaining", "remaining": {"1": 0}},
+        ]
+        run["history"].append({"t": 42.1, "d": 0.01, "op": "reserve", "u": 16, "p": 1, "s": 410, "code": "sold_out"})
+        self.assertTrue(check(run).ok, render(check(run), [], 1, 1))
+        # Still free at the later reading: the 410 contradicts it.
+        run["samples"][-1]["remaining"]["1"] = 2
+        self.assertEqual(only(check(run), "contradiction"), {"contradiction": 1})
+
     def test_sold_out_right_after_its_serve_was_paused_is_within_the_bound(self):
         run = clean()
         run["samples"] += [{"t": 40.0, "kind": "remaining", "remaining": {"1": 3}}]
