@@ -77,6 +77,7 @@ fn bench_reserve(c: &mut Criterion) {
         BatchSettings {
             max: 64,
             window: Duration::from_millis(1),
+            calls: 2,
         },
         None,
     );

@@ -36,9 +36,12 @@ const seckill = (() => {
       body = JSON.stringify(options.json);
     }
     const sent = Date.now();
-    const res = await fetch(path, { method, headers, body, cache: "no-store" });
+    // `no-store` unless the caller lets the browser revalidate what it holds (`no-cache`: an
+    // `If-None-Match`, answered `304` while the view is unchanged).
+    const cache = options.cache || "no-store";
+    const res = await fetch(path, { method, headers, body, cache });
     const received = Date.now();
-    clock.sample(res.headers.get("date"), sent, received);
+    clock.sample(res.headers.get("date"), res.headers.get("age"), sent, received);
     let parsed = null;
     const type = res.headers.get("content-type") || "";
     if (type.includes("json")) {
@@ -55,17 +58,19 @@ const seckill = (() => {
    * The server's clock, from the `Date` header of every answer. A `Date` (whole seconds, and
    * possibly a little stale) says the server's time when it answered was at least `Date` and
    * less than `Date + 1.5 s`; the answer came between `sent` and `received`. Each answer
-   * narrows the bounds of (server − browser); the estimate is their middle.
+   * narrows the bounds of (server − browser); the estimate is their middle. An answer a cache
+   * kept carries `Age` (whole seconds since the server's `Date`): the time is that much later.
    */
   const clock = (() => {
     let low = -Infinity;
     let high = Infinity;
     return {
-      sample(dateHeader, sent, received) {
+      sample(dateHeader, ageHeader, sent, received) {
         const date = Date.parse(dateHeader || "");
         if (Number.isNaN(date)) return;
-        const lo = date - received;
-        const hi = date + 1500 - sent;
+        const age = Number(ageHeader) || 0;
+        const lo = date + age * 1000 - received;
+        const hi = date + (age ? age * 1000 + 1000 : 0) + 1500 - sent;
         // A server clock that jumped: start again from this answer alone.
         if (lo > high || hi < low) {
           low = lo;
@@ -115,5 +120,27 @@ const seckill = (() => {
     }
   }
 
-  return { el, setText, api, clock, duration, money };
+  /**
+   * Milliseconds until the storefront asks for a product's view again (null: no more), so that
+   * 100,000 open pages cost the origin little: every 4–6 s while the sale is on, every 12–18 s
+   * before it, once 0.2–5.2 s after the start — spread over a whole period, so that pages do
+   * not all come back together at the start and every 5 s after it (the buy button enables at
+   * the start by the clock, not by the view) — 1–2 s while a view fetched before the start
+   * still says upcoming,
+   * and, after failures, 2 s doubling up to 30 s. Each page draws its own moment (`random`,
+   * in [0, 1)), so pages opened together drift apart. `view` is the last view (null: none yet,
+   * or no such product), `now` the server's time. scripts/bench-views replays this.
+   */
+  function nextPoll(view, now, failures, random) {
+    const jitter = (ms) => Math.round(ms * (0.8 + 0.4 * random));
+    if (failures > 0) return jitter(Math.min(30000, 2000 * 2 ** (failures - 1)));
+    if (!view) return jitter(15000);
+    if (now >= view.ends) return null;
+    if (view.state !== "upcoming") return jitter(5000);
+    const untilStart = view.starts - now;
+    if (untilStart <= 0) return 1000 + Math.round(1000 * random);
+    return Math.min(jitter(15000), untilStart + 200 + Math.round(5000 * random));
+  }
+
+  return { el, setText, api, clock, duration, money, nextPoll };
 })();

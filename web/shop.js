@@ -88,9 +88,10 @@
     recovering: "Temporarily unavailable",
   };
 
+  // Returns whether the server answered.
   async function loadProduct() {
-    const res = await api("GET", `/api/v1/products/${productId}`).catch(() => null);
-    if (!res) return;
+    const res = await api("GET", `/api/v1/products/${productId}`, { cache: "no-cache" }).catch(() => null);
+    if (!res) return false;
     if (res.status === 404) {
       setText($("name"), "No such product");
       $("product").dataset.state = "missing";
@@ -99,9 +100,9 @@
         $("product").append(el("p", {}, el("a", { id: "back", href: "/" }, "Back to the storefront")));
       }
       product = null;
-      return;
+      return true;
     }
-    if (res.status !== 200) return;
+    if (res.status !== 200) return false;
     const first = product === null;
     product = res.body;
     product.starts = Date.parse(product.starts_at);
@@ -116,6 +117,7 @@
       checkReservation();
     }
     render();
+    return true;
   }
 
   let announced = null;
@@ -138,9 +140,9 @@
     const now = clock.now();
     if (now >= product.ends) return "ended";
     if (product.state === "recovering") return "recovering";
-    // The view says upcoming until the server says otherwise: the countdown reaching zero
-    // only makes us ask sooner.
-    if (product.state === "upcoming") return "upcoming";
+    // The start is on the server's clock: the button enables then, without waiting for the
+    // view to say so (the purchase's own answer is the truth if the clock was off).
+    if (product.state === "upcoming") return now >= product.starts ? "live" : "upcoming";
     return product.remaining <= 0 ? "sold_out" : "live";
   }
 
@@ -165,15 +167,22 @@
     setText($("buy"), !jwt ? "Sign in to buy" : holds ? "It's yours" : "Buy now");
   }
 
-  // The countdown ticks on the server's clock; the view (remaining stock, state) is asked
-  // again every second, and several times a second around the start.
+  // The countdown ticks on the server's clock, read from the answers' `Date`; the view
+  // (remaining stock, state) is asked again only now and then, each page at its own moment,
+  // and a proxy or CDN may answer for the server (the view is public for a second).
   setInterval(render, 250);
+  let failures = 0;
   async function poll() {
-    await loadProduct();
+    if (document.hidden) {
+      // Nobody is looking: ask again once the page is shown.
+      document.addEventListener("visibilitychange", poll, { once: true });
+      return;
+    }
+    const answered = await loadProduct();
+    failures = answered ? 0 : failures + 1;
     announceState();
-    const nearStart = product && product.state === "upcoming" && product.starts - clock.now() < 2000;
-    // A product that does not exist (yet) is asked for less often.
-    setTimeout(poll, nearStart ? 250 : product ? 1000 : 5000);
+    const delay = seckill.nextPoll(product, clock.now(), failures, Math.random());
+    if (delay !== null) setTimeout(poll, delay);
   }
 
   // ---- Buying -------------------------------------------------------------------------------

@@ -5,7 +5,8 @@
 //! time or count. Reports requests/s, latency percentiles, outcomes by code, time to
 //! sell-out and time until every winner is an order, and verifies the guarantees (orders ==
 //! winners <= S, no user twice, no 5xx, no transport error) — a failed check is a non-zero exit.
-//! `--mode trivial` hammers `GET /healthz` instead: the HTTP-side limit of the same server.
+//! `--mode trivial` hammers `GET /healthz` instead: the HTTP-side limit of the same server;
+//! `--mode view` a fresh product's view (`GET /api/v1/products/{id}`): the read path.
 //!
 //! Two ways to fire. The closed loop (default): C tasks, each sending its next request when its
 //! last one is answered, so the offered load follows the server's pace. The open loop
@@ -49,6 +50,8 @@ pub enum Mode {
     Sale,
     /// `GET /healthz` on the same server (the HTTP-side limit).
     Trivial,
+    /// `GET /api/v1/products/{id}` of a fresh product (the read path; the view from memory).
+    View,
 }
 
 /// Options of `seckill loadtest` (secrets come from the usual SECKILL_* variables).
@@ -181,12 +184,41 @@ pub async fn run(args: LoadtestArgs, secrets: &Secrets) -> anyhow::Result<bool> 
         .build()?;
     match args.mode {
         Mode::Trivial => trivial(&args, &client).await,
+        Mode::View => view(&args, &client, secrets).await,
         Mode::Sale => sale(&args, &client, secrets).await,
     }
 }
 
 async fn trivial(args: &LoadtestArgs, client: &reqwest::Client) -> anyhow::Result<bool> {
-    let url = Arc::new(format!("{}/healthz", args.target));
+    get_load(
+        args,
+        client,
+        format!("{}/healthz", args.target),
+        "GET /healthz",
+    )
+    .await
+}
+
+async fn view(
+    args: &LoadtestArgs,
+    client: &reqwest::Client,
+    secrets: &Secrets,
+) -> anyhow::Result<bool> {
+    let starts_at = Utc::now() + chrono::Duration::from_std(args.starts_in)?;
+    let product = create_product(args, client, secrets, args.stock, starts_at).await?;
+    println!("product {product}: its view, sale starts {starts_at}");
+    let url = format!("{}/api/v1/products/{product}", args.target);
+    get_load(args, client, url, "GET /api/v1/products/{id}").await
+}
+
+/// Fires `GET url`; whether no answer was a 5xx or a transport error.
+async fn get_load(
+    args: &LoadtestArgs,
+    client: &reqwest::Client,
+    url: String,
+    what: &str,
+) -> anyhow::Result<bool> {
+    let url = Arc::new(url);
     let fired = fire(
         args,
         move |_, client| {
@@ -197,31 +229,21 @@ async fn trivial(args: &LoadtestArgs, client: &reqwest::Client) -> anyhow::Resul
         1,
     )
     .await?;
-    report(args, &fired, "GET /healthz");
+    report(args, &fired, what);
     Ok(fired.live.server_errors.load(Ordering::Relaxed) == 0
         && fired.live.transport_errors.load(Ordering::Relaxed) == 0)
 }
 
-async fn sale(
+/// Creates and preheats a product of `stock` units whose sale starts at `starts_at` and lasts
+/// an hour; its id.
+async fn create_product(
     args: &LoadtestArgs,
     client: &reqwest::Client,
     secrets: &Secrets,
-) -> anyhow::Result<bool> {
-    // --winners: one shopper per attempt and a unit for each, so every attempt can win.
-    let (users, stock) = match (args.winners, args.requests) {
-        (true, Some(n)) => {
-            let n = i64::try_from(n).context("--requests is too large")?;
-            (n, n)
-        }
-        (true, None) => anyhow::bail!("--winners needs --requests"),
-        (false, _) => (args.users, args.stock),
-    };
-    anyhow::ensure!(
-        users > 0 && stock >= 0 && args.concurrency > 0,
-        "users, stock and concurrency must be positive"
-    );
+    stock: i64,
+    starts_at: chrono::DateTime<Utc>,
+) -> anyhow::Result<i64> {
     let admin_auth = format!("Bearer {}", secrets.admin_token.expose_secret());
-    let starts_at = Utc::now() + chrono::Duration::from_std(args.starts_in)?;
     let created: Value = client
         .post(format!("{}/api/v1/admin/products", args.admin))
         .header("authorization", &admin_auth)
@@ -247,6 +269,29 @@ async fn sale(
         "preheat answered {}",
         preheat.status()
     );
+    Ok(product)
+}
+
+async fn sale(
+    args: &LoadtestArgs,
+    client: &reqwest::Client,
+    secrets: &Secrets,
+) -> anyhow::Result<bool> {
+    // --winners: one shopper per attempt and a unit for each, so every attempt can win.
+    let (users, stock) = match (args.winners, args.requests) {
+        (true, Some(n)) => {
+            let n = i64::try_from(n).context("--requests is too large")?;
+            (n, n)
+        }
+        (true, None) => anyhow::bail!("--winners needs --requests"),
+        (false, _) => (args.users, args.stock),
+    };
+    anyhow::ensure!(
+        users > 0 && stock >= 0 && args.concurrency > 0,
+        "users, stock and concurrency must be positive"
+    );
+    let starts_at = Utc::now() + chrono::Duration::from_std(args.starts_in)?;
+    let product = create_product(args, client, secrets, stock, starts_at).await?;
     println!(
         "product {product}: stock {stock}, {users} users{}, sale starts {starts_at}",
         if args.winners {
@@ -353,6 +398,7 @@ async fn sale(
     let (live, elapsed) = (&fired.live, fired.elapsed);
 
     // Verify the guarantees.
+    let admin_auth = format!("Bearer {}", secrets.admin_token.expose_secret());
     let winners = &fired.tally.winners;
     let distinct: HashSet<i64> = winners.iter().copied().collect();
     let won = winners.len() as i64;

@@ -95,6 +95,8 @@ pub struct BatchSettings {
     pub max: usize,
     /// The longest a queued attempt waits for the call in flight before it goes out beside it.
     pub window: Duration,
+    /// The most calls of one product in flight at once (`SECKILL_RESERVE_LANE_CALLS`).
+    pub calls: usize,
 }
 
 /// The whole configuration of one process.
@@ -137,6 +139,9 @@ pub struct Settings {
     pub webhook: Option<WebhookSettings>,
     /// `None` when unset (and not in development mode): `serve`/`all` refuse to start.
     secrets: Result<Secrets, ConfigError>,
+    /// The `Cache-Control` of a product's view (`SECKILL_VIEW_MAX_AGE_SECS`,
+    /// `SECKILL_VIEW_STALE_SECS`).
+    pub view_cache_control: String,
     /// An unpaid order expires after this and its unit returns to stock.
     pub payment_timeout: Duration,
     /// How long a purchase token stays valid.

@@ -63,6 +63,7 @@ impl Settings {
             events_exchange: events_exchange(env)?,
             webhook: webhook(env, dev)?,
             secrets,
+            view_cache_control: view_cache_control(env)?,
             payment_timeout: Duration::from_secs(env.ranged("SECKILL_PAYMENT_TIMEOUT_SECS")?),
             purchase_token_ttl: Duration::from_secs(env.ranged("SECKILL_PURCHASE_TOKEN_TTL_SECS")?),
             user_rate: env.parse("SECKILL_USER_RATE")?,
@@ -538,11 +539,24 @@ fn drain(env: &Env<'_>) -> Result<DrainSettings, ConfigError> {
     Ok(drain)
 }
 
+/// The `Cache-Control` of a product's view (`SECKILL_VIEW_*`): public (nothing in it is
+/// personal), briefly fresh, then served stale while a cache asks again.
+fn view_cache_control(env: &Env<'_>) -> Result<String, ConfigError> {
+    let max_age: u64 = env.ranged("SECKILL_VIEW_MAX_AGE_SECS")?;
+    let stale: u64 = env.ranged("SECKILL_VIEW_STALE_SECS")?;
+    Ok(match (max_age, stale) {
+        (0, 0) => "public, no-cache".to_owned(),
+        (_, 0) => format!("public, max-age={max_age}"),
+        _ => format!("public, max-age={max_age}, stale-while-revalidate={stale}"),
+    })
+}
+
 /// How purchase attempts are gathered into one call (`SECKILL_RESERVE_BATCH_*`).
 fn reserve_batch(env: &Env<'_>) -> Result<BatchSettings, ConfigError> {
     Ok(BatchSettings {
         max: env.ranged_as("SECKILL_RESERVE_BATCH_MAX")?,
         window: Duration::from_micros(env.ranged("SECKILL_RESERVE_BATCH_WINDOW_US")?),
+        calls: env.ranged_as("SECKILL_RESERVE_LANE_CALLS")?,
     })
 }
 

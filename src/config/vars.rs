@@ -180,6 +180,18 @@ pub const VARS: &[Var] = &[
         "currency (ISO 4217 code) of a product created without one",
     ),
     Var::new(
+        "SECKILL_VIEW_MAX_AGE_SECS",
+        "1",
+        "how long a browser, proxy or CDN may keep a product's view (0: revalidate every time)",
+    )
+    .range(0, 60),
+    Var::new(
+        "SECKILL_VIEW_STALE_SECS",
+        "2",
+        "how long after that a cache may still answer with it while it asks again (stale-while-revalidate)",
+    )
+    .range(0, 60),
+    Var::new(
         "SECKILL_PAYMENT_TIMEOUT_SECS",
         "900",
         "an unpaid order expires and its unit returns to stock",
@@ -207,6 +219,12 @@ pub const VARS: &[Var] = &[
         "most purchase attempts on one product decided by one Redis call; 1: one call each",
     )
     .range(1, 1_000),
+    Var::new(
+        "SECKILL_RESERVE_LANE_CALLS",
+        "2",
+        "most Redis calls of one product's purchases in flight at once in one process: what keeps a hot product from taking Redis from the others",
+    )
+    .range(1, 64),
     Var::new(
         "SECKILL_RESERVE_BATCH_WINDOW_US",
         "1000",

@@ -2,6 +2,7 @@
 //! `worker`'s own (`SECKILL_WORKER_ADDR`).
 
 pub mod admin;
+pub mod cacheable;
 pub mod dev;
 pub mod docs;
 pub mod export;

@@ -19,7 +19,7 @@ use crate::{
     auth::STREAM_TOKEN_TTL,
     domain::{ProductId, UserId},
     http::{
-        Ctx,
+        Ctx, cacheable,
         extract::{AuthUser, product_id},
         problem::ApiError,
     },
@@ -70,11 +70,16 @@ pub struct PublicProduct {
     pub remaining: i64,
 }
 
-/// A product and where its sale stands.
+/// A product and where its sale stands: the same for everyone, so a browser, a proxy or a CDN
+/// may keep it for `SECKILL_VIEW_MAX_AGE_SECS` (1 s) and revalidate it (`ETag`, `304`).
 #[utoipa::path(
     params(("id" = String, Path, description = "product id")),
     responses(
-        (status = 200, description = "OK", body = PublicProduct),
+        (status = 200, description = "OK", body = PublicProduct, headers(
+            ("Cache-Control" = String, description = "`public, max-age=1, stale-while-revalidate=2` by default (`SECKILL_VIEW_MAX_AGE_SECS`, `SECKILL_VIEW_STALE_SECS`)"),
+            ("ETag" = String, description = "a strong tag of the body: send it as `If-None-Match` to get a `304` while nothing changed"),
+        )),
+        (status = 304, description = "Not modified: the `If-None-Match` tag is still the view's"),
         (status = 404, description = "`product_not_found`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
         (status = 503, description = "`unavailable`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
     ),
@@ -82,6 +87,7 @@ pub struct PublicProduct {
 )]
 #[get("/api/v1/products/{id}")]
 pub async fn product_view(
+    req: HttpRequest,
     ctx: web::Data<Ctx>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
@@ -112,7 +118,7 @@ pub async fn product_view(
     } else {
         SaleState::Live
     };
-    Ok(HttpResponse::Ok().json(PublicProduct {
+    let view = PublicProduct {
         product_id: product.product_id,
         name: product.name.clone(),
         price_cents: product.price_cents,
@@ -121,7 +127,12 @@ pub async fn product_view(
         ends_at: product.ends_at,
         state,
         remaining,
-    }))
+    };
+    Ok(cacheable::json(
+        &req,
+        &ctx.deps.settings.view_cache_control,
+        &view,
+    ))
 }
 
 /// A sale in the storefront's listing (what changes second to second, units left and state,
@@ -149,13 +160,17 @@ pub struct ProductList {
 /// and cacheable for 5 s by a CDN (each process reads Postgres at most once a second for it).
 #[utoipa::path(
     responses(
-        (status = 200, description = "OK", body = ProductList, headers(("Cache-Control" = String, description = "`public, max-age=5`"))),
+        (status = 200, description = "OK", body = ProductList, headers(
+            ("Cache-Control" = String, description = "`public, max-age=5`"),
+            ("ETag" = String, description = "a strong tag of the body (`If-None-Match` → `304`)"),
+        )),
+        (status = 304, description = "Not modified: the `If-None-Match` tag is still the listing's"),
         (status = 503, description = "`unavailable`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
     ),
     tag = "shoppers"
 )]
 #[get("/api/v1/products")]
-pub async fn product_list(ctx: web::Data<Ctx>) -> Result<HttpResponse, ApiError> {
+pub async fn product_list(req: HttpRequest, ctx: web::Data<Ctx>) -> Result<HttpResponse, ApiError> {
     let listed = ctx.products.listing(&ctx.deps.db).await?;
     let products = listed
         .iter()
@@ -168,9 +183,11 @@ pub async fn product_list(ctx: web::Data<Ctx>) -> Result<HttpResponse, ApiError>
             ends_at: p.ends_at,
         })
         .collect();
-    Ok(HttpResponse::Ok()
-        .insert_header((actix_web::http::header::CACHE_CONTROL, "public, max-age=5"))
-        .json(ProductList { products }))
+    Ok(cacheable::json(
+        &req,
+        "public, max-age=5",
+        &ProductList { products },
+    ))
 }
 
 /// A purchase token: bound to this user and product, valid until `expires_at`.
@@ -470,7 +487,10 @@ pub async fn my_reservation(
     let view = reservation_view(&ctx, user.0, id)
         .await?
         .ok_or(ApiError::NoReservation)?;
-    Ok(HttpResponse::Ok().json(view))
+    // The shopper's own: no shared cache may keep it, and no browser cache either.
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "private, no-store"))
+        .json(view))
 }
 
 fn sse_frame(view: &ReservationView) -> Bytes {
@@ -658,7 +678,7 @@ pub async fn my_reservation_events(
     };
     Ok(HttpResponse::Ok()
         .content_type("text/event-stream")
-        .insert_header(("cache-control", "no-cache"))
+        .insert_header(("cache-control", "private, no-store"))
         .insert_header(("x-accel-buffering", "no"))
         .streaming(futures_util::stream::unfold(state, next_frame)))
 }

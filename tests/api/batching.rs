@@ -161,7 +161,11 @@ fn batcher(
 ) -> (Arc<Batcher>, prometheus::Histogram) {
     let sizes =
         prometheus::Histogram::with_opts(prometheus::HistogramOpts::new("sizes", "sizes")).unwrap();
-    let settings = BatchSettings { max, window };
+    let settings = BatchSettings {
+        max,
+        window,
+        calls: 2,
+    };
     (
         Batcher::new(r.clone(), settings, Some(sizes.clone())),
         sizes,

@@ -126,6 +126,72 @@ async fn sold_out_is_410_and_then_answered_from_memory_without_redis() {
     app.stop().await;
 }
 
+/// Issue 28: the view is public and briefly cacheable, tagged by its bytes; it revalidates to
+/// `304` until it changes; the shopper's own state is never cacheable.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_product_view_is_cacheable_for_a_second_and_revalidates_until_it_changes() {
+    let app = TestApp::spawn_with(Role::Serve, &generous()).await;
+    let api = &app.api;
+    let p = api.live_product(3).await;
+    let url = format!("{}/api/v1/products/{p}", api.http);
+    let get = |tag: Option<String>| {
+        let mut req = api.client.get(&url);
+        if let Some(tag) = tag {
+            req = req.header("if-none-match", tag);
+        }
+        req.send()
+    };
+    let first = get(None).await.unwrap();
+    assert_eq!(first.status(), 200);
+    assert_eq!(
+        first.headers()["cache-control"],
+        "public, max-age=1, stale-while-revalidate=2"
+    );
+    let tag = first.headers()["etag"].to_str().unwrap().to_owned();
+    assert!(
+        tag.starts_with('"') && tag.len() == 26,
+        "a strong tag: {tag}"
+    );
+    let same = get(Some(tag.clone())).await.unwrap();
+    assert_eq!(same.status(), 304);
+    assert_eq!(same.headers()["etag"].to_str().unwrap(), tag);
+    assert!(same.bytes().await.unwrap().is_empty());
+
+    assert_eq!(api.buy(1, p).await.status(), 202);
+    // The view's stock is read from memory for a moment: it changes within a second or so.
+    let changed = eventually(Duration::from_secs(3), || {
+        let get = &get;
+        let tag = tag.clone();
+        async move {
+            let res = get(Some(tag.clone())).await.unwrap();
+            res.status() == 200 && res.headers()["etag"].to_str().unwrap() != tag
+        }
+    })
+    .await;
+    assert!(changed, "a view that changed is sent again with a new tag");
+
+    let me = api.me(1, p).await;
+    assert_eq!(me.status(), 200);
+    assert_eq!(me.headers()["cache-control"], "private, no-store");
+    let listing = api
+        .client
+        .get(format!("{}/api/v1/products", api.http))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listing.headers()["cache-control"], "public, max-age=5");
+    let listed = listing.headers()["etag"].to_str().unwrap().to_owned();
+    let again = api
+        .client
+        .get(format!("{}/api/v1/products", api.http))
+        .header("if-none-match", listed)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 304);
+    app.stop().await;
+}
+
 /// Found by `scripts/chaos` (replicas:1, seed 22): a product's keys put back in place (as a
 /// restored snapshot would) with units free again, and no `stock:` message to say so — every
 /// `serve` kept answering `410 sold_out` from memory and never asked Redis again. A remembered

@@ -42,7 +42,10 @@ async fn the_storefront_and_the_console_are_served_each_on_its_own_listener() {
             csp.contains("script-src 'self'") && !csp.contains("unsafe"),
             "{csp}"
         );
-        assert!(body.contains("/assets/shop.js"), "{path}");
+        assert!(
+            hashed(&body, "shop", "js").is_some(),
+            "{path} names its script by content hash"
+        );
         assert!(
             body.contains(r#"data-dev="0""#),
             "no development sign-in outside dev mode"
@@ -58,7 +61,7 @@ async fn the_storefront_and_the_console_are_served_each_on_its_own_listener() {
     let (status, ty, csp, body) = fetch(c, format!("{}/console", api.admin)).await;
     assert_eq!((status, ty.as_str()), (200, "text/html; charset=utf-8"));
     assert!(csp.contains("default-src 'none'"), "{csp}");
-    assert!(body.contains("/assets/console.js"));
+    assert!(hashed(&body, "console", "js").is_some());
     assert!(
         !body.contains(ADMIN_TOKEN),
         "the page itself holds no secret: the operator types the token"
@@ -104,6 +107,81 @@ async fn the_storefront_and_the_console_are_served_each_on_its_own_listener() {
         let res = c.get(format!("{base}{path}")).send().await.unwrap();
         assert_problem(res, 404, "not_found").await;
     }
+    app.stop().await;
+}
+
+/// The content-hashed name of `stem.ext` in `page` (`stem.<12 hex>.ext`).
+fn hashed(page: &str, stem: &str, ext: &str) -> Option<String> {
+    let start = page.find(&format!("\"/assets/{stem}."))? + "\"/assets/".len();
+    let name = &page[start..start + page[start..].find('"')?];
+    let hash = name
+        .strip_prefix(&format!("{stem}."))?
+        .strip_suffix(&format!(".{ext}"))?;
+    (hash.len() == 12 && hash.bytes().all(|b| b.is_ascii_hexdigit())).then(|| name.to_owned())
+}
+
+/// Issue 28: a repeat visit downloads nothing again — the page revalidates (`304`), and its
+/// files, named by content hash, are kept for a year.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_repeat_visit_revalidates_the_page_and_keeps_its_hashed_files() {
+    let app = TestApp::spawn_with(Role::Serve, &[]).await;
+    let api = &app.api;
+    let c = &api.client;
+    let first = c.get(format!("{}/p/3", api.http)).send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.headers()["cache-control"], "no-cache");
+    let etag = first.headers()["etag"].to_str().unwrap().to_owned();
+    let page = first.text().await.unwrap();
+    let again = c
+        .get(format!("{}/", api.http))
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 304, "the same document at / and /p/{{id}}");
+    assert!(again.bytes().await.unwrap().is_empty());
+
+    for (stem, ext) in [("shop", "js"), ("common", "js"), ("style", "css")] {
+        let name = hashed(&page, stem, ext).unwrap_or_else(|| panic!("{stem}.{ext}"));
+        let res = c
+            .get(format!("{}/assets/{name}", api.http))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "{name}");
+        assert_eq!(
+            res.headers()["cache-control"],
+            "public, max-age=31536000, immutable",
+            "{name}"
+        );
+        let tag = res.headers()["etag"].to_str().unwrap().to_owned();
+        // The plain name is the same file, revalidated rather than kept.
+        let plain = c
+            .get(format!("{}/assets/{stem}.{ext}", api.http))
+            .header("if-none-match", &tag)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(plain.status(), 304, "{stem}.{ext}");
+        assert_eq!(plain.headers()["cache-control"], "no-cache");
+    }
+    // A hash that is not this build's, and the console's file on the shoppers' listener.
+    for path in ["/assets/shop.000000000000.js", "/assets/nothing.js"] {
+        let res = c.get(format!("{}{path}", api.http)).send().await.unwrap();
+        assert_problem(res, 404, "not_found").await;
+    }
+    let console = c
+        .get(format!("{}/console", api.admin))
+        .send()
+        .await
+        .unwrap();
+    let console_js = hashed(&console.text().await.unwrap(), "console", "js").unwrap();
+    let res = c
+        .get(format!("{}/assets/{console_js}", api.http))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 404, "not_found").await;
     app.stop().await;
 }
 

@@ -73,6 +73,7 @@ impl Via {
         let settings = BatchSettings {
             max,
             window: Duration::from_millis(1),
+            calls: 2,
         };
         Via::Batched(Batcher::new(r.clone(), settings, None))
     }

@@ -185,6 +185,23 @@ def shopper_signs_in(driver, product, user, navigate=True):
     assert not find(driver, "#buy").is_enabled(), "the buy button is enabled before the start"
 
 
+def page_bytes(driver):
+    """What loading the page took (Navigation and Resource Timing): bytes over the network for
+    the document and for its files under /assets/, and how many files there were."""
+    return driver.execute_script(
+        """
+        const nav = performance.getEntriesByType("navigation")[0];
+        const files = performance.getEntriesByType("resource").filter((e) => e.name.includes("/assets/"));
+        return {
+          page: nav.transferSize, page_body: nav.encodedBodySize,
+          files: files.reduce((n, e) => n + e.transferSize, 0),
+          files_body: files.reduce((n, e) => n + e.encodedBodySize, 0),
+          count: files.length,
+        };
+        """
+    )
+
+
 def main():
     os.makedirs(ARTIFACTS, exist_ok=True)
     began = time.monotonic()
@@ -199,6 +216,9 @@ def main():
     shopper_finds_the_sale(alice, product)
     shopper_signs_in(alice, product, 1, navigate=False)
     shopper_signs_in(bob, product, 2)
+    first = page_bytes(bob)
+    assert first["count"] == 3 and first["files"] >= first["files_body"] > 0, first
+    step(f"first visit: page {first['page']} B, its {first['count']} files {first['files']} B over the network")
     shot(alice, "storefront-before-start")
     shot(bob, "storefront-phone-before-start")
 
@@ -235,6 +255,13 @@ def main():
     alice.refresh()
     wait_text(alice, "#reservation-status", r"Paid\. Thank you!")
     wait_text(alice, "#buy", r"It's yours")
+    # A repeat visit revalidates the page (a 304: headers only) and takes its files, named by
+    # content hash, from the browser's cache (nothing over the network).
+    repeat = page_bytes(alice)
+    assert repeat["count"] == 3, repeat
+    assert 0 < repeat["page"] < repeat["page_body"], f"the page was downloaded again: {repeat}"
+    assert repeat["files"] == 0, f"files downloaded again: {repeat}"
+    step(f"repeat visit: page {repeat['page']} B (a 304 for {repeat['page_body']} B), files 0 B")
     shot(alice, "storefront-paid")
 
     step("operator: remaining reaches 0, one order, sold out")
