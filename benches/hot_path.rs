@@ -144,6 +144,7 @@ fn bench_handler(c: &mut Criterion) {
                 currency: "USD".into(),
                 starts_at: now - chrono::Duration::seconds(1),
                 ends_at: now + chrono::Duration::hours(1),
+                waiting_room: false,
             },
         )
         .await

@@ -40,6 +40,9 @@ pub struct ProductKeys {
     pub outbox: String,
     pub gate: String,
     pub rebuild: String,
+    /// The waiting room (`lua/room.lua`): its hash, the early joiners (zset), the late ones
+    /// (hash) and the admitted-but-undecided (zset).
+    pub room: [String; 4],
     tag: String,
 }
 
@@ -54,6 +57,10 @@ impl ProductKeys {
             self.buyers.clone(),
             self.status.clone(),
             self.released.clone(),
+            self.room[0].clone(),
+            self.room[1].clone(),
+            self.room[2].clone(),
+            self.room[3].clone(),
         ]
     }
 
@@ -85,6 +92,12 @@ impl Keys {
             outbox: format!("{tag}:outbox"),
             gate: format!("{tag}:gate"),
             rebuild: format!("{tag}:rebuild"),
+            room: [
+                format!("{tag}:room"),
+                format!("{tag}:room:early"),
+                format!("{tag}:room:late"),
+                format!("{tag}:room:undecided"),
+            ],
             tag,
         }
     }
@@ -125,6 +138,10 @@ mod tests {
             &p.gate,
             &p.rebuild,
             &p.user_rate(user),
+            &p.room[0],
+            &p.room[1],
+            &p.room[2],
+            &p.room[3],
         ] {
             assert!(key.starts_with("shop:"), "{key}");
             assert_eq!(slot_tag(key), "p42", "{key}");
@@ -137,7 +154,10 @@ mod tests {
         let lasting = p.lasting();
         // The state hash first: retire.lua checks the sale through it.
         assert_eq!(lasting[0], p.state);
-        for key in [&p.buyers, &p.pending, &p.released, &p.status, &p.outbox] {
+        for key in [&p.buyers, &p.pending, &p.released, &p.status, &p.outbox]
+            .into_iter()
+            .chain(&p.room)
+        {
             assert!(lasting.contains(key), "{key}");
         }
         // The gate, the rebuild lock and the rate windows expire by themselves.

@@ -105,6 +105,7 @@ pub mod redis;
 pub mod rejections;
 pub mod relay;
 pub mod reservations;
+pub mod room;
 pub mod soldout;
 pub mod sse;
 pub mod startup;

@@ -45,6 +45,8 @@ pub struct NewProduct {
     pub currency: String,
     pub starts_at: DateTime<Utc>,
     pub ends_at: DateTime<Utc>,
+    /// Shoppers join a waiting room first (`src/room.rs`).
+    pub waiting_room: bool,
 }
 
 impl NewProduct {
@@ -83,6 +85,7 @@ pub async fn create(db: &DatabaseConnection, new: &NewProduct) -> anyhow::Result
         starts_at: Set(new.starts_at),
         ends_at: Set(new.ends_at),
         created_at: Set(Utc::now()),
+        waiting_room: Set(new.waiting_room),
         ..Default::default()
     };
     product::Entity::insert(model)
@@ -122,6 +125,8 @@ pub struct ProductInfo {
     pub price_cents: i64,
     pub starts_at: DateTime<Utc>,
     pub ends_at: DateTime<Utc>,
+    /// Shoppers join a waiting room first (`src/room.rs`).
+    pub waiting_room: bool,
 }
 
 impl TryFrom<&product::Model> for ProductInfo {
@@ -135,6 +140,7 @@ impl TryFrom<&product::Model> for ProductInfo {
             price_cents: m.price_cents,
             starts_at: m.starts_at,
             ends_at: m.ends_at,
+            waiting_room: m.waiting_room,
         })
     }
 }
@@ -741,6 +747,26 @@ pub async fn preheated_unended(db: &DatabaseConnection) -> anyhow::Result<Vec<pr
         .context("listing preheated products")
 }
 
+/// The products with a waiting room whose sale has started and not ended (and that Redis
+/// holds: preheated, not retired), with their start.
+pub async fn live_rooms(
+    db: &DatabaseConnection,
+) -> anyhow::Result<Vec<(ProductId, DateTime<Utc>)>> {
+    let now = Utc::now();
+    product::Entity::find()
+        .filter(product::Column::WaitingRoom.eq(true))
+        .filter(product::Column::PreheatedAt.is_not_null())
+        .filter(product::Column::RetiredAt.is_null())
+        .filter(product::Column::StartsAt.lte(now))
+        .filter(product::Column::EndsAt.gt(now))
+        .all(db)
+        .await
+        .context("listing the live waiting rooms")?
+        .into_iter()
+        .map(|m| Ok((ProductId::try_from(m.product_id)?, m.starts_at)))
+        .collect()
+}
+
 /// Most products one retirement pass looks at.
 const RETIRE_BATCH: u64 = 100;
 
@@ -812,6 +838,7 @@ mod tests {
             currency: "EUR".into(),
             starts_at: start,
             ends_at: start + chrono::Duration::seconds(span_secs),
+            waiting_room: false,
         }
     }
 
@@ -846,6 +873,7 @@ mod tests {
             currency: "USD".into(),
             preheated_at: preheated.then_some(now),
             retired_at: retired.then_some(now),
+            waiting_room: false,
         }
     }
 

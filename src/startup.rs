@@ -165,6 +165,12 @@ impl Application {
         // Every API process watches for products Redis lost, and rebuilds them.
         self.tasks
             .spawn(ctx.recovery.clone().run(self.stop.child_token()));
+        // Every API process admits the waiting rooms' next shoppers (atomic in Redis).
+        self.tasks.spawn(crate::room::admit_rooms(
+            ctx.rooms.clone(),
+            self.deps.db.clone(),
+            self.stop.child_token(),
+        ));
         self.tasks
             .spawn(http::forget_idle_ips(ctx.clone(), self.stop.child_token()));
         self.servers.push(http::public_server(public, ctx.clone())?);

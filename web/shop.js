@@ -163,7 +163,10 @@
     if (cooling) {
       setText($("answer"), `Too fast — try again in ${Math.ceil((coolingUntil - now) / 1000)} s.`);
     }
-    $("buy").disabled = !jwt || busy || cooling || holds || p !== "live";
+    const waiting = product.waiting_room && !(room && room.state === "admitted");
+    $("room").hidden = !product.waiting_room || holds;
+    $("join").hidden = Boolean(room) || !jwt;
+    $("buy").disabled = !jwt || busy || cooling || holds || waiting || p !== "live";
     setText($("buy"), !jwt ? "Sign in to buy" : holds ? "It's yours" : "Buy now");
   }
 
@@ -196,6 +199,7 @@
     unavailable: "Unavailable for a moment — try again shortly.",
     unauthorized: "Your sign-in has expired: please sign in again.",
     product_not_found: "This product does not exist.",
+    not_admitted: "Wait for your turn in the line: the button works once you are admitted.",
   };
 
   function tooFast(res) {
@@ -237,7 +241,8 @@
     setText($("answer"), "Sending your order…");
     let sent = false;
     try {
-      let res = await api("POST", `/api/v1/products/${productId}/token`, { bearer: jwt });
+      const admission = room && room.admission_token ? { admission_token: room.admission_token } : undefined;
+      let res = await api("POST", `/api/v1/products/${productId}/token`, { bearer: jwt, json: admission });
       if (res.status !== 200) return answerProblem(res);
       const token = res.body.token;
       sent = true;
@@ -267,6 +272,43 @@
       busy = false;
       render();
     }
+  });
+
+  // ---- The waiting room (a product with `waiting_room`) ---------------------------------------
+  // Join once; then where this shopper stands is asked every 2–3 s until it is their turn (the
+  // admission token goes with the purchase-token request) or nothing is left.
+  let room = null;
+  const ROOM_WORDS = {
+    awaiting_draw: () => "You're in line. Places are drawn at random at the start: joining early gives no advantage.",
+    waiting: (r) => `You're in line: place ${r.place}, ${r.ahead} ahead of you, about ${duration(r.estimated_wait_secs * 1000)} to wait.`,
+    admitted: (r) => `It's your turn: buy before ${new Date(Date.parse(r.admitted_until) - clock.offset()).toLocaleTimeString()}.`,
+    sold_out: () => "Sold out for everyone still in line (if units come back, the line moves again).",
+    turn_passed: () => "Your turn has passed.",
+  };
+
+  async function roomStep(res) {
+    if (!res || res.status !== 200 || !res.body) return;
+    const was = room && room.state;
+    room = res.body;
+    setText($("room-status"), (ROOM_WORDS[room.state] || (() => room.state))(room));
+    if (room.state === "admitted" && was !== "admitted") $("buy").focus();
+    render();
+  }
+
+  async function pollRoom() {
+    if (!product || !product.waiting_room || !jwt || holds) return;
+    await roomStep(await api("GET", `/api/v1/products/${productId}/room/me`, { bearer: jwt }).catch(() => null));
+    if (room && room.state !== "turn_passed") setTimeout(pollRoom, 2000 + Math.random() * 1000);
+  }
+
+  $("join").addEventListener("click", async () => {
+    const res = await api("POST", `/api/v1/products/${productId}/room`, { bearer: jwt }).catch(() => null);
+    if (res && res.status === 425) {
+      setText($("room-status"), "The line opens a little before the start: try again then.");
+      return;
+    }
+    await roomStep(res);
+    if (room) setTimeout(pollRoom, 2000 + Math.random() * 1000);
   });
 
   // ---- The reservation, live ----------------------------------------------------------------
@@ -315,6 +357,8 @@
       setText($("login-status"), ANSWERS.unauthorized);
     }
     render();
+    // Already in this product's line (a reload): where they stand.
+    if (!holds && product && product.waiting_room && !room) pollRoom();
   }
 
   function closeStream() {

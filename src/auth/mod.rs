@@ -32,6 +32,8 @@ const LEEWAY_SECS: u64 = 5;
 const PURCHASE_AUDIENCE: &str = "seckill:purchase";
 /// The audience of stream tokens: same key as purchase tokens, so neither passes as the other.
 const STREAM_AUDIENCE: &str = "seckill:stream";
+/// The `aud` of an admission token: a waiting room admitted this shopper (`src/room.rs`).
+const ADMISSION_AUDIENCE: &str = "seckill:admission";
 /// How long a stream token opens streams (a stream it opened lives on to its own lifetime).
 pub const STREAM_TOKEN_TTL: Duration = Duration::from_secs(60);
 /// How many verified shoppers' JWTs, and how many verified purchase tokens, a process keeps
@@ -111,6 +113,7 @@ pub struct Auth {
     token_decoding: DecodingKey,
     purchase_validation: Validation,
     stream_validation: Validation,
+    admission_validation: Validation,
     purchase_ttl: Duration,
     /// Shoppers' JWTs verified here, and who they name.
     users: Verified<UserId>,
@@ -236,6 +239,7 @@ impl Auth {
             token_decoding: DecodingKey::from_secret(token_secret),
             purchase_validation: token_validation(PURCHASE_AUDIENCE),
             stream_validation: token_validation(STREAM_AUDIENCE),
+            admission_validation: token_validation(ADMISSION_AUDIENCE),
             purchase_ttl,
             users: Verified::new(VERIFIED_TOKENS),
             purchases: Verified::new(VERIFIED_TOKENS),
@@ -406,6 +410,24 @@ impl Auth {
         product: ProductId,
     ) -> anyhow::Result<IssuedToken> {
         self.sign(user, product, STREAM_AUDIENCE, STREAM_TOKEN_TTL)
+    }
+
+    /// Issues an admission token: `product`'s waiting room admitted `user` until `ttl` from
+    /// now; the purchase-token endpoint of a product with a room requires one.
+    pub fn issue_admission_token(
+        &self,
+        user: UserId,
+        product: ProductId,
+        ttl: Duration,
+    ) -> anyhow::Result<IssuedToken> {
+        self.sign(user, product, ADMISSION_AUDIENCE, ttl)
+    }
+
+    /// Whether `token` is a valid, unexpired admission token of `user` for `product` (a
+    /// purchase or stream token, of another audience, is not one).
+    pub fn check_admission_token(&self, token: &str, user: UserId, product: ProductId) -> bool {
+        self.verify(token, &self.admission_validation)
+            .is_some_and(|(named, _)| named == (user, product))
     }
 
     /// The user a valid, unexpired stream token for `product` names. A shopper's JWT (other

@@ -99,6 +99,19 @@ pub struct BatchSettings {
     pub calls: usize,
 }
 
+/// A product's waiting room (`SECKILL_ROOM_*`; `src/room.rs`).
+#[derive(Debug, Clone, Copy)]
+pub struct RoomSettings {
+    /// Joining opens this long before the start.
+    pub opens_before: Duration,
+    /// Admitted-but-undecided shoppers are at most `remaining × factor_percent / 100`.
+    pub factor_percent: u64,
+    /// Places admitted per second per room, at most.
+    pub rate: u64,
+    /// How long an admission (and its token) lasts.
+    pub admission: Duration,
+}
+
 /// The whole configuration of one process.
 #[derive(Clone)]
 pub struct Settings {
@@ -139,6 +152,8 @@ pub struct Settings {
     pub webhook: Option<WebhookSettings>,
     /// `None` when unset (and not in development mode): `serve`/`all` refuse to start.
     secrets: Result<Secrets, ConfigError>,
+    /// Waiting rooms (`SECKILL_ROOM_*`).
+    pub room: RoomSettings,
     /// The `Cache-Control` of a product's view (`SECKILL_VIEW_MAX_AGE_SECS`,
     /// `SECKILL_VIEW_STALE_SECS`).
     pub view_cache_control: String,

@@ -64,6 +64,12 @@ impl Settings {
             webhook: webhook(env, dev)?,
             secrets,
             view_cache_control: view_cache_control(env)?,
+            room: super::RoomSettings {
+                opens_before: Duration::from_secs(env.ranged("SECKILL_ROOM_OPENS_SECS")?),
+                factor_percent: env.ranged("SECKILL_ROOM_FACTOR_PERCENT")?,
+                rate: env.ranged("SECKILL_ROOM_ADMIT_RATE")?,
+                admission: Duration::from_secs(env.ranged("SECKILL_ROOM_ADMISSION_SECS")?),
+            },
             payment_timeout: Duration::from_secs(env.ranged("SECKILL_PAYMENT_TIMEOUT_SECS")?),
             purchase_token_ttl: Duration::from_secs(env.ranged("SECKILL_PURCHASE_TOKEN_TTL_SECS")?),
             user_rate: env.parse("SECKILL_USER_RATE")?,

@@ -180,6 +180,30 @@ pub const VARS: &[Var] = &[
         "currency (ISO 4217 code) of a product created without one",
     ),
     Var::new(
+        "SECKILL_ROOM_OPENS_SECS",
+        "600",
+        "a product's waiting room takes joins from this long before its start",
+    )
+    .range(0, 7 * 86_400),
+    Var::new(
+        "SECKILL_ROOM_FACTOR_PERCENT",
+        "120",
+        "a waiting room admits while its admitted-but-undecided shoppers are at most this percentage of the units left",
+    )
+    .range(100, 1_000),
+    Var::new(
+        "SECKILL_ROOM_ADMIT_RATE",
+        "1000",
+        "most shoppers one waiting room admits per second",
+    )
+    .range(1, 1_000_000),
+    Var::new(
+        "SECKILL_ROOM_ADMISSION_SECS",
+        "60",
+        "how long an admission (and its token) lasts; an unused one frees its slot",
+    )
+    .range(5, 3_600),
+    Var::new(
         "SECKILL_VIEW_MAX_AGE_SECS",
         "1",
         "how long a browser, proxy or CDN may keep a product's view (0: revalidate every time)",

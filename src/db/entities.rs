@@ -22,6 +22,8 @@ pub mod product {
         /// Set when the ended, drained sale was retired from Redis (its keys expire); cleared
         /// by a new preheat.
         pub retired_at: Option<ChronoDateTimeUtc>,
+        /// Shoppers join a waiting room and buy once admitted (`src/room.rs`).
+        pub waiting_room: bool,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

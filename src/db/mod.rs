@@ -222,6 +222,10 @@ impl MigratorTrait for Migrator {
                 name: "0009_currency",
                 sql: include_str!("../../migrations/0009_currency.sql"),
             }),
+            Box::new(SqlMigration {
+                name: "0010_waiting_room",
+                sql: include_str!("../../migrations/0010_waiting_room.sql"),
+            }),
         ]
     }
 }

@@ -46,6 +46,10 @@ pub struct CreateProduct {
     pub starts_at: DateTime<Utc>,
     /// After `starts_at` (else `400 bad_request`).
     pub ends_at: DateTime<Utc>,
+    /// Shoppers join a waiting room from `SECKILL_ROOM_OPENS_SECS` before the start, are put
+    /// in a random order at the start, and may buy once admitted (docs/fairness.md).
+    #[serde(default)]
+    pub waiting_room: bool,
 }
 
 /// A product as operators see it, with live figures on `GET`.
@@ -62,6 +66,7 @@ pub struct AdminProduct {
     pub starts_at: DateTime<Utc>,
     pub ends_at: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
+    pub waiting_room: bool,
     /// Units on sale in Redis (`null` until preheated).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub remaining: Option<i64>,
@@ -84,6 +89,7 @@ impl From<&product::Model> for AdminProduct {
             starts_at: p.starts_at,
             ends_at: p.ends_at,
             created_at: p.created_at,
+            waiting_room: p.waiting_room,
             remaining: None,
             pending: None,
             preheated: None,
@@ -121,6 +127,7 @@ pub async fn create_product(
             .unwrap_or_else(|| ctx.deps.settings.currency.clone()),
         starts_at: body.starts_at,
         ends_at: body.ends_at,
+        waiting_room: body.waiting_room,
     };
     new.validate().map_err(ApiError::BadRequest)?;
     let created = products::create(&ctx.deps.db, &new).await?;

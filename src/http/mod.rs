@@ -13,6 +13,7 @@ pub mod limits;
 pub mod orders;
 pub mod pages;
 pub mod problem;
+pub mod room;
 pub mod shop;
 
 use std::{
@@ -68,6 +69,8 @@ pub struct Ctx {
     pub products: Arc<ProductCache>,
     pub soldout: Arc<SoldOutCache>,
     pub recovery: Arc<Recovery>,
+    /// The products' waiting rooms.
+    pub rooms: crate::room::Rooms,
     /// Requests per client ([`extract::client_key`]) on the shoppers' listener.
     pub ip_limiter: DefaultKeyedRateLimiter<IpAddr>,
     /// Requests per client on the operators' listener (`SECKILL_ADMIN_IP_RATE`).
@@ -123,8 +126,14 @@ impl Ctx {
             ),
             metrics: deps.metrics.clone(),
         };
+        let rooms = crate::room::Rooms::new(
+            reservations.pool().clone(),
+            reservations.keys().clone(),
+            settings.room,
+        );
         Ok(Self {
             recovery,
+            rooms,
             auth,
             purchase,
             reservations,

@@ -64,6 +64,16 @@ pub enum ApiError {
     NoReservation,
     #[error("no such resource")]
     NotFound,
+    #[error("this product has no waiting room")]
+    NoWaitingRoom,
+    #[error("the waiting room does not take joins yet")]
+    RoomNotOpen,
+    #[error("you have not joined this product's waiting room")]
+    NotInRoom,
+    #[error(
+        "this product's sale has a waiting room: join it, and ask for a purchase token with the admission token it gives you when your turn comes"
+    )]
+    NotAdmitted,
     #[error("you already hold a reservation for this product")]
     AlreadyReserved(Uuid),
     #[error("the sale is already live; pass force to rebuild")]
@@ -156,6 +166,10 @@ impl ApiError {
             ApiError::OrderNotFound => (S::NOT_FOUND, "order_not_found", "Order not found"),
             ApiError::NoReservation => (S::NOT_FOUND, "no_reservation", "No reservation"),
             ApiError::NotFound => (S::NOT_FOUND, "not_found", "Not found"),
+            ApiError::NoWaitingRoom => (S::NOT_FOUND, "no_waiting_room", "No waiting room"),
+            ApiError::RoomNotOpen => (too_early(), "room_not_open", "Waiting room not open"),
+            ApiError::NotInRoom => (S::NOT_FOUND, "not_in_room", "Not in the waiting room"),
+            ApiError::NotAdmitted => (S::FORBIDDEN, "not_admitted", "Not admitted"),
             ApiError::AlreadyReserved(_) => (S::CONFLICT, "already_reserved", "Already reserved"),
             ApiError::AlreadyLive => (S::CONFLICT, "already_live", "Sale already live"),
             ApiError::OrderClosed(_) => (S::CONFLICT, "order_closed", "Order closed"),
@@ -435,6 +449,10 @@ mod tests {
             ApiError::Paused,
             ApiError::Recovering,
             ApiError::Draining,
+            ApiError::NoWaitingRoom,
+            ApiError::RoomNotOpen,
+            ApiError::NotInRoom,
+            ApiError::NotAdmitted,
             ApiError::Unavailable(Unavailable::BadReply("x".into())),
             ApiError::DatabaseUnavailable(anyhow::anyhow!("x")),
             ApiError::TimedOut,
@@ -458,6 +476,10 @@ mod tests {
                 | ApiError::OrderNotFound
                 | ApiError::NoReservation
                 | ApiError::NotFound
+                | ApiError::NoWaitingRoom
+                | ApiError::RoomNotOpen
+                | ApiError::NotInRoom
+                | ApiError::NotAdmitted
                 | ApiError::AlreadyReserved(_)
                 | ApiError::AlreadyLive
                 | ApiError::OrderClosed(_)

@@ -39,7 +39,9 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(issue_token)
         .service(my_reservation)
         .service(my_reservation_events)
-        .service(issue_stream_token);
+        .service(issue_stream_token)
+        .service(crate::http::room::join_room)
+        .service(crate::http::room::my_room);
 }
 
 /// Where a sale stands.
@@ -68,6 +70,8 @@ pub struct PublicProduct {
     pub state: SaleState,
     /// Units left on sale.
     pub remaining: i64,
+    /// Shoppers join a waiting room (`POST …/room`) and buy once admitted.
+    pub waiting_room: bool,
 }
 
 /// A product and where its sale stands: the same for everyone, so a browser, a proxy or a CDN
@@ -127,6 +131,7 @@ pub async fn product_view(
         ends_at: product.ends_at,
         state,
         remaining,
+        waiting_room: product.waiting_room,
     };
     Ok(cacheable::json(
         &req,
@@ -197,13 +202,25 @@ pub struct PurchaseToken {
     pub expires_at: DateTime<Utc>,
 }
 
-/// The hidden purchase path: a token, issued only while the sale is live.
+/// What `POST …/token` takes: nothing, or for a product with a waiting room the admission
+/// token its room gave this shopper.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    pub admission_token: Option<String>,
+}
+
+/// The hidden purchase path: a token, issued only while the sale is live (for a product with a
+/// waiting room, only to a shopper it admitted: `{"admission_token": …}`).
 #[utoipa::path(
     params(("id" = String, Path, description = "product id")),
+    request_body(content = Option<TokenRequest>, description = "Only for a product with a waiting room: the admission token it gave this shopper", content_type = "application/json"),
     responses(
         (status = 200, description = "OK", body = PurchaseToken),
+        (status = 400, description = "`bad_request`: a body that is not `{\"admission_token\": …}` JSON", body = crate::http::problem::Problem, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
         (status = 404, description = "`product_not_found`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`not_admitted`: the product has a waiting room and no valid admission token of this shopper came", body = crate::http::problem::Problem, content_type = "application/problem+json"),
         (status = 410, description = "`ended`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
         (status = 425, description = "`not_started`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
         (status = 429, description = "`rate_limited` (per IP)", body = crate::http::problem::Problem, content_type = "application/problem+json"),
@@ -214,11 +231,21 @@ pub struct PurchaseToken {
 )]
 #[post("/api/v1/products/{id}/token")]
 pub async fn issue_token(
+    req: HttpRequest,
     ctx: web::Data<Ctx>,
     user: AuthUser,
     path: web::Path<String>,
+    payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let id = product_id(&path)?;
+    // No body (or JSON `null`), or `{"admission_token": …}` as JSON.
+    let body = read_bytes(payload).await?;
+    let asked: TokenRequest = if body.is_empty() {
+        TokenRequest::default()
+    } else {
+        require_json(&req)?;
+        parse_json::<Option<TokenRequest>>(&body)?.unwrap_or_default()
+    };
     let product = ctx
         .products
         .get(&ctx.deps.db, id)
@@ -233,6 +260,14 @@ pub async fn issue_token(
     }
     if ctx.recovery.is_recovering(id) {
         return Err(ApiError::Recovering);
+    }
+    if product.waiting_room {
+        let admitted = asked
+            .admission_token
+            .is_some_and(|t| ctx.auth.check_admission_token(&t, user.0, id));
+        if !admitted {
+            return Err(ApiError::NotAdmitted);
+        }
     }
     let issued = ctx.auth.issue_purchase_token(user.0, id)?;
     Ok(HttpResponse::Ok().json(PurchaseToken {
@@ -342,6 +377,13 @@ pub(crate) async fn read_body(
     req: &actix_web::HttpRequest,
     payload: web::Payload,
 ) -> Result<Bytes, ApiError> {
+    require_json(req)?;
+    read_bytes(payload).await
+}
+
+/// Checks a JSON body's `Content-Type` (`application/json`, any parameters): else a
+/// `400 bad_request` that says so.
+fn require_json(req: &actix_web::HttpRequest) -> Result<(), ApiError> {
     let json = req
         .headers()
         .get(actix_web::http::header::CONTENT_TYPE)
@@ -354,7 +396,7 @@ pub(crate) async fn read_body(
     if !json {
         return Err(ApiError::not_json_content_type());
     }
-    read_bytes(payload).await
+    Ok(())
 }
 
 /// Reads a request body of at most [`crate::http::MAX_BODY`] bytes, whatever its type.

@@ -277,6 +277,7 @@ mod tests {
                     price_cents: 1,
                     starts_at: Utc::now() - chrono::Duration::hours(1),
                     ends_at: self.ends_at,
+                    waiting_room: false,
                 })
             }))
         }

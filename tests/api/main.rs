@@ -30,6 +30,7 @@ mod recovery;
 mod relay;
 mod reservations;
 mod retire;
+mod room;
 mod scale;
 mod sse;
 mod tls;

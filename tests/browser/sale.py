@@ -12,11 +12,14 @@ Screenshots of each page go to $ARTIFACTS. Environment: SHOP_URL, CONSOLE_URL, A
 ARTIFACTS.
 """
 
+import datetime
+import json
 import os
 import re
 import shutil
 import sys
 import time
+import urllib.request
 
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
@@ -202,6 +205,40 @@ def page_bytes(driver):
     )
 
 
+def room_sale(alice, bob):
+    """A product with a waiting room: both shoppers join the line before the start, are
+    admitted after it (the room admits 2 for the one unit here), and one wins."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    body = json.dumps({
+        "name": "Waiting cat", "stock": 1, "price_cents": 500, "currency": "EUR",
+        "starts_at": (now + datetime.timedelta(seconds=12)).isoformat(),
+        "ends_at": (now + datetime.timedelta(minutes=10)).isoformat(), "waiting_room": True,
+    }).encode()
+    def call(path, data):
+        req = urllib.request.Request(f"{CONSOLE}{path}", data=data, method="POST", headers={
+            "authorization": f"Bearer {ADMIN_TOKEN}", "content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as res:
+            return json.load(res)
+    product = call("/api/v1/admin/products", body)["product_id"]
+    call(f"/api/v1/admin/products/{product}/preheat", b"{}")
+    for who in (alice, bob):
+        who.get(f"{SHOP}/p/{product}")
+        wait_text(who, "#name", r"Waiting cat")
+        wait(who, "the join button", EC.element_to_be_clickable((By.ID, "join"))).click()
+        wait_text(who, "#room-status", r"You're in line")
+        assert not find(who, "#buy").is_enabled(), "the buy button is enabled in the line"
+    shot(bob, "storefront-room-in-line")
+    for who in (alice, bob):
+        wait_text(who, "#room-status", r"It's your turn", 40)
+        wait(who, "the buy button to enable", lambda d: find(d, "#buy").is_enabled(), 10)
+    shot(alice, "storefront-room-admitted")
+    find(alice, "#buy").click()
+    wait_text(alice, "#answer", r"You won")
+    find(bob, "#buy").click()
+    wait_text(bob, "#answer", r"Sold out")
+    shot(bob, "storefront-room-sold-out")
+
+
 def main():
     os.makedirs(ARTIFACTS, exist_ok=True)
     began = time.monotonic()
@@ -280,6 +317,9 @@ def main():
     console.execute_script("arguments[0].scrollIntoView()", find(console, card))
     time.sleep(1.2)
     shot(console, "console-phone")
+
+    step("a sale with a waiting room: both shoppers join the line, are admitted, one wins")
+    room_sale(alice, bob)
 
     for who, name in ((console, "the operator"), (alice, "shopper 1"), (bob, "shopper 2")):
         no_script_errors(who, name)

@@ -1,0 +1,239 @@
+//! A product's waiting room (`waiting_room: true` at creation): shoppers join from
+//! `SECKILL_ROOM_OPENS_SECS` before the start; at the start everyone who joined so far is put in
+//! a uniformly random order, later arrivals queue behind in arrival order; the room admits the
+//! next places while the admitted-but-undecided shoppers are at most `remaining × factor`, at a
+//! capped rate; an admitted shopper gets an admission token, which the purchase-token endpoint
+//! requires. Every step is one call of `lua/room.lua` (how the order is made uniform is written
+//! there and in docs/fairness.md). Every `serve` process runs [`admit_rooms`], a few times a
+//! second per live room: the calls are atomic, so several processes admitting at once admit
+//! each place once.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use fred::{prelude::*, types::scripts::Script};
+use sea_orm::DatabaseConnection;
+use tokio_util::sync::CancellationToken;
+
+pub use crate::config::RoomSettings;
+use crate::{
+    backoff::sleep_or_stop,
+    domain::{ProductId, UserId},
+    keys::Keys,
+    reservations::Unavailable,
+};
+
+static ROOM: &str = include_str!("../lua/room.lua");
+
+/// How often each `serve` process runs the admission of every live room.
+pub const ADMIT_EVERY: Duration = Duration::from_millis(250);
+
+/// What joining answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Joined {
+    /// Before `opens_at`.
+    NotOpen,
+    /// In the room before the start: the place is drawn at the start. `joined` so far.
+    AwaitingDraw { joined: i64 },
+    /// The shopper's place in line (1 is first).
+    Placed(i64),
+}
+
+/// Where a shopper stands in a room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Standing {
+    /// `None`: not in the room.
+    pub place: Option<Place>,
+    /// Places admitted so far (every place up to it).
+    pub admitted: i64,
+    /// Shoppers in the room.
+    pub total: i64,
+    /// Admitted and undecided until then (ms since the epoch, Redis' clock).
+    pub admitted_until: Option<i64>,
+    /// Units on sale (`None`: the sale is not in Redis).
+    pub remaining: Option<i64>,
+}
+
+/// A place, or none yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    AwaitingDraw,
+    At(i64),
+}
+
+/// One pass of admission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admission {
+    pub admitted: i64,
+    pub total: i64,
+    pub undecided: i64,
+    pub remaining: Option<i64>,
+}
+
+/// The rooms of one Redis.
+#[derive(Clone)]
+pub struct Rooms {
+    pool: Pool,
+    keys: Keys,
+    script: Script,
+    pub settings: RoomSettings,
+}
+
+fn ms(t: DateTime<Utc>) -> String {
+    t.timestamp_millis().to_string()
+}
+
+impl Rooms {
+    pub fn new(pool: Pool, keys: Keys, settings: RoomSettings) -> Self {
+        Self {
+            pool,
+            keys,
+            script: Script::from_lua(ROOM),
+            settings,
+        }
+    }
+
+    /// When joining `starts_at`'s room opens.
+    pub fn opens_at(&self, starts_at: DateTime<Utc>) -> DateTime<Utc> {
+        starts_at - chrono::Duration::from_std(self.settings.opens_before).unwrap_or_default()
+    }
+
+    fn room_keys(&self, product: ProductId) -> Vec<String> {
+        let k = self.keys.product(product);
+        let [room, early, late, undecided] = k.room;
+        vec![room, early, late, undecided, k.state, k.buyers]
+    }
+
+    async fn call(&self, product: ProductId, args: Vec<String>) -> Result<Vec<i64>, Unavailable> {
+        Ok(self
+            .script
+            .evalsha_with_reload(self.pool.next(), self.room_keys(product), args)
+            .await?)
+    }
+
+    /// Joins `user` to `product`'s room (a second join answers the same place). `random`
+    /// orders the shoppers who join before the start: it must be drawn uniformly and
+    /// independently for each join ([`draw_key`]).
+    pub async fn join(
+        &self,
+        product: ProductId,
+        user: UserId,
+        starts_at: DateTime<Utc>,
+        random: u64,
+    ) -> Result<Joined, Unavailable> {
+        let reply = self
+            .call(
+                product,
+                vec![
+                    "join".into(),
+                    user.to_string(),
+                    random.to_string(),
+                    ms(self.opens_at(starts_at)),
+                    ms(starts_at),
+                ],
+            )
+            .await?;
+        match reply.as_slice() {
+            [-1] => Ok(Joined::NotOpen),
+            [0, joined] => Ok(Joined::AwaitingDraw { joined: *joined }),
+            [place] if *place > 0 => Ok(Joined::Placed(*place)),
+            other => Err(Unavailable::BadReply(format!(
+                "room.lua join answered {other:?}"
+            ))),
+        }
+    }
+
+    /// Where `user` stands in `product`'s room.
+    pub async fn standing(
+        &self,
+        product: ProductId,
+        user: UserId,
+        starts_at: DateTime<Utc>,
+    ) -> Result<Standing, Unavailable> {
+        let reply = self
+            .call(
+                product,
+                vec!["status".into(), user.to_string(), ms(starts_at)],
+            )
+            .await?;
+        let [place, admitted, total, until, remaining] = reply.as_slice() else {
+            return Err(Unavailable::BadReply(format!(
+                "room.lua status answered {reply:?}"
+            )));
+        };
+        Ok(Standing {
+            place: match *place {
+                0 => None,
+                -1 => Some(Place::AwaitingDraw),
+                p => Some(Place::At(p)),
+            },
+            admitted: *admitted,
+            total: *total,
+            admitted_until: (*until >= 0).then_some(*until),
+            remaining: (*remaining >= 0).then_some(*remaining),
+        })
+    }
+
+    /// One pass of `product`'s admission.
+    pub async fn admit(
+        &self,
+        product: ProductId,
+        starts_at: DateTime<Utc>,
+    ) -> Result<Admission, Unavailable> {
+        let s = &self.settings;
+        let reply = self
+            .call(
+                product,
+                vec![
+                    "admit".into(),
+                    ms(starts_at),
+                    (s.factor_percent * 10).to_string(),
+                    s.rate.to_string(),
+                    s.admission.as_millis().to_string(),
+                ],
+            )
+            .await?;
+        let [admitted, total, undecided, remaining] = reply.as_slice() else {
+            return Err(Unavailable::BadReply(format!(
+                "room.lua admit answered {reply:?}"
+            )));
+        };
+        Ok(Admission {
+            admitted: *admitted,
+            total: *total,
+            undecided: *undecided,
+            remaining: (*remaining >= 0).then_some(*remaining),
+        })
+    }
+}
+
+/// A join's ordering key: uniform over [0, 2^53) (a Redis sorted-set score holds it exactly),
+/// drawn independently for each join from the process's generator (fastrand, seeded from the
+/// OS), so the order of the shoppers who joined before the start is a uniform permutation.
+pub fn draw_key() -> u64 {
+    fastrand::u64(..1 << 53)
+}
+
+/// Runs every live room's admission every [`ADMIT_EVERY`] until shutdown (every `serve`).
+pub async fn admit_rooms(
+    rooms: Rooms,
+    db: DatabaseConnection,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    while !shutdown.is_cancelled() {
+        match crate::products::live_rooms(&db).await {
+            Ok(live) => {
+                for (id, starts_at) in live {
+                    if let Err(e) = rooms.admit(id, starts_at).await {
+                        tracing::warn!(product_id = id.get(), error = %e, "a waiting room's admission failed; retrying");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "listing the waiting rooms failed; retrying")
+            }
+        }
+        sleep_or_stop(&shutdown, ADMIT_EVERY).await;
+    }
+    Ok(())
+}

@@ -1,0 +1,289 @@
+//! Waiting rooms (`src/room.rs`, `lua/room.lua`): the order drawn at the start is independent of
+//! when each shopper joined; one place per shopper; late arrivals queue behind in arrival
+//! order; admission never has more admitted-but-undecided shoppers than `remaining × factor`,
+//! and resumes when units come back; a purchase token needs an admission token.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use seckill::{
+    domain::{ProductId, UserId},
+    room::{Joined, Place, RoomSettings, Rooms, draw_key},
+    startup::Role,
+};
+use serde_json::{Value, json};
+
+use crate::helpers::{TestApp, assert_problem, at, eventually, jwt};
+
+fn settings() -> RoomSettings {
+    RoomSettings {
+        opens_before: Duration::from_secs(3_600 * 24),
+        factor_percent: 120,
+        rate: 1_000,
+        admission: Duration::from_secs(60),
+    }
+}
+
+/// Spearman's rank correlation of `places` (a permutation of 1..=n) with the join order 1..=n.
+fn rank_correlation(places: &[i64]) -> f64 {
+    let n = places.len() as f64;
+    let d2: f64 = places
+        .iter()
+        .enumerate()
+        .map(|(i, p)| ((i as f64 + 1.0) - *p as f64).powi(2))
+        .sum();
+    1.0 - 6.0 * d2 / (n * (n * n - 1.0))
+}
+
+/// Chi-square over the deciles of join time of who ends in the first tenth of the line
+/// (expected: a tenth of each decile); 9 degrees of freedom.
+fn chi_square_first_tenth(places: &[i64]) -> f64 {
+    let n = places.len();
+    let tenth = (n / 10) as i64;
+    let expected = (n / 10) as f64 / 10.0;
+    (0..10)
+        .map(|d| {
+            let seen = places[d * n / 10..(d + 1) * n / 10]
+                .iter()
+                .filter(|p| **p <= tenth)
+                .count() as f64;
+            (seen - expected).powi(2) / expected
+        })
+        .sum()
+}
+
+/// 9 degrees of freedom, p = 0.0001 (a fair draw fails this test once in 10,000 runs).
+const CHI_SQUARE_9_P0001: f64 = 33.72;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_order_drawn_at_the_start_is_independent_of_when_each_shopper_joined() {
+    let app = TestApp::spawn_with(Role::Serve, &[]).await;
+    let rooms = Rooms::new(app.redis.clone(), app.keys(), settings());
+    let p = ProductId::try_from(777_i64).unwrap();
+    let n = 10_000_i64;
+    // Shoppers join one after another (user i is the i-th to join), all before the start.
+    let later = Utc::now() + chrono::Duration::hours(1);
+    for chunk in (1..=n).collect::<Vec<_>>().chunks(200) {
+        let joins = chunk.iter().map(|u| {
+            let rooms = &rooms;
+            async move {
+                let u = UserId::try_from(*u).unwrap();
+                rooms.join(p, u, later, draw_key()).await.unwrap()
+            }
+        });
+        for joined in futures_util::future::join_all(joins).await {
+            assert!(matches!(joined, Joined::AwaitingDraw { .. }), "{joined:?}");
+        }
+    }
+    // Joining twice changes nothing.
+    let again = rooms
+        .join(p, UserId::try_from(1_i64).unwrap(), later, draw_key())
+        .await
+        .unwrap();
+    assert_eq!(again, Joined::AwaitingDraw { joined: n });
+
+    // The start: the first call past it draws the order.
+    let started = Utc::now() - chrono::Duration::seconds(1);
+    let mut places = Vec::with_capacity(n as usize);
+    for chunk in (1..=n).collect::<Vec<_>>().chunks(200) {
+        let reads = chunk.iter().map(|u| {
+            let rooms = &rooms;
+            async move {
+                let u = UserId::try_from(*u).unwrap();
+                rooms.standing(p, u, started).await.unwrap()
+            }
+        });
+        for s in futures_util::future::join_all(reads).await {
+            let Some(Place::At(place)) = s.place else {
+                panic!("no place after the draw: {s:?}")
+            };
+            assert_eq!(s.total, n);
+            places.push(place);
+        }
+    }
+    let mut sorted = places.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, (1..=n).collect::<Vec<_>>(), "one place each");
+    let rho = rank_correlation(&places);
+    let chi = chi_square_first_tenth(&places);
+    assert!(rho.abs() < 0.05, "rank correlation with join time {rho}");
+    assert!(chi < CHI_SQUARE_9_P0001, "chi-square over deciles {chi}");
+    // The same statistics reject first come, first served.
+    let fcfs: Vec<i64> = (1..=n).collect();
+    assert!(rank_correlation(&fcfs) > 0.99);
+    assert!(chi_square_first_tenth(&fcfs) > CHI_SQUARE_9_P0001);
+
+    // After the start, arrivals queue behind, in arrival order; a second join keeps its place.
+    for (i, u) in [20_001_i64, 20_002, 20_003].into_iter().enumerate() {
+        let joined = rooms
+            .join(p, UserId::try_from(u).unwrap(), started, draw_key())
+            .await
+            .unwrap();
+        assert_eq!(joined, Joined::Placed(n + 1 + i as i64));
+    }
+    let first = rooms
+        .join(p, UserId::try_from(1_i64).unwrap(), started, draw_key())
+        .await
+        .unwrap();
+    assert_eq!(first, Joined::Placed(places[0]));
+    app.stop().await;
+}
+
+async fn room_me(app: &TestApp, user: i64, p: i64) -> Value {
+    let res = app
+        .api
+        .user_get(user, &format!("/api/v1/products/{p}/room/me"))
+        .await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["cache-control"], "private, no-store");
+    res.json().await.unwrap()
+}
+
+async fn token_with(
+    app: &TestApp,
+    user: i64,
+    p: i64,
+    admission: Option<&str>,
+) -> reqwest::Response {
+    let mut req = app
+        .api
+        .client
+        .post(format!("{}/api/v1/products/{p}/token", app.api.http))
+        .bearer_auth(jwt(user));
+    if let Some(t) = admission {
+        req = req.json(&json!({ "admission_token": t }));
+    }
+    req.send().await.unwrap()
+}
+
+/// Admits everyone whose state is `admitted` now; their users.
+async fn admitted(app: &TestApp, users: &[i64], p: i64) -> Vec<i64> {
+    let mut out = Vec::new();
+    for u in users {
+        if room_me(app, *u, p).await["state"] == "admitted" {
+            out.push(*u);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_room_admits_no_more_than_the_units_left_allow_and_more_when_units_come_back() {
+    let app = TestApp::spawn_with(Role::All, &[("SECKILL_USER_RATE", "1000/1s")]).await;
+    let api = &app.api;
+    let res = api
+        .post_admin(
+            "/api/v1/admin/products",
+            Some(json!({"name": "roomed", "stock": 2, "price_cents": 100,
+                        "starts_at": at(3), "ends_at": at(3_600), "waiting_room": true})),
+        )
+        .await;
+    assert_eq!(res.status(), 201);
+    let p = res.json::<Value>().await.unwrap()["product_id"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(api.preheat(p, false).await.status(), 200);
+    assert_eq!(api.product(p).await["waiting_room"], true);
+
+    let users: Vec<i64> = (1..=10).collect();
+    for u in &users {
+        let res = api
+            .user_post(*u, &format!("/api/v1/products/{p}/room"))
+            .await;
+        assert_eq!(res.status(), 200);
+        let view: Value = res.json().await.unwrap();
+        assert_eq!(view["state"], "awaiting_draw", "{view}");
+    }
+    // Not in the room, and a product without one.
+    assert_problem(
+        api.user_get(99, &format!("/api/v1/products/{p}/room/me"))
+            .await,
+        404,
+        "not_in_room",
+    )
+    .await;
+    let plain = api.live_product(1).await;
+    assert_problem(
+        api.user_post(1, &format!("/api/v1/products/{plain}/room"))
+            .await,
+        404,
+        "no_waiting_room",
+    )
+    .await;
+
+    // After the start: stock 2 × 120% = at most 2 admitted and undecided.
+    let two = eventually(Duration::from_secs(10), || async {
+        admitted(&app, &users, p).await.len() == 2
+    })
+    .await;
+    assert!(two, "two admitted after the start");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let first = admitted(&app, &users, p).await;
+    assert_eq!(
+        first.len(),
+        2,
+        "never more than remaining × factor: {first:?}"
+    );
+    let waiting = users.iter().copied().find(|u| !first.contains(u)).unwrap();
+    let view = room_me(&app, waiting, p).await;
+    assert_eq!(view["state"], "waiting", "{view}");
+    assert!(view["ahead"].as_i64().unwrap() >= 0);
+
+    // No purchase token without an admission; another shopper's admission is not one.
+    assert_problem(
+        token_with(&app, waiting, p, None).await,
+        403,
+        "not_admitted",
+    )
+    .await;
+    let a = room_me(&app, first[0], p).await;
+    let a_token = a["admission_token"].as_str().unwrap().to_owned();
+    assert_problem(
+        token_with(&app, waiting, p, Some(&a_token)).await,
+        403,
+        "not_admitted",
+    )
+    .await;
+
+    // Both admitted buy: sold out for everyone still waiting.
+    let mut orders = Vec::new();
+    for u in &first {
+        let admission = room_me(&app, *u, p).await["admission_token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let res = token_with(&app, *u, p, Some(&admission)).await;
+        assert_eq!(res.status(), 200);
+        let purchase = res.json::<Value>().await.unwrap()["token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(api.reserve(*u, p, &purchase).await.status(), 202);
+        let order = eventually(Duration::from_secs(10), || async {
+            api.me(*u, p).await.json::<Value>().await.unwrap()["order_id"].is_string()
+        })
+        .await;
+        assert!(order, "user {u}'s order");
+        orders.push(
+            api.me(*u, p).await.json::<Value>().await.unwrap()["order_id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    let sold = eventually(Duration::from_secs(5), || async {
+        room_me(&app, waiting, p).await["state"] == "sold_out"
+    })
+    .await;
+    assert!(sold, "the waiting hear sold out");
+    assert_eq!(room_me(&app, first[0], p).await["state"], "turn_passed");
+
+    // A unit comes back: the next place is admitted.
+    assert_eq!(api.cancel(first[0], &orders[0]).await.status(), 200);
+    let next = eventually(Duration::from_secs(10), || async {
+        admitted(&app, &users, p).await.len() == 1
+    })
+    .await;
+    assert!(next, "a returned unit admits one more");
+    app.stop().await;
+}
