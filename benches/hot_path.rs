@@ -145,6 +145,7 @@ fn bench_handler(c: &mut Criterion) {
                 starts_at: now - chrono::Duration::seconds(1),
                 ends_at: now + chrono::Duration::hours(1),
                 waiting_room: false,
+                proof_of_work: false,
             },
         )
         .await

@@ -64,6 +64,11 @@ impl ProductKeys {
         ]
     }
 
+    /// A used proof-of-work challenge's nonce (expires with the challenge).
+    pub fn pow_nonce(&self, nonce: &str) -> String {
+        format!("{}:pow:{nonce}", self.tag)
+    }
+
     /// The per-user rate window key.
     pub fn user_rate(&self, user: UserId) -> String {
         format!("{}:rl:{user}", self.tag)

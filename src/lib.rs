@@ -98,6 +98,7 @@ pub mod metrics;
 pub mod order_events;
 pub mod orders;
 pub mod outbox;
+pub mod pow;
 pub mod products;
 pub mod purchase;
 pub mod recovery;

@@ -47,6 +47,8 @@ pub struct NewProduct {
     pub ends_at: DateTime<Utc>,
     /// Shoppers join a waiting room first (`src/room.rs`).
     pub waiting_room: bool,
+    /// Joining that room takes a proof of work (`src/pow.rs`).
+    pub proof_of_work: bool,
 }
 
 impl NewProduct {
@@ -58,6 +60,11 @@ impl NewProduct {
         }
         if !(0..=MAX_STOCK).contains(&self.stock) {
             return Err(format!("stock must be between 0 and {MAX_STOCK}"));
+        }
+        if self.proof_of_work && !self.waiting_room {
+            return Err(
+                "proof_of_work needs waiting_room: the proof is asked when joining it".into(),
+            );
         }
         if !crate::domain::is_currency_code(&self.currency) {
             return Err(
@@ -86,6 +93,7 @@ pub async fn create(db: &DatabaseConnection, new: &NewProduct) -> anyhow::Result
         ends_at: Set(new.ends_at),
         created_at: Set(Utc::now()),
         waiting_room: Set(new.waiting_room),
+        proof_of_work: Set(new.proof_of_work),
         ..Default::default()
     };
     product::Entity::insert(model)
@@ -127,6 +135,8 @@ pub struct ProductInfo {
     pub ends_at: DateTime<Utc>,
     /// Shoppers join a waiting room first (`src/room.rs`).
     pub waiting_room: bool,
+    /// Joining it takes a proof of work.
+    pub proof_of_work: bool,
 }
 
 impl TryFrom<&product::Model> for ProductInfo {
@@ -141,6 +151,7 @@ impl TryFrom<&product::Model> for ProductInfo {
             starts_at: m.starts_at,
             ends_at: m.ends_at,
             waiting_room: m.waiting_room,
+            proof_of_work: m.proof_of_work,
         })
     }
 }
@@ -747,17 +758,19 @@ pub async fn preheated_unended(db: &DatabaseConnection) -> anyhow::Result<Vec<pr
         .context("listing preheated products")
 }
 
-/// The products with a waiting room whose sale has started and not ended (and that Redis
-/// holds: preheated, not retired), with their start.
+/// The products with a waiting room open for joins (from `opens_before` ahead of the start)
+/// whose sale has not ended and that Redis holds (preheated, not retired), with their start.
 pub async fn live_rooms(
     db: &DatabaseConnection,
+    opens_before: std::time::Duration,
 ) -> anyhow::Result<Vec<(ProductId, DateTime<Utc>)>> {
     let now = Utc::now();
+    let opened = now + chrono::Duration::from_std(opens_before).unwrap_or_default();
     product::Entity::find()
         .filter(product::Column::WaitingRoom.eq(true))
         .filter(product::Column::PreheatedAt.is_not_null())
         .filter(product::Column::RetiredAt.is_null())
-        .filter(product::Column::StartsAt.lte(now))
+        .filter(product::Column::StartsAt.lte(opened))
         .filter(product::Column::EndsAt.gt(now))
         .all(db)
         .await
@@ -839,6 +852,7 @@ mod tests {
             starts_at: start,
             ends_at: start + chrono::Duration::seconds(span_secs),
             waiting_room: false,
+            proof_of_work: false,
         }
     }
 
@@ -874,6 +888,7 @@ mod tests {
             preheated_at: preheated.then_some(now),
             retired_at: retired.then_some(now),
             waiting_room: false,
+            proof_of_work: false,
         }
     }
 

@@ -8,7 +8,11 @@
 //! second per live room: the calls are atomic, so several processes admitting at once admit
 //! each place once.
 
-use std::time::Duration;
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant},
+};
 
 use chrono::{DateTime, Utc};
 use fred::{prelude::*, types::scripts::Script};
@@ -77,7 +81,13 @@ pub struct Rooms {
     keys: Keys,
     script: Script,
     pub settings: RoomSettings,
+    /// Each room's join rate as this process's admission passes saw it.
+    rates: Arc<Mutex<HashMap<ProductId, JoinRate>>>,
 }
+
+/// When a pass measured, the shoppers in the room then, and the joins a second since the
+/// measure before.
+type JoinRate = (Instant, i64, f64);
 
 fn ms(t: DateTime<Utc>) -> String {
     t.timestamp_millis().to_string()
@@ -90,7 +100,62 @@ impl Rooms {
             keys,
             script: Script::from_lua(ROOM),
             settings,
+            rates: Arc::default(),
         }
+    }
+
+    /// Shoppers joining `product`'s room per second, lately (0 before any measure).
+    pub fn join_rate(&self, product: ProductId) -> f64 {
+        self.rates
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&product)
+            .map_or(0.0, |r| r.2)
+    }
+
+    fn saw_total(&self, product: ProductId, total: i64) {
+        let now = Instant::now();
+        let mut rates = self.rates.lock().unwrap_or_else(PoisonError::into_inner);
+        match rates.get_mut(&product) {
+            Some((at, seen, rate)) => {
+                let secs = now.duration_since(*at).as_secs_f64();
+                if secs >= 0.2 {
+                    *rate = (total - *seen).max(0) as f64 / secs;
+                    (*at, *seen) = (now, total);
+                }
+            }
+            None => {
+                rates.insert(product, (now, total, 0.0));
+            }
+        }
+    }
+
+    /// The proof-of-work difficulty for joining `product`'s room now.
+    pub fn difficulty(&self, product: ProductId) -> u32 {
+        crate::pow::difficulty(self.join_rate(product), &self.settings.pow)
+    }
+
+    /// Marks a challenge's nonce used (until `exp`, Unix seconds); `false` if it was already.
+    pub async fn use_challenge(
+        &self,
+        product: ProductId,
+        nonce: &str,
+        exp: u64,
+    ) -> Result<bool, Unavailable> {
+        let key = self.keys.product(product).pow_nonce(nonce);
+        let until_ms =
+            i64::try_from(exp.saturating_mul(1000).saturating_add(1000)).unwrap_or(i64::MAX);
+        let set: Option<String> = self
+            .pool
+            .set(
+                key,
+                "1",
+                Some(fred::types::Expiration::PXAT(until_ms)),
+                Some(fred::types::SetOptions::NX),
+                false,
+            )
+            .await?;
+        Ok(set.is_some())
     }
 
     /// When joining `starts_at`'s room opens.
@@ -198,6 +263,7 @@ impl Rooms {
                 "room.lua admit answered {reply:?}"
             )));
         };
+        self.saw_total(product, *total);
         Ok(Admission {
             admitted: *admitted,
             total: *total,
@@ -214,14 +280,15 @@ pub fn draw_key() -> u64 {
     fastrand::u64(..1 << 53)
 }
 
-/// Runs every live room's admission every [`ADMIT_EVERY`] until shutdown (every `serve`).
+/// Runs the admission of every room open for joins every [`ADMIT_EVERY`] until shutdown
+/// (every `serve`); before the start a pass only reads how many joined (the join rate).
 pub async fn admit_rooms(
     rooms: Rooms,
     db: DatabaseConnection,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     while !shutdown.is_cancelled() {
-        match crate::products::live_rooms(&db).await {
+        match crate::products::live_rooms(&db, rooms.settings.opens_before).await {
             Ok(live) => {
                 for (id, starts_at) in live {
                     if let Err(e) = rooms.admit(id, starts_at).await {

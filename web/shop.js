@@ -301,8 +301,46 @@
     if (room && room.state !== "turn_passed") setTimeout(pollRoom, 2000 + Math.random() * 1000);
   }
 
+  /** Solves a proof-of-work challenge in a Web Worker, showing its progress; the solution. */
+  function solve(challenge, bits) {
+    return new Promise((resolve, reject) => {
+      const worker = new Worker(document.body.dataset.pow);
+      worker.onmessage = (event) => {
+        if (event.data.solution !== undefined) {
+          worker.terminate();
+          resolve(event.data.solution);
+        } else {
+          setText($("room-status"), `Checking this is a person, not a bot… ${Math.round(event.data.progress * 100)}%`);
+        }
+      };
+      worker.onerror = (e) => {
+        worker.terminate();
+        reject(e);
+      };
+      worker.postMessage({ challenge, bits });
+    });
+  }
+
+  /** The join's body: for a room with proof of work, a challenge and its solution. */
+  async function joinBody() {
+    if (!product.proof_of_work) return undefined;
+    const res = await api("POST", `/api/v1/products/${productId}/room/challenge`, { bearer: jwt });
+    if (res.status !== 200) throw new Error(`challenge: ${res.status}`);
+    setText($("room-status"), "Checking this is a person, not a bot…");
+    const solution = await solve(res.body.challenge, res.body.difficulty);
+    return { challenge: res.body.challenge, solution };
+  }
+
   $("join").addEventListener("click", async () => {
-    const res = await api("POST", `/api/v1/products/${productId}/room`, { bearer: jwt }).catch(() => null);
+    $("join").disabled = true;
+    const res = await joinBody()
+      .then((json) => api("POST", `/api/v1/products/${productId}/room`, { bearer: jwt, json }))
+      .catch(() => null);
+    $("join").disabled = false;
+    if (!res) {
+      setText($("room-status"), "Could not join the line: try again.");
+      return;
+    }
     if (res && res.status === 425) {
       setText($("room-status"), "The line opens a little before the start: try again then.");
       return;

@@ -58,7 +58,7 @@ def main(base, product, jwt):
     s, _, _ = get(f"{base}/p/{product}", {"If-None-Match": hp["ETag"]})
     expect(s == 304, f"page with its own ETag: {s}")
     assets = re.findall(r'"/assets/([a-z]+\.[0-9a-f]{12}\.(?:js|css))"', page.decode())
-    expect(len(assets) == 3, f"hashed assets in the page: {assets}")
+    expect(len(assets) == 4, f"hashed assets in the page (3 files and the proof-of-work worker): {assets}")
     for a in assets:
         get(f"{base}/assets/{a}")
         sa, ha, _ = get(f"{base}/assets/{a}")

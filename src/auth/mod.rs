@@ -34,6 +34,8 @@ const PURCHASE_AUDIENCE: &str = "seckill:purchase";
 const STREAM_AUDIENCE: &str = "seckill:stream";
 /// The `aud` of an admission token: a waiting room admitted this shopper (`src/room.rs`).
 const ADMISSION_AUDIENCE: &str = "seckill:admission";
+/// The `aud` of a proof-of-work challenge (`src/pow.rs`).
+const CHALLENGE_AUDIENCE: &str = "seckill:challenge";
 /// How long a stream token opens streams (a stream it opened lives on to its own lifetime).
 pub const STREAM_TOKEN_TTL: Duration = Duration::from_secs(60);
 /// How many verified shoppers' JWTs, and how many verified purchase tokens, a process keeps
@@ -89,6 +91,27 @@ fn user_validations(audience: Option<&str>, issuer: Option<&str>) -> Vec<Validat
         .collect()
 }
 
+/// The claims of a proof-of-work challenge.
+#[derive(Debug, Serialize, Deserialize)]
+struct ChallengeClaims {
+    sub: String,
+    pid: i64,
+    exp: u64,
+    aud: String,
+    /// A random nonce: the challenge is used once.
+    n: String,
+    /// The difficulty in leading zero bits.
+    d: u32,
+}
+
+/// A proof-of-work challenge this server signed, as its solver must meet it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Challenge {
+    pub nonce: String,
+    pub bits: u32,
+    pub exp: u64,
+}
+
 /// The claims of purchase and stream tokens (told apart by `aud`).
 #[derive(Debug, Serialize, Deserialize)]
 struct TokenClaims {
@@ -114,6 +137,7 @@ pub struct Auth {
     purchase_validation: Validation,
     stream_validation: Validation,
     admission_validation: Validation,
+    challenge_validation: Validation,
     purchase_ttl: Duration,
     /// Shoppers' JWTs verified here, and who they name.
     users: Verified<UserId>,
@@ -240,6 +264,7 @@ impl Auth {
             purchase_validation: token_validation(PURCHASE_AUDIENCE),
             stream_validation: token_validation(STREAM_AUDIENCE),
             admission_validation: token_validation(ADMISSION_AUDIENCE),
+            challenge_validation: token_validation(CHALLENGE_AUDIENCE),
             purchase_ttl,
             users: Verified::new(VERIFIED_TOKENS),
             purchases: Verified::new(VERIFIED_TOKENS),
@@ -430,6 +455,56 @@ impl Auth {
             .is_some_and(|(named, _)| named == (user, product))
     }
 
+    /// A proof-of-work challenge for `user` joining `product`'s room: `bits` of difficulty, a
+    /// random nonce, valid for `ttl`.
+    pub fn issue_challenge(
+        &self,
+        user: UserId,
+        product: ProductId,
+        bits: u32,
+        ttl: Duration,
+    ) -> anyhow::Result<IssuedToken> {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH)?;
+        let exp = (now + ttl).as_secs();
+        let claims = ChallengeClaims {
+            sub: user.to_string(),
+            pid: product.get(),
+            exp,
+            aud: CHALLENGE_AUDIENCE.to_owned(),
+            n: hex::encode(fastrand::u128(..).to_be_bytes()),
+            d: bits,
+        };
+        let token = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &self.token_encoding,
+        )?;
+        let expires_at = DateTime::from_timestamp(i64::try_from(exp)?, 0).unwrap_or_else(Utc::now);
+        Ok(IssuedToken { token, expires_at })
+    }
+
+    /// The challenge, if `challenge` is one this server signed for `user` and `product` and it
+    /// has not expired (whether it was solved, and used before, is the caller's to check).
+    pub fn check_challenge(
+        &self,
+        challenge: &str,
+        user: UserId,
+        product: ProductId,
+    ) -> Option<Challenge> {
+        let c = jsonwebtoken::decode::<ChallengeClaims>(
+            challenge,
+            &self.token_decoding,
+            &self.challenge_validation,
+        )
+        .ok()?
+        .claims;
+        (c.sub == user.to_string() && c.pid == product.get()).then_some(Challenge {
+            nonce: c.n,
+            bits: c.d,
+            exp: c.exp,
+        })
+    }
+
     /// The user a valid, unexpired stream token for `product` names. A shopper's JWT (other
     /// key) or a purchase token (other audience) is not one.
     pub fn stream_token_user(&self, token: &str, product: ProductId) -> Option<UserId> {
@@ -602,6 +677,41 @@ mod tests {
         )
         .unwrap();
         assert_eq!(strict.user(&expired), None);
+    }
+
+    #[test]
+    fn a_challenge_is_its_shoppers_for_its_product_and_expires() {
+        let auth = Auth::new(&secrets(), Duration::from_secs(60));
+        let (u, p) = (
+            UserId::try_from(1_i64).unwrap(),
+            ProductId::try_from(9_i64).unwrap(),
+        );
+        let issued = auth
+            .issue_challenge(u, p, 12, Duration::from_secs(60))
+            .unwrap();
+        let c = auth.check_challenge(&issued.token, u, p).unwrap();
+        assert_eq!(c.bits, 12);
+        assert_eq!(c.nonce.len(), 32, "128 random bits");
+        let other = auth
+            .issue_challenge(u, p, 12, Duration::from_secs(60))
+            .unwrap();
+        assert_ne!(
+            auth.check_challenge(&other.token, u, p).unwrap().nonce,
+            c.nonce
+        );
+        let (v, q) = (
+            UserId::try_from(2_i64).unwrap(),
+            ProductId::try_from(8_i64).unwrap(),
+        );
+        assert!(auth.check_challenge(&issued.token, v, p).is_none());
+        assert!(auth.check_challenge(&issued.token, u, q).is_none());
+        // Neither a purchase token nor an admission token passes as a challenge.
+        let purchase = auth.issue_purchase_token(u, p).unwrap();
+        assert!(auth.check_challenge(&purchase.token, u, p).is_none());
+        assert!(!auth.check_admission_token(&issued.token, u, p));
+        let expired = auth.issue_challenge(u, p, 12, Duration::ZERO).unwrap();
+        std::thread::sleep(Duration::from_millis(1_100));
+        assert!(auth.check_challenge(&expired.token, u, p).is_none());
     }
 
     #[test]

@@ -99,6 +99,16 @@ pub struct BatchSettings {
     pub calls: usize,
 }
 
+/// Proof of work for joining a waiting room (`SECKILL_POW_*`; `src/pow.rs`).
+#[derive(Debug, Clone, Copy)]
+pub struct PowSettings {
+    /// The difficulty (leading zero bits) while joins come at up to `join_rate` a second.
+    pub min_bits: u32,
+    pub max_bits: u32,
+    /// Joins a second above which each doubling adds a bit.
+    pub join_rate: u32,
+}
+
 /// A product's waiting room (`SECKILL_ROOM_*`; `src/room.rs`).
 #[derive(Debug, Clone, Copy)]
 pub struct RoomSettings {
@@ -110,6 +120,7 @@ pub struct RoomSettings {
     pub rate: u64,
     /// How long an admission (and its token) lasts.
     pub admission: Duration,
+    pub pow: PowSettings,
 }
 
 /// The whole configuration of one process.

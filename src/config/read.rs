@@ -69,6 +69,7 @@ impl Settings {
                 factor_percent: env.ranged("SECKILL_ROOM_FACTOR_PERCENT")?,
                 rate: env.ranged("SECKILL_ROOM_ADMIT_RATE")?,
                 admission: Duration::from_secs(env.ranged("SECKILL_ROOM_ADMISSION_SECS")?),
+                pow: pow(env)?,
             },
             payment_timeout: Duration::from_secs(env.ranged("SECKILL_PAYMENT_TIMEOUT_SECS")?),
             purchase_token_ttl: Duration::from_secs(env.ranged("SECKILL_PURCHASE_TOKEN_TTL_SECS")?),
@@ -555,6 +556,22 @@ fn view_cache_control(env: &Env<'_>) -> Result<String, ConfigError> {
         (_, 0) => format!("public, max-age={max_age}"),
         _ => format!("public, max-age={max_age}, stale-while-revalidate={stale}"),
     })
+}
+
+/// The waiting rooms' proof of work (`SECKILL_POW_*`): the bounds must be in order.
+fn pow(env: &Env<'_>) -> Result<super::PowSettings, ConfigError> {
+    let s = super::PowSettings {
+        min_bits: env.ranged_as("SECKILL_POW_MIN_BITS")?,
+        max_bits: env.ranged_as("SECKILL_POW_MAX_BITS")?,
+        join_rate: env.ranged_as("SECKILL_POW_JOIN_RATE")?,
+    };
+    if s.max_bits < s.min_bits {
+        return Err(ConfigError::new(
+            "SECKILL_POW_MAX_BITS",
+            format!("must be at least SECKILL_POW_MIN_BITS ({})", s.min_bits),
+        ));
+    }
+    Ok(s)
 }
 
 /// How purchase attempts are gathered into one call (`SECKILL_RESERVE_BATCH_*`).

@@ -204,6 +204,24 @@ pub const VARS: &[Var] = &[
     )
     .range(5, 3_600),
     Var::new(
+        "SECKILL_POW_MIN_BITS",
+        "16",
+        "a waiting room's proof of work: leading zero bits of SHA-256 asked while joins are slow (16: about a second on a phone)",
+    )
+    .range(0, 32),
+    Var::new(
+        "SECKILL_POW_MAX_BITS",
+        "24",
+        "the most bits the proof of work asks, however fast shoppers join",
+    )
+    .range(0, 32),
+    Var::new(
+        "SECKILL_POW_JOIN_RATE",
+        "100",
+        "joins per second per room above which each doubling of the rate adds one bit of proof of work",
+    )
+    .range(1, 1_000_000),
+    Var::new(
         "SECKILL_VIEW_MAX_AGE_SECS",
         "1",
         "how long a browser, proxy or CDN may keep a product's view (0: revalidate every time)",

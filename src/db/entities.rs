@@ -24,6 +24,8 @@ pub mod product {
         pub retired_at: Option<ChronoDateTimeUtc>,
         /// Shoppers join a waiting room and buy once admitted (`src/room.rs`).
         pub waiting_room: bool,
+        /// Joining the waiting room takes a proof of work (`src/pow.rs`).
+        pub proof_of_work: bool,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -226,6 +226,10 @@ impl MigratorTrait for Migrator {
                 name: "0010_waiting_room",
                 sql: include_str!("../../migrations/0010_waiting_room.sql"),
             }),
+            Box::new(SqlMigration {
+                name: "0011_proof_of_work",
+                sql: include_str!("../../migrations/0011_proof_of_work.sql"),
+            }),
         ]
     }
 }

@@ -50,6 +50,10 @@ pub struct CreateProduct {
     /// in a random order at the start, and may buy once admitted (docs/fairness.md).
     #[serde(default)]
     pub waiting_room: bool,
+    /// With `waiting_room`: joining takes a proof of work (a SHA-256 with leading zero bits,
+    /// harder as shoppers join faster; docs/fairness.md).
+    #[serde(default)]
+    pub proof_of_work: bool,
 }
 
 /// A product as operators see it, with live figures on `GET`.
@@ -67,6 +71,7 @@ pub struct AdminProduct {
     pub ends_at: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
     pub waiting_room: bool,
+    pub proof_of_work: bool,
     /// Units on sale in Redis (`null` until preheated).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub remaining: Option<i64>,
@@ -90,6 +95,7 @@ impl From<&product::Model> for AdminProduct {
             ends_at: p.ends_at,
             created_at: p.created_at,
             waiting_room: p.waiting_room,
+            proof_of_work: p.proof_of_work,
             remaining: None,
             pending: None,
             preheated: None,
@@ -128,6 +134,7 @@ pub async fn create_product(
         starts_at: body.starts_at,
         ends_at: body.ends_at,
         waiting_room: body.waiting_room,
+        proof_of_work: body.proof_of_work,
     };
     new.validate().map_err(ApiError::BadRequest)?;
     let created = products::create(&ctx.deps.db, &new).await?;

@@ -25,6 +25,7 @@ const CONSOLE_HTML: &str = include_str!("../../web/console.html");
 const CONSOLE_JS: &str = include_str!("../../web/console.js");
 const COMMON_JS: &str = include_str!("../../web/common.js");
 const STYLE_CSS: &str = include_str!("../../web/style.css");
+const POW_JS: &str = include_str!("../../web/pow.js");
 
 const JS: &str = "text/javascript; charset=utf-8";
 
@@ -35,7 +36,7 @@ struct Asset {
     body: &'static str,
 }
 
-const ASSETS: [Asset; 4] = [
+const ASSETS: [Asset; 5] = [
     Asset {
         file: "shop.js",
         content_type: JS,
@@ -56,9 +57,14 @@ const ASSETS: [Asset; 4] = [
         content_type: "text/css; charset=utf-8",
         body: STYLE_CSS,
     },
+    Asset {
+        file: "pow.js",
+        content_type: JS,
+        body: POW_JS,
+    },
 ];
 
-const SHOP_FILES: [&str; 3] = ["shop.js", "common.js", "style.css"];
+const SHOP_FILES: [&str; 4] = ["shop.js", "common.js", "style.css", "pow.js"];
 const CONSOLE_FILES: [&str; 3] = ["console.js", "common.js", "style.css"];
 
 /// A hashed name never changes content, so it may be kept for a year without asking again.
@@ -71,8 +77,8 @@ struct Named {
     hashed: String,
 }
 
-fn named() -> &'static [Named; 4] {
-    static NAMED: OnceLock<[Named; 4]> = OnceLock::new();
+fn named() -> &'static [Named; 5] {
+    static NAMED: OnceLock<[Named; 5]> = OnceLock::new();
     NAMED.get_or_init(|| {
         ASSETS.each_ref().map(|a| {
             let tag = cacheable::tag_of(a.body.as_bytes());

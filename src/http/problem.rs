@@ -74,6 +74,14 @@ pub enum ApiError {
         "this product's sale has a waiting room: join it, and ask for a purchase token with the admission token it gives you when your turn comes"
     )]
     NotAdmitted,
+    #[error(
+        "joining this waiting room takes a proof of work: ask POST …/room/challenge, solve it, and join with {{\"challenge\", \"solution\"}}"
+    )]
+    ProofRequired,
+    #[error(
+        "the proof of work is wrong, expired, used before, or not this shopper's for this product"
+    )]
+    InvalidProof,
     #[error("you already hold a reservation for this product")]
     AlreadyReserved(Uuid),
     #[error("the sale is already live; pass force to rebuild")]
@@ -170,6 +178,8 @@ impl ApiError {
             ApiError::RoomNotOpen => (too_early(), "room_not_open", "Waiting room not open"),
             ApiError::NotInRoom => (S::NOT_FOUND, "not_in_room", "Not in the waiting room"),
             ApiError::NotAdmitted => (S::FORBIDDEN, "not_admitted", "Not admitted"),
+            ApiError::ProofRequired => (S::FORBIDDEN, "proof_required", "Proof of work required"),
+            ApiError::InvalidProof => (S::FORBIDDEN, "invalid_proof", "Invalid proof of work"),
             ApiError::AlreadyReserved(_) => (S::CONFLICT, "already_reserved", "Already reserved"),
             ApiError::AlreadyLive => (S::CONFLICT, "already_live", "Sale already live"),
             ApiError::OrderClosed(_) => (S::CONFLICT, "order_closed", "Order closed"),
@@ -453,6 +463,8 @@ mod tests {
             ApiError::RoomNotOpen,
             ApiError::NotInRoom,
             ApiError::NotAdmitted,
+            ApiError::ProofRequired,
+            ApiError::InvalidProof,
             ApiError::Unavailable(Unavailable::BadReply("x".into())),
             ApiError::DatabaseUnavailable(anyhow::anyhow!("x")),
             ApiError::TimedOut,
@@ -480,6 +492,8 @@ mod tests {
                 | ApiError::RoomNotOpen
                 | ApiError::NotInRoom
                 | ApiError::NotAdmitted
+                | ApiError::ProofRequired
+                | ApiError::InvalidProof
                 | ApiError::AlreadyReserved(_)
                 | ApiError::AlreadyLive
                 | ApiError::OrderClosed(_)

@@ -1,7 +1,7 @@
 //! The shoppers' side of a waiting room (`src/room.rs`): joining, and where one stands — with
 //! the admission token once it is one's turn.
 
-use actix_web::{HttpResponse, get, http::header, post, web};
+use actix_web::{HttpRequest, HttpResponse, get, http::header, post, web};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -16,7 +16,29 @@ use crate::{
     products::ProductInfo,
     room::{Joined, Place, draw_key},
 };
-use std::sync::Arc;
+use serde::Deserialize;
+use std::{sync::Arc, time::Duration};
+
+/// How long a proof-of-work challenge may be solved and used.
+const CHALLENGE_TTL: Duration = Duration::from_secs(120);
+
+/// A proof-of-work challenge: find a `solution` such that SHA-256 of
+/// `"<challenge>:<solution>"` starts with `difficulty` zero bits.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ProofChallenge {
+    pub challenge: String,
+    /// Leading zero bits asked (about 2^difficulty hashes).
+    pub difficulty: u32,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// What a join takes: nothing, or for a room with proof of work the solved challenge.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    pub challenge: Option<String>,
+    pub solution: Option<String>,
+}
 
 /// Where a shopper stands in a product's waiting room.
 #[derive(Debug, Serialize, ToSchema)]
@@ -64,10 +86,48 @@ async fn room_product(ctx: &Ctx, id: ProductId) -> Result<Arc<ProductInfo>, ApiE
     Ok(product)
 }
 
-/// Joins the product's waiting room (once: joining again answers the same place).
+/// A proof-of-work challenge for joining the product's waiting room (its difficulty follows
+/// the room's join rate).
 #[utoipa::path(
     params(("id" = String, Path, description = "product id")),
     responses(
+        (status = 200, description = "OK", body = ProofChallenge),
+        (status = 401, description = "`unauthorized`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`product_not_found` or `no_waiting_room`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 410, description = "`ended`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+    ),
+    security(("user_jwt" = [])),
+    tag = "shoppers"
+)]
+#[post("/api/v1/products/{id}/room/challenge")]
+pub async fn room_challenge(
+    ctx: web::Data<Ctx>,
+    user: AuthUser,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = product_id(&path)?;
+    room_product(&ctx, id).await?;
+    let difficulty = ctx.rooms.difficulty(id);
+    let issued = ctx
+        .auth
+        .issue_challenge(user.0, id, difficulty, CHALLENGE_TTL)?;
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "private, no-store"))
+        .json(ProofChallenge {
+            challenge: issued.token,
+            difficulty,
+            expires_at: issued.expires_at,
+        }))
+}
+
+/// Joins the product's waiting room (once: joining again answers the same place). With proof
+/// of work, the body is a challenge of `POST …/room/challenge` and its solution.
+#[utoipa::path(
+    params(("id" = String, Path, description = "product id")),
+    request_body(content = Option<JoinRequest>, description = "Only for a room with proof of work", content_type = "application/json"),
+    responses(
+        (status = 400, description = "`bad_request`: a body that is not that JSON", body = crate::http::problem::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "`proof_required` or `invalid_proof` (wrong, expired, used before, another shopper's)", body = crate::http::problem::Problem, content_type = "application/problem+json"),
         (status = 200, description = "In the room: `awaiting_draw` before the start, else the place", body = RoomView),
         (status = 401, description = "`unauthorized`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
         (status = 404, description = "`product_not_found` or `no_waiting_room`", body = crate::http::problem::Problem, content_type = "application/problem+json"),
@@ -80,12 +140,34 @@ async fn room_product(ctx: &Ctx, id: ProductId) -> Result<Arc<ProductInfo>, ApiE
 )]
 #[post("/api/v1/products/{id}/room")]
 pub async fn join_room(
+    req: HttpRequest,
     ctx: web::Data<Ctx>,
     user: AuthUser,
     path: web::Path<String>,
+    payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let id = product_id(&path)?;
+    let body = crate::http::shop::read_bytes(payload).await?;
+    let proof: JoinRequest = if body.is_empty() {
+        JoinRequest::default()
+    } else {
+        crate::http::shop::require_json(&req)?;
+        crate::http::shop::parse_json::<Option<JoinRequest>>(&body)?.unwrap_or_default()
+    };
     let product = room_product(&ctx, id).await?;
+    if product.proof_of_work {
+        let (Some(challenge), Some(solution)) = (proof.challenge, proof.solution) else {
+            return Err(ApiError::ProofRequired);
+        };
+        let c = ctx
+            .auth
+            .check_challenge(&challenge, user.0, id)
+            .filter(|c| crate::pow::solves(&challenge, &solution, c.bits))
+            .ok_or(ApiError::InvalidProof)?;
+        if !ctx.rooms.use_challenge(id, &c.nonce, c.exp).await? {
+            return Err(ApiError::InvalidProof);
+        }
+    }
     match ctx
         .rooms
         .join(id, user.0, product.starts_at, draw_key())

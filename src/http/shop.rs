@@ -40,6 +40,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(my_reservation)
         .service(my_reservation_events)
         .service(issue_stream_token)
+        .service(crate::http::room::room_challenge)
         .service(crate::http::room::join_room)
         .service(crate::http::room::my_room);
 }
@@ -72,6 +73,8 @@ pub struct PublicProduct {
     pub remaining: i64,
     /// Shoppers join a waiting room (`POST …/room`) and buy once admitted.
     pub waiting_room: bool,
+    /// Joining it takes a proof of work (`POST …/room/challenge` first).
+    pub proof_of_work: bool,
 }
 
 /// A product and where its sale stands: the same for everyone, so a browser, a proxy or a CDN
@@ -132,6 +135,7 @@ pub async fn product_view(
         state,
         remaining,
         waiting_room: product.waiting_room,
+        proof_of_work: product.proof_of_work,
     };
     Ok(cacheable::json(
         &req,
@@ -383,7 +387,7 @@ pub(crate) async fn read_body(
 
 /// Checks a JSON body's `Content-Type` (`application/json`, any parameters): else a
 /// `400 bad_request` that says so.
-fn require_json(req: &actix_web::HttpRequest) -> Result<(), ApiError> {
+pub(crate) fn require_json(req: &actix_web::HttpRequest) -> Result<(), ApiError> {
     let json = req
         .headers()
         .get(actix_web::http::header::CONTENT_TYPE)

@@ -278,6 +278,7 @@ mod tests {
                     starts_at: Utc::now() - chrono::Duration::hours(1),
                     ends_at: self.ends_at,
                     waiting_room: false,
+                    proof_of_work: false,
                 })
             }))
         }

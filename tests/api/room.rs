@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use chrono::Utc;
 use seckill::{
+    config::PowSettings,
     domain::{ProductId, UserId},
+    pow,
     room::{Joined, Place, RoomSettings, Rooms, draw_key},
     startup::Role,
 };
@@ -21,6 +23,11 @@ fn settings() -> RoomSettings {
         factor_percent: 120,
         rate: 1_000,
         admission: Duration::from_secs(60),
+        pow: PowSettings {
+            min_bits: 16,
+            max_bits: 24,
+            join_rate: 100,
+        },
     }
 }
 
@@ -285,5 +292,142 @@ async fn a_room_admits_no_more_than_the_units_left_allow_and_more_when_units_com
     })
     .await;
     assert!(next, "a returned unit admits one more");
+    app.stop().await;
+}
+
+/// Creates a product with a waiting room that takes a proof of work; its id.
+async fn pow_product(app: &TestApp) -> i64 {
+    let res = app
+        .api
+        .post_admin(
+            "/api/v1/admin/products",
+            Some(json!({"name": "proof", "stock": 5, "price_cents": 100,
+                        "starts_at": at(300), "ends_at": at(3_600),
+                        "waiting_room": true, "proof_of_work": true})),
+        )
+        .await;
+    assert_eq!(res.status(), 201);
+    let p = res.json::<Value>().await.unwrap()["product_id"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(app.api.preheat(p, false).await.status(), 200);
+    p
+}
+
+async fn challenge(app: &TestApp, user: i64, p: i64) -> (String, u32) {
+    let res = app
+        .api
+        .user_post(user, &format!("/api/v1/products/{p}/room/challenge"))
+        .await;
+    assert_eq!(res.status(), 200);
+    let c: Value = res.json().await.unwrap();
+    (
+        c["challenge"].as_str().unwrap().to_owned(),
+        u32::try_from(c["difficulty"].as_u64().unwrap()).unwrap(),
+    )
+}
+
+async fn join_with(app: &TestApp, user: i64, p: i64, body: Option<Value>) -> reqwest::Response {
+    let mut req = app
+        .api
+        .client
+        .post(format!("{}/api/v1/products/{p}/room", app.api.http))
+        .bearer_auth(jwt(user));
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    req.send().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn joining_a_room_with_proof_of_work_takes_a_fresh_solved_challenge_of_ones_own() {
+    let app = TestApp::spawn_with(
+        Role::Serve,
+        &[
+            ("SECKILL_POW_MIN_BITS", "8"),
+            ("SECKILL_POW_MAX_BITS", "12"),
+            ("SECKILL_POW_JOIN_RATE", "10"),
+        ],
+    )
+    .await;
+    let p = pow_product(&app).await;
+    assert_eq!(app.api.product(p).await["proof_of_work"], true);
+    assert_problem(join_with(&app, 1, p, None).await, 403, "proof_required").await;
+
+    let (c, bits) = challenge(&app, 1, p).await;
+    assert_eq!(bits, 8, "the minimum while nobody joins");
+    let solution = pow::solve(&c, bits);
+    // A wrong solution, and another shopper's challenge, are refused.
+    let wrong = (0u64..)
+        .map(|n| n.to_string())
+        .find(|s| !pow::solves(&c, s, bits))
+        .unwrap();
+    let refused = join_with(&app, 1, p, Some(json!({"challenge": c, "solution": wrong}))).await;
+    assert_problem(refused, 403, "invalid_proof").await;
+    let stolen = join_with(
+        &app,
+        2,
+        p,
+        Some(json!({"challenge": c, "solution": solution})),
+    )
+    .await;
+    assert_problem(stolen, 403, "invalid_proof").await;
+    // Solved: in the room. The same proof again is refused (used).
+    let joined = join_with(
+        &app,
+        1,
+        p,
+        Some(json!({"challenge": c, "solution": solution})),
+    )
+    .await;
+    assert_eq!(joined.status(), 200);
+    let again = join_with(
+        &app,
+        1,
+        p,
+        Some(json!({"challenge": c, "solution": solution})),
+    )
+    .await;
+    assert_problem(again, 403, "invalid_proof").await;
+    // A challenge signed with another key is no challenge.
+    let forged = seckill::auth::Auth::new(
+        &seckill::config::Secrets {
+            jwt_secret: None,
+            admin_token: "another-admin-token-of-32-chars!!".to_owned().into(),
+            token_secret: "another-token-secret-of-32-chars!".to_owned().into(),
+            service_tokens: Vec::new(),
+        },
+        Duration::from_secs(60),
+    )
+    .issue_challenge(
+        UserId::try_from(3_i64).unwrap(),
+        ProductId::try_from(p).unwrap(),
+        0,
+        Duration::from_secs(60),
+    )
+    .unwrap()
+    .token;
+    let res = join_with(
+        &app,
+        3,
+        p,
+        Some(json!({"challenge": forged, "solution": "0"})),
+    )
+    .await;
+    assert_problem(res, 403, "invalid_proof").await;
+
+    // Shoppers join fast: 60 joins in about a second, far above 10 a second, so the room's
+    // admission passes (4 a second) see the rate and the difficulty rises.
+    for u in 10..70 {
+        let (c, bits) = challenge(&app, u, p).await;
+        let s = pow::solve(&c, bits);
+        let res = join_with(&app, u, p, Some(json!({"challenge": c, "solution": s}))).await;
+        assert_eq!(res.status(), 200);
+    }
+    let harder = eventually(Duration::from_secs(3), || async {
+        challenge(&app, 99, p).await.1 > 8
+    })
+    .await;
+    assert!(harder, "the difficulty follows the join rate");
     app.stop().await;
 }

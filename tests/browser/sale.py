@@ -206,13 +206,15 @@ def page_bytes(driver):
 
 
 def room_sale(alice, bob):
-    """A product with a waiting room: both shoppers join the line before the start, are
-    admitted after it (the room admits 2 for the one unit here), and one wins."""
+    """A product with a waiting room that takes a proof of work: both shoppers solve it (a Web
+    Worker, WebCrypto) and join the line before the start, are admitted after it (the room
+    admits 2 for the one unit here), and one wins."""
     now = datetime.datetime.now(datetime.timezone.utc)
     body = json.dumps({
         "name": "Waiting cat", "stock": 1, "price_cents": 500, "currency": "EUR",
         "starts_at": (now + datetime.timedelta(seconds=12)).isoformat(),
         "ends_at": (now + datetime.timedelta(minutes=10)).isoformat(), "waiting_room": True,
+        "proof_of_work": True,
     }).encode()
     def call(path, data):
         req = urllib.request.Request(f"{CONSOLE}{path}", data=data, method="POST", headers={
