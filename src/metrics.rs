@@ -51,6 +51,9 @@ pub struct Metrics {
     pub reserve_batch: Histogram,
     pub relay_lag: Histogram,
     pub outbox_length: IntGaugeVec,
+    /// A waiting room's figures at this process's last admission pass, by product and figure
+    /// (`in_room`, `admitted`, `undecided`).
+    pub room: IntGaugeVec,
     /// Products the relay tracks (preheated, not retired) and the ones it reads (live or
     /// draining).
     pub relay_products: IntGauge,
@@ -276,6 +279,13 @@ impl Metrics {
                 ),
                 &["product"],
             )?,
+            room: IntGaugeVec::new(
+                Opts::new(
+                    "room_shoppers",
+                    "A waiting room's shoppers by product and figure: in_room (joined), admitted (places admitted so far), undecided (admitted, not yet bought, admission running)",
+                ),
+                &["product", "figure"],
+            )?,
             relay_products: IntGauge::new(
                 "relay_products",
                 "Products the relay tracks: preheated and not retired",
@@ -459,6 +469,7 @@ impl Metrics {
         m.registry.register(Box::new(m.relay_batch.clone()))?;
         m.registry.register(Box::new(m.relay_lag.clone()))?;
         m.registry.register(Box::new(m.outbox_length.clone()))?;
+        m.registry.register(Box::new(m.room.clone()))?;
         m.registry.register(Box::new(m.relay_products.clone()))?;
         m.registry.register(Box::new(m.relay_reading.clone()))?;
         m.registry

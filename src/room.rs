@@ -285,14 +285,38 @@ pub fn draw_key() -> u64 {
 pub async fn admit_rooms(
     rooms: Rooms,
     db: DatabaseConnection,
+    metrics: Arc<crate::metrics::Metrics>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    const FIGURES: [&str; 3] = ["in_room", "admitted", "undecided"];
+    // The rooms this process shows figures of: a room that closed leaves /metrics.
+    let mut shown = std::collections::HashSet::new();
     while !shutdown.is_cancelled() {
         match crate::products::live_rooms(&db, rooms.settings.opens_before).await {
             Ok(live) => {
+                let open: std::collections::HashSet<ProductId> =
+                    live.iter().map(|(id, _)| *id).collect();
+                for gone in shown.difference(&open) {
+                    for figure in FIGURES {
+                        let _ = metrics
+                            .room
+                            .remove_label_values(&[&gone.to_string(), figure]);
+                    }
+                }
+                shown = open;
                 for (id, starts_at) in live {
-                    if let Err(e) = rooms.admit(id, starts_at).await {
-                        tracing::warn!(product_id = id.get(), error = %e, "a waiting room's admission failed; retrying");
+                    match rooms.admit(id, starts_at).await {
+                        Ok(a) => {
+                            let product = id.to_string();
+                            for (figure, n) in
+                                FIGURES.into_iter().zip([a.total, a.admitted, a.undecided])
+                            {
+                                metrics.room.with_label_values(&[&product, figure]).set(n);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(product_id = id.get(), error = %e, "a waiting room's admission failed; retrying")
+                        }
                     }
                 }
             }

@@ -169,6 +169,7 @@ impl Application {
         self.tasks.spawn(crate::room::admit_rooms(
             ctx.rooms.clone(),
             self.deps.db.clone(),
+            self.deps.metrics.clone(),
             self.stop.child_token(),
         ));
         self.tasks

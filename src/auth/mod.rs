@@ -383,19 +383,22 @@ impl Auth {
         audience: &str,
         ttl: Duration,
     ) -> anyhow::Result<IssuedToken> {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH)?;
-        let exp = (now + ttl).as_secs();
-        let claims = TokenClaims {
-            sub: user.to_string(),
-            pid: product.get(),
+        let exp = expiry(ttl)?;
+        self.encode(
+            &TokenClaims {
+                sub: user.to_string(),
+                pid: product.get(),
+                exp,
+                aud: audience.to_owned(),
+            },
             exp,
-            aud: audience.to_owned(),
-        };
-        let token = jsonwebtoken::encode(
-            &Header::new(Algorithm::HS256),
-            &claims,
-            &self.token_encoding,
-        )?;
+        )
+    }
+
+    /// `claims` signed with the token key (HS256), expiring at `exp`.
+    fn encode(&self, claims: &impl Serialize, exp: u64) -> anyhow::Result<IssuedToken> {
+        let token =
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.token_encoding)?;
         let expires_at = DateTime::from_timestamp(i64::try_from(exp)?, 0).unwrap_or_else(Utc::now);
         Ok(IssuedToken { token, expires_at })
     }
@@ -464,23 +467,18 @@ impl Auth {
         bits: u32,
         ttl: Duration,
     ) -> anyhow::Result<IssuedToken> {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH)?;
-        let exp = (now + ttl).as_secs();
-        let claims = ChallengeClaims {
-            sub: user.to_string(),
-            pid: product.get(),
+        let exp = expiry(ttl)?;
+        self.encode(
+            &ChallengeClaims {
+                sub: user.to_string(),
+                pid: product.get(),
+                exp,
+                aud: CHALLENGE_AUDIENCE.to_owned(),
+                n: hex::encode(fastrand::u128(..).to_be_bytes()),
+                d: bits,
+            },
             exp,
-            aud: CHALLENGE_AUDIENCE.to_owned(),
-            n: hex::encode(fastrand::u128(..).to_be_bytes()),
-            d: bits,
-        };
-        let token = jsonwebtoken::encode(
-            &Header::new(Algorithm::HS256),
-            &claims,
-            &self.token_encoding,
-        )?;
-        let expires_at = DateTime::from_timestamp(i64::try_from(exp)?, 0).unwrap_or_else(Utc::now);
-        Ok(IssuedToken { token, expires_at })
+        )
     }
 
     /// The challenge, if `challenge` is one this server signed for `user` and `product` and it
@@ -511,6 +509,11 @@ impl Auth {
         let ((user, named), _) = self.verify(token, &self.stream_validation)?;
         (named == product).then_some(user)
     }
+}
+
+/// Unix seconds `ttl` from now.
+fn expiry(ttl: Duration) -> anyhow::Result<u64> {
+    Ok((SystemTime::now().duration_since(UNIX_EPOCH)? + ttl).as_secs())
 }
 
 /// Fetches the shoppers' JWKS every [`keys::JWKS_REFRESH`] until shutdown (without one, it only

@@ -231,6 +231,9 @@ async fn a_room_admits_no_more_than_the_units_left_allow_and_more_when_units_com
         2,
         "never more than remaining × factor: {first:?}"
     );
+    let figure = |f: &str| format!("seckill_room_shoppers{{figure=\"{f}\",product=\"{p}\"}}");
+    assert_eq!(api.metric(&figure("in_room")).await, 10.0);
+    assert_eq!(api.metric(&figure("undecided")).await, 2.0);
     let waiting = users.iter().copied().find(|u| !first.contains(u)).unwrap();
     let view = room_me(&app, waiting, p).await;
     assert_eq!(view["state"], "waiting", "{view}");
