@@ -26,6 +26,8 @@ ARGV: 1 op, then
           -> {admitted, total, undecided, remaining (-1: no sale state)}
 ]]
 local op = ARGV[1]
+-- Bounds on one admission pass: winners looked for, places admitted.
+local CHECK, PER_PASS = 1000, 10000
 local t = redis.call("TIME")
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
@@ -109,9 +111,11 @@ if op == "admit" then
   end
   local total = early + tonumber(redis.call("HGET", KEYS[1], "late") or "0")
   local admitted = tonumber(redis.call("HGET", KEYS[1], "admitted") or "0")
-  -- Admissions that ran out, and shoppers who won since, are no longer undecided.
+  -- Admissions that ran out, and shoppers who won since, are no longer undecided (winners
+  -- are looked for among the CHECK admitted longest ago per pass, so a pass stays bounded
+  -- however large the stock; a winner beyond them leaves when its admission runs out).
   redis.call("ZREMRANGEBYSCORE", KEYS[4], "-inf", now)
-  local waiting = redis.call("ZRANGE", KEYS[4], 0, -1)
+  local waiting = redis.call("ZRANGE", KEYS[4], 0, CHECK - 1)
   for _, user in ipairs(waiting) do
     if redis.call("HEXISTS", KEYS[6], user) == 1 then
       redis.call("ZREM", KEYS[4], user)
@@ -126,7 +130,7 @@ if op == "admit" then
   local since = tonumber(redis.call("HGET", KEYS[1], "tokens_ms") or tostring(now))
   tokens = math.min(rate, tokens + rate * math.max(0, now - since) / 1000)
   local room = math.floor(left * factor / 1000) - undecided
-  local n = math.min(room, math.floor(tokens), total - admitted)
+  local n = math.min(room, math.floor(tokens), total - admitted, PER_PASS)
   for place = admitted + 1, admitted + n do
     local user
     if place <= early then
