@@ -83,6 +83,8 @@ pub struct Rooms {
     pub settings: RoomSettings,
     /// Each room's join rate as this process's admission passes saw it.
     rates: Arc<Mutex<HashMap<ProductId, JoinRate>>>,
+    /// Each room's figures at this process's last admission pass (the console's).
+    last: Arc<Mutex<HashMap<ProductId, Admission>>>,
 }
 
 /// When a pass measured, the shoppers in the room then, and the joins a second since the
@@ -101,7 +103,17 @@ impl Rooms {
             script: Script::from_lua(ROOM),
             settings,
             rates: Arc::default(),
+            last: Arc::default(),
         }
+    }
+
+    /// `product`'s room at this process's last admission pass (none yet: `None`).
+    pub fn last_pass(&self, product: ProductId) -> Option<Admission> {
+        self.last
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&product)
+            .copied()
     }
 
     /// Shoppers joining `product`'s room per second, lately (0 before any measure).
@@ -264,12 +276,17 @@ impl Rooms {
             )));
         };
         self.saw_total(product, *total);
-        Ok(Admission {
+        let pass = Admission {
             admitted: *admitted,
             total: *total,
             undecided: *undecided,
             remaining: (*remaining >= 0).then_some(*remaining),
-        })
+        };
+        self.last
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(product, pass);
+        Ok(pass)
     }
 }
 

@@ -78,6 +78,8 @@
       currency: $("c-currency").value.trim().toUpperCase() || undefined,
       starts_at: new Date(starts).toISOString(),
       ends_at: new Date(ends).toISOString(),
+      waiting_room: $("c-room").checked || $("c-pow").checked,
+      proof_of_work: $("c-pow").checked,
     };
     const res = await api("POST", "/api/v1/admin/products", { bearer: token, json: body }).catch(() => null);
     if (!res) return notice("The server could not be reached.");
@@ -138,6 +140,7 @@
       ["stock", "Units"],
       ["price", "Price"],
       ["when", "Window"],
+      ["room", "Waiting room"],
     ]) {
       const [row, dd] = figure(label);
       dd.dataset.figure = key;
@@ -271,6 +274,10 @@
     const ends = Date.parse(p.ends_at);
     setText(f.when, now < starts ? `starts in ${duration(starts - now)}`
       : now < ends ? `ends in ${duration(ends - now)}` : "over");
+    const r = p.room;
+    setText(f.room, !p.waiting_room ? "none"
+      : !r ? "open soon"
+      : `${r.in_room} in line, ${r.admitted} admitted, ${r.undecided} deciding (at most ${r.admit_rate}/s, ${r.factor_percent}% of units left)${p.proof_of_work ? ", proof of work" : ""}`);
     // Decisions per second: two readings of this process's counters, by the server's clock.
     const counts = p.decisions || {};
     const total = Object.values(counts).reduce((a, b) => a + b, 0);

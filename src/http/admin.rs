@@ -233,6 +233,25 @@ pub struct ProductOverview {
     /// counted by *this process* since it started (not summed over several `serve`
     /// processes): two readings give decisions per second.
     pub decisions: std::collections::BTreeMap<String, u64>,
+    /// A product with a waiting room: its figures at this process's last admission pass (4 a
+    /// second while the room is open; `null` before the first).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub room: Option<RoomFigures>,
+}
+
+/// A waiting room, for the console.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RoomFigures {
+    /// Shoppers who joined.
+    pub in_room: i64,
+    /// Places admitted so far.
+    pub admitted: i64,
+    /// Admitted, not yet bought, admission running.
+    pub undecided: i64,
+    /// `SECKILL_ROOM_ADMIT_RATE`: most admitted a second.
+    pub admit_rate: u64,
+    /// `SECKILL_ROOM_FACTOR_PERCENT`: undecided at most this % of the units left.
+    pub factor_percent: u64,
 }
 
 /// Live figures of the most recent products, the queues and the relay, for the console.
@@ -279,6 +298,16 @@ pub async fn overview(ctx: web::Data<Ctx>, _admin: Admin) -> Result<HttpResponse
                     .zip(counts.unwrap_or_default())
                     .map(|(label, n)| ((*label).to_owned(), n))
                     .collect(),
+                room: id
+                    .filter(|_| product.waiting_room)
+                    .and_then(|id| ctx.rooms.last_pass(id))
+                    .map(|a| RoomFigures {
+                        in_room: a.total,
+                        admitted: a.admitted,
+                        undecided: a.undecided,
+                        admit_rate: ctx.rooms.settings.rate,
+                        factor_percent: ctx.rooms.settings.factor_percent,
+                    }),
                 product,
             }
         })

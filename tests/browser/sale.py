@@ -205,7 +205,7 @@ def page_bytes(driver):
     )
 
 
-def room_sale(alice, bob):
+def room_sale(console, alice, bob):
     """A product with a waiting room that takes a proof of work: both shoppers solve it (a Web
     Worker, WebCrypto) and join the line before the start, are admitted after it (the room
     admits 2 for the one unit here), and one wins."""
@@ -239,6 +239,9 @@ def room_sale(alice, bob):
     find(bob, "#buy").click()
     wait_text(bob, "#answer", r"Sold out")
     shot(bob, "storefront-room-sold-out")
+    # The console shows the room: two joined, two admitted.
+    room = f'article[data-product-id="{product}"] dd[data-figure="room"]'
+    wait_text(console, room, r"^2 in line, 2 admitted, .*proof of work$", 30)
 
 
 def main():
@@ -321,7 +324,7 @@ def main():
     shot(console, "console-phone")
 
     step("a sale with a waiting room: both shoppers join the line, are admitted, one wins")
-    room_sale(alice, bob)
+    room_sale(console, alice, bob)
 
     for who, name in ((console, "the operator"), (alice, "shopper 1"), (bob, "shopper 2")):
         no_script_errors(who, name)
