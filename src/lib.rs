@@ -20,7 +20,10 @@
 //!   error into problem+json in one place; [`http::fallback`] answers what no route takes
 //!   (`405` with `Allow` for a known path, read from the OpenAPI document, else `404`).
 //!   [`http::pages`] serves the storefront page (`/`, `/p/{id}`) and the operators' console
-//!   (`/console`) from `web/`; [`http::dev`] is the development sign-in the storefront uses.
+//!   (`/console`) from `web/` (files by content hash); [`http::cacheable`] tags the public
+//!   answers (`ETag`, `304`); [`http::dev`] is the development sign-in the storefront uses.
+//! - [`room`] + `lua/room.lua` — a product's waiting room: joins, the draw at the start,
+//!   stock-aware admission ([`http::room`] is its routes; [`pow`] the proof of work to join).
 //! - [`purchase`] — the decision's home: an attempt's checks in order, cheapest first
 //!   (sold-out memory, product, body, purchase token, recovering), then the [`purchase::Batcher`]
 //!   that gathers the attempts on one product arriving while a call is in flight into one

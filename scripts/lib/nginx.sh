@@ -47,6 +47,10 @@ nginx_loopback_conf() { # DIR PORT UPSTREAM...
     {
         echo "# Written by scripts/lib/nginx.sh: seckill on loopback behind nginx's micro-cache."
         echo "daemon off;"
+        # Workers as this user: the default (nobody) may not reach a checkout under a private
+        # directory (a 0700 mktemp -d), and the cache then fails with a 500. Without root the
+        # directive is ignored.
+        if [ "$(id -u)" -eq 0 ]; then echo "user $(id -un) $(id -gn);"; fi
         echo "pid $dir/nginx.pid;"
         echo "error_log $dir/logs/error.log warn;"
         echo "worker_processes 1;"
