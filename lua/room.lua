@@ -45,7 +45,7 @@ local function frozen(starts_ms)
   return n
 end
 
-local function place_of(user, early)
+local function place_of(user)
   local rank = redis.call("ZRANK", KEYS[2], user)
   if rank then
     return rank + 1
@@ -73,7 +73,7 @@ if op == "join" then
     redis.call("ZADD", KEYS[2], "NX", key, user)
     return {0, redis.call("ZCARD", KEYS[2])}
   end
-  local place = place_of(user, early)
+  local place = place_of(user)
   if place then
     return {place}
   end
@@ -91,7 +91,7 @@ if op == "status" then
       place = -1
     end
   else
-    place = place_of(user, early) or 0
+    place = place_of(user) or 0
   end
   local admitted = tonumber(redis.call("HGET", KEYS[1], "admitted") or "0")
   local total = (early or redis.call("ZCARD", KEYS[2])) + tonumber(redis.call("HGET", KEYS[1], "late") or "0")

@@ -81,15 +81,19 @@ pub struct Rooms {
     keys: Keys,
     script: Script,
     pub settings: RoomSettings,
-    /// Each room's join rate as this process's admission passes saw it.
-    rates: Arc<Mutex<HashMap<ProductId, JoinRate>>>,
-    /// Each room's figures at this process's last admission pass (the console's).
-    last: Arc<Mutex<HashMap<ProductId, Admission>>>,
+    /// Each room as this process's admission passes saw it.
+    seen: Arc<Mutex<HashMap<ProductId, Seen>>>,
 }
 
-/// When a pass measured, the shoppers in the room then, and the joins a second since the
-/// measure before.
-type JoinRate = (Instant, i64, f64);
+/// A room at this process's admission passes: the last pass's figures (the console's), and
+/// the join rate (joins a second between the last two measures at least 0.2 s apart).
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    last: Admission,
+    measured_at: Instant,
+    measured_total: i64,
+    rate: f64,
+}
 
 fn ms(t: DateTime<Utc>) -> String {
     t.timestamp_millis().to_string()
@@ -102,43 +106,43 @@ impl Rooms {
             keys,
             script: Script::from_lua(ROOM),
             settings,
-            rates: Arc::default(),
-            last: Arc::default(),
+            seen: Arc::default(),
         }
     }
 
-    /// `product`'s room at this process's last admission pass (none yet: `None`).
-    pub fn last_pass(&self, product: ProductId) -> Option<Admission> {
-        self.last
+    fn seen(&self, product: ProductId) -> Option<Seen> {
+        self.seen
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(&product)
             .copied()
     }
 
-    /// Shoppers joining `product`'s room per second, lately (0 before any measure).
-    pub fn join_rate(&self, product: ProductId) -> f64 {
-        self.rates
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&product)
-            .map_or(0.0, |r| r.2)
+    /// `product`'s room at this process's last admission pass (none yet: `None`).
+    pub fn last_pass(&self, product: ProductId) -> Option<Admission> {
+        self.seen(product).map(|s| s.last)
     }
 
-    fn saw_total(&self, product: ProductId, total: i64) {
+    /// Shoppers joining `product`'s room per second, lately (0 before any measure).
+    pub fn join_rate(&self, product: ProductId) -> f64 {
+        self.seen(product).map_or(0.0, |s| s.rate)
+    }
+
+    /// Records an admission pass: its figures, and the join rate since the last measure.
+    fn saw(&self, product: ProductId, pass: Admission) {
         let now = Instant::now();
-        let mut rates = self.rates.lock().unwrap_or_else(PoisonError::into_inner);
-        match rates.get_mut(&product) {
-            Some((at, seen, rate)) => {
-                let secs = now.duration_since(*at).as_secs_f64();
-                if secs >= 0.2 {
-                    *rate = (total - *seen).max(0) as f64 / secs;
-                    (*at, *seen) = (now, total);
-                }
-            }
-            None => {
-                rates.insert(product, (now, total, 0.0));
-            }
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        let s = seen.entry(product).or_insert(Seen {
+            last: pass,
+            measured_at: now,
+            measured_total: pass.total,
+            rate: 0.0,
+        });
+        s.last = pass;
+        let secs = now.duration_since(s.measured_at).as_secs_f64();
+        if secs >= 0.2 {
+            s.rate = (pass.total - s.measured_total).max(0) as f64 / secs;
+            (s.measured_at, s.measured_total) = (now, pass.total);
         }
     }
 
@@ -275,17 +279,13 @@ impl Rooms {
                 "room.lua admit answered {reply:?}"
             )));
         };
-        self.saw_total(product, *total);
         let pass = Admission {
             admitted: *admitted,
             total: *total,
             undecided: *undecided,
             remaining: (*remaining >= 0).then_some(*remaining),
         };
-        self.last
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(product, pass);
+        self.saw(product, pass);
         Ok(pass)
     }
 }

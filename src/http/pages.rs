@@ -89,6 +89,17 @@ fn named() -> &'static [Named; 5] {
     })
 }
 
+/// The storefront's and the console's documents with their files' hashed names, made once.
+fn shop_template() -> &'static str {
+    static PAGE: OnceLock<String> = OnceLock::new();
+    PAGE.get_or_init(|| with_hashed_assets(SHOP_HTML))
+}
+
+fn console_page() -> &'static str {
+    static PAGE: OnceLock<String> = OnceLock::new();
+    PAGE.get_or_init(|| with_hashed_assets(CONSOLE_HTML))
+}
+
 /// `html` with every `/assets/<file>` replaced by the file's hashed name.
 fn with_hashed_assets(html: &str) -> String {
     ASSETS
@@ -162,7 +173,7 @@ fn storefront(req: &HttpRequest, ctx: &Ctx) -> HttpResponse {
     let checkout = attribute(settings.checkout_url.as_deref().unwrap_or(""));
     page(
         req,
-        with_hashed_assets(SHOP_HTML)
+        shop_template()
             .replace("{{dev}}", dev)
             .replace("{{checkout}}", &checkout),
     )
@@ -196,7 +207,7 @@ async fn shop_product(req: HttpRequest, ctx: web::Data<Ctx>) -> HttpResponse {
 
 #[get("/console")]
 async fn console(req: HttpRequest) -> HttpResponse {
-    page(&req, with_hashed_assets(CONSOLE_HTML))
+    page(&req, console_page().to_owned())
 }
 
 #[get("/assets/{file}")]

@@ -147,13 +147,7 @@ pub async fn join_room(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let id = product_id(&path)?;
-    let body = crate::http::shop::read_bytes(payload).await?;
-    let proof: JoinRequest = if body.is_empty() {
-        JoinRequest::default()
-    } else {
-        crate::http::shop::require_json(&req)?;
-        crate::http::shop::parse_json::<Option<JoinRequest>>(&body)?.unwrap_or_default()
-    };
+    let proof: JoinRequest = crate::http::shop::read_optional_json(&req, payload).await?;
     let product = room_product(&ctx, id).await?;
     if product.proof_of_work {
         let (Some(challenge), Some(solution)) = (proof.challenge, proof.solution) else {

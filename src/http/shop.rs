@@ -242,14 +242,7 @@ pub async fn issue_token(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let id = product_id(&path)?;
-    // No body (or JSON `null`), or `{"admission_token": …}` as JSON.
-    let body = read_bytes(payload).await?;
-    let asked: TokenRequest = if body.is_empty() {
-        TokenRequest::default()
-    } else {
-        require_json(&req)?;
-        parse_json::<Option<TokenRequest>>(&body)?.unwrap_or_default()
-    };
+    let asked: TokenRequest = read_optional_json(&req, payload).await?;
     let product = ctx
         .products
         .get(&ctx.deps.db, id)
@@ -385,9 +378,23 @@ pub(crate) async fn read_body(
     read_bytes(payload).await
 }
 
+/// An optional JSON body: none (or JSON `null`) is `T::default()`; anything else must be JSON
+/// (`Content-Type` and content) of `T`, else a `400 bad_request` that says why.
+pub(crate) async fn read_optional_json<T: serde::de::DeserializeOwned + Default>(
+    req: &actix_web::HttpRequest,
+    payload: web::Payload,
+) -> Result<T, ApiError> {
+    let body = read_bytes(payload).await?;
+    if body.is_empty() {
+        return Ok(T::default());
+    }
+    require_json(req)?;
+    Ok(parse_json::<Option<T>>(&body)?.unwrap_or_default())
+}
+
 /// Checks a JSON body's `Content-Type` (`application/json`, any parameters): else a
 /// `400 bad_request` that says so.
-pub(crate) fn require_json(req: &actix_web::HttpRequest) -> Result<(), ApiError> {
+fn require_json(req: &actix_web::HttpRequest) -> Result<(), ApiError> {
     let json = req
         .headers()
         .get(actix_web::http::header::CONTENT_TYPE)

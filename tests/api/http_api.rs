@@ -9,8 +9,8 @@ use seckill::{
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    ADMIN_TOKEN, JWT_SECRET, OwnRedis, TestApp, assert_problem, at, eventually, http_sale, jwt,
-    pg_count, purchase_token, sign,
+    ADMIN_TOKEN, Api, JWT_SECRET, OwnRedis, TestApp, assert_problem, at, eventually, http_sale,
+    jwt, pg_count, purchase_token, sign,
 };
 
 fn generous() -> [(&'static str, &'static str); 1] {
@@ -77,6 +77,26 @@ async fn sale_window_answers_425_before_and_410_after() {
     app.stop().await;
 }
 
+/// Buys sold-out `p` as shoppers `first`, `first + 1`, … until an answer comes from this
+/// process's sold-out memory (the preheat's own `stock:<id>` event may reach the process after
+/// the win that sold it out and clear the memory once: a clear is always safe, and the next
+/// sold-out answer marks it again); the last shopper used.
+async fn remembered_sold_out(api: &Api, p: i64, first: i64) -> i64 {
+    let mut next = first - 1;
+    let remembered = eventually(Duration::from_secs(5), || {
+        next += 1;
+        let u = next;
+        async move {
+            let before = api.metric("seckill_soldout_cache_hits_total").await;
+            assert_problem(api.buy(u, p).await, 410, "sold_out").await;
+            api.metric("seckill_soldout_cache_hits_total").await > before
+        }
+    })
+    .await;
+    assert!(remembered, "sold out is answered from memory");
+    next
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sold_out_is_410_and_then_answered_from_memory_without_redis() {
     let app = TestApp::spawn_with(Role::Serve, &generous()).await;
@@ -89,21 +109,7 @@ async fn sold_out_is_410_and_then_answered_from_memory_without_redis() {
         (Some("sold_out"), Some(0))
     );
 
-    // The preheat's own `stock:<id>` event may reach this process after the win above and
-    // clear the memory once (a clear is always safe); the next sold-out answer marks it again.
-    let mut first_from_memory = 2;
-    let remembered = eventually(Duration::from_secs(5), || {
-        first_from_memory += 1;
-        let u = first_from_memory;
-        async move {
-            let before = api.metric("seckill_soldout_cache_hits_total").await;
-            assert_problem(api.buy(u, p).await, 410, "sold_out").await;
-            api.metric("seckill_soldout_cache_hits_total").await > before
-        }
-    })
-    .await;
-    assert!(remembered, "sold out is answered from memory");
-    let from = first_from_memory + 1;
+    let from = remembered_sold_out(api, p, 3).await + 1;
     let hits_before = api.metric("seckill_soldout_cache_hits_total").await;
     for u in from..from + 20 {
         assert_problem(api.buy(u, p).await, 410, "sold_out").await;
@@ -202,18 +208,7 @@ async fn a_sold_out_memory_no_message_cleared_asks_redis_again_within_two_second
     let api = &app.api;
     let p = api.live_product(1).await;
     assert_eq!(api.buy(1, p).await.status(), 202);
-    let mut next = 2;
-    let remembered = eventually(Duration::from_secs(5), || {
-        next += 1;
-        let u = next;
-        async move {
-            let before = api.metric("seckill_soldout_cache_hits_total").await;
-            assert_problem(api.buy(u, p).await, 410, "sold_out").await;
-            api.metric("seckill_soldout_cache_hits_total").await > before
-        }
-    })
-    .await;
-    assert!(remembered, "sold out is answered from memory");
+    let mut next = remembered_sold_out(api, p, 3).await;
     // A unit free again in Redis, and no message about it.
     let state = app.keys().product(ProductId::try_from(p).unwrap()).state;
     let _: i64 = fred::prelude::HashesInterface::hset(&app.redis, &state, ("remaining", 1))

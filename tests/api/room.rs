@@ -136,6 +136,26 @@ async fn the_order_drawn_at_the_start_is_independent_of_when_each_shopper_joined
     app.stop().await;
 }
 
+/// Creates and preheats a product of `stock` units with a waiting room (and a proof of work to
+/// join it, if `proof`), on sale from `starts_in` seconds from now; its id.
+async fn room_product(app: &TestApp, stock: i64, starts_in: i64, proof: bool) -> i64 {
+    let res = app
+        .api
+        .post_admin(
+            "/api/v1/admin/products",
+            Some(json!({"name": "roomed", "stock": stock, "price_cents": 100,
+                        "starts_at": at(starts_in), "ends_at": at(3_600),
+                        "waiting_room": true, "proof_of_work": proof})),
+        )
+        .await;
+    assert_eq!(res.status(), 201);
+    let p = res.json::<Value>().await.unwrap()["product_id"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(app.api.preheat(p, false).await.status(), 200);
+    p
+}
+
 async fn room_me(app: &TestApp, user: i64, p: i64) -> Value {
     let res = app
         .api
@@ -146,21 +166,33 @@ async fn room_me(app: &TestApp, user: i64, p: i64) -> Value {
     res.json().await.unwrap()
 }
 
+/// A shopper's POST to `path` of product `p`'s routes, with `body` as JSON if any.
+async fn shopper_post(
+    app: &TestApp,
+    user: i64,
+    p: i64,
+    path: &str,
+    body: Option<Value>,
+) -> reqwest::Response {
+    let mut req = app
+        .api
+        .client
+        .post(format!("{}/api/v1/products/{p}/{path}", app.api.http))
+        .bearer_auth(jwt(user));
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    req.send().await.unwrap()
+}
+
 async fn token_with(
     app: &TestApp,
     user: i64,
     p: i64,
     admission: Option<&str>,
 ) -> reqwest::Response {
-    let mut req = app
-        .api
-        .client
-        .post(format!("{}/api/v1/products/{p}/token", app.api.http))
-        .bearer_auth(jwt(user));
-    if let Some(t) = admission {
-        req = req.json(&json!({ "admission_token": t }));
-    }
-    req.send().await.unwrap()
+    let body = admission.map(|t| json!({ "admission_token": t }));
+    shopper_post(app, user, p, "token", body).await
 }
 
 /// Admits everyone whose state is `admitted` now; their users.
@@ -178,18 +210,7 @@ async fn admitted(app: &TestApp, users: &[i64], p: i64) -> Vec<i64> {
 async fn a_room_admits_no_more_than_the_units_left_allow_and_more_when_units_come_back() {
     let app = TestApp::spawn_with(Role::All, &[("SECKILL_USER_RATE", "1000/1s")]).await;
     let api = &app.api;
-    let res = api
-        .post_admin(
-            "/api/v1/admin/products",
-            Some(json!({"name": "roomed", "stock": 2, "price_cents": 100,
-                        "starts_at": at(3), "ends_at": at(3_600), "waiting_room": true})),
-        )
-        .await;
-    assert_eq!(res.status(), 201);
-    let p = res.json::<Value>().await.unwrap()["product_id"]
-        .as_i64()
-        .unwrap();
-    assert_eq!(api.preheat(p, false).await.status(), 200);
+    let p = room_product(&app, 2, 3, false).await;
     assert_eq!(api.product(p).await["waiting_room"], true);
 
     let users: Vec<i64> = (1..=10).collect();
@@ -298,25 +319,6 @@ async fn a_room_admits_no_more_than_the_units_left_allow_and_more_when_units_com
     app.stop().await;
 }
 
-/// Creates a product with a waiting room that takes a proof of work; its id.
-async fn pow_product(app: &TestApp) -> i64 {
-    let res = app
-        .api
-        .post_admin(
-            "/api/v1/admin/products",
-            Some(json!({"name": "proof", "stock": 5, "price_cents": 100,
-                        "starts_at": at(300), "ends_at": at(3_600),
-                        "waiting_room": true, "proof_of_work": true})),
-        )
-        .await;
-    assert_eq!(res.status(), 201);
-    let p = res.json::<Value>().await.unwrap()["product_id"]
-        .as_i64()
-        .unwrap();
-    assert_eq!(app.api.preheat(p, false).await.status(), 200);
-    p
-}
-
 async fn challenge(app: &TestApp, user: i64, p: i64) -> (String, u32) {
     let res = app
         .api
@@ -331,15 +333,7 @@ async fn challenge(app: &TestApp, user: i64, p: i64) -> (String, u32) {
 }
 
 async fn join_with(app: &TestApp, user: i64, p: i64, body: Option<Value>) -> reqwest::Response {
-    let mut req = app
-        .api
-        .client
-        .post(format!("{}/api/v1/products/{p}/room", app.api.http))
-        .bearer_auth(jwt(user));
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    req.send().await.unwrap()
+    shopper_post(app, user, p, "room", body).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -353,7 +347,7 @@ async fn joining_a_room_with_proof_of_work_takes_a_fresh_solved_challenge_of_one
         ],
     )
     .await;
-    let p = pow_product(&app).await;
+    let p = room_product(&app, 5, 300, true).await;
     assert_eq!(app.api.product(p).await["proof_of_work"], true);
     assert_problem(join_with(&app, 1, p, None).await, 403, "proof_required").await;
 
