@@ -19,9 +19,10 @@ KEYS (the product's hash tag): 1 room hash (frozen: early count at the start; la
 ARGV: 1 op, then
   join:   2 user  3 random key  4 opens_ms  5 starts_ms
           -> {-1} not open yet | {0, joined} in the room, waiting for the draw | {place}
-  status: 2 user  3 starts_ms
-          -> {place (0: not in the room; -1: waiting for the draw), admitted, total,
-              deadline (ms, -1: not admitted or expired), remaining (-1: no sale state)}
+  status: 2 starts_ms  3.. users (a serve process asks for many at once)
+          -> {admitted, total, remaining (-1: no sale state), then for each user:
+              place (0: not in the room; -1: waiting for the draw),
+              deadline (ms, -1: not admitted or expired)}
   admit:  2 starts_ms  3 factor (x1000)  4 rate per second  5 ttl_ms
           -> {admitted, total, undecided, remaining (-1: no sale state)}
 ]]
@@ -83,23 +84,29 @@ if op == "join" then
 end
 
 if op == "status" then
-  local user, starts_ms = ARGV[2], tonumber(ARGV[3])
+  local starts_ms = tonumber(ARGV[2])
   local early = frozen(starts_ms)
-  local place = 0
-  if not early then
-    if redis.call("ZSCORE", KEYS[2], user) then
-      place = -1
-    end
-  else
-    place = place_of(user) or 0
-  end
   local admitted = tonumber(redis.call("HGET", KEYS[1], "admitted") or "0")
   local total = (early or redis.call("ZCARD", KEYS[2])) + tonumber(redis.call("HGET", KEYS[1], "late") or "0")
-  local deadline = tonumber(redis.call("ZSCORE", KEYS[4], user) or "-1")
-  if deadline <= now then
-    deadline = -1
+  local reply = {admitted, total, remaining()}
+  for i = 3, #ARGV do
+    local user = ARGV[i]
+    local place = 0
+    if not early then
+      if redis.call("ZSCORE", KEYS[2], user) then
+        place = -1
+      end
+    else
+      place = place_of(user) or 0
+    end
+    local deadline = tonumber(redis.call("ZSCORE", KEYS[4], user) or "-1")
+    if deadline <= now then
+      deadline = -1
+    end
+    reply[#reply + 1] = place
+    reply[#reply + 1] = deadline
   end
-  return {place, admitted, total, deadline, remaining()}
+  return reply
 end
 
 if op == "admit" then

@@ -1,5 +1,6 @@
 //! Cross-process notifications over Redis pub/sub (`<prefix>:events`): `stock:<id>` clears the
-//! sold-out cache; `status:<product>:<user>` wakes that shopper's SSE streams.
+//! sold-out cache; `status:<product>:<user>` wakes that shopper's SSE streams (and tells the
+//! waiting rooms' copy to read that shopper again: a winner's admission is over).
 
 use std::{sync::Arc, time::Duration};
 
@@ -39,6 +40,7 @@ pub struct Listener {
     soldout: Arc<SoldOutCache>,
     recovering: Arc<Recovering>,
     sse: Arc<SseStreams>,
+    rooms: Option<crate::room::Rooms>,
 }
 
 /// Subscribes before returning, so the process starts with its sold-out cache live.
@@ -65,10 +67,17 @@ pub async fn listen(
         soldout,
         recovering,
         sse,
+        rooms: None,
     })
 }
 
 impl Listener {
+    /// The waiting rooms whose copy of a shopper a status message makes stale.
+    pub fn with_rooms(mut self, rooms: crate::room::Rooms) -> Self {
+        self.rooms = Some(rooms);
+        self
+    }
+
     /// Dispatches until shutdown: `stock:` messages to the sold-out memory, each `status:`
     /// message to the streams of its product and user only. The sold-out cache is trusted only
     /// while the subscription is up; after a reconnect (or a lagging receiver, both of which may
@@ -83,6 +92,9 @@ impl Listener {
                         if let Some(text) = m.value.as_str() {
                             if let Some((product, user)) = status_target(&text) {
                                 self.sse.wake(product, user);
+                                if let Some(rooms) = &self.rooms {
+                                    rooms.decided(product, user);
+                                }
                             } else {
                                 soldout.on_event(&text);
                                 self.recovering.on_event(&text);

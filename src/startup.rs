@@ -150,7 +150,6 @@ impl Application {
             self.deps.sse.clone(),
         )
         .await?;
-        self.tasks.spawn(listener.run(self.stop.child_token()));
         let ctx = web::Data::new(http::Ctx::new(
             self.deps.clone(),
             reservations.clone(),
@@ -158,6 +157,8 @@ impl Application {
             recovering,
             user_keys,
         )?);
+        let listener = listener.with_rooms(ctx.rooms.clone());
+        self.tasks.spawn(listener.run(self.stop.child_token()));
         self.tasks.spawn(crate::auth::refresh_jwks(
             ctx.auth.clone(),
             self.stop.child_token(),

@@ -275,8 +275,8 @@
   });
 
   // ---- The waiting room (a product with `waiting_room`) ---------------------------------------
-  // Join once; then where this shopper stands is asked every 2–3 s until it is their turn (the
-  // admission token goes with the purchase-token request) or nothing is left.
+  // Join once; then where this shopper stands comes over an event stream until their turn has
+  // passed (when admitted, the admission token goes with the purchase-token request).
   let room = null;
   const ROOM_WORDS = {
     awaiting_draw: () => "You're in line. Places are drawn at random at the start: joining early gives no advantage.",
@@ -292,13 +292,61 @@
     room = res.body;
     setText($("room-status"), (ROOM_WORDS[room.state] || (() => room.state))(room));
     if (room.state === "admitted" && was !== "admitted") $("buy").focus();
+    if (roomOver()) closeRoom();
     render();
   }
 
+  // Where this shopper stands is pushed over an event stream (the server's admission pass
+  // wakes it: a new state at once, the position at most once a second); when the stream cannot
+  // be had, one read, and the stream again 1–3 s later.
+  let roomStream = null;
+  let roomAgain = null;
+
+  function roomOver() {
+    return !product || !product.waiting_room || !jwt || holds || (room && room.state === "turn_passed");
+  }
+
+  function closeRoom() {
+    clearTimeout(roomAgain);
+    if (roomStream) roomStream.close();
+    roomStream = null;
+  }
+
+  async function watchRoom() {
+    closeRoom();
+    if (roomOver()) return;
+    const res = await api("POST", `/api/v1/products/${productId}/reservations/me/stream-token`, {
+      bearer: jwt,
+    }).catch(() => null);
+    if (!res || res.status !== 200) {
+      await pollRoom();
+      if (!roomOver()) roomAgain = setTimeout(watchRoom, 1000 + Math.random() * 2000);
+      return;
+    }
+    const url = `/api/v1/products/${productId}/room/events?token=${encodeURIComponent(res.body.token)}`;
+    const source = new EventSource(url);
+    roomStream = source;
+    source.addEventListener("status", (event) => {
+      try {
+        roomStep({ status: 200, body: JSON.parse(event.data) });
+      } catch (_) {
+        /* a frame we cannot read: the next one will do */
+      }
+    });
+    const again = async () => {
+      if (roomStream !== source) return;
+      closeRoom();
+      await pollRoom();
+      if (!roomOver()) roomAgain = setTimeout(watchRoom, 1000 + Math.random() * 2000);
+    };
+    source.addEventListener("close", again);
+    source.addEventListener("error", again);
+  }
+
+  /** One read of where this shopper stands. */
   async function pollRoom() {
-    if (!product || !product.waiting_room || !jwt || holds) return;
+    if (roomOver()) return;
     await roomStep(await api("GET", `/api/v1/products/${productId}/room/me`, { bearer: jwt }).catch(() => null));
-    if (room && room.state !== "turn_passed") setTimeout(pollRoom, 2000 + Math.random() * 1000);
   }
 
   /** Solves a proof-of-work challenge in a Web Worker, showing its progress; the solution. */
@@ -346,7 +394,7 @@
       return;
     }
     await roomStep(res);
-    if (room) setTimeout(pollRoom, 2000 + Math.random() * 1000);
+    if (room) watchRoom();
   });
 
   // ---- The reservation, live ----------------------------------------------------------------
@@ -396,7 +444,10 @@
     }
     render();
     // Already in this product's line (a reload): where they stand.
-    if (!holds && product && product.waiting_room && !room) pollRoom();
+    if (!holds && product && product.waiting_room && !room) {
+      await pollRoom();
+      if (room) watchRoom();
+    }
   }
 
   function closeStream() {

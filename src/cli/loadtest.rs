@@ -6,7 +6,8 @@
 //! sell-out and time until every winner is an order, and verifies the guarantees (orders ==
 //! winners <= S, no user twice, no 5xx, no transport error) — a failed check is a non-zero exit.
 //! `--mode trivial` hammers `GET /healthz` instead: the HTTP-side limit of the same server;
-//! `--mode view` a fresh product's view (`GET /api/v1/products/{id}`): the read path.
+//! `--mode view` a fresh product's view (`GET /api/v1/products/{id}`): the read path;
+//! `--mode room` a waiting room's shoppers waiting, then buying (`loadtest/room.rs`).
 //!
 //! Two ways to fire. The closed loop (default): C tasks, each sending its next request when its
 //! last one is answered, so the offered load follows the server's pace. The open loop
@@ -23,6 +24,7 @@
 //! task per connection (or per request, in the open loop) is all a load generator needs, so no
 //! load-testing framework. The figures it prints name it as the client that measured them.
 
+mod room;
 mod tally;
 
 use std::{
@@ -52,6 +54,9 @@ pub enum Mode {
     Trivial,
     /// `GET /api/v1/products/{id}` of a fresh product (the read path; the view from memory).
     View,
+    /// A waiting room: --users shoppers join before the start, --streams of them follow their
+    /// place over event streams, the rest poll; the admitted buy.
+    Room,
 }
 
 /// Options of `seckill loadtest` (secrets come from the usual SECKILL_* variables).
@@ -97,6 +102,14 @@ pub struct LoadtestArgs {
     /// (Linux) between the first send and the last answer, e.g. the server's pid.
     #[arg(long)]
     pub server_pid: Option<u32>,
+    /// --mode room: how many of the shoppers follow their place over an event stream (the
+    /// others poll every 2–3 s).
+    #[arg(long, default_value_t = 0)]
+    pub streams: usize,
+    /// --mode room: the Redis whose commands a second are reported (`INFO stats`), e.g.
+    /// redis://127.0.0.1:6379.
+    #[arg(long)]
+    pub redis_url: Option<String>,
     /// How long to wait for every winner to become an order (0s: do not wait or check,
     /// e.g. while no worker runs).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
@@ -138,6 +151,19 @@ fn bearer(secret: &str, claims: Value) -> anyhow::Result<String> {
         "Bearer {}",
         crate::auth::sign_user_jwt(secret, &claims)?
     ))
+}
+
+/// `Authorization` values of shoppers 1..=`users`, signed with SECKILL_JWT_SECRET for an hour.
+fn shopper_auths(secrets: &Secrets, users: i64) -> anyhow::Result<Vec<String>> {
+    let jwt_secret = secrets
+        .jwt_secret
+        .as_ref()
+        .context("the load test signs its shoppers' JWTs with SECKILL_JWT_SECRET, which is not set (a login's public keys cannot sign)")?
+        .expose_secret();
+    let exp = Utc::now().timestamp() + 3_600;
+    (1..=users)
+        .map(|u| bearer(jwt_secret, json!({"sub": u.to_string(), "exp": exp})))
+        .collect()
 }
 
 /// What a run fired and got.
@@ -186,6 +212,7 @@ pub async fn run(args: LoadtestArgs, secrets: &Secrets) -> anyhow::Result<bool> 
         Mode::Trivial => trivial(&args, &client).await,
         Mode::View => view(&args, &client, secrets).await,
         Mode::Sale => sale(&args, &client, secrets).await,
+        Mode::Room => room::room(&args, &client, secrets).await,
     }
 }
 
@@ -205,7 +232,7 @@ async fn view(
     secrets: &Secrets,
 ) -> anyhow::Result<bool> {
     let starts_at = Utc::now() + chrono::Duration::from_std(args.starts_in)?;
-    let product = create_product(args, client, secrets, args.stock, starts_at).await?;
+    let product = create_product(args, client, secrets, args.stock, starts_at, json!({})).await?;
     println!("product {product}: its view, sale starts {starts_at}");
     let url = format!("{}/api/v1/products/{product}", args.target);
     get_load(args, client, url, "GET /api/v1/products/{id}").await
@@ -235,20 +262,25 @@ async fn get_load(
 }
 
 /// Creates and preheats a product of `stock` units whose sale starts at `starts_at` and lasts
-/// an hour; its id.
+/// an hour, with `extra` fields (e.g. `waiting_room`); its id.
 async fn create_product(
     args: &LoadtestArgs,
     client: &reqwest::Client,
     secrets: &Secrets,
     stock: i64,
     starts_at: chrono::DateTime<Utc>,
+    extra: Value,
 ) -> anyhow::Result<i64> {
     let admin_auth = format!("Bearer {}", secrets.admin_token.expose_secret());
+    let mut body = json!({"name": "loadtest", "stock": stock, "price_cents": 100,
+                          "starts_at": starts_at.to_rfc3339(), "ends_at": (starts_at + chrono::Duration::hours(1)).to_rfc3339()});
+    if let (Some(body), Value::Object(extra)) = (body.as_object_mut(), extra) {
+        body.extend(extra);
+    }
     let created: Value = client
         .post(format!("{}/api/v1/admin/products", args.admin))
         .header("authorization", &admin_auth)
-        .json(&json!({"name": "loadtest", "stock": stock, "price_cents": 100,
-                      "starts_at": starts_at.to_rfc3339(), "ends_at": (starts_at + chrono::Duration::hours(1)).to_rfc3339()}))
+        .json(&body)
         .send()
         .await
         .context("creating the product (is the server up, with the same SECKILL_ADMIN_TOKEN?)")?
@@ -291,7 +323,7 @@ async fn sale(
         "users, stock and concurrency must be positive"
     );
     let starts_at = Utc::now() + chrono::Duration::from_std(args.starts_in)?;
-    let product = create_product(args, client, secrets, stock, starts_at).await?;
+    let product = create_product(args, client, secrets, stock, starts_at, json!({})).await?;
     println!(
         "product {product}: stock {stock}, {users} users{}, sale starts {starts_at}",
         if args.winners {
@@ -301,16 +333,7 @@ async fn sale(
         }
     );
 
-    let jwt_secret = secrets
-        .jwt_secret
-        .as_ref()
-        .context("the load test signs its shoppers' JWTs with SECKILL_JWT_SECRET, which is not set (a login's public keys cannot sign)")?
-        .expose_secret()
-        .to_owned();
-    let exp = Utc::now().timestamp() + 3_600;
-    let auths: Vec<String> = (1..=users)
-        .map(|u| bearer(&jwt_secret, json!({"sub": u.to_string(), "exp": exp})))
-        .collect::<anyhow::Result<_>>()?;
+    let auths = shopper_auths(secrets, users)?;
     let wait = (starts_at - Utc::now()).to_std().unwrap_or_default();
     tokio::time::sleep(wait + Duration::from_millis(20)).await;
 

@@ -56,7 +56,7 @@ impl Modify for Security {
 #[openapi(
     info(title = "seckill", description = "Flash-sale reservation service. Errors are application/problem+json with a stable `code`."),
     paths(
-        shop::product_view, shop::product_list, shop::issue_token, shop::reserve, shop::my_reservation, shop::my_reservation_events, shop::issue_stream_token, room::room_challenge, room::join_room, room::my_room, dev::dev_token,
+        shop::product_view, shop::product_list, shop::issue_token, shop::reserve, shop::my_reservation, shop::my_reservation_events, shop::issue_stream_token, room::room_challenge, room::join_room, room::my_room, room::my_room_events, dev::dev_token,
         orders::pay, orders::cancel, orders::record_payment, orders::get_order,
         admin::create_product, admin::get_product, admin::overview, admin::preheat, export::product_orders, admin::metrics,
         health::healthz, health::readyz,

@@ -42,7 +42,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(issue_stream_token)
         .service(crate::http::room::room_challenge)
         .service(crate::http::room::join_room)
-        .service(crate::http::room::my_room);
+        .service(crate::http::room::my_room)
+        .service(crate::http::room::my_room_events);
 }
 
 /// Where a sale stands.
@@ -550,12 +551,12 @@ fn sse_frame(view: &ReservationView) -> Bytes {
     Bytes::from(format!("event: status\ndata: {}\n\n", view.to_json()))
 }
 
-const KEEP_ALIVE: &[u8] = b": keep-alive\n\n";
+pub(crate) const KEEP_ALIVE: &[u8] = b": keep-alive\n\n";
 
 /// The last frame of a stream that reached its lifetime: an `EventSource` reconnects after
 /// `retry` milliseconds, picked between 1 and 5 s so streams that end together do not all
 /// come back in the same instant.
-fn lifetime_frame() -> Bytes {
+pub(crate) fn lifetime_frame() -> Bytes {
     let retry_ms = fastrand::u64(1_000..=5_000);
     Bytes::from(format!(
         ": stream lifetime reached, reconnect\nretry: {retry_ms}\n\n"
@@ -564,7 +565,7 @@ fn lifetime_frame() -> Bytes {
 
 /// When a stream opened now ends: between 90% and 100% of the configured lifetime, so
 /// streams opened together (a sale's start) do not all end together.
-fn stream_deadline(lifetime: Duration) -> tokio::time::Instant {
+pub(crate) fn stream_deadline(lifetime: Duration) -> tokio::time::Instant {
     let spread = lifetime.mul_f64(fastrand::f64() * 0.1);
     tokio::time::Instant::now() + lifetime.saturating_sub(spread)
 }
@@ -647,6 +648,36 @@ async fn next_frame(mut st: SseState) -> Option<(Result<Bytes, actix_web::Error>
     }
 }
 
+/// An event stream just opened: counted against the caps, with its own keep-alive clock and
+/// the end of its lifetime.
+pub(crate) struct Opened {
+    pub stream: SseStream,
+    pub heartbeat: tokio::time::Interval,
+    pub ends_at: tokio::time::Instant,
+}
+
+/// Opens an event stream of `user` on `id` within the caps (`429 too_many_streams`, `503
+/// streams_exhausted`).
+pub(crate) fn open_stream(ctx: &Ctx, id: ProductId, user: UserId) -> Result<Opened, ApiError> {
+    let limits = ctx.deps.sse.limits();
+    let stream = ctx
+        .deps
+        .sse
+        .open(id, user)
+        .map_err(|refused| match refused {
+            Refused::PerUser => ApiError::TooManyStreams(limits.per_user),
+            Refused::Process => ApiError::StreamsExhausted,
+        })?;
+    let start = tokio::time::Instant::now();
+    let mut heartbeat = tokio::time::interval_at(start + limits.heartbeat, limits.heartbeat);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    Ok(Opened {
+        stream,
+        heartbeat,
+        ends_at: stream_deadline(limits.lifetime),
+    })
+}
+
 /// How an event stream's caller may sign in.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -658,7 +689,7 @@ pub struct StreamQuery {
 
 /// The shopper of an event stream: `Authorization: Bearer <JWT>` when the header is there,
 /// else a stream token for this product in `?token=`.
-async fn stream_user(
+pub(crate) async fn stream_user(
     ctx: &Ctx,
     req: &HttpRequest,
     product: ProductId,
@@ -701,29 +732,18 @@ pub async fn my_reservation_events(
     let id = product_id(&path)?;
     let user = stream_user(&ctx, &req, id, query.token.as_deref()).await?;
     // Registered before the first read, so no change between the two is missed.
-    let limits = ctx.deps.sse.limits();
-    let stream = ctx
-        .deps
-        .sse
-        .open(id, user)
-        .map_err(|refused| match refused {
-            Refused::PerUser => ApiError::TooManyStreams(limits.per_user),
-            Refused::Process => ApiError::StreamsExhausted,
-        })?;
+    let opened = open_stream(&ctx, id, user)?;
     let first = reservation_view(&ctx, user, id)
         .await?
         .ok_or(ApiError::NoReservation)?;
     tracing::debug!(product = %id, user = %user, "event stream opened");
-    let start = tokio::time::Instant::now();
-    let mut heartbeat = tokio::time::interval_at(start + limits.heartbeat, limits.heartbeat);
-    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let state = SseState {
         ctx,
         user,
         product: id,
-        stream,
-        heartbeat,
-        ends_at: stream_deadline(limits.lifetime),
+        stream: opened.stream,
+        heartbeat: opened.heartbeat,
+        ends_at: opened.ends_at,
         last: None,
         first: Some(first),
         stale: false,

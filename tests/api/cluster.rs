@@ -19,6 +19,7 @@ use crate::{
 struct ClusterScope {
     pool: Pool,
     keys: Keys,
+    redis: seckill::config::RedisSettings,
     _iso: Isolation,
 }
 
@@ -32,6 +33,7 @@ impl ClusterScope {
         Self {
             pool,
             keys: Keys::new(iso.prefix.clone()),
+            redis: settings.redis,
             _iso: iso,
         }
     }
@@ -185,4 +187,66 @@ async fn on_the_cluster_a_whole_sale_becomes_orders_and_sold_out_memory_clears_o
     let me: Value = api.me(late, p).await.json().await.unwrap();
     assert!(me["reservation_id"].is_string());
     app.stop().await;
+}
+
+/// Waiting rooms on the cluster: two processes (two pools, two `Rooms`) join the same shoppers
+/// at once, in rooms on three masters; each shopper has one place, the same whichever process
+/// asks, and the places drawn at the start are 1..=n; late arrivals queue behind.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_the_cluster_one_place_per_shopper_whichever_process_joins_them() {
+    use seckill::{
+        domain::UserId,
+        room::{Joined, Place, Rooms, draw_key},
+    };
+    let scope = ClusterScope::new().await;
+    let ids = [1, 2, 3];
+    scope.assert_spread(ids).await;
+    // Joins open SECKILL_ROOM_OPENS_SECS (10 minutes) before the start.
+    let settings = scope._iso.settings(&[]).room;
+    let other = seckill::redis::connect(&scope.redis, 2, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let a = Rooms::new(scope.pool.clone(), scope.keys.clone(), settings);
+    let b = Rooms::new(other.clone(), scope.keys.clone(), settings);
+    let later = chrono::Utc::now() + chrono::Duration::minutes(5);
+    let n = 300_i64;
+    for id in ids {
+        let p = product(id);
+        let joins = (1..=n).map(|u| {
+            let (a, b) = (&a, &b);
+            async move {
+                let u = UserId::try_from(u).unwrap();
+                let (x, y) = tokio::join!(
+                    a.join(p, u, later, draw_key()),
+                    b.join(p, u, later, draw_key())
+                );
+                assert!(matches!(x.unwrap(), Joined::AwaitingDraw { .. }));
+                assert!(matches!(y.unwrap(), Joined::AwaitingDraw { .. }));
+            }
+        });
+        futures_util::future::join_all(joins).await;
+        let started = chrono::Utc::now() - chrono::Duration::seconds(1);
+        let mut places = Vec::new();
+        for u in 1..=n {
+            let u = UserId::try_from(u).unwrap();
+            let x = a.standing(p, u, started).await.unwrap();
+            let y = b.standing(p, u, started).await.unwrap();
+            assert_eq!(x.place, y.place, "one place, whichever process asks");
+            assert_eq!(x.total, n, "one place per shopper");
+            let Some(Place::At(place)) = x.place else {
+                panic!("no place after the draw: {x:?}");
+            };
+            places.push(place);
+        }
+        places.sort_unstable();
+        assert_eq!(places, (1..=n).collect::<Vec<_>>(), "product {id}");
+        let late = UserId::try_from(n + 1).unwrap();
+        let (x, y) = tokio::join!(
+            a.join(p, late, started, draw_key()),
+            b.join(p, late, started, draw_key())
+        );
+        assert_eq!(x.unwrap(), Joined::Placed(n + 1));
+        assert_eq!(y.unwrap(), Joined::Placed(n + 1));
+    }
+    let _ = other.quit().await;
 }

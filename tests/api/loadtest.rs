@@ -131,3 +131,45 @@ async fn a_closed_loop_of_first_attempts_wins_every_one() {
     assert!(stdout.contains("PASS winners 200 <= stock 200"), "{stdout}");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_load_tests_room_mode_measures_the_waiting_and_every_stream_hears_sold_out() {
+    let app = TestApp::spawn_with(Role::All, &[]).await;
+    let pid = std::process::id().to_string();
+    let stdout = loadtest_passes(
+        &app,
+        &[
+            "--mode",
+            "room",
+            "--stock",
+            "10",
+            "--users",
+            "200",
+            "--streams",
+            "100",
+            "--concurrency",
+            "32",
+            "--starts-in",
+            "5s",
+            "--duration",
+            "4s",
+            "--server-pid",
+            &pid,
+            "--redis-url",
+            "redis://127.0.0.1:6379",
+        ],
+    )
+    .await;
+    assert!(stdout.contains("100 streams open"), "{stdout}");
+    for figure in [
+        "waiting (before the start): ",
+        "sale (from the start): ",
+        "µs per waiting shopper per second",
+        "commands/s",
+        "PASS winners 10 <= stock 10",
+        "PASS every waiting stream heard sold out within a second of the last win",
+    ] {
+        assert!(stdout.contains(figure), "no {figure:?} in\n{stdout}");
+    }
+    app.stop().await;
+}

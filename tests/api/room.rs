@@ -15,7 +15,10 @@ use seckill::{
 };
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, assert_problem, at, eventually, jwt};
+use crate::{
+    helpers::{Api, Sibling, TestApp, assert_problem, at, eventually, jwt},
+    sse::Frame,
+};
 
 fn settings() -> RoomSettings {
     RoomSettings {
@@ -168,16 +171,15 @@ async fn room_me(app: &TestApp, user: i64, p: i64) -> Value {
 
 /// A shopper's POST to `path` of product `p`'s routes, with `body` as JSON if any.
 async fn shopper_post(
-    app: &TestApp,
+    api: &Api,
     user: i64,
     p: i64,
     path: &str,
     body: Option<Value>,
 ) -> reqwest::Response {
-    let mut req = app
-        .api
+    let mut req = api
         .client
-        .post(format!("{}/api/v1/products/{p}/{path}", app.api.http))
+        .post(format!("{}/api/v1/products/{p}/{path}", api.http))
         .bearer_auth(jwt(user));
     if let Some(b) = body {
         req = req.json(&b);
@@ -185,14 +187,9 @@ async fn shopper_post(
     req.send().await.unwrap()
 }
 
-async fn token_with(
-    app: &TestApp,
-    user: i64,
-    p: i64,
-    admission: Option<&str>,
-) -> reqwest::Response {
+async fn token_with(api: &Api, user: i64, p: i64, admission: Option<&str>) -> reqwest::Response {
     let body = admission.map(|t| json!({ "admission_token": t }));
-    shopper_post(app, user, p, "token", body).await
+    shopper_post(api, user, p, "token", body).await
 }
 
 /// Admits everyone whose state is `admitted` now; their users.
@@ -262,7 +259,7 @@ async fn a_room_admits_no_more_than_the_units_left_allow_and_more_when_units_com
 
     // No purchase token without an admission; another shopper's admission is not one.
     assert_problem(
-        token_with(&app, waiting, p, None).await,
+        token_with(&app.api, waiting, p, None).await,
         403,
         "not_admitted",
     )
@@ -270,7 +267,7 @@ async fn a_room_admits_no_more_than_the_units_left_allow_and_more_when_units_com
     let a = room_me(&app, first[0], p).await;
     let a_token = a["admission_token"].as_str().unwrap().to_owned();
     assert_problem(
-        token_with(&app, waiting, p, Some(&a_token)).await,
+        token_with(&app.api, waiting, p, Some(&a_token)).await,
         403,
         "not_admitted",
     )
@@ -283,7 +280,7 @@ async fn a_room_admits_no_more_than_the_units_left_allow_and_more_when_units_com
             .as_str()
             .unwrap()
             .to_owned();
-        let res = token_with(&app, *u, p, Some(&admission)).await;
+        let res = token_with(&app.api, *u, p, Some(&admission)).await;
         assert_eq!(res.status(), 200);
         let purchase = res.json::<Value>().await.unwrap()["token"]
             .as_str()
@@ -333,7 +330,7 @@ async fn challenge(app: &TestApp, user: i64, p: i64) -> (String, u32) {
 }
 
 async fn join_with(app: &TestApp, user: i64, p: i64, body: Option<Value>) -> reqwest::Response {
-    shopper_post(app, user, p, "room", body).await
+    shopper_post(&app.api, user, p, "room", body).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -426,5 +423,144 @@ async fn joining_a_room_with_proof_of_work_takes_a_fresh_solved_challenge_of_one
     })
     .await;
     assert!(harder, "the difficulty follows the join rate");
+    app.stop().await;
+}
+
+/// A shopper's room stream, read in a task: every `status` event's data, with when it came.
+type Heard = std::sync::Arc<std::sync::Mutex<Vec<(tokio::time::Instant, Value)>>>;
+
+async fn listen_room(api: &Api, user: i64, p: i64) -> Heard {
+    let mut res = api
+        .user_get(user, &format!("/api/v1/products/{p}/room/events"))
+        .await;
+    assert_eq!(res.status(), 200, "user {user}'s room stream");
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    let heard = Heard::default();
+    let log = heard.clone();
+    tokio::spawn(async move {
+        let mut buf = String::new();
+        while let Ok(Some(chunk)) = res.chunk().await {
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buf.find("\n\n") {
+                let frame = Frame {
+                    at: tokio::time::Instant::now(),
+                    text: buf.drain(..end + 2).collect(),
+                };
+                if let Some(view) = frame.status() {
+                    log.lock().unwrap().push((frame.at, view));
+                }
+            }
+        }
+    });
+    heard
+}
+
+/// The last view `heard`, and when the first one in `state` came.
+fn last_and_first(heard: &Heard, state: &str) -> (Value, Option<tokio::time::Instant>) {
+    let log = heard.lock().unwrap();
+    let last = log.last().map(|(_, v)| v.clone()).unwrap_or(Value::Null);
+    let first = log
+        .iter()
+        .find(|(_, v)| v["state"] == state)
+        .map(|(at, _)| *at);
+    (last, first)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_place_per_shopper_across_processes_and_every_stream_hears_sold_out_within_a_second() {
+    let app = TestApp::spawn_with(Role::All, &[("SECKILL_USER_RATE", "1000/1s")]).await;
+    let other = Sibling::spawn(&app.iso, Role::Serve, &[]).await;
+    let p = room_product(&app, 2, 3, false).await;
+    let users: Vec<i64> = (1..=30).collect();
+    let via = |u: i64| if u % 2 == 0 { &app.api } else { &other.api };
+
+    // Each shopper joins through both processes at once: one place each.
+    for u in &users {
+        let path = format!("/api/v1/products/{p}/room");
+        let (a, b) = tokio::join!(app.api.user_post(*u, &path), other.api.user_post(*u, &path));
+        assert_eq!((a.status().as_u16(), b.status().as_u16()), (200, 200));
+    }
+    let mut heard = Vec::new();
+    for u in &users {
+        heard.push((*u, listen_room(via(*u), *u, p).await));
+    }
+    // The draw, then two admitted (2 units × 120%), told over their streams with a token.
+    let two = eventually(Duration::from_secs(15), || async {
+        heard
+            .iter()
+            .filter(|(_, h)| last_and_first(h, "admitted").1.is_some())
+            .count()
+            == 2
+    })
+    .await;
+    assert!(two, "two admitted, over their streams");
+    let mut places = Vec::new();
+    for (u, h) in &heard {
+        let (last, _) = last_and_first(h, "");
+        let place = last["place"].as_i64().expect("a place after the draw");
+        // Both processes answer the same place.
+        for api in [&app.api, &other.api] {
+            let res = api
+                .user_get(*u, &format!("/api/v1/products/{p}/room/me"))
+                .await;
+            assert_eq!(
+                res.json::<Value>().await.unwrap()["place"],
+                place,
+                "user {u}"
+            );
+        }
+        places.push(place);
+    }
+    places.sort_unstable();
+    assert_eq!(places, (1..=30).collect::<Vec<_>>());
+
+    // Both admitted buy; from the second win, every stream still waiting says sold out
+    // within a second, in both processes.
+    let winners: Vec<i64> = heard
+        .iter()
+        .filter(|(_, h)| last_and_first(h, "admitted").1.is_some())
+        .map(|(u, _)| *u)
+        .collect();
+    for u in &winners {
+        let h = &heard.iter().find(|(w, _)| w == u).unwrap().1;
+        let admission = last_and_first(h, "").0["admission_token"]
+            .as_str()
+            .expect("an admitted view carries its admission token")
+            .to_owned();
+        let res = token_with(via(*u), *u, p, Some(&admission)).await;
+        assert_eq!(res.status(), 200);
+        let purchase = res.json::<Value>().await.unwrap()["token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(via(*u).reserve(*u, p, &purchase).await.status(), 202);
+    }
+    let sold_at = tokio::time::Instant::now();
+    let waiting: Vec<&(i64, Heard)> = heard.iter().filter(|(u, _)| !winners.contains(u)).collect();
+    let all = eventually(Duration::from_secs(3), || async {
+        waiting
+            .iter()
+            .all(|(_, h)| last_and_first(h, "sold_out").1.is_some())
+    })
+    .await;
+    assert!(all, "every waiting stream hears sold out");
+    for (u, h) in &waiting {
+        let at = last_and_first(h, "sold_out").1.unwrap();
+        let late = at.saturating_duration_since(sold_at);
+        assert!(
+            late <= Duration::from_secs(1),
+            "user {u} heard sold out {late:?} after it"
+        );
+    }
+    // The winners' turn has passed once their orders are in.
+    for u in &winners {
+        let h = &heard.iter().find(|(w, _)| w == u).unwrap().1;
+        let passed = eventually(Duration::from_secs(10), || async {
+            last_and_first(h, "turn_passed").1.is_some()
+        })
+        .await;
+        assert!(passed, "user {u}'s stream says their turn passed");
+    }
+    other.stop().await;
     app.stop().await;
 }

@@ -17,9 +17,9 @@ use crate::helpers::{
 
 /// One server-sent frame, as received, and when.
 #[derive(Debug)]
-struct Frame {
-    at: Instant,
-    text: String,
+pub struct Frame {
+    pub at: Instant,
+    pub text: String,
 }
 
 impl Frame {
@@ -27,7 +27,8 @@ impl Frame {
         self.text.starts_with(": keep-alive")
     }
 
-    fn status(&self) -> Option<Value> {
+    /// The data of a `status` event.
+    pub fn status(&self) -> Option<Value> {
         let data = self.text.lines().find_map(|l| l.strip_prefix("data: "))?;
         serde_json::from_str(data).ok()
     }

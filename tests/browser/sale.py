@@ -230,6 +230,16 @@ def room_sale(console, alice, bob):
         wait_text(who, "#room-status", r"You're in line")
         assert not find(who, "#buy").is_enabled(), "the buy button is enabled in the line"
     shot(bob, "storefront-room-in-line")
+    # Their places come over the room's event streams (one each), not by polling.
+    def streams_open(_):
+        req = urllib.request.Request(f"{CONSOLE}/metrics", headers={
+            "authorization": f"Bearer {ADMIN_TOKEN}"})
+        with urllib.request.urlopen(req, timeout=10) as res:
+            for line in res.read().decode().splitlines():
+                if line.startswith("seckill_sse_streams_open "):
+                    return float(line.split()[1]) >= 2
+        return False
+    wait(console, "the two shoppers' room streams", streams_open, 10)
     for who in (alice, bob):
         wait_text(who, "#room-status", r"It's your turn", 40)
         wait(who, "the buy button to enable", lambda d: find(d, "#buy").is_enabled(), 10)
