@@ -402,6 +402,15 @@ async fn sale(
         args.target
     ));
     let keyspace = users as u64;
+    // Watches the product while the load runs: when every unit is an order (sold == stock,
+    // nothing pending), the time since the firing started.
+    let all_orders = tokio::spawn(every_unit_an_order(
+        client.clone(),
+        format!("{}/api/v1/admin/products/{product}", args.admin),
+        format!("Bearer {}", secrets.admin_token.expose_secret()),
+        stock,
+        Instant::now(),
+    ));
     let fired = fire(
         args,
         move |i, client| {
@@ -419,6 +428,16 @@ async fn sale(
     .await?;
     report(args, &fired, "POST …/reservations");
     let (live, elapsed) = (&fired.live, fired.elapsed);
+    // A sale that sold out: give the watcher the settling time, then read what it saw.
+    let sold_out = fired.tally.winners.len() as i64 == stock;
+    if !sold_out {
+        all_orders.abort();
+    } else if let Ok(Ok(Some(at))) = tokio::time::timeout(args.settle, all_orders).await {
+        println!(
+            "every unit an order {:.3} s after firing started",
+            at.as_secs_f64()
+        );
+    }
 
     // Verify the guarantees.
     let admin_auth = format!("Bearer {}", secrets.admin_token.expose_secret());
@@ -498,6 +517,32 @@ async fn sale(
         ok &= pass;
     }
     Ok(ok)
+}
+
+/// Polls the operators' view of a product every 20 ms until `sold` reaches `stock` with nothing
+/// pending; how long after `started` that was (`None` if the view cannot be read).
+async fn every_unit_an_order(
+    client: reqwest::Client,
+    url: String,
+    auth: String,
+    stock: i64,
+    started: Instant,
+) -> Option<Duration> {
+    loop {
+        let view: Value = client
+            .get(&url)
+            .header("authorization", &auth)
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        if view["sold"].as_i64() >= Some(stock) && view["pending"].as_i64() == Some(0) {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Fires requests in a closed loop (`args.concurrency` tasks) or an open one (`args.rate`)

@@ -26,6 +26,10 @@ async fn the_load_test_runs_a_sale_prints_figures_and_passes_its_checks() {
     assert!(stdout.contains("req/s"), "{stdout}");
     assert!(stdout.contains("latency ms: p50"), "{stdout}");
     assert!(stdout.contains("PASS winners 25 <= stock 25"), "{stdout}");
+    assert!(
+        stdout.contains("every unit an order "),
+        "a sale that sold out says when every unit was an order: {stdout}"
+    );
     assert!(stdout.contains("PASS orders == winners"), "{stdout}");
     app.stop().await;
 }
