@@ -302,8 +302,12 @@
   let roomStream = null;
   let roomAgain = null;
 
+  // Set when the room answers that this shopper has nothing more to wait for there (the sale
+  // ended, or the room is gone): no more streams or reads.
+  let roomGone = false;
+
   function roomOver() {
-    return !product || !product.waiting_room || !jwt || holds || (room && room.state === "turn_passed");
+    return roomGone || !product || !product.waiting_room || !jwt || holds || (room && room.state === "turn_passed");
   }
 
   function closeRoom() {
@@ -346,7 +350,13 @@
   /** One read of where this shopper stands. */
   async function pollRoom() {
     if (roomOver()) return;
-    await roomStep(await api("GET", `/api/v1/products/${productId}/room/me`, { bearer: jwt }).catch(() => null));
+    const res = await api("GET", `/api/v1/products/${productId}/room/me`, { bearer: jwt }).catch(() => null);
+    if (res && (res.status === 410 || res.status === 404)) {
+      roomGone = true;
+      closeRoom();
+      return;
+    }
+    await roomStep(res);
   }
 
   /** Solves a proof-of-work challenge in a Web Worker, showing its progress; the solution. */
@@ -393,6 +403,7 @@
       setText($("room-status"), "The line opens a little before the start: try again then.");
       return;
     }
+    roomGone = false;
     await roomStep(res);
     if (room) watchRoom();
   });

@@ -205,6 +205,14 @@ def page_bytes(driver):
     )
 
 
+def metric_sum(prefix, having=""):
+    """The sum of the seckill /metrics lines that start with prefix and contain having."""
+    req = urllib.request.Request(f"{CONSOLE}/metrics", headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
+    with urllib.request.urlopen(req, timeout=10) as res:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in res.read().decode().splitlines()
+                   if line.startswith(prefix) and having in line)
+
+
 def room_sale(console, alice, bob):
     """A product with a waiting room that takes a proof of work: both shoppers solve it (a Web
     Worker, WebCrypto) and join the line before the start, are admitted after it (the room
@@ -213,7 +221,7 @@ def room_sale(console, alice, bob):
     body = json.dumps({
         "name": "Waiting cat", "stock": 1, "price_cents": 500, "currency": "EUR",
         "starts_at": (now + datetime.timedelta(seconds=12)).isoformat(),
-        "ends_at": (now + datetime.timedelta(minutes=10)).isoformat(), "waiting_room": True,
+        "ends_at": (now + datetime.timedelta(seconds=45)).isoformat(), "waiting_room": True,
         "proof_of_work": True,
     }).encode()
     def call(path, data):
@@ -231,15 +239,8 @@ def room_sale(console, alice, bob):
         assert not find(who, "#buy").is_enabled(), "the buy button is enabled in the line"
     shot(bob, "storefront-room-in-line")
     # Their places come over the room's event streams (one each), not by polling.
-    def streams_open(_):
-        req = urllib.request.Request(f"{CONSOLE}/metrics", headers={
-            "authorization": f"Bearer {ADMIN_TOKEN}"})
-        with urllib.request.urlopen(req, timeout=10) as res:
-            for line in res.read().decode().splitlines():
-                if line.startswith("seckill_sse_streams_open "):
-                    return float(line.split()[1]) >= 2
-        return False
-    wait(console, "the two shoppers' room streams", streams_open, 10)
+    wait(console, "the two shoppers' room streams",
+         lambda _: metric_sum("seckill_sse_streams_open ") >= 2, 10)
     for who in (alice, bob):
         wait_text(who, "#room-status", r"It's your turn", 40)
         wait(who, "the buy button to enable", lambda d: find(d, "#buy").is_enabled(), 10)
@@ -252,6 +253,16 @@ def room_sale(console, alice, bob):
     # The console shows the room: two joined, two admitted.
     room = f'article[data-product-id="{product}"] dd[data-figure="room"]'
     wait_text(console, room, r"^2 in line, 2 admitted, .*proof of work$", 30)
+    # The sale ends (45 s after it was created): the page told sold out stops asking the room
+    # (its stream ends, one read says `ended`), rather than reopening it every few seconds.
+    ends = now + datetime.timedelta(seconds=45)
+    time.sleep(max(0.0, (ends - datetime.datetime.now(datetime.timezone.utc)).total_seconds()) + 6)
+    room_requests = ("seckill_http_requests_total{", 'route="/api/v1/products/{id}/room')
+    asked = metric_sum(*room_requests)
+    assert asked > 0, "no room request counted: the metric's name or labels changed"
+    time.sleep(8)
+    again = metric_sum(*room_requests)
+    assert again == asked, f"the pages kept asking an ended sale's room: {asked} then {again} requests"
 
 
 def main():
