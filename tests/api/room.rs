@@ -494,6 +494,14 @@ async fn one_place_per_shopper_across_processes_and_every_stream_hears_sold_out_
     })
     .await;
     assert!(two, "two admitted, over their streams");
+    // Each process tells its own streams their places after its own next pass.
+    let placed = eventually(Duration::from_secs(3), || async {
+        heard
+            .iter()
+            .all(|(_, h)| last_and_first(h, "").0["place"].is_i64())
+    })
+    .await;
+    assert!(placed, "every stream told its place after the draw");
     let mut places = Vec::new();
     for (u, h) in &heard {
         let (last, _) = last_and_first(h, "");
