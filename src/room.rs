@@ -115,6 +115,16 @@ enum Known {
     At { place: i64, turn: Turn },
 }
 
+impl Known {
+    /// A place whose admission has not been read.
+    fn unread(place: i64) -> Self {
+        Self::At {
+            place,
+            turn: Turn::Unread,
+        }
+    }
+}
+
 /// A place's admission, as read from Redis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Turn {
@@ -362,23 +372,18 @@ impl Rooms {
                 ],
             )
             .await?;
-        let joined = match reply.as_slice() {
-            [-1] => Joined::NotOpen,
-            [0, joined] => Joined::AwaitingDraw { joined: *joined },
-            [place] if *place > 0 => Joined::Placed(*place),
+        let (joined, known) = match reply.as_slice() {
+            [-1] => (Joined::NotOpen, None),
+            [0, joined] => (
+                Joined::AwaitingDraw { joined: *joined },
+                Some(Known::AwaitingDraw),
+            ),
+            [place] if *place > 0 => (Joined::Placed(*place), Some(Known::unread(*place))),
             other => {
                 return Err(Unavailable::BadReply(format!(
                     "room.lua join answered {other:?}"
                 )));
             }
-        };
-        let known = match joined {
-            Joined::NotOpen => None,
-            Joined::AwaitingDraw { .. } => Some(Known::AwaitingDraw),
-            Joined::Placed(place) => Some(Known::At {
-                place,
-                turn: Turn::Unread,
-            }),
         };
         if let Some(known) = known {
             self.copies()
@@ -405,7 +410,7 @@ impl Rooms {
     }
 
     /// Where `user` stands by this process's copy alone (`None`: it does not know).
-    pub fn standing_here(
+    fn standing_here(
         &self,
         product: ProductId,
         user: UserId,
@@ -443,29 +448,27 @@ impl Rooms {
             pass.remaining = (remaining >= 0).then_some(remaining);
         }
         for (user, pair) in users.iter().zip(each.chunks_exact(2)) {
-            let (place, until) = (pair[0], pair[1]);
+            let until = pair[1];
             let admitted_until = (until >= 0).then_some(until);
-            let known = match place {
+            let place = match pair[0] {
                 0 => None,
-                -1 => Some(Known::AwaitingDraw),
-                p => Some(Known::At {
-                    place: p,
-                    turn: match admitted_until {
-                        _ if p > admitted => Turn::Unread,
-                        Some(t) => Turn::Until(t),
-                        None => Turn::Passed,
-                    },
-                }),
+                -1 => Some(Place::AwaitingDraw),
+                p => Some(Place::At(p)),
             };
-            if let Some(known) = known {
-                copy.keep(*user, known);
+            match place {
+                None => {}
+                Some(Place::AwaitingDraw) => copy.keep(*user, Known::AwaitingDraw),
+                Some(Place::At(p)) if p > admitted => copy.keep(*user, Known::unread(p)),
+                Some(Place::At(p)) => copy.keep(
+                    *user,
+                    Known::At {
+                        place: p,
+                        turn: admitted_until.map_or(Turn::Passed, Turn::Until),
+                    },
+                ),
             }
             standings.push(Standing {
-                place: match place {
-                    0 => None,
-                    -1 => Some(Place::AwaitingDraw),
-                    p => Some(Place::At(p)),
-                },
+                place,
                 admitted,
                 total,
                 admitted_until,
@@ -476,8 +479,7 @@ impl Rooms {
     }
 
     /// After a pass: reads (in batches) the shoppers this process keeps whose place was drawn
-    /// or admitted since, so their standings are answered here again.
-    /// Whether it read any.
+    /// or admitted since, so their standings are answered here again; whether it read any.
     async fn read_changed(
         &self,
         product: ProductId,
@@ -562,16 +564,7 @@ pub async fn admit_rooms(
                 rooms.retain(&open);
                 shown = open;
                 for (id, starts_at) in live {
-                    let pass = rooms.admit(id, starts_at).await;
-                    let read = match pass {
-                        Ok(_) => rooms.read_changed(id, starts_at).await.unwrap_or_else(|e| {
-                            tracing::warn!(product_id = id.get(), error = %e, "reading a waiting room's shoppers failed; retrying");
-                            true
-                        }),
-                        Err(_) => false,
-                    };
-                    rooms.wake(id, read);
-                    match pass {
+                    let read = match rooms.admit(id, starts_at).await {
                         Ok(a) => {
                             let product = id.to_string();
                             for (figure, n) in
@@ -579,11 +572,17 @@ pub async fn admit_rooms(
                             {
                                 metrics.room.with_label_values(&[&product, figure]).set(n);
                             }
+                            rooms.read_changed(id, starts_at).await.unwrap_or_else(|e| {
+                                tracing::warn!(product_id = id.get(), error = %e, "reading a waiting room's shoppers failed; retrying");
+                                true
+                            })
                         }
                         Err(e) => {
-                            tracing::warn!(product_id = id.get(), error = %e, "a waiting room's admission failed; retrying")
+                            tracing::warn!(product_id = id.get(), error = %e, "a waiting room's admission failed; retrying");
+                            false
                         }
-                    }
+                    };
+                    rooms.wake(id, read);
                 }
             }
             Err(e) => {

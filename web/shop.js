@@ -296,9 +296,18 @@
     render();
   }
 
+  /** A stream token for this shopper's event streams of this product (the reservation's and
+   * the room's), or null when none could be had. */
+  async function streamToken() {
+    const res = await api("POST", `/api/v1/products/${productId}/reservations/me/stream-token`, {
+      bearer: jwt,
+    }).catch(() => null);
+    return res && res.status === 200 ? res.body.token : null;
+  }
+
   // Where this shopper stands is pushed over an event stream (the server's admission pass
-  // wakes it: a new state at once, the position at most once a second); when the stream cannot
-  // be had, one read, and the stream again 1–3 s later.
+  // wakes it when the room changed: a new state at once, the position at most once a second);
+  // when the stream cannot be had, one read, and the stream again 1–3 s later.
   let roomStream = null;
   let roomAgain = null;
 
@@ -316,18 +325,21 @@
     roomStream = null;
   }
 
+  /** After the room's stream could not be had or ended: one read, then a new stream 1–3 s later. */
+  async function roomRetry() {
+    await pollRoom();
+    if (!roomOver()) roomAgain = setTimeout(watchRoom, 1000 + Math.random() * 2000);
+  }
+
   async function watchRoom() {
     closeRoom();
     if (roomOver()) return;
-    const res = await api("POST", `/api/v1/products/${productId}/reservations/me/stream-token`, {
-      bearer: jwt,
-    }).catch(() => null);
-    if (!res || res.status !== 200) {
-      await pollRoom();
-      if (!roomOver()) roomAgain = setTimeout(watchRoom, 1000 + Math.random() * 2000);
+    const token = await streamToken();
+    if (!token) {
+      await roomRetry();
       return;
     }
-    const url = `/api/v1/products/${productId}/room/events?token=${encodeURIComponent(res.body.token)}`;
+    const url = `/api/v1/products/${productId}/room/events?token=${encodeURIComponent(token)}`;
     const source = new EventSource(url);
     roomStream = source;
     source.addEventListener("status", (event) => {
@@ -340,8 +352,7 @@
     const again = async () => {
       if (roomStream !== source) return;
       closeRoom();
-      await pollRoom();
-      if (!roomOver()) roomAgain = setTimeout(watchRoom, 1000 + Math.random() * 2000);
+      await roomRetry();
     };
     source.addEventListener("close", again);
     source.addEventListener("error", again);
@@ -471,14 +482,12 @@
   async function openStream() {
     closeStream();
     if (!jwt) return;
-    const res = await api("POST", `/api/v1/products/${productId}/reservations/me/stream-token`, {
-      bearer: jwt,
-    }).catch(() => null);
-    if (!res || res.status !== 200) {
+    const token = await streamToken();
+    if (!token) {
       reopen = setTimeout(openStream, 3000);
       return;
     }
-    const url = `/api/v1/products/${productId}/reservations/me/events?token=${encodeURIComponent(res.body.token)}`;
+    const url = `/api/v1/products/${productId}/reservations/me/events?token=${encodeURIComponent(token)}`;
     const source = new EventSource(url);
     stream = source;
     source.addEventListener("status", (event) => {

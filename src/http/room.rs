@@ -13,7 +13,8 @@ use crate::{
         extract::{AuthUser, product_id},
         problem::ApiError,
         shop::{
-            KEEP_ALIVE, ReservationEvent, StreamQuery, lifetime_frame, open_stream, stream_user,
+            KEEP_ALIVE, ReservationEvent, StreamQuery, lifetime_frame, open_stream, status_frame,
+            stream_user,
         },
     },
     products::ProductInfo,
@@ -299,7 +300,7 @@ impl RoomStream {
         self.sent_at = tokio::time::Instant::now();
         let json =
             serde_json::to_string(&shown).map_err(actix_web::error::ErrorInternalServerError)?;
-        Ok(Bytes::from(format!("event: status\ndata: {json}\n\n")))
+        Ok(status_frame(&json))
     }
 
     /// Where the shopper stands now, if it changed: at once for a new state, else held back
@@ -388,8 +389,8 @@ async fn next_room_frame(
 /// Where the caller stands in the product's waiting room, as Server-Sent Events: a `status`
 /// event now (data: a RoomView), then at every change of state at once (admitted — with its
 /// admission token —, sold out, turn passed) and of position at most once a second. The
-/// process's admission pass wakes every stream of the room a few times a second: no Redis call
-/// per stream. It ends after `turn_passed`, after `SECKILL_SSE_LIFETIME_SECS` (a `retry:` hint),
+/// process's admission pass wakes the room's streams when the room changed: no Redis call per
+/// stream. It ends after `turn_passed`, after `SECKILL_SSE_LIFETIME_SECS` (a `retry:` hint),
 /// when the sale ends, or with a `close` event when the server shuts down; keep-alive comments
 /// every `SECKILL_SSE_HEARTBEAT_SECS`.
 #[utoipa::path(

@@ -547,8 +547,9 @@ pub async fn my_reservation(
         .json(view))
 }
 
-fn sse_frame(view: &ReservationView) -> Bytes {
-    Bytes::from(format!("event: status\ndata: {}\n\n", view.to_json()))
+/// A `status` event of a shopper's event stream, its data `json`.
+pub(crate) fn status_frame(json: &str) -> Bytes {
+    Bytes::from(format!("event: status\ndata: {json}\n\n"))
 }
 
 pub(crate) const KEEP_ALIVE: &[u8] = b": keep-alive\n\n";
@@ -565,7 +566,7 @@ pub(crate) fn lifetime_frame() -> Bytes {
 
 /// When a stream opened now ends: between 90% and 100% of the configured lifetime, so
 /// streams opened together (a sale's start) do not all end together.
-pub(crate) fn stream_deadline(lifetime: Duration) -> tokio::time::Instant {
+fn stream_deadline(lifetime: Duration) -> tokio::time::Instant {
     let spread = lifetime.mul_f64(fastrand::f64() * 0.1);
     tokio::time::Instant::now() + lifetime.saturating_sub(spread)
 }
@@ -605,7 +606,7 @@ impl SseState {
 
     fn show(&mut self, view: ReservationView) -> Bytes {
         self.done = view.is_terminal();
-        let frame = sse_frame(&view);
+        let frame = status_frame(&view.to_json());
         self.last = Some(view);
         frame
     }

@@ -41,8 +41,8 @@ struct Live {
 /// What the shoppers saw, for the report and the checks.
 struct Seen {
     polls: Tally,
+    /// The purchases of the admitted (the winners among them: `buys.winners`).
     buys: Tally,
-    winners: Vec<i64>,
     last_win: Option<Instant>,
     /// When each stream (by shopper) first heard `sold_out`.
     stream_sold_out: Vec<Instant>,
@@ -90,6 +90,25 @@ impl Shared {
             .or_default() += 1;
     }
 
+    /// Sends `req`, which answers `{"token": …}` on `200`; the token, or `None` with the
+    /// refusal or transport error counted under `what`.
+    async fn fetch_token(&self, what: &str, req: reqwest::RequestBuilder) -> Option<String> {
+        match req.send().await {
+            Ok(res) if res.status() == 200 => {
+                let body = res.json::<Value>().await.ok()?;
+                body["token"].as_str().map(str::to_owned)
+            }
+            Ok(res) => {
+                self.refused(what, res).await;
+                None
+            }
+            Err(_) => {
+                self.transport_error();
+                None
+            }
+        }
+    }
+
     fn transport_error(&self) {
         self.live.transport_errors.fetch_add(1, Ordering::Relaxed);
     }
@@ -129,29 +148,11 @@ impl Shared {
     async fn buy(&self, client: &reqwest::Client, i: usize, admission: &str) {
         let base = format!("{}/api/v1/products/{}", self.target, self.product);
         let started = Instant::now();
-        let token = client
+        let purchase = client
             .post(format!("{base}/token"))
             .header("authorization", &self.auths[i])
-            .json(&json!({ "admission_token": admission }))
-            .send()
-            .await;
-        let token = match token {
-            Ok(res) if res.status() == 200 => res.json::<Value>().await.ok(),
-            Ok(res) => {
-                self.status(res.status().as_u16());
-                self.seen().buys.record(
-                    started.elapsed(),
-                    &format!("token {}", res.status()),
-                    None,
-                );
-                return;
-            }
-            Err(_) => {
-                self.transport_error();
-                return;
-            }
-        };
-        let Some(token) = token.and_then(|t| t["token"].as_str().map(str::to_owned)) else {
+            .json(&json!({ "admission_token": admission }));
+        let Some(token) = self.fetch_token("purchase token", purchase).await else {
             return;
         };
         match client
@@ -172,7 +173,6 @@ impl Shared {
                     won.then_some(i as i64 + 1),
                 );
                 if won {
-                    seen.winners.push(i as i64 + 1);
                     seen.last_win = Some(Instant::now());
                 }
             }
@@ -194,23 +194,10 @@ async fn follow(
         return;
     };
     let base = format!("{}/api/v1/products/{}", shared.target, shared.product);
-    let token = match client
+    let asked = client
         .post(format!("{base}/reservations/me/stream-token"))
-        .header("authorization", &shared.auths[i])
-        .send()
-        .await
-    {
-        Ok(res) if res.status() == 200 => res.json::<Value>().await.ok(),
-        Ok(res) => {
-            shared.refused("stream token", res).await;
-            None
-        }
-        Err(_) => {
-            shared.transport_error();
-            None
-        }
-    };
-    let Some(token) = token.and_then(|t| t["token"].as_str().map(str::to_owned)) else {
+        .header("authorization", &shared.auths[i]);
+    let Some(token) = shared.fetch_token("stream token", asked).await else {
         return;
     };
     let mut res = match streams
@@ -414,7 +401,6 @@ pub(super) async fn room(
         seen: Mutex::new(Seen {
             polls: Tally::new()?,
             buys: Tally::new()?,
-            winners: Vec::new(),
             last_win: None,
             stream_sold_out: Vec::new(),
             poll_sold_out: Vec::new(),
@@ -525,7 +511,7 @@ pub(super) async fn room(
                     f - frames,
                     l.streams_open.load(Ordering::Relaxed),
                     l.admitted.load(Ordering::Relaxed),
-                    seen.winners.len(),
+                    seen.buys.winners.len(),
                     seen.stream_sold_out.len(),
                     seen.poll_sold_out.len(),
                     l.server_errors.load(Ordering::Relaxed),
@@ -590,14 +576,14 @@ fn summarise(shared: &Shared, args: &LoadtestArgs, streams: usize, start: Instan
     println!(
         "purchases of the admitted: {} ({} won); by answer {:?}",
         seen.buys.answers(),
-        seen.winners.len(),
+        seen.buys.winners.len(),
         seen.buys.codes
     );
     let since_last_win = |at: &[Instant]| -> Option<Duration> {
         let last = seen.last_win?;
         at.iter().map(|t| t.saturating_duration_since(last)).max()
     };
-    let won = seen.winners.len();
+    let won = seen.buys.winners.len();
     let sold_out = won as i64 == args.stock;
     let stream_late = since_last_win(&seen.stream_sold_out);
     // The streams of shoppers never admitted (an admitted one stays `admitted` until its
@@ -625,7 +611,7 @@ fn summarise(shared: &Shared, args: &LoadtestArgs, streams: usize, start: Instan
             users - streams
         );
     }
-    let distinct: HashSet<i64> = seen.winners.iter().copied().collect();
+    let distinct: HashSet<i64> = seen.buys.winners.iter().copied().collect();
     let errors = (
         shared.live.server_errors.load(Ordering::Relaxed),
         shared.live.transport_errors.load(Ordering::Relaxed),
